@@ -1,0 +1,87 @@
+"""`devcluster`: start, stop and inspect the local control plane.
+
+    devcluster up        build what is missing, start everything, write .devcluster/kubeconfig
+    devcluster down      stop every component and every pod process
+    devcluster status    one line per component
+    devcluster env       shell exports (KUBECONFIG, AWS_* for the S3 server)
+    devcluster logs [C]  the last lines of a component's log, or of every pod log
+    devcluster bucket N  create an S3 bucket
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from devcluster.cluster import COMPONENTS, REPO_ROOT, Cluster, StartupError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="devcluster", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", type=Path, default=REPO_ROOT / ".devcluster",
+                        help="state directory (default: .devcluster in the repository)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up")
+    up.add_argument("--pod-env", action="append", default=[], metavar="NAME=VALUE")
+    sub.add_parser("down")
+    sub.add_parser("status")
+    sub.add_parser("env")
+    logs = sub.add_parser("logs")
+    logs.add_argument("component", nargs="?", choices=[*COMPONENTS, "pods"])
+    logs.add_argument("-n", "--lines", type=int, default=40)
+    bucket = sub.add_parser("bucket")
+    bucket.add_argument("name")
+    args = parser.parse_args(argv)
+    cluster = Cluster(args.dir)
+
+    if args.command == "up":
+        try:
+            state = cluster.up(pod_env=dict(kv.split("=", 1) for kv in args.pod_env))
+        except StartupError as e:
+            print(f"devcluster: {e}", file=sys.stderr)
+            cluster.down(quiet=True)
+            return 1
+        kubectl = Path(state.bin_dir) / "kubectl"
+        print(f"devcluster is up: API {state.api_url}, S3 {state.s3_endpoint}")
+        print(f"  kubectl --kubeconfig {cluster.kubeconfig} get nodes")
+        print(f"  (a matching kubectl: {kubectl}; shell setup: eval $(make cluster-env))")
+        return 0
+    if args.command == "down":
+        cluster.down()
+        return 0
+    if args.command == "status":
+        for c in COMPONENTS:
+            print(f"{c:25} {'running' if cluster._alive(c) else 'stopped'}")
+        return 0 if cluster.is_running() else 1
+    if args.command == "env":
+        if not cluster.state_file.exists():
+            print("devcluster: not up (run `make cluster-up`)", file=sys.stderr)
+            return 1
+        env = cluster.env()
+        env["PATH"] = f"{env['DEVCLUSTER_BIN']}:$PATH"
+        for k, v in env.items():
+            value = v if k == "PATH" else shlex.quote(v)
+            print(f"export {k}={value}")
+        return 0
+    if args.command == "logs":
+        components = [args.component] if args.component else [*COMPONENTS, "pods"]
+        for c in components:
+            if c == "pods":
+                for f in sorted((cluster.log_dir / "pods").glob("*.log")):
+                    print(f"==> pod {f.stem} <==")
+                    print("\n".join(f.read_text(errors="replace").splitlines()[-args.lines:]))
+            else:
+                print(f"==> {c} <==")
+                print(cluster.log_tail(c, args.lines))
+        return 0
+    if args.command == "bucket":
+        print(cluster.s3_account().bucket(args.name))
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

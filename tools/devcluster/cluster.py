@@ -1,0 +1,363 @@
+"""Start and stop the devcluster: etcd, kube-apiserver, kube-controller-manager, an S3 server and
+the process kubelet, all on 127.0.0.1 with ports chosen at start and kept in `state.json`.
+
+Every component runs detached (its own session), so `devcluster up` returns while the cluster
+keeps running; `devcluster down` stops them all, pods included, and leaves no process behind.
+Startup waits on each component's readiness endpoint and, when one does not come up, fails with
+the tail of that component's log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from devcluster import pki, s3
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BUILD_SCRIPT = REPO_ROOT / "tools" / "build-binaries.sh"
+NODE_NAME = "devnode"
+SERVICE_CIDR = "10.0.0.0/24"
+ISSUER = "https://kubernetes.default.svc.cluster.local"
+COMPONENTS = ("s3", "etcd", "kube-apiserver", "kube-controller-manager", "kubelet")
+
+
+class StartupError(RuntimeError):
+    pass
+
+
+@dataclass
+class ClusterState:
+    """What a running cluster is: where it listens and what its S3 root account is."""
+
+    etcd_port: int
+    etcd_peer_port: int
+    api_port: int
+    kcm_port: int
+    s3_port: int
+    s3_access_key: str
+    s3_secret_key: str
+    bin_dir: str
+
+    @property
+    def api_url(self) -> str:
+        return f"https://127.0.0.1:{self.api_port}"
+
+    @property
+    def s3_endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.s3_port}"
+
+
+def process_exists(pid: int) -> bool:
+    """True while `pid` runs; reaps it first when it is our own exited child (a zombie)."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_binaries() -> Path:
+    """Build (or find cached) binaries; the script prints progress on stderr."""
+    result = subprocess.run(
+        ["bash", str(BUILD_SCRIPT)], check=True, stdout=subprocess.PIPE, text=True
+    )
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
+def kubeconfig_text(state: ClusterState, ca: Path, cert: Path, key: Path, user: str) -> str:
+    return json.dumps(
+        {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {"name": "devcluster",
+                 "cluster": {"server": state.api_url, "certificate-authority": str(ca)}}
+            ],
+            "users": [
+                {"name": user, "user": {"client-certificate": str(cert), "client-key": str(key)}}
+            ],
+            "contexts": [
+                {"name": "devcluster", "context": {"cluster": "devcluster", "user": user}}
+            ],
+            "current-context": "devcluster",
+        },
+        indent=2,
+    )
+
+
+class Cluster:
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory.resolve()
+        self.pki_dir = self.dir / "pki"
+        self.log_dir = self.dir / "logs"
+        self.pid_dir = self.dir / "pids"
+        self.kubeconfig = self.dir / "kubeconfig"
+
+    # -- state -----------------------------------------------------------------------------------
+
+    @property
+    def state_file(self) -> Path:
+        return self.dir / "state.json"
+
+    def state(self) -> ClusterState:
+        return ClusterState(**json.loads(self.state_file.read_text()))
+
+    def is_running(self) -> bool:
+        return self.state_file.exists() and all(self._alive(c) for c in COMPONENTS)
+
+    def _pid(self, component: str) -> int | None:
+        f = self.pid_dir / f"{component}.pid"
+        return int(f.read_text()) if f.exists() else None
+
+    def _alive(self, component: str) -> bool:
+        pid = self._pid(component)
+        return pid is not None and process_exists(pid)
+
+    def s3_account(self) -> s3.S3Account:
+        st = self.state()
+        return s3.S3Account(st.s3_endpoint, st.s3_access_key, st.s3_secret_key)
+
+    def env(self) -> dict[str, str]:
+        """Variables a shell (or a test) needs to talk to this cluster and its S3 server."""
+        return {"KUBECONFIG": str(self.kubeconfig), "DEVCLUSTER_BIN": self.state().bin_dir,
+                **self.s3_account().env()}
+
+    # -- processes -------------------------------------------------------------------------------
+
+    def _spawn(self, component: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.pid_dir.mkdir(parents=True, exist_ok=True)
+        with (self.log_dir / f"{component}.log").open("ab") as logf:
+            proc = subprocess.Popen(
+                argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, env={**os.environ, **(env or {})}, cwd=self.dir,
+            )
+        (self.pid_dir / f"{component}.pid").write_text(str(proc.pid))
+
+    def log_tail(self, component: str, lines: int = 40) -> str:
+        f = self.log_dir / f"{component}.log"
+        if not f.exists():
+            return "(no log)"
+        return "\n".join(f.read_text(errors="replace").splitlines()[-lines:])
+
+    def _wait(self, component: str, ready: Callable[[], bool], timeout: float = 90.0) -> None:
+        """Poll a readiness check until it passes; fail early if the process died."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if ready():
+                print(f"[devcluster] {component} ready", file=sys.stderr)
+                return
+            if not self._alive(component):
+                raise StartupError(
+                    f"{component} exited during startup; last log lines:\n"
+                    f"{self.log_tail(component)}"
+                )
+            time.sleep(0.25)
+        raise StartupError(
+            f"{component} not ready after {timeout:.0f}s; last log lines:\n"
+            f"{self.log_tail(component)}"
+        )
+
+    def _https_ok(self, url: str, client_cert: pki.CertPair | None = None) -> bool:
+        ctx = ssl.create_default_context(cafile=str(self.pki_dir / "ca.crt"))
+        if client_cert is not None:
+            ctx.load_cert_chain(str(client_cert.cert), str(client_cert.key))
+        else:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        try:
+            with urllib.request.urlopen(url, context=ctx, timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    @staticmethod
+    def _http_status(url: str) -> int | None:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+        except (urllib.error.URLError, OSError):
+            return None
+
+    # -- up / down -------------------------------------------------------------------------------
+
+    def up(self, *, pod_env: dict[str, str] | None = None) -> ClusterState:
+        if self.is_running():
+            print(f"[devcluster] already running ({self.dir})", file=sys.stderr)
+            return self.state()
+        self.down(quiet=True)
+        bin_dir = build_binaries()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "bin").unlink(missing_ok=True)
+        (self.dir / "bin").symlink_to(bin_dir)
+        self.pki_dir.mkdir(parents=True, exist_ok=True)
+
+        previous = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+        state = ClusterState(
+            etcd_port=free_port(), etcd_peer_port=free_port(), api_port=free_port(),
+            kcm_port=free_port(), s3_port=free_port(),
+            s3_access_key=previous.get("s3_access_key", "devcluster"),
+            s3_secret_key=previous.get("s3_secret_key", secrets.token_urlsafe(24)),
+            bin_dir=str(bin_dir),
+        )
+        self.state_file.write_text(json.dumps(asdict(state), indent=2))
+        self.state_file.chmod(0o600)
+
+        ca = pki.ensure_ca(self.pki_dir)
+        serving = pki.ensure_cert(
+            self.pki_dir, "apiserver", ca, common_name="kube-apiserver", server=True,
+            dns=("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
+                 "kubernetes.default.svc.cluster.local"),
+            ips=("127.0.0.1", "10.0.0.1"),
+        )
+        admin = pki.ensure_cert(
+            self.pki_dir, "admin", ca, common_name="devcluster-admin", org="system:masters"
+        )
+        kcm = pki.ensure_cert(
+            self.pki_dir, "kcm", ca, common_name="system:kube-controller-manager"
+        )
+        kubelet = pki.ensure_cert(
+            self.pki_dir, "kubelet", ca, common_name="devcluster-kubelet", org="system:masters"
+        )
+        sa = pki.ensure_service_account_keys(self.pki_dir)
+        self.kubeconfig.write_text(kubeconfig_text(state, ca.cert, admin.cert, admin.key, "admin"))
+        self.kubeconfig.chmod(0o600)
+        kcm_config = self.dir / "kcm.kubeconfig"
+        kcm_config.write_text(kubeconfig_text(state, ca.cert, kcm.cert, kcm.key, "kcm"))
+        kubelet_config = self.dir / "kubelet.kubeconfig"
+        kubelet_config.write_text(
+            kubeconfig_text(state, ca.cert, kubelet.cert, kubelet.key, "kubelet")
+        )
+
+        b = Path(state.bin_dir)
+        s3_dir = self.dir / "s3-data"
+        s3_dir.mkdir(exist_ok=True)
+        self._spawn("s3", s3.server_argv(b, state.s3_port, s3_dir),
+                    env=s3.server_env(state.s3_access_key, state.s3_secret_key))
+        etcd_data = self.dir / "etcd-data"
+        self._spawn(
+            "etcd",
+            [str(b / "etcd"), "--name", "devcluster", "--data-dir", str(etcd_data),
+             "--listen-client-urls", f"http://127.0.0.1:{state.etcd_port}",
+             "--advertise-client-urls", f"http://127.0.0.1:{state.etcd_port}",
+             "--listen-peer-urls", f"http://127.0.0.1:{state.etcd_peer_port}",
+             "--initial-advertise-peer-urls", f"http://127.0.0.1:{state.etcd_peer_port}",
+             "--initial-cluster", f"devcluster=http://127.0.0.1:{state.etcd_peer_port}",
+             "--unsafe-no-fsync", "--log-level", "warn"],
+        )
+        self._wait("etcd", lambda: self._http_status(
+            f"http://127.0.0.1:{state.etcd_port}/health") == 200)
+        self._spawn(
+            "kube-apiserver",
+            [str(b / "kube-apiserver"),
+             "--etcd-servers", f"http://127.0.0.1:{state.etcd_port}",
+             "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
+             "--secure-port", str(state.api_port),
+             "--tls-cert-file", str(serving.cert), "--tls-private-key-file", str(serving.key),
+             "--client-ca-file", str(ca.cert),
+             "--authorization-mode", "RBAC",
+             "--enable-admission-plugins", "NamespaceLifecycle,ServiceAccount,PodSecurity,"
+             "LimitRanger,DefaultTolerationSeconds,ResourceQuota,"
+             "MutatingAdmissionPolicy,ValidatingAdmissionPolicy",
+             "--service-account-issuer", ISSUER,
+             "--service-account-key-file", str(sa.cert),
+             "--service-account-signing-key-file", str(sa.key),
+             "--service-cluster-ip-range", SERVICE_CIDR,
+             "--endpoint-reconciler-type", "none",
+             "--allow-privileged", "true",
+             "--profiling=false",
+             "--cert-dir", str(self.pki_dir / "apiserver-generated")],
+        )
+        admin_pair = pki.CertPair(admin.cert, admin.key)
+        self._wait("kube-apiserver",
+                   lambda: self._https_ok(f"{state.api_url}/readyz", admin_pair), timeout=120)
+        self._spawn(
+            "kube-controller-manager",
+            [str(b / "kube-controller-manager"),
+             "--kubeconfig", str(kcm_config),
+             "--authentication-kubeconfig", str(kcm_config),
+             "--authorization-kubeconfig", str(kcm_config),
+             "--bind-address", "127.0.0.1", "--secure-port", str(state.kcm_port),
+             "--cert-dir", str(self.pki_dir / "kcm-generated"),
+             "--controllers", "*,-nodelifecycle,-nodeipam,-cloud-node-lifecycle,"
+             "-service-lb-controller,-node-route-controller,-persistentvolume-binder",
+             "--service-account-private-key-file", str(sa.key),
+             "--root-ca-file", str(ca.cert),
+             "--use-service-account-credentials",
+             "--leader-elect=false",
+             "--kube-api-qps", "100", "--kube-api-burst", "200",
+             "--concurrent-job-syncs", "10"],
+        )
+        self._wait("kube-controller-manager",
+                   lambda: self._https_ok(f"https://127.0.0.1:{state.kcm_port}/healthz"))
+        self._wait("s3", lambda: s3.health_status(state.s3_endpoint) == 200)
+        kubelet_argv = [
+            sys.executable, "-m", "devcluster.kubelet",
+            "--kubeconfig", str(kubelet_config), "--state-dir", str(self.dir),
+            "--node-name", NODE_NAME, "--api-port", str(state.api_port),
+            "--workdir", str(REPO_ROOT),
+        ]
+        for k, v in (pod_env or {}).items():
+            kubelet_argv += ["--pod-env", f"{k}={v}"]
+        self._spawn("kubelet", kubelet_argv,
+                    env={"PYTHONPATH": str(REPO_ROOT / "tools")})
+        self._wait("kubelet", self._node_ready)
+        return state
+
+    def _node_ready(self) -> bool:
+        kubectl = Path(self.state().bin_dir) / "kubectl"
+        result = subprocess.run(
+            [str(kubectl), "--kubeconfig", str(self.kubeconfig), "get", "node", NODE_NAME,
+             "-o", "jsonpath={.status.conditions[?(@.type=='Ready')].status}"],
+            capture_output=True, text=True, check=False,
+        )
+        return result.stdout.strip() == "True"
+
+    def down(self, *, quiet: bool = False) -> None:
+        """Stop the kubelet first (it stops its pods), then the control plane, then storage."""
+        for component in reversed(COMPONENTS):
+            self._stop(component, grace=20 if component == "kubelet" else 10)
+        # Pods the kubelet could not stop (it was killed itself) are stopped here.
+        for pid_file in (self.pid_dir / "pods").glob("*.pid") if self.pid_dir.exists() else []:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+            pid_file.unlink(missing_ok=True)
+        if not quiet:
+            print(f"[devcluster] stopped ({self.dir})", file=sys.stderr)
+
+    def _stop(self, component: str, grace: float) -> None:
+        pid = self._pid(component)
+        if pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while process_exists(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        (self.pid_dir / f"{component}.pid").unlink(missing_ok=True)

@@ -1,0 +1,113 @@
+"""The S3-compatible server (versitygw on a posix directory) and its buckets.
+
+The devcluster runs one for its pods; tests that need only storage start one on its own, which
+takes about a second.
+"""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+REGION = "us-east-1"
+
+
+def server_argv(bin_dir: Path, port: int, data_dir: Path) -> list[str]:
+    return [str(bin_dir / "versitygw"), "--port", f"127.0.0.1:{port}", "--health", "/health",
+            "posix", str(data_dir)]
+
+
+def server_env(access_key: str, secret_key: str) -> dict[str, str]:
+    """versitygw reads its root account from the environment, which keeps it off `ps`."""
+    return {"ROOT_ACCESS_KEY": access_key, "ROOT_SECRET_KEY": secret_key}
+
+
+def health_status(endpoint: str) -> int | None:
+    try:
+        with urllib.request.urlopen(f"{endpoint}/health", timeout=2) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+@dataclass
+class S3Account:
+    """An endpoint and root credentials: what a client of the server needs."""
+
+    endpoint: str
+    access_key: str
+    secret_key: str
+    region: str = REGION
+
+    def client(self):  # noqa: ANN201 - boto3 clients have no static type
+        return boto3.client(
+            "s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key, region_name=self.region,
+            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 5}),
+        )
+
+    def bucket(self, name: str) -> str:
+        """Create the bucket unless it exists; returns its s3:// URI."""
+        try:
+            self.client().create_bucket(Bucket=name)
+        except ClientError as e:
+            if e.response["Error"]["Code"] not in ("BucketAlreadyOwnedByYou",
+                                                   "BucketAlreadyExists"):
+                raise
+        return f"s3://{name}"
+
+    def env(self) -> dict[str, str]:
+        """The standard AWS variables boto3 (and so the trainer) reads."""
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
+                "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_REGION": self.region}
+
+
+@dataclass
+class S3Server:
+    """A standalone server owned by the calling process (tests)."""
+
+    bin_dir: Path
+    data_dir: Path
+    port: int
+    account: S3Account = field(init=False)
+    proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
+
+    def start(self, timeout: float = 30.0) -> S3Account:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.account = S3Account(f"http://127.0.0.1:{self.port}", "devcluster",
+                                 secrets.token_urlsafe(24))
+        log = (self.data_dir.parent / "s3.log").open("ab")
+        self.proc = subprocess.Popen(
+            server_argv(self.bin_dir, self.port, self.data_dir), stdout=log,
+            stderr=subprocess.STDOUT, env=server_env(self.account.access_key,
+                                                     self.account.secret_key),
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while health_status(self.account.endpoint) != 200:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                tail = (self.data_dir.parent / "s3.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"S3 server did not start:\n{tail}")
+            time.sleep(0.1)
+        return self.account
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

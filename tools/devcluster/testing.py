@@ -1,0 +1,91 @@
+"""Handles that tests, the demo and the benchmarks use to drive a running devcluster."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from kubernetes import client, config
+
+from devcluster.cluster import Cluster, ClusterState
+from devcluster.s3 import S3Account
+
+T = TypeVar("T")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class WaitTimeout(AssertionError):
+    pass
+
+
+def wait_for(
+    check: Callable[[], T | None], *, timeout: float, what: str, interval: float = 0.25,
+    diagnose: Callable[[], str] | None = None,
+) -> T:
+    """Poll `check` until it returns something truthy; fail with `what` (and a diagnosis)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            detail = f"\n{diagnose()}" if diagnose else ""
+            raise WaitTimeout(f"timed out after {timeout:.0f}s waiting for {what}{detail}")
+        time.sleep(interval)
+
+
+@dataclass
+class DevCluster:
+    cluster: Cluster
+    state: ClusterState
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.cluster.kubeconfig
+
+    @property
+    def bin_dir(self) -> Path:
+        return Path(self.state.bin_dir)
+
+    @property
+    def s3(self) -> S3Account:
+        return self.cluster.s3_account()
+
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 120,
+        as_user: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        argv = [str(self.bin_dir / "kubectl"), "--kubeconfig", str(self.kubeconfig)]
+        if as_user:
+            argv += ["--as", as_user]
+        result = subprocess.run(
+            [*argv, *args], input=input, capture_output=True, text=True, timeout=timeout,
+            check=False,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"kubectl {' '.join(args)} failed ({result.returncode}):\n{result.stderr}"
+            )
+        return result
+
+    def api(self) -> client.ApiClient:
+        return config.new_client_from_config(config_file=str(self.kubeconfig))
+
+    def apply_crds(self) -> None:
+        self.kubectl("apply", "--server-side", "--force-conflicts",
+                     "-f", str(REPO_ROOT / "crds"))
+        self.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                     "crd/federatedfinetunes.fedtune.dev")
+
+    def logs(self, lines: int = 60) -> str:
+        """Every component's and pod's log tail, for a failure message."""
+        parts = [f"==> {c} <==\n{self.cluster.log_tail(c, lines)}"
+                 for c in ("kube-controller-manager", "kubelet")]
+        for f in sorted((self.cluster.log_dir / "pods").glob("*.log"))[-8:]:
+            tail = "\n".join(f.read_text(errors="replace").splitlines()[-lines:])
+            parts.append(f"==> pod {f.stem} <==\n{tail}")
+        return "\n".join(parts)

@@ -1,0 +1,344 @@
+"""The Job contract between the operator and the trainer.
+
+Torch-free on purpose: the operator imports this module to build the task it hands each Job, and the
+settings models below are also the building blocks of the `FederatedFineTune` spec
+(`fedtune_operator.api`), so a default or a bound is written exactly once, here.
+
+Field names are snake_case in Python and camelCase on the wire (the CRD and the task JSON alike).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic.alias_generators import to_camel
+
+TASK_ENV = "FEDTUNE_TASK"
+"""Environment variable that carries the task JSON inline."""
+TASK_FILE_ENV = "FEDTUNE_TASK_FILE"
+"""Environment variable naming a mounted file that holds the task JSON (wins over TASK_ENV)."""
+TERMINATION_LOG = "/dev/termination-log"
+SUMMARY_MAX_BYTES = 4096
+
+# DNS-1123 label, at most 40 characters so that `<run>-r<round>-<client>` stays readable.
+ClientName = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=40, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"),
+]
+ShortStr = Annotated[str, StringConstraints(min_length=1, max_length=253)]
+Uri = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
+
+
+class Model(BaseModel):
+    """Base of every contract model: camelCase on the wire, strict about unknown fields."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+    )
+
+    def wire(self) -> dict:
+        """The JSON-ready camelCase form, defaults included (what `kubectl get -o yaml` shows)."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Settings shared by the spec and the task
+# --------------------------------------------------------------------------------------------
+
+
+class AdapterSpec(Model):
+    """A LoRA adapter. `type` leaves room for other PEFT methods later."""
+
+    type: Literal["lora"] = "lora"
+    r: int = Field(8, ge=1, le=512, description="LoRA rank.")
+    alpha: float = Field(16.0, gt=0, le=4096, description="LoRA scaling numerator (alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[Annotated[str, StringConstraints(min_length=1, max_length=128)]] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        min_length=1,
+        max_length=64,
+        description="Module names (suffixes) that get a LoRA adapter.",
+    )
+    bias_mode: Literal["none", "all", "lora_only"] = Field(
+        "none", description="Which biases are trained (PEFT's `bias`)."
+    )
+    freeze_a: bool = Field(
+        False,
+        description="Freeze LoRA A at its shared initialisation so that averaging B is exact "
+        "(FFA-LoRA); only B is trained and sent.",
+    )
+
+
+class TrainingSpec(Model):
+    """Local training of one client in one round."""
+
+    local_steps: int | None = Field(
+        20, ge=1, le=1_000_000, description="Optimizer steps per round (unless localEpochs)."
+    )
+    local_epochs: float | None = Field(
+        None, gt=0, le=1000, description="Epochs over the client's data per round; wins over localSteps."
+    )
+    batch_size: int = Field(4, ge=1, le=4096)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
+    learning_rate: float = Field(2e-4, gt=0, le=1)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0, le=1_000_000)
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    max_grad_norm: float = Field(1.0, gt=0, le=1e6)
+    max_seq_length: int = Field(512, ge=8, le=131072)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on a GPU that supports it, fp32 on the CPU."
+    )
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+
+class DataSpec(Model):
+    """How every client's jsonl records are read."""
+
+    format: Literal["text", "alpaca", "chat"] = Field(
+        "text",
+        description="text: {'text'}; alpaca: {'instruction','input','output'}; "
+        "chat: {'messages': [{'role','content'}]} rendered with the tokenizer's chat template.",
+    )
+    max_samples: int | None = Field(None, ge=1, le=100_000_000)
+
+
+class QuantizationSpec(Model):
+    bits: Literal[0, 4, 8] = Field(0, description="0 turns quantization off.")
+    block_size: int = Field(64, ge=8, le=65536, description="Values per block, one scale each.")
+
+
+class DeltaSpec(Model):
+    """The GradualDiff encoding of `delta = local - global`."""
+
+    dtype: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="Cast before encoding.")
+    top_k: float = Field(
+        1.0, gt=0, le=1, description="Fraction of entries kept per tensor (1 keeps all)."
+    )
+    error_feedback: bool = Field(
+        True, description="Carry what top-k and quantization dropped into the next round."
+    )
+    quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
+    compression: Literal["zstd", "none"] = "zstd"
+    compression_level: int = Field(3, ge=1, le=22)
+
+    @property
+    def lossless(self) -> bool:
+        return self.dtype == "fp32" and self.top_k == 1.0 and self.quantization.bits == 0
+
+
+Algorithm = Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "median", "trimmedMean"]
+
+
+class AggregationSpec(Model):
+    algorithm: Algorithm = "fedavg"
+    server_learning_rate: float = Field(1.0, gt=0, le=100)
+    server_momentum: float = Field(0.9, ge=0, lt=1, description="FedAvgM momentum.")
+    beta1: float = Field(0.9, ge=0, lt=1, description="FedAdam/FedYogi first-moment decay.")
+    beta2: float = Field(0.99, ge=0, lt=1, description="FedAdam/FedYogi second-moment decay.")
+    epsilon: float = Field(1e-3, gt=0, le=1, description="FedAdam/FedYogi adaptivity (tau).")
+    trim_fraction: float = Field(0.1, ge=0, lt=0.5, description="trimmedMean: cut per side.")
+    min_clients: int | None = Field(
+        None, ge=1, le=1000, description="Quorum per round; defaults to every selected client."
+    )
+    clients_per_round: int | None = Field(None, ge=1, le=1000)
+    client_fraction: float | None = Field(None, gt=0, le=1)
+    sampling_seed: int = Field(0, ge=0, le=2**31 - 1)
+    round_timeout_seconds: int | None = Field(
+        None, ge=1, le=7 * 24 * 3600, description="After this, aggregate if the quorum holds."
+    )
+    max_round_retries: int = Field(2, ge=0, le=100)
+    max_delta_norm: float | None = Field(
+        None, gt=0, description="Reject (not clip) any delta whose L2 norm exceeds this."
+    )
+
+    @model_validator(mode="after")
+    def _one_sampling_rule(self) -> AggregationSpec:
+        if self.clients_per_round is not None and self.client_fraction is not None:
+            raise ValueError("set at most one of clientsPerRound and clientFraction")
+        return self
+
+
+class PrivacySpec(Model):
+    """Client-level differential privacy: clip each delta's norm, add Gaussian noise to the sum."""
+
+    clip_norm: float | None = Field(None, gt=0, le=1e6)
+    noise_multiplier: float = Field(0.0, ge=0, le=100)
+
+    @model_validator(mode="after")
+    def _noise_needs_clip(self) -> PrivacySpec:
+        if self.noise_multiplier > 0 and self.clip_norm is None:
+            raise ValueError("noiseMultiplier > 0 needs clipNorm")
+        return self
+
+
+class EvaluationSpec(Model):
+    data_uri: Uri | None = None
+    every_rounds: int = Field(1, ge=1, le=100_000)
+    max_samples: int | None = Field(256, ge=1, le=1_000_000)
+
+
+class StorageLocation(Model):
+    """Where a run keeps its artifacts. Credentials never appear here: they come as AWS_* env."""
+
+    uri: Uri = Field(description="s3://bucket/prefix or file:///path; the run's root.")
+    endpoint: Uri | None = Field(None, description="S3 endpoint override (MinIO, versitygw, ...).")
+    region: str | None = Field(None, max_length=64)
+    force_path_style: bool = True
+
+
+# --------------------------------------------------------------------------------------------
+# Storage layout (design.md, "Storage layout")
+# --------------------------------------------------------------------------------------------
+
+
+def round_prefix(round_: int) -> str:
+    return f"rounds/{round_:06d}"
+
+
+def global_prefix(round_: int) -> str:
+    return f"{round_prefix(round_)}/global"
+
+
+def client_prefix(round_: int, client: str) -> str:
+    return f"{round_prefix(round_)}/clients/{client}"
+
+
+SERVER_STATE_PREFIX = "state/server"
+FINAL_PREFIX = "final"
+REPORT_PREFIX = "report"
+
+
+def client_state_prefix(client: str) -> str:
+    return f"state/clients/{client}"
+
+
+# --------------------------------------------------------------------------------------------
+# Tasks
+# --------------------------------------------------------------------------------------------
+
+
+class _TaskBase(Model):
+    run: ShortStr
+    round: int = Field(ge=0, le=1_000_000)
+    base_model: Uri
+    tokenizer: Uri | None = None
+    adapter: AdapterSpec = Field(default_factory=AdapterSpec)
+    storage: StorageLocation
+
+
+class ClientTask(_TaskBase):
+    """Train round `round` (>= 1) from the global adapter of round `round - 1`."""
+
+    kind: Literal["client"] = "client"
+    client: ClientName
+    data_uri: Uri
+    data: DataSpec = Field(default_factory=DataSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    delta: DeltaSpec = Field(default_factory=DeltaSpec)
+
+
+class AggregateTask(_TaskBase):
+    """Round 0: write the initial adapter. Round r >= 1: merge round r's deltas into global r."""
+
+    kind: Literal["aggregate"] = "aggregate"
+    rounds: int = Field(ge=1, le=100_000, description="Total rounds: the last one writes final/.")
+    clients: list[ClientName] = Field(default_factory=list, max_length=1000)
+    client_weights: dict[str, float] = Field(default_factory=dict)
+    min_clients: int = Field(1, ge=1)
+    aggregation: AggregationSpec = Field(default_factory=AggregationSpec)
+    privacy: PrivacySpec = Field(default_factory=PrivacySpec)
+    delta: DeltaSpec = Field(default_factory=DeltaSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    max_seq_length: int = Field(512, ge=8, le=131072)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+
+Task = Annotated[ClientTask | AggregateTask, Field(discriminator="kind")]
+
+
+class _TaskDoc(BaseModel):
+    task: Task
+
+
+def parse_task(text: str) -> ClientTask | AggregateTask:
+    return _TaskDoc.model_validate({"task": json.loads(text)}).task
+
+
+def load_task(environ: dict[str, str] | None = None) -> ClientTask | AggregateTask:
+    """Read the task from the mounted file or the environment variable, in that order."""
+    env = os.environ if environ is None else environ
+    if path := env.get(TASK_FILE_ENV):
+        return parse_task(Path(path).read_text())
+    if text := env.get(TASK_ENV):
+        return parse_task(text)
+    raise RuntimeError(f"no task: set {TASK_FILE_ENV} or {TASK_ENV}")
+
+
+# --------------------------------------------------------------------------------------------
+# Summaries: what a finished container writes to its termination log (<= 4 KiB)
+# --------------------------------------------------------------------------------------------
+
+
+class ClientSummary(Model):
+    kind: Literal["client"] = "client"
+    round: int
+    client: str
+    samples: int
+    steps: int
+    train_loss: float | None
+    bytes_sent: int = Field(description="Encoded delta bytes uploaded.")
+    raw_bytes: int = Field(description="The same delta as dense fp32.")
+    full_model_bytes: int = Field(description="The whole model as fp32: what FedAvg would send.")
+    sha256: str
+    seconds: float
+
+
+class Rejection(Model):
+    client: str
+    reason: Annotated[str, StringConstraints(max_length=200)]
+
+
+class AggregateSummary(Model):
+    kind: Literal["aggregate"] = "aggregate"
+    round: int
+    accepted: list[str] = Field(default_factory=list)
+    rejected: list[Rejection] = Field(default_factory=list)
+    global_uri: str
+    final_uri: str | None = None
+    report_uri: str | None = None
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    bytes_received: int = 0
+    seconds: float = 0.0
+
+
+Summary = Annotated[ClientSummary | AggregateSummary, Field(discriminator="kind")]
+
+
+class _SummaryDoc(BaseModel):
+    summary: Summary
+
+
+def parse_summary(text: str) -> ClientSummary | AggregateSummary:
+    return _SummaryDoc.model_validate({"summary": json.loads(text)}).summary
+
+
+def dump_summary(summary: ClientSummary | AggregateSummary) -> str:
+    """Compact JSON that fits the kubelet's 4 KiB termination-message limit."""
+    text = json.dumps(summary.wire(), separators=(",", ":"))
+    if len(text.encode()) > SUMMARY_MAX_BYTES and isinstance(summary, AggregateSummary):
+        # Rejections carry the long strings; keep the count visible and drop the detail.
+        kept = summary.model_copy(update={"rejected": summary.rejected[:5]})
+        text = json.dumps(kept.wire(), separators=(",", ":"))
+    if len(text.encode()) > SUMMARY_MAX_BYTES:
+        raise ValueError(f"summary is {len(text.encode())} bytes, over {SUMMARY_MAX_BYTES}")
+    return text
