@@ -12,9 +12,13 @@ cache_root=${FEDTUNE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/fedtune}
 key=$( (cat "$here"/go/*/go.mod "$here"/go/*/go.sum "$0"; go env GOVERSION GOARCH GOOS) | sha256sum | cut -c1-16)
 out="$cache_root/bin/$key"
 
-k8s_version=$(awk '$1 == "require" && $2 == "k8s.io/kubernetes" {print $3}' "$here/go/k8s/go.mod")
-helm_version=$(awk '$1 == "require" && $2 == "helm.sh/helm/v3" {print $3}' "$here/go/helm/go.mod")
+module_version() {  # module_version <module dir> <module path>
+  (cd "$here/go/$1" && go list -mod=readonly -m -f '{{.Version}}' "$2")
+}
+k8s_version=$(module_version k8s k8s.io/kubernetes)
+helm_version=$(module_version helm helm.sh/helm/v3)
 k8s_minor=$(echo "$k8s_version" | cut -d. -f2)
+case "$k8s_version" in v1.*) ;; *) echo "cannot read the k8s.io/kubernetes version" >&2; exit 1;; esac
 
 log() { printf '[build-binaries] %s\n' "$*" >&2; }
 

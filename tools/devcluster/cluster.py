@@ -288,7 +288,7 @@ class Cluster:
              "--service-account-signing-key-file", str(sa.key),
              "--service-cluster-ip-range", SERVICE_CIDR,
              "--endpoint-reconciler-type", "none",
-             "--allow-privileged", "true",
+             "--allow-privileged=true",
              "--profiling=false",
              "--cert-dir", str(self.pki_dir / "apiserver-generated")],
         )
