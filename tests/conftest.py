@@ -45,7 +45,7 @@ def devcluster() -> Iterator[DevCluster]:
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # noqa: ANN201
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
     """On an e2e failure, attach the control plane's and the pods' log tails to the report."""
     report = yield
     if report.failed and "devcluster" in getattr(item, "fixturenames", ()):

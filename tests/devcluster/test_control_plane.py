@@ -61,10 +61,14 @@ def test_node_is_ready(devcluster: DevCluster) -> None:
 def test_job_completes_and_reports_its_termination_message(
     devcluster: DevCluster, namespace: str
 ) -> None:
-    script = 'echo working; printf \'{"loss": 0.5}\' > /dev/termination-log'
+    script = "echo working; printf '{\"loss\": 0.5}' > /dev/termination-log"
     devcluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(job("ok", script)))
-    outcome = wait_for(lambda: job_condition(devcluster, namespace, "ok"), timeout=60,
-                       what="job ok to finish", diagnose=devcluster.logs)
+    outcome = wait_for(
+        lambda: job_condition(devcluster, namespace, "ok"),
+        timeout=60,
+        what="job ok to finish",
+        diagnose=devcluster.logs,
+    )
     assert outcome == "Complete"
     (pod,) = pods_of(devcluster, namespace, "ok")
     terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
@@ -79,8 +83,12 @@ def test_failing_job_is_retried_backoff_limit_times_then_fails(
     devcluster.kubectl(
         "apply", "-n", namespace, "-f", "-", input=json.dumps(job("bad", "exit 3", backoff=1))
     )
-    outcome = wait_for(lambda: job_condition(devcluster, namespace, "bad"), timeout=120,
-                       what="job bad to fail", diagnose=devcluster.logs)
+    outcome = wait_for(
+        lambda: job_condition(devcluster, namespace, "bad"),
+        timeout=120,
+        what="job bad to fail",
+        diagnose=devcluster.logs,
+    )
     assert outcome == "Failed"
     pods = pods_of(devcluster, namespace, "bad")
     codes = [p["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] for p in pods]
@@ -96,37 +104,66 @@ def test_deleting_the_owner_garbage_collects_job_and_pods(
     ).stdout
     owned = job("child", "sleep 300")
     owned["metadata"]["ownerReferences"] = [
-        {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner_uid,
-         "controller": True, "blockOwnerDeletion": True}
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "name": "owner",
+            "uid": owner_uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
     ]
     devcluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(owned))
     wait_for(
-        lambda: any(p["status"].get("phase") == "Running"
-                    for p in pods_of(devcluster, namespace, "child")),
-        timeout=60, what="the child pod to run", diagnose=devcluster.logs,
+        lambda: any(
+            p["status"].get("phase") == "Running" for p in pods_of(devcluster, namespace, "child")
+        ),
+        timeout=60,
+        what="the child pod to run",
+        diagnose=devcluster.logs,
     )
     devcluster.kubectl("delete", "configmap", "owner", "-n", namespace, "--wait=false")
     wait_for(
-        lambda: devcluster.kubectl("get", "job", "child", "-n", namespace,
-                                   check=False).returncode != 0,
-        timeout=60, what="the job to be garbage-collected",
+        lambda: (
+            devcluster.kubectl("get", "job", "child", "-n", namespace, check=False).returncode != 0
+        ),
+        timeout=60,
+        what="the job to be garbage-collected",
     )
-    wait_for(lambda: not pods_of(devcluster, namespace, "child"), timeout=60,
-             what="the pods to be garbage-collected", diagnose=devcluster.logs)
+    wait_for(
+        lambda: not pods_of(devcluster, namespace, "child"),
+        timeout=60,
+        what="the pods to be garbage-collected",
+        diagnose=devcluster.logs,
+    )
 
 
 def test_rbac_denies_what_a_role_does_not_grant(devcluster: DevCluster, namespace: str) -> None:
     devcluster.kubectl("create", "serviceaccount", "reader", "-n", namespace)
-    devcluster.kubectl("create", "role", "jobs-read", "-n", namespace,
-                       "--verb=get,list,watch", "--resource=jobs")
-    devcluster.kubectl("create", "rolebinding", "reader", "-n", namespace, "--role=jobs-read",
-                       f"--serviceaccount={namespace}:reader")
+    devcluster.kubectl(
+        "create", "role", "jobs-read", "-n", namespace, "--verb=get,list,watch", "--resource=jobs"
+    )
+    devcluster.kubectl(
+        "create",
+        "rolebinding",
+        "reader",
+        "-n",
+        namespace,
+        "--role=jobs-read",
+        f"--serviceaccount={namespace}:reader",
+    )
     user = f"system:serviceaccount:{namespace}:reader"
     listed = devcluster.kubectl("get", "jobs", "-n", namespace, as_user=user, check=False)
     assert listed.returncode == 0, listed.stderr
     created = devcluster.kubectl(
-        "apply", "-n", namespace, "-f", "-", input=json.dumps(job("nope", "true")),
-        as_user=user, check=False,
+        "apply",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        input=json.dumps(job("nope", "true")),
+        as_user=user,
+        check=False,
     )
     assert created.returncode != 0
     assert "forbidden" in created.stderr.lower()
@@ -136,15 +173,27 @@ def test_rbac_denies_what_a_role_does_not_grant(devcluster: DevCluster, namespac
 def test_restricted_namespace_rejects_a_privileged_pod(
     devcluster: DevCluster, namespace: str
 ) -> None:
-    devcluster.kubectl("label", "namespace", namespace,
-                       "pod-security.kubernetes.io/enforce=restricted")
+    devcluster.kubectl(
+        "label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted"
+    )
     pod = {
-        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "priv"},
-        "spec": {"containers": [{"name": "c", "image": "busybox", "command": ["true"],
-                                 "securityContext": {"privileged": True}}]},
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "priv"},
+        "spec": {
+            "containers": [
+                {
+                    "name": "c",
+                    "image": "busybox",
+                    "command": ["true"],
+                    "securityContext": {"privileged": True},
+                }
+            ]
+        },
     }
-    result = devcluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pod),
-                                check=False)
+    result = devcluster.kubectl(
+        "apply", "-n", namespace, "-f", "-", input=json.dumps(pod), check=False
+    )
     assert result.returncode != 0
     assert 'violates PodSecurity "restricted:latest"' in result.stderr
     assert "privileged" in result.stderr
@@ -166,20 +215,30 @@ open("/dev/termination-log", "w").write(json.dumps({"pods": names, "secrets": se
 """
 
 
-def test_in_cluster_client_uses_its_service_account(
-    devcluster: DevCluster, namespace: str
-) -> None:
+def test_in_cluster_client_uses_its_service_account(devcluster: DevCluster, namespace: str) -> None:
     devcluster.kubectl("create", "serviceaccount", "lister", "-n", namespace)
-    devcluster.kubectl("create", "role", "pods-read", "-n", namespace,
-                       "--verb=get,list", "--resource=pods")
-    devcluster.kubectl("create", "rolebinding", "lister", "-n", namespace, "--role=pods-read",
-                       f"--serviceaccount={namespace}:lister")
+    devcluster.kubectl(
+        "create", "role", "pods-read", "-n", namespace, "--verb=get,list", "--resource=pods"
+    )
+    devcluster.kubectl(
+        "create",
+        "rolebinding",
+        "lister",
+        "-n",
+        namespace,
+        "--role=pods-read",
+        f"--serviceaccount={namespace}:lister",
+    )
     spec = job("lister", "true", serviceAccountName="lister")
     container = spec["spec"]["template"]["spec"]["containers"][0]
     container["command"] = ["python", "-c", IN_CLUSTER_LISTER]
     devcluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(spec))
-    outcome = wait_for(lambda: job_condition(devcluster, namespace, "lister"), timeout=90,
-                       what="the in-cluster lister", diagnose=devcluster.logs)
+    outcome = wait_for(
+        lambda: job_condition(devcluster, namespace, "lister"),
+        timeout=90,
+        what="the in-cluster lister",
+        diagnose=devcluster.logs,
+    )
     assert outcome == "Complete"
     (pod,) = pods_of(devcluster, namespace, "lister")
     message = json.loads(pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"])

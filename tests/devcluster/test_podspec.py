@@ -8,8 +8,13 @@ from devcluster import podspec
 from devcluster.podspec import ContainerConfigError
 
 POD = {
-    "metadata": {"name": "p", "namespace": "ns", "uid": "u-1", "labels": {"app": "x"},
-             "annotations": {"note": "n"}},
+    "metadata": {
+        "name": "p",
+        "namespace": "ns",
+        "uid": "u-1",
+        "labels": {"app": "x"},
+        "annotations": {"note": "n"},
+    },
     "spec": {"serviceAccountName": "sa", "containers": [{"name": "c", "image": "img"}]},
 }
 SECRETS = {("ns", "creds"): {"key": "s3cr3t"}}
@@ -25,8 +30,14 @@ def config_maps(ns: str, name: str) -> dict[str, str] | None:
 
 
 def env_of(container: dict) -> dict[str, str]:
-    return podspec.container_env(POD, {"name": "c", **container}, base={"BASE": "b"},
-                                 secrets=secrets, config_maps=config_maps, node_name="node")
+    return podspec.container_env(
+        POD,
+        {"name": "c", **container},
+        base={"BASE": "b"},
+        secrets=secrets,
+        config_maps=config_maps,
+        node_name="node",
+    )
 
 
 @pytest.mark.parametrize(
@@ -52,14 +63,22 @@ def test_env_values_resolve_like_the_kubelet(var: dict, expected: str) -> None:
 @pytest.mark.parametrize(
     ("var", "message"),
     [
-        ({"name": "A", "valueFrom": {"secretKeyRef": {"name": "gone", "key": "k"}}},
-         'secret "gone" not found'),
-        ({"name": "A", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "nokey"}}},
-         "couldn't find key nokey in secret creds"),
-        ({"name": "A", "valueFrom": {"configMapKeyRef": {"name": "gone", "key": "k"}}},
-         'configmap "gone" not found'),
-        ({"name": "A", "valueFrom": {"fieldRef": {"fieldPath": "spec.bogus"}}},
-         "unsupported fieldRef"),
+        (
+            {"name": "A", "valueFrom": {"secretKeyRef": {"name": "gone", "key": "k"}}},
+            'secret "gone" not found',
+        ),
+        (
+            {"name": "A", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "nokey"}}},
+            "couldn't find key nokey in secret creds",
+        ),
+        (
+            {"name": "A", "valueFrom": {"configMapKeyRef": {"name": "gone", "key": "k"}}},
+            'configmap "gone" not found',
+        ),
+        (
+            {"name": "A", "valueFrom": {"fieldRef": {"fieldPath": "spec.bogus"}}},
+            "unsupported fieldRef",
+        ),
     ],
 )
 def test_missing_references_are_config_errors(var: dict, message: str) -> None:
@@ -68,14 +87,26 @@ def test_missing_references_are_config_errors(var: dict, message: str) -> None:
 
 
 def test_optional_references_may_be_missing() -> None:
-    env = env_of({"env": [{"name": "A", "valueFrom": {
-        "secretKeyRef": {"name": "gone", "key": "k", "optional": True}}}]})
+    env = env_of(
+        {
+            "env": [
+                {
+                    "name": "A",
+                    "valueFrom": {"secretKeyRef": {"name": "gone", "key": "k", "optional": True}},
+                }
+            ]
+        }
+    )
     assert "A" not in env
 
 
 def test_env_from_applies_prefix_and_env_wins() -> None:
-    env = env_of({"envFrom": [{"configMapRef": {"name": "cfg"}, "prefix": "C_"}],
-                  "env": [{"name": "C_mode", "value": "slow"}]})
+    env = env_of(
+        {
+            "envFrom": [{"configMapRef": {"name": "cfg"}, "prefix": "C_"}],
+            "env": [{"name": "C_mode", "value": "slow"}],
+        }
+    )
     assert env["C_level"] == "3"
     assert env["C_mode"] == "slow"
     assert env["BASE"] == "b"
@@ -89,20 +120,31 @@ def test_command_line_expands_and_needs_a_command() -> None:
 
 
 def test_projected_service_account_volume() -> None:
-    volume = {"name": "kube-api-access", "projected": {"sources": [
-        {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
-        {"configMap": {"name": "cfg", "items": [{"key": "mode", "path": "ca.crt"}]}},
-        {"downwardAPI": {"items": [{"path": "namespace",
-                                    "fieldRef": {"fieldPath": "metadata.namespace"}}]}},
-    ]}}
+    volume = {
+        "name": "kube-api-access",
+        "projected": {
+            "sources": [
+                {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
+                {"configMap": {"name": "cfg", "items": [{"key": "mode", "path": "ca.crt"}]}},
+                {
+                    "downwardAPI": {
+                        "items": [
+                            {"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}
+                        ]
+                    }
+                },
+            ]
+        },
+    }
     asked: list[tuple[str | None, int]] = []
 
     def token(audience: str | None, seconds: int) -> str:
         asked.append((audience, seconds))
         return "tok"
 
-    files = podspec.volume_files(POD, volume, secrets=secrets, config_maps=config_maps,
-                                 token=token, node_name="node")
+    files = podspec.volume_files(
+        POD, volume, secrets=secrets, config_maps=config_maps, token=token, node_name="node"
+    )
     assert files.files == {"token": b"tok", "ca.crt": b"fast", "namespace": b"ns"}
     assert asked == [(None, 3607)]
 
@@ -111,22 +153,36 @@ def test_projected_service_account_volume() -> None:
     ("volume", "expected"),
     [
         ({"name": "v", "secret": {"secretName": "creds"}}, {"key": b"s3cr3t"}),
-        ({"name": "v", "configMap": {"name": "cfg", "items": [{"key": "level", "path": "l"}]}},
-         {"l": b"3"}),
+        (
+            {"name": "v", "configMap": {"name": "cfg", "items": [{"key": "level", "path": "l"}]}},
+            {"l": b"3"},
+        ),
         ({"name": "v", "emptyDir": {}}, {}),
         ({"name": "v", "secret": {"secretName": "gone", "optional": True}}, {}),
     ],
 )
 def test_volumes_materialise_as_files(volume: dict, expected: dict[str, bytes]) -> None:
-    files = podspec.volume_files(POD, volume, secrets=secrets, config_maps=config_maps,
-                                 token=lambda a, s: "", node_name="node")
+    files = podspec.volume_files(
+        POD,
+        volume,
+        secrets=secrets,
+        config_maps=config_maps,
+        token=lambda a, s: "",
+        node_name="node",
+    )
     assert files.files == expected
 
 
 def test_unsupported_volume_is_a_config_error() -> None:
     with pytest.raises(ContainerConfigError, match="unsupported type"):
-        podspec.volume_files(POD, {"name": "v", "hostPath": {"path": "/"}}, secrets=secrets,
-                             config_maps=config_maps, token=lambda a, s: "", node_name="n")
+        podspec.volume_files(
+            POD,
+            {"name": "v", "hostPath": {"path": "/"}},
+            secrets=secrets,
+            config_maps=config_maps,
+            token=lambda a, s: "",
+            node_name="n",
+        )
 
 
 @pytest.mark.parametrize(
@@ -139,25 +195,38 @@ def test_unsupported_volume_is_a_config_error() -> None:
         ("x" * 5000, "", "File", False, "x" * 4096),
     ],
 )
-def test_termination_message(written: str, log: str, policy: str, failed: bool,
-                             expected: str) -> None:
+def test_termination_message(
+    written: str, log: str, policy: str, failed: bool, expected: str
+) -> None:
     assert podspec.termination_message(written, log, policy=policy, failed=failed) == expected
 
 
 @pytest.mark.parametrize(
     ("codes", "phase"),
-    [([None], "Running"), ([0], "Succeeded"), ([1], "Failed"), ([0, None], "Running"),
-     ([0, 2], "Failed"), ([0, 0], "Succeeded")],
+    [
+        ([None], "Running"),
+        ([0], "Succeeded"),
+        ([1], "Failed"),
+        ([0, None], "Running"),
+        ([0, 2], "Failed"),
+        ([0, 0], "Succeeded"),
+    ],
 )
 def test_pod_phase(codes: list[int | None], phase: str) -> None:
     assert podspec.pod_phase("Never", codes) == phase
 
 
 def test_terminated_container_status_carries_exit_code_and_message() -> None:
-    state = podspec.ContainerState("c", started_at="t0", exit_code=3, finished_at="t1",
-                                   message="boom")
+    state = podspec.ContainerState(
+        "c", started_at="t0", exit_code=3, finished_at="t1", message="boom"
+    )
     status = podspec.pod_status(POD, [state], phase="Failed", now="t1", start_time="t0")
     terminated = status["containerStatuses"][0]["state"]["terminated"]
-    assert terminated == {"exitCode": 3, "reason": "Error", "message": "boom",
-                          "startedAt": "t0", "finishedAt": "t1"}
+    assert terminated == {
+        "exitCode": 3,
+        "reason": "Error",
+        "message": "boom",
+        "startedAt": "t0",
+        "finishedAt": "t1",
+    }
     assert status["phase"] == "Failed"

@@ -1,11 +1,11 @@
 """`devcluster`: start, stop and inspect the local control plane.
 
-    devcluster up        build what is missing, start everything, write .devcluster/kubeconfig
-    devcluster down      stop every component and every pod process
-    devcluster status    one line per component
-    devcluster env       shell exports (KUBECONFIG, AWS_* for the S3 server)
-    devcluster logs [C]  the last lines of a component's log, or of every pod log
-    devcluster bucket N  create an S3 bucket
+devcluster up        build what is missing, start everything, write .devcluster/kubeconfig
+devcluster down      stop every component and every pod process
+devcluster status    one line per component
+devcluster env       shell exports (KUBECONFIG, AWS_* for the S3 server)
+devcluster logs [C]  the last lines of a component's log, or of every pod log
+devcluster bucket N  create an S3 bucket
 """
 
 from __future__ import annotations
@@ -19,10 +19,15 @@ from devcluster.cluster import COMPONENTS, REPO_ROOT, Cluster, StartupError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="devcluster", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dir", type=Path, default=REPO_ROOT / ".devcluster",
-                        help="state directory (default: .devcluster in the repository)")
+    parser = argparse.ArgumentParser(
+        prog="devcluster", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=REPO_ROOT / ".devcluster",
+        help="state directory (default: .devcluster in the repository)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up")
     up.add_argument("--pod-env", action="append", default=[], metavar="NAME=VALUE")
@@ -72,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             if c == "pods":
                 for f in sorted((cluster.log_dir / "pods").glob("*.log")):
                     print(f"==> pod {f.stem} <==")
-                    print("\n".join(f.read_text(errors="replace").splitlines()[-args.lines:]))
+                    print("\n".join(f.read_text(errors="replace").splitlines()[-args.lines :]))
             else:
                 print(f"==> {c} <==")
                 print(cluster.log_tail(c, args.lines))

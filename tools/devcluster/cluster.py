@@ -92,8 +92,10 @@ def kubeconfig_text(state: ClusterState, ca: Path, cert: Path, key: Path, user: 
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [
-                {"name": "devcluster",
-                 "cluster": {"server": state.api_url, "certificate-authority": str(ca)}}
+                {
+                    "name": "devcluster",
+                    "cluster": {"server": state.api_url, "certificate-authority": str(ca)},
+                }
             ],
             "users": [
                 {"name": user, "user": {"client-certificate": str(cert), "client-key": str(key)}}
@@ -141,8 +143,11 @@ class Cluster:
 
     def env(self) -> dict[str, str]:
         """Variables a shell (or a test) needs to talk to this cluster and its S3 server."""
-        return {"KUBECONFIG": str(self.kubeconfig), "DEVCLUSTER_BIN": self.state().bin_dir,
-                **self.s3_account().env()}
+        return {
+            "KUBECONFIG": str(self.kubeconfig),
+            "DEVCLUSTER_BIN": self.state().bin_dir,
+            **self.s3_account().env(),
+        }
 
     # -- processes -------------------------------------------------------------------------------
 
@@ -151,8 +156,13 @@ class Cluster:
         self.pid_dir.mkdir(parents=True, exist_ok=True)
         with (self.log_dir / f"{component}.log").open("ab") as logf:
             proc = subprocess.Popen(
-                argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, env={**os.environ, **(env or {})}, cwd=self.dir,
+                argv,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                env={**os.environ, **(env or {})},
+                cwd=self.dir,
             )
         (self.pid_dir / f"{component}.pid").write_text(str(proc.pid))
 
@@ -218,8 +228,11 @@ class Cluster:
 
         previous = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
         state = ClusterState(
-            etcd_port=free_port(), etcd_peer_port=free_port(), api_port=free_port(),
-            kcm_port=free_port(), s3_port=free_port(),
+            etcd_port=free_port(),
+            etcd_peer_port=free_port(),
+            api_port=free_port(),
+            kcm_port=free_port(),
+            s3_port=free_port(),
             s3_access_key=previous.get("s3_access_key", "devcluster"),
             s3_secret_key=previous.get("s3_secret_key", secrets.token_urlsafe(24)),
             bin_dir=str(bin_dir),
@@ -229,17 +242,24 @@ class Cluster:
 
         ca = pki.ensure_ca(self.pki_dir)
         serving = pki.ensure_cert(
-            self.pki_dir, "apiserver", ca, common_name="kube-apiserver", server=True,
-            dns=("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
-                 "kubernetes.default.svc.cluster.local"),
+            self.pki_dir,
+            "apiserver",
+            ca,
+            common_name="kube-apiserver",
+            server=True,
+            dns=(
+                "localhost",
+                "kubernetes",
+                "kubernetes.default",
+                "kubernetes.default.svc",
+                "kubernetes.default.svc.cluster.local",
+            ),
             ips=("127.0.0.1", "10.0.0.1"),
         )
         admin = pki.ensure_cert(
             self.pki_dir, "admin", ca, common_name="devcluster-admin", org="system:masters"
         )
-        kcm = pki.ensure_cert(
-            self.pki_dir, "kcm", ca, common_name="system:kube-controller-manager"
-        )
+        kcm = pki.ensure_cert(self.pki_dir, "kcm", ca, common_name="system:kube-controller-manager")
         kubelet = pki.ensure_cert(
             self.pki_dir, "kubelet", ca, common_name="devcluster-kubelet", org="system:masters"
         )
@@ -256,84 +276,159 @@ class Cluster:
         b = Path(state.bin_dir)
         s3_dir = self.dir / "s3-data"
         s3_dir.mkdir(exist_ok=True)
-        self._spawn("s3", s3.server_argv(b, state.s3_port, s3_dir),
-                    env=s3.server_env(state.s3_access_key, state.s3_secret_key))
+        self._spawn(
+            "s3",
+            s3.server_argv(b, state.s3_port, s3_dir),
+            env=s3.server_env(state.s3_access_key, state.s3_secret_key),
+        )
         etcd_data = self.dir / "etcd-data"
         self._spawn(
             "etcd",
-            [str(b / "etcd"), "--name", "devcluster", "--data-dir", str(etcd_data),
-             "--listen-client-urls", f"http://127.0.0.1:{state.etcd_port}",
-             "--advertise-client-urls", f"http://127.0.0.1:{state.etcd_port}",
-             "--listen-peer-urls", f"http://127.0.0.1:{state.etcd_peer_port}",
-             "--initial-advertise-peer-urls", f"http://127.0.0.1:{state.etcd_peer_port}",
-             "--initial-cluster", f"devcluster=http://127.0.0.1:{state.etcd_peer_port}",
-             "--unsafe-no-fsync", "--log-level", "warn"],
+            [
+                str(b / "etcd"),
+                "--name",
+                "devcluster",
+                "--data-dir",
+                str(etcd_data),
+                "--listen-client-urls",
+                f"http://127.0.0.1:{state.etcd_port}",
+                "--advertise-client-urls",
+                f"http://127.0.0.1:{state.etcd_port}",
+                "--listen-peer-urls",
+                f"http://127.0.0.1:{state.etcd_peer_port}",
+                "--initial-advertise-peer-urls",
+                f"http://127.0.0.1:{state.etcd_peer_port}",
+                "--initial-cluster",
+                f"devcluster=http://127.0.0.1:{state.etcd_peer_port}",
+                "--unsafe-no-fsync",
+                "--log-level",
+                "warn",
+            ],
         )
-        self._wait("etcd", lambda: self._http_status(
-            f"http://127.0.0.1:{state.etcd_port}/health") == 200)
+        self._wait(
+            "etcd", lambda: self._http_status(f"http://127.0.0.1:{state.etcd_port}/health") == 200
+        )
         self._spawn(
             "kube-apiserver",
-            [str(b / "kube-apiserver"),
-             "--etcd-servers", f"http://127.0.0.1:{state.etcd_port}",
-             "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
-             "--secure-port", str(state.api_port),
-             "--tls-cert-file", str(serving.cert), "--tls-private-key-file", str(serving.key),
-             "--client-ca-file", str(ca.cert),
-             "--authorization-mode", "RBAC",
-             "--enable-admission-plugins", "NamespaceLifecycle,ServiceAccount,PodSecurity,"
-             "LimitRanger,DefaultTolerationSeconds,ResourceQuota,"
-             "MutatingAdmissionPolicy,ValidatingAdmissionPolicy",
-             "--service-account-issuer", ISSUER,
-             "--service-account-key-file", str(sa.cert),
-             "--service-account-signing-key-file", str(sa.key),
-             "--service-cluster-ip-range", SERVICE_CIDR,
-             "--endpoint-reconciler-type", "none",
-             "--allow-privileged=true",
-             "--profiling=false",
-             "--cert-dir", str(self.pki_dir / "apiserver-generated")],
+            [
+                str(b / "kube-apiserver"),
+                "--etcd-servers",
+                f"http://127.0.0.1:{state.etcd_port}",
+                "--bind-address",
+                "127.0.0.1",
+                "--advertise-address",
+                "127.0.0.1",
+                "--secure-port",
+                str(state.api_port),
+                "--tls-cert-file",
+                str(serving.cert),
+                "--tls-private-key-file",
+                str(serving.key),
+                "--client-ca-file",
+                str(ca.cert),
+                "--authorization-mode",
+                "RBAC",
+                "--enable-admission-plugins",
+                "NamespaceLifecycle,ServiceAccount,PodSecurity,"
+                "LimitRanger,DefaultTolerationSeconds,ResourceQuota,"
+                "MutatingAdmissionPolicy,ValidatingAdmissionPolicy",
+                "--service-account-issuer",
+                ISSUER,
+                "--service-account-key-file",
+                str(sa.cert),
+                "--service-account-signing-key-file",
+                str(sa.key),
+                "--service-cluster-ip-range",
+                SERVICE_CIDR,
+                "--endpoint-reconciler-type",
+                "none",
+                "--allow-privileged=true",
+                "--profiling=false",
+                "--cert-dir",
+                str(self.pki_dir / "apiserver-generated"),
+            ],
         )
         admin_pair = pki.CertPair(admin.cert, admin.key)
-        self._wait("kube-apiserver",
-                   lambda: self._https_ok(f"{state.api_url}/readyz", admin_pair), timeout=120)
+        self._wait(
+            "kube-apiserver",
+            lambda: self._https_ok(f"{state.api_url}/readyz", admin_pair),
+            timeout=120,
+        )
         self._spawn(
             "kube-controller-manager",
-            [str(b / "kube-controller-manager"),
-             "--kubeconfig", str(kcm_config),
-             "--authentication-kubeconfig", str(kcm_config),
-             "--authorization-kubeconfig", str(kcm_config),
-             "--bind-address", "127.0.0.1", "--secure-port", str(state.kcm_port),
-             "--cert-dir", str(self.pki_dir / "kcm-generated"),
-             "--controllers", "*,-nodelifecycle,-nodeipam,-cloud-node-lifecycle,"
-             "-service-lb-controller,-node-route-controller,-persistentvolume-binder",
-             "--service-account-private-key-file", str(sa.key),
-             "--root-ca-file", str(ca.cert),
-             "--use-service-account-credentials",
-             "--leader-elect=false",
-             "--kube-api-qps", "100", "--kube-api-burst", "200",
-             "--concurrent-job-syncs", "10"],
+            [
+                str(b / "kube-controller-manager"),
+                "--kubeconfig",
+                str(kcm_config),
+                "--authentication-kubeconfig",
+                str(kcm_config),
+                "--authorization-kubeconfig",
+                str(kcm_config),
+                "--bind-address",
+                "127.0.0.1",
+                "--secure-port",
+                str(state.kcm_port),
+                "--cert-dir",
+                str(self.pki_dir / "kcm-generated"),
+                "--controllers",
+                "*,-nodelifecycle,-nodeipam,-cloud-node-lifecycle,"
+                "-service-lb-controller,-node-route-controller,-persistentvolume-binder",
+                "--service-account-private-key-file",
+                str(sa.key),
+                "--root-ca-file",
+                str(ca.cert),
+                "--use-service-account-credentials",
+                "--leader-elect=false",
+                "--kube-api-qps",
+                "100",
+                "--kube-api-burst",
+                "200",
+                "--concurrent-job-syncs",
+                "10",
+            ],
         )
-        self._wait("kube-controller-manager",
-                   lambda: self._https_ok(f"https://127.0.0.1:{state.kcm_port}/healthz"))
+        self._wait(
+            "kube-controller-manager",
+            lambda: self._https_ok(f"https://127.0.0.1:{state.kcm_port}/healthz"),
+        )
         self._wait("s3", lambda: s3.health_status(state.s3_endpoint) == 200)
         kubelet_argv = [
-            sys.executable, "-m", "devcluster.kubelet",
-            "--kubeconfig", str(kubelet_config), "--state-dir", str(self.dir),
-            "--node-name", NODE_NAME, "--api-port", str(state.api_port),
-            "--workdir", str(REPO_ROOT),
+            sys.executable,
+            "-m",
+            "devcluster.kubelet",
+            "--kubeconfig",
+            str(kubelet_config),
+            "--state-dir",
+            str(self.dir),
+            "--node-name",
+            NODE_NAME,
+            "--api-port",
+            str(state.api_port),
+            "--workdir",
+            str(REPO_ROOT),
         ]
         for k, v in (pod_env or {}).items():
             kubelet_argv += ["--pod-env", f"{k}={v}"]
-        self._spawn("kubelet", kubelet_argv,
-                    env={"PYTHONPATH": str(REPO_ROOT / "tools")})
+        self._spawn("kubelet", kubelet_argv, env={"PYTHONPATH": str(REPO_ROOT / "tools")})
         self._wait("kubelet", self._node_ready)
         return state
 
     def _node_ready(self) -> bool:
         kubectl = Path(self.state().bin_dir) / "kubectl"
         result = subprocess.run(
-            [str(kubectl), "--kubeconfig", str(self.kubeconfig), "get", "node", NODE_NAME,
-             "-o", "jsonpath={.status.conditions[?(@.type=='Ready')].status}"],
-            capture_output=True, text=True, check=False,
+            [
+                str(kubectl),
+                "--kubeconfig",
+                str(self.kubeconfig),
+                "get",
+                "node",
+                NODE_NAME,
+                "-o",
+                "jsonpath={.status.conditions[?(@.type=='Ready')].status}",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         return result.stdout.strip() == "True"
 

@@ -79,7 +79,10 @@ class PodWorker(threading.Thread):
         spec: dict[str, Any] = {
             "expirationSeconds": seconds,
             "boundObjectRef": {
-                "apiVersion": "v1", "kind": "Pod", "name": self.meta["name"], "uid": self.uid,
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "name": self.meta["name"],
+                "uid": self.uid,
             },
         }
         if audience:
@@ -96,8 +99,12 @@ class PodWorker(threading.Thread):
         paths: dict[str, Path] = {}
         for volume in self.pod["spec"].get("volumes", []) or []:
             files = podspec.volume_files(
-                self.pod, volume, secrets=self._secret, config_maps=self._config_map,
-                token=self._token, node_name=self.kubelet.node_name,
+                self.pod,
+                volume,
+                secrets=self._secret,
+                config_maps=self._config_map,
+                token=self._token,
+                node_name=self.kubelet.node_name,
             )
             root = self.pod_dir / "volumes" / volume["name"]
             if not files.writable and root.exists():
@@ -125,8 +132,12 @@ class PodWorker(threading.Thread):
             **self.kubelet.extra_env,
         }
         env = podspec.container_env(
-            self.pod, container, base=base, secrets=self._secret,
-            config_maps=self._config_map, node_name=self.kubelet.node_name,
+            self.pod,
+            container,
+            base=base,
+            secrets=self._secret,
+            config_maps=self._config_map,
+            node_name=self.kubelet.node_name,
         )
         argv = podspec.command_line(container, env)
         mounts = []
@@ -135,15 +146,20 @@ class PodWorker(threading.Thread):
                 raise ContainerConfigError(f"volumeMount {vm['name']!r} names no volume")
             source = volumes[vm["name"]] / vm.get("subPath", "")
             mounts.append(
-                {"source": str(source), "target": vm["mountPath"],
-                 "readOnly": bool(vm.get("readOnly"))}
+                {
+                    "source": str(source),
+                    "target": vm["mountPath"],
+                    "readOnly": bool(vm.get("readOnly")),
+                }
             )
         term_file = self.pod_dir / container["name"] / "termination-log"
         term_file.parent.mkdir(parents=True, exist_ok=True)
         term_file.write_bytes(b"")
         mounts.append(
-            {"source": str(term_file),
-             "target": container.get("terminationMessagePath", podspec.DEFAULT_TERMINATION_PATH)}
+            {
+                "source": str(term_file),
+                "target": container.get("terminationMessagePath", podspec.DEFAULT_TERMINATION_PATH),
+            }
         )
         return {
             "argv": argv,
@@ -155,7 +171,9 @@ class PodWorker(threading.Thread):
     # -- running ---------------------------------------------------------------------------------
 
     def _log_path(self, container: str) -> Path:
-        return self.kubelet.log_dir / f"{self.meta['namespace']}_{self.meta['name']}_{container}.log"
+        return (
+            self.kubelet.log_dir / f"{self.meta['namespace']}_{self.meta['name']}_{container}.log"
+        )
 
     def _start(self, container: dict[str, Any], plan: dict[str, Any]) -> subprocess.Popen[bytes]:
         plan_file = self.pod_dir / container["name"] / "plan.json"
@@ -165,11 +183,21 @@ class PodWorker(threading.Thread):
         logf.write(f"--- {now()} starting {plan['argv']}\n".encode())
         logf.flush()
         proc = subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "private",
-             sys.executable, "-m", "devcluster.podexec", str(plan_file)],
-            stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, env={"PATH": os.environ["PATH"],
-                                         "PYTHONPATH": self.kubelet.pythonpath},
+            [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                sys.executable,
+                "-m",
+                "devcluster.podexec",
+                str(plan_file),
+            ],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={"PATH": os.environ["PATH"], "PYTHONPATH": self.kubelet.pythonpath},
         )
         logf.close()
         self.kubelet.record_pid(self.uid, container["name"], proc.pid)
@@ -259,7 +287,8 @@ class PodWorker(threading.Thread):
             codes = [s.exit_code for s in states]
             if changed:
                 restart = [
-                    i for i, s in enumerate(states)
+                    i
+                    for i, s in enumerate(states)
                     if s.exit_code is not None
                     and (policy == "Always" or (policy == "OnFailure" and s.exit_code != 0))
                 ]
@@ -302,8 +331,10 @@ class PodWorker(threading.Thread):
             states[i].exit_code = code
             states[i].finished_at = now()
             states[i].message = podspec.termination_message(
-                written, log_tail,
-                policy=c.get("terminationMessagePolicy", "File"), failed=code != 0,
+                written,
+                log_tail,
+                policy=c.get("terminationMessagePolicy", "File"),
+                failed=code != 0,
             )
             with self._log_path(c["name"]).open("ab") as f:
                 f.write(f"--- {now()} exited with {code}\n".encode())
@@ -385,17 +416,30 @@ class ProcessKubelet:
             "capacity": {"cpu": str(os.cpu_count() or 1), "memory": "24Gi", "pods": "250"},
             "allocatable": {"cpu": str(os.cpu_count() or 1), "memory": "24Gi", "pods": "250"},
             "conditions": [
-                {"type": "Ready", "status": "True", "reason": "KubeletReady",
-                 "message": "process kubelet is posting ready status",
-                 "lastHeartbeatTime": t, "lastTransitionTime": t},
+                {
+                    "type": "Ready",
+                    "status": "True",
+                    "reason": "KubeletReady",
+                    "message": "process kubelet is posting ready status",
+                    "lastHeartbeatTime": t,
+                    "lastTransitionTime": t,
+                },
             ],
-            "addresses": [{"type": "InternalIP", "address": "127.0.0.1"},
-                          {"type": "Hostname", "address": self.node_name}],
+            "addresses": [
+                {"type": "InternalIP", "address": "127.0.0.1"},
+                {"type": "Hostname", "address": self.node_name},
+            ],
             "nodeInfo": {
-                "architecture": "amd64", "operatingSystem": "linux",
-                "kubeletVersion": "process-kubelet", "kubeProxyVersion": "",
-                "containerRuntimeVersion": "process://", "kernelVersion": os.uname().release,
-                "osImage": "devcluster", "machineID": "", "systemUUID": "", "bootID": "",
+                "architecture": "amd64",
+                "operatingSystem": "linux",
+                "kubeletVersion": "process-kubelet",
+                "kubeProxyVersion": "",
+                "containerRuntimeVersion": "process://",
+                "kernelVersion": os.uname().release,
+                "osImage": "devcluster",
+                "machineID": "",
+                "systemUUID": "",
+                "bootID": "",
             },
         }
         self.core.patch_node_status(self.node_name, {"status": status})
@@ -403,15 +447,14 @@ class ProcessKubelet:
     def bind(self, pod: dict[str, Any]) -> None:
         meta = pod["metadata"]
         body = {
-            "apiVersion": "v1", "kind": "Binding",
+            "apiVersion": "v1",
+            "kind": "Binding",
             "metadata": {"name": meta["name"], "namespace": meta["namespace"]},
             "target": {"apiVersion": "v1", "kind": "Node", "name": self.node_name},
         }
         try:
             # _preload_content=False: the generated client cannot parse the Binding reply.
-            self.core.create_namespaced_binding(
-                meta["namespace"], body, _preload_content=False
-            )
+            self.core.create_namespaced_binding(meta["namespace"], body, _preload_content=False)
         except ApiException as e:
             if e.status not in (404, 409):
                 log.warning("binding %s failed: %s", meta["name"], e.reason)
@@ -420,7 +463,8 @@ class ProcessKubelet:
         meta = pod["metadata"]
         try:
             self.core.delete_namespaced_pod(
-                meta["name"], meta["namespace"],
+                meta["name"],
+                meta["namespace"],
                 body={"gracePeriodSeconds": 0, "preconditions": {"uid": meta["uid"]}},
             )
         except ApiException as e:
@@ -469,8 +513,10 @@ class ProcessKubelet:
             w = watch.Watch()
             try:
                 for event in w.stream(
-                    self.core.list_pod_for_all_namespaces, resource_version=rv,
-                    timeout_seconds=60, _preload_content=False,
+                    self.core.list_pod_for_all_namespaces,
+                    resource_version=rv,
+                    timeout_seconds=60,
+                    _preload_content=False,
                 ):
                     if stop.is_set():
                         break
@@ -508,7 +554,9 @@ def main() -> None:
     parser.add_argument("--api-port", required=True, type=int)
     parser.add_argument("--workdir", required=True, type=Path)
     parser.add_argument(
-        "--pod-env", action="append", default=[],
+        "--pod-env",
+        action="append",
+        default=[],
         help="NAME=VALUE added to every container's environment (e.g. OMP_NUM_THREADS=1)",
     )
     args = parser.parse_args()
@@ -516,8 +564,12 @@ def main() -> None:
     api = config.new_client_from_config(config_file=args.kubeconfig)
     extra = dict(item.split("=", 1) for item in args.pod_env)
     kubelet = ProcessKubelet(
-        api, node_name=args.node_name, state_dir=args.state_dir, api_port=args.api_port,
-        workdir=args.workdir, extra_env=extra,
+        api,
+        node_name=args.node_name,
+        state_dir=args.state_dir,
+        api_port=args.api_port,
+        workdir=args.workdir,
+        extra_env=extra,
     )
     stop = threading.Event()
 

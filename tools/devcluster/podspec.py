@@ -76,7 +76,7 @@ def _key(source: Mapping[str, Any], kind: str, namespace: str, lookup: Lookup) -
     if source["key"] not in data:
         if optional:
             return None
-        raise ContainerConfigError(f'couldn\'t find key {source["key"]} in {kind} {source["name"]}')
+        raise ContainerConfigError(f"couldn't find key {source['key']} in {kind} {source['name']}")
     return data[source["key"]]
 
 

@@ -22,8 +22,15 @@ REGION = "us-east-1"
 
 
 def server_argv(bin_dir: Path, port: int, data_dir: Path) -> list[str]:
-    return [str(bin_dir / "versitygw"), "--port", f"127.0.0.1:{port}", "--health", "/health",
-            "posix", str(data_dir)]
+    return [
+        str(bin_dir / "versitygw"),
+        "--port",
+        f"127.0.0.1:{port}",
+        "--health",
+        "/health",
+        "posix",
+        str(data_dir),
+    ]
 
 
 def server_env(access_key: str, secret_key: str) -> dict[str, str]:
@@ -50,10 +57,13 @@ class S3Account:
     secret_key: str
     region: str = REGION
 
-    def client(self):  # noqa: ANN201 - boto3 clients have no static type
+    def client(self):
         return boto3.client(
-            "s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key, region_name=self.region,
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name=self.region,
             config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 5}),
         )
 
@@ -62,15 +72,21 @@ class S3Account:
         try:
             self.client().create_bucket(Bucket=name)
         except ClientError as e:
-            if e.response["Error"]["Code"] not in ("BucketAlreadyOwnedByYou",
-                                                   "BucketAlreadyExists"):
+            if e.response["Error"]["Code"] not in (
+                "BucketAlreadyOwnedByYou",
+                "BucketAlreadyExists",
+            ):
                 raise
         return f"s3://{name}"
 
     def env(self) -> dict[str, str]:
         """The standard AWS variables boto3 (and so the trainer) reads."""
-        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
-                "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_REGION": self.region}
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_REGION": self.region,
+        }
 
 
 @dataclass
@@ -85,13 +101,15 @@ class S3Server:
 
     def start(self, timeout: float = 30.0) -> S3Account:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.account = S3Account(f"http://127.0.0.1:{self.port}", "devcluster",
-                                 secrets.token_urlsafe(24))
+        self.account = S3Account(
+            f"http://127.0.0.1:{self.port}", "devcluster", secrets.token_urlsafe(24)
+        )
         log = (self.data_dir.parent / "s3.log").open("ab")
         self.proc = subprocess.Popen(
-            server_argv(self.bin_dir, self.port, self.data_dir), stdout=log,
-            stderr=subprocess.STDOUT, env=server_env(self.account.access_key,
-                                                     self.account.secret_key),
+            server_argv(self.bin_dir, self.port, self.data_dir),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=server_env(self.account.access_key, self.account.secret_key),
         )
         log.close()
         deadline = time.monotonic() + timeout

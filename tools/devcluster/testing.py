@@ -23,7 +23,11 @@ class WaitTimeout(AssertionError):
 
 
 def wait_for(
-    check: Callable[[], T | None], *, timeout: float, what: str, interval: float = 0.25,
+    check: Callable[[], T | None],
+    *,
+    timeout: float,
+    what: str,
+    interval: float = 0.25,
     diagnose: Callable[[], str] | None = None,
 ) -> T:
     """Poll `check` until it returns something truthy; fail with `what` (and a diagnosis)."""
@@ -56,14 +60,22 @@ class DevCluster:
         return self.cluster.s3_account()
 
     def kubectl(
-        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 120,
+        self,
+        *args: str,
+        input: str | None = None,
+        check: bool = True,
+        timeout: float = 120,
         as_user: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
         argv = [str(self.bin_dir / "kubectl"), "--kubeconfig", str(self.kubeconfig)]
         if as_user:
             argv += ["--as", as_user]
         result = subprocess.run(
-            [*argv, *args], input=input, capture_output=True, text=True, timeout=timeout,
+            [*argv, *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
             check=False,
         )
         if check and result.returncode != 0:
@@ -76,16 +88,27 @@ class DevCluster:
         return config.new_client_from_config(config_file=str(self.kubeconfig))
 
     def apply_crds(self) -> None:
-        self.kubectl("apply", "--server-side", "--force-conflicts",
-                     "-f", str(REPO_ROOT / "crds"))
-        self.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                     "crd/federatedfinetunes.fedtune.dev")
+        self.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO_ROOT / "crds"))
+        self.kubectl(
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/federatedfinetunes.fedtune.dev",
+        )
 
-    def logs(self, lines: int = 60) -> str:
-        """Every component's and pod's log tail, for a failure message."""
-        parts = [f"==> {c} <==\n{self.cluster.log_tail(c, lines)}"
-                 for c in ("kube-controller-manager", "kubelet")]
-        for f in sorted((self.cluster.log_dir / "pods").glob("*.log"))[-8:]:
+    def logs(self, lines: int = 40) -> str:
+        """The controller manager's and kubelet's warnings and every recent pod log, for a
+        failure message (informational lines of the control plane would drown them)."""
+        parts = []
+        for c in ("kube-controller-manager", "kubelet"):
+            tail = self.cluster.log_tail(c, 2000).splitlines()
+            noisy = ("extension-apiserver-authentication", "Caches are synced")
+            wanted = [ln for ln in tail if ln[:1] in "EW" or " WARNING " in ln or " ERROR " in ln]
+            wanted = [ln for ln in wanted if not any(n in ln for n in noisy)]
+            parts.append(f"==> {c} (warnings and errors) <==\n" + "\n".join(wanted[-lines:]))
+        for f in sorted(
+            (self.cluster.log_dir / "pods").glob("*.log"), key=lambda p: p.stat().st_mtime
+        )[-6:]:
             tail = "\n".join(f.read_text(errors="replace").splitlines()[-lines:])
             parts.append(f"==> pod {f.stem} <==\n{tail}")
         return "\n".join(parts)
