@@ -56,7 +56,7 @@ class Model(BaseModel):
 class AdapterSpec(Model):
     """A LoRA adapter. `type` leaves room for other PEFT methods later."""
 
-    type: Literal["lora"] = "lora"
+    type: Literal["lora"] = Field("lora", description="The PEFT method; only lora for now.")
     r: int = Field(8, ge=1, le=512, description="LoRA rank.")
     alpha: float = Field(16.0, gt=0, le=4096, description="LoRA scaling numerator (alpha / r).")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
@@ -85,18 +85,28 @@ class TrainingSpec(Model):
     local_epochs: float | None = Field(
         None, gt=0, le=1000, description="Epochs over the client's data per round; wins over localSteps."
     )
-    batch_size: int = Field(4, ge=1, le=4096)
-    gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
-    learning_rate: float = Field(2e-4, gt=0, le=1)
-    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_steps: int = Field(0, ge=0, le=1_000_000)
-    weight_decay: float = Field(0.0, ge=0, le=1)
-    max_grad_norm: float = Field(1.0, gt=0, le=1e6)
-    max_seq_length: int = Field(512, ge=8, le=131072)
+    batch_size: int = Field(4, ge=1, le=4096, description="Examples per micro-batch.")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, le=1024, description="Micro-batches per optimizer step."
+    )
+    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate of AdamW.")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="Learning-rate schedule over a round's steps, after warmup."
+    )
+    warmup_steps: int = Field(
+        0, ge=0, le=1_000_000, description="Linear warmup steps at the start of each round."
+    )
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
+    max_grad_norm: float = Field(
+        1.0, gt=0, le=1e6, description="Gradients are clipped to this global L2 norm."
+    )
+    max_seq_length: int = Field(
+        512, ge=8, le=131072, description="Tokens per example; longer ones are truncated."
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on a GPU that supports it, fp32 on the CPU."
     )
-    seed: int = Field(0, ge=0, le=2**31 - 1)
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of data order and dropout.")
 
 
 class DataSpec(Model):
@@ -107,10 +117,14 @@ class DataSpec(Model):
         description="text: {'text'}; alpaca: {'instruction','input','output'}; "
         "chat: {'messages': [{'role','content'}]} rendered with the tokenizer's chat template.",
     )
-    max_samples: int | None = Field(None, ge=1, le=100_000_000)
+    max_samples: int | None = Field(
+        None, ge=1, le=100_000_000, description="Read at most this many records per client."
+    )
 
 
 class QuantizationSpec(Model):
+    """Blockwise quantization of the delta, one scale per block."""
+
     bits: Literal[0, 4, 8] = Field(0, description="0 turns quantization off.")
     block_size: int = Field(64, ge=8, le=65536, description="Values per block, one scale each.")
 
@@ -126,8 +140,10 @@ class DeltaSpec(Model):
         True, description="Carry what top-k and quantization dropped into the next round."
     )
     quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
-    compression: Literal["zstd", "none"] = "zstd"
-    compression_level: int = Field(3, ge=1, le=22)
+    compression: Literal["zstd", "none"] = Field(
+        "zstd", description="Lossless compression of the encoded file."
+    )
+    compression_level: int = Field(3, ge=1, le=22, description="zstd level: 1 fast, 22 small.")
 
     @property
     def lossless(self) -> bool:
@@ -138,8 +154,14 @@ Algorithm = Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "median", "trimme
 
 
 class AggregationSpec(Model):
-    algorithm: Algorithm = "fedavg"
-    server_learning_rate: float = Field(1.0, gt=0, le=100)
+    algorithm: Algorithm = Field(
+        "fedavg",
+        description="fedavg (sample-weighted mean), fedavgm (with server momentum), fedadam and "
+        "fedyogi (adaptive server optimizers), median (coordinate-wise), trimmedMean.",
+    )
+    server_learning_rate: float = Field(
+        1.0, gt=0, le=100, description="Step size of the server update of the global adapter."
+    )
     server_momentum: float = Field(0.9, ge=0, lt=1, description="FedAvgM momentum.")
     beta1: float = Field(0.9, ge=0, lt=1, description="FedAdam/FedYogi first-moment decay.")
     beta2: float = Field(0.99, ge=0, lt=1, description="FedAdam/FedYogi second-moment decay.")
@@ -148,13 +170,21 @@ class AggregationSpec(Model):
     min_clients: int | None = Field(
         None, ge=1, le=1000, description="Quorum per round; defaults to every selected client."
     )
-    clients_per_round: int | None = Field(None, ge=1, le=1000)
-    client_fraction: float | None = Field(None, gt=0, le=1)
-    sampling_seed: int = Field(0, ge=0, le=2**31 - 1)
+    clients_per_round: int | None = Field(
+        None, ge=1, le=1000, description="Clients sampled per round; defaults to all."
+    )
+    client_fraction: float | None = Field(
+        None, gt=0, le=1, description="Fraction of the clients sampled per round, rounded up."
+    )
+    sampling_seed: int = Field(
+        0, ge=0, le=2**31 - 1, description="Seed of the per-round client sampling."
+    )
     round_timeout_seconds: int | None = Field(
         None, ge=1, le=7 * 24 * 3600, description="After this, aggregate if the quorum holds."
     )
-    max_round_retries: int = Field(2, ge=0, le=100)
+    max_round_retries: int = Field(
+        2, ge=0, le=100, description="Retries of a round that misses its quorum; then it fails."
+    )
     max_delta_norm: float | None = Field(
         None, gt=0, description="Reject (not clip) any delta whose L2 norm exceeds this."
     )
@@ -169,8 +199,12 @@ class AggregationSpec(Model):
 class PrivacySpec(Model):
     """Client-level differential privacy: clip each delta's norm, add Gaussian noise to the sum."""
 
-    clip_norm: float | None = Field(None, gt=0, le=1e6)
-    noise_multiplier: float = Field(0.0, ge=0, le=100)
+    clip_norm: float | None = Field(
+        None, gt=0, le=1e6, description="Each delta is clipped to this L2 norm."
+    )
+    noise_multiplier: float = Field(
+        0.0, ge=0, le=100, description="Noise std in units of clipNorm / clients; 0 adds none."
+    )
 
     @model_validator(mode="after")
     def _noise_needs_clip(self) -> PrivacySpec:
@@ -180,9 +214,13 @@ class PrivacySpec(Model):
 
 
 class EvaluationSpec(Model):
-    data_uri: Uri | None = None
-    every_rounds: int = Field(1, ge=1, le=100_000)
-    max_samples: int | None = Field(256, ge=1, le=1_000_000)
+    data_uri: Uri | None = Field(None, description="Held-out jsonl the aggregator evaluates.")
+    every_rounds: int = Field(
+        1, ge=1, le=100_000, description="Evaluate every this many rounds, and after the last."
+    )
+    max_samples: int | None = Field(
+        256, ge=1, le=1_000_000, description="Evaluate at most this many records."
+    )
 
 
 class StorageLocation(Model):
@@ -190,8 +228,10 @@ class StorageLocation(Model):
 
     uri: Uri = Field(description="s3://bucket/prefix or file:///path; the run's root.")
     endpoint: Uri | None = Field(None, description="S3 endpoint override (MinIO, versitygw, ...).")
-    region: str | None = Field(None, max_length=64)
-    force_path_style: bool = True
+    region: str | None = Field(None, max_length=64, description="S3 region, if it needs one.")
+    force_path_style: bool = Field(
+        True, description="Address buckets as <endpoint>/<bucket> (MinIO and most self-hosted S3)."
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,18 +302,26 @@ class AggregateTask(_TaskBase):
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
 
-Task = Annotated[ClientTask | AggregateTask, Field(discriminator="kind")]
+class CleanupTask(Model):
+    """Delete everything under the run's storage root (storage.cleanupPolicy: Delete)."""
+
+    kind: Literal["cleanup"] = "cleanup"
+    run: ShortStr
+    storage: StorageLocation
+
+
+Task = Annotated[ClientTask | AggregateTask | CleanupTask, Field(discriminator="kind")]
 
 
 class _TaskDoc(BaseModel):
     task: Task
 
 
-def parse_task(text: str) -> ClientTask | AggregateTask:
+def parse_task(text: str) -> ClientTask | AggregateTask | CleanupTask:
     return _TaskDoc.model_validate({"task": json.loads(text)}).task
 
 
-def load_task(environ: dict[str, str] | None = None) -> ClientTask | AggregateTask:
+def load_task(environ: dict[str, str] | None = None) -> ClientTask | AggregateTask | CleanupTask:
     """Read the task from the mounted file or the environment variable, in that order."""
     env = os.environ if environ is None else environ
     if path := env.get(TASK_FILE_ENV):

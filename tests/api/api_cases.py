@@ -1,0 +1,244 @@
+"""Manifests shared by the model tests and the API-server tests.
+
+One table of invalid manifests serves both, so the operator's own validation (`parse_spec` and
+`validate_spec`) and the CRD are held to the same verdict on each.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "examples"
+EXAMPLE_NAMES = ("minimal", "full", "demo")
+
+
+def example(name: str) -> dict[str, Any]:
+    """A fresh copy of examples/<name>.yaml."""
+    return yaml.safe_load((EXAMPLES / f"{name}.yaml").read_text())
+
+
+def base() -> dict[str, Any]:
+    """A valid manifest with two clients, the starting point of every invalid case."""
+    return example("minimal")
+
+
+def deep_merge(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            deep_merge(target[key], value)
+        else:
+            target[key] = copy.deepcopy(value)
+    return target
+
+
+@dataclass(frozen=True)
+class Invalid:
+    """An invalid manifest: `field` is what the API server's message must name; `model_field`
+    what the first words of one of the operator's messages must be (when they differ)."""
+
+    id: str
+    change: dict[str, Any] | Callable[[dict[str, Any]], None]
+    field: str
+    model_field: str | None = None
+
+    def manifest(self) -> dict[str, Any]:
+        body = base()
+        if callable(self.change):
+            self.change(body)
+        else:
+            deep_merge(body, self.change)
+        return body
+
+    @property
+    def model_path(self) -> str:
+        return self.model_field or self.field
+
+
+def _spec(**patch: Any) -> dict[str, Any]:
+    return {"spec": patch}
+
+
+def _client(index: int, **patch: Any) -> Callable[[dict[str, Any]], None]:
+    def change(body: dict[str, Any]) -> None:
+        body["spec"]["clients"][index].update(patch)
+
+    return change
+
+
+def _duplicate_client(body: dict[str, Any]) -> None:
+    body["spec"]["clients"][1]["name"] = body["spec"]["clients"][0]["name"]
+
+
+def _no_base_model(body: dict[str, Any]) -> None:
+    del body["spec"]["baseModel"]
+
+
+def _rename(name: str) -> Callable[[dict[str, Any]], None]:
+    def change(body: dict[str, Any]) -> None:
+        body["metadata"]["name"] = name
+
+    return change
+
+
+INVALID: tuple[Invalid, ...] = (
+    Invalid("rounds-wrong-type", _spec(rounds="ten"), "spec.rounds"),
+    Invalid("rounds-zero", _spec(rounds=0), "spec.rounds"),
+    Invalid("top-k-zero", _spec(delta={"topK": 0}), "spec.delta.topK"),
+    Invalid("top-k-above-one", _spec(delta={"topK": 1.5}), "spec.delta.topK"),
+    Invalid("lora-rank-too-big", _spec(adapter={"r": 1024}), "spec.adapter.r"),
+    Invalid(
+        "quantization-bits",
+        _spec(delta={"quantization": {"bits": 3}}),
+        "spec.delta.quantization.bits",
+    ),
+    Invalid(
+        "unknown-algorithm",
+        _spec(aggregation={"algorithm": "fedprox"}),
+        "spec.aggregation.algorithm",
+    ),
+    Invalid(
+        "learning-rate-negative",
+        _spec(training={"learningRate": -0.1}),
+        "spec.training.learningRate",
+    ),
+    Invalid("no-clients", _spec(clients=[]), "spec.clients"),
+    Invalid(
+        "duplicate-client-names",
+        _duplicate_client,
+        "spec.clients[1]",
+        model_field="spec.clients[1].name",
+    ),
+    Invalid("client-name-not-dns", _client(0, name="Hospital_A"), "spec.clients[0].name"),
+    Invalid("client-name-too-long", _client(0, name="h" * 41), "spec.clients[0].name"),
+    Invalid("client-name-with-slash", _client(0, name="a/b"), "spec.clients[0].name"),
+    Invalid("client-weight-zero", _client(0, weight=0), "spec.clients[0].weight"),
+    Invalid(
+        "data-uri-http",
+        _client(0, dataUri="https://example.com/a.jsonl"),
+        "spec.clients[0].dataUri",
+    ),
+    Invalid(
+        "gpu-quantity-not-a-quantity",
+        _client(0, resources={"limits": {"nvidia.com/gpu": "lots"}}),
+        "spec.clients[0].resources.limits",
+        model_field="spec.clients[0].resources.limits[nvidia.com/gpu]",
+    ),
+    Invalid("run-name-with-dot", _rename("run.v1"), "metadata.name"),
+    Invalid("run-name-too-long", _rename("r" * 64), "metadata.name"),
+    Invalid(
+        "storage-dot-dot",
+        _spec(storage={"uri": "s3://my-fedtune-bucket/runs/../x"}),
+        "spec.storage.uri",
+    ),
+    Invalid(
+        "storage-bad-bucket", _spec(storage={"uri": "s3://My_Bucket/runs"}), "spec.storage.uri"
+    ),
+    Invalid(
+        "storage-endpoint-on-file",
+        _spec(storage={"uri": "file:///var/fedtune/runs", "endpoint": "http://minio:9000"}),
+        "spec.storage.endpoint",
+    ),
+    Invalid(
+        "storage-cleanup-policy",
+        _spec(storage={"cleanupPolicy": "Sometimes"}),
+        "spec.storage.cleanupPolicy",
+    ),
+    Invalid(
+        "quorum-above-client-count",
+        _spec(aggregation={"minClients": 3}),
+        "spec.aggregation.minClients",
+    ),
+    Invalid(
+        "quorum-above-clients-per-round",
+        _spec(aggregation={"minClients": 2, "clientsPerRound": 1}),
+        "spec.aggregation.minClients",
+    ),
+    Invalid(
+        "quorum-above-client-fraction",
+        _spec(aggregation={"minClients": 2, "clientFraction": 0.5}),
+        "spec.aggregation.minClients",
+    ),
+    Invalid(
+        "clients-per-round-above-client-count",
+        _spec(aggregation={"clientsPerRound": 5}),
+        "spec.aggregation.clientsPerRound",
+    ),
+    Invalid(
+        "clients-per-round-and-fraction",
+        _spec(aggregation={"clientsPerRound": 1, "clientFraction": 0.5}),
+        "spec.aggregation",
+    ),
+    Invalid(
+        "noise-without-clip-norm",
+        _spec(privacy={"noiseMultiplier": 1.0}),
+        "spec.privacy.clipNorm",
+        model_field="spec.privacy",
+    ),
+    Invalid(
+        "reserved-env-name",
+        _spec(template={"env": [{"name": "FEDTUNE_TASK", "value": "x"}]}),
+        "spec.template.env",
+        model_field="spec.template.env[0].name",
+    ),
+    Invalid(
+        "env-value-and-value-from",
+        _spec(
+            template={
+                "env": [
+                    {
+                        "name": "A",
+                        "value": "x",
+                        "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+                    }
+                ]
+            }
+        ),
+        "spec.template.env[0].valueFrom",
+    ),
+    Invalid(
+        "reserved-label",
+        _spec(template={"labels": {"fedtune.dev/run": "other"}}),
+        "spec.template.labels",
+        model_field="spec.template.labels[fedtune.dev/run]",
+    ),
+    Invalid(
+        "image-pull-policy",
+        _spec(template={"imagePullPolicy": "Sometimes"}),
+        "spec.template.imagePullPolicy",
+    ),
+    Invalid("backoff-limit-negative", _spec(backoffLimit=-1), "spec.backoffLimit"),
+    Invalid("missing-base-model", _no_base_model, "spec.baseModel"),
+    Invalid("base-model-bad-uri", _spec(baseModel="ftp://models/x"), "spec.baseModel"),
+    Invalid("unknown-field", _spec(learningRate=0.1), "spec.learningRate"),
+)
+
+
+def _clients(n: int, **aggregation: Any) -> Callable[[dict[str, Any]], None]:
+    def change(body: dict[str, Any]) -> None:
+        body["spec"]["clients"] = [
+            {"name": f"client-{i}", "dataUri": f"s3://fl-data/client-{i}.jsonl"} for i in range(n)
+        ]
+        body["spec"]["aggregation"] = aggregation
+
+    return change
+
+
+VALID_EDGES: tuple[Invalid, ...] = (
+    Invalid("quorum-equals-client-count", _clients(3, minClients=3), ""),
+    Invalid("quorum-equals-clients-per-round", _clients(5, minClients=2, clientsPerRound=2), ""),
+    Invalid("quorum-equals-fraction-rounded-up", _clients(3, minClients=2, clientFraction=0.5), ""),
+    Invalid("fraction-float-error", _clients(30, minClients=3, clientFraction=0.1), ""),
+    Invalid("quorum-one-with-tiny-fraction", _clients(3, minClients=1, clientFraction=0.01), ""),
+    Invalid("clients-per-round-equals-count", _clients(4, clientsPerRound=4), ""),
+    Invalid("forty-character-client-name", _client(0, name="c" * 40), ""),
+    Invalid("sixty-three-character-run-name", _rename("r" * 63), ""),
+    Invalid("noise-with-clip-norm", _spec(privacy={"noiseMultiplier": 1.0, "clipNorm": 0.5}), ""),
+)
+"""Valid manifests at the edge of a rule (reusing the case shape, with no field to name)."""
