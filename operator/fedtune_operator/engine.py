@@ -1,0 +1,534 @@
+"""The round state machine, as a pure function.
+
+    decide(run, status, jobs, now) -> Decision(actions, status, events)
+
+`run` is the validated spec plus the object's identity, `status` what the operator last wrote,
+`jobs` the child Jobs it observes now (with their termination summaries), `now` the clock.
+Nothing here does I/O or reads a clock, so every rule is unit- and property-tested without a
+cluster, and the reconcile is level-triggered: whatever woke the operator, it observes, decides
+and acts again.
+
+Memory lives in the status, never in the process: which round, which attempt, which clients were
+selected, and what each client reported. A client's result is copied into the status the first time
+it is seen, so a Job that disappears later (TTL, manual deletion) is never started again; a Job that
+should exist and does not is created, and "already exists" counts as success.
+
+Round 0 is the initialisation round: its only Job is the aggregator, which writes the initial
+adapter. Rounds 1..N each run the selected clients, then the aggregator. A round whose clients or
+aggregator cannot reach the quorum is retried (same round, next attempt, after the old Jobs are
+gone) up to `maxRoundRetries`, then the run fails.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Literal
+
+from fedtune_operator.api import (
+    ClientStatus,
+    FederatedFineTuneSpec,
+    FederatedFineTuneStatus,
+    RoundRecord,
+    communication_totals,
+    progress,
+    quorum,
+    record_round,
+    select_clients,
+    set_client_status,
+    set_condition,
+    set_outcome,
+)
+from fedtune_trainer.task import AggregateSummary, ClientSummary
+
+Role = Literal["client", "aggregator"]
+JobState = Literal["active", "succeeded", "failed"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Run:
+    """The object being reconciled: identity plus the validated spec."""
+
+    name: str
+    namespace: str
+    uid: str
+    generation: int
+    spec: FederatedFineTuneSpec
+
+
+@dataclass(frozen=True)
+class ObservedJob:
+    """A child Job as the engine needs to see it (built from labels, conditions and the pod)."""
+
+    name: str
+    role: Role
+    round: int
+    attempt: int
+    client: str | None
+    state: JobState
+    suspended: bool = False
+    deleting: bool = False
+    summary: ClientSummary | AggregateSummary | None = None
+    message: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CreateClientJob:
+    round: int
+    attempt: int
+    client: str
+
+
+@dataclass(frozen=True)
+class CreateAggregateJob:
+    round: int
+    attempt: int
+    clients: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DeleteJob:
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class SuspendJob:
+    name: str
+    suspend: bool
+
+
+@dataclass(frozen=True)
+class DeleteRun:
+    """ttlSecondsAfterFinished has passed."""
+
+
+Action = CreateClientJob | CreateAggregateJob | DeleteJob | SuspendJob | DeleteRun
+
+
+@dataclass(frozen=True)
+class Event:
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+@dataclass
+class Decision:
+    status: FederatedFineTuneStatus
+    actions: list[Action] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------------------------------------
+# The state machine
+# ---------------------------------------------------------------------------------------------
+
+
+Reason3 = tuple[str, str, str]  # (condition type of the outcome, reason, message)
+
+
+class _Step:
+    """One decision in the making: the status so far (models are immutable, so every change
+    replaces it), plus the actions and events it implies."""
+
+    def __init__(self, run: Run, status: FederatedFineTuneStatus, now: dt.datetime) -> None:
+        self.run = run
+        self.spec = run.spec
+        self.now = now
+        self.status = status
+        self.actions: list[Action] = []
+        self.events: list[Event] = []
+
+    def set(self, **changes: object) -> None:
+        self.status = self.status.model_copy(update=changes)
+
+    def outcome(self, outcome: str, reason: str, message: str) -> None:
+        """Progressing/Succeeded/Failed flip together; Suspended is set apart."""
+        conditions = set_outcome(
+            self.status.conditions, outcome, reason, message, self.now, self.run.generation
+        )  # type: ignore[arg-type]
+        self.set(conditions=conditions)
+
+    def condition(self, type_: str, on: bool, reason: str, message: str) -> None:
+        conditions = set_condition(
+            self.status.conditions,
+            type_,
+            "True" if on else "False",
+            reason,
+            message,
+            self.now,
+            self.run.generation,
+        )
+        self.set(conditions=conditions)
+
+    def event(self, reason: str, message: str, warning: bool = False) -> None:
+        self.events.append(Event("Warning" if warning else "Normal", reason, message[:250]))
+
+    # -- clients ---------------------------------------------------------------------------------
+
+    def client(self, name: str) -> ClientStatus:
+        return next((c for c in self.status.clients if c.name == name), ClientStatus(name=name))
+
+    def put_client(self, name: str, **changes: object) -> None:
+        entry = self.client(name).model_copy(update=changes)
+        self.set(clients=set_client_status(self.status.clients, entry))
+
+    def finished(self, name: str, round_: int) -> str | None:
+        """ "Succeeded"/"Failed" once the client's result for this round is recorded."""
+        c = self.client(name)
+        if c.last_round == round_ and c.phase in ("Succeeded", "Failed"):
+            return c.phase
+        return None
+
+    def progress_strings(self) -> None:
+        s = self.status
+        r = s.current_round or 0
+        done = [n for n in s.selected_clients if self.finished(n, r) == "Succeeded"]
+        self.set(
+            round_progress=progress(r, self.spec.rounds),
+            client_progress=progress(len(done), len(s.selected_clients)) if r else None,
+        )
+
+    # -- transitions -----------------------------------------------------------------------------
+
+    def start_round(self, round_: int) -> None:
+        selected = select_clients(self.spec, round_) if round_ > 0 else []
+        self.set(
+            current_round=round_,
+            round_attempt=0,
+            round_started_at=self.now,
+            aggregating_clients=[],
+            selected_clients=selected,
+            phase="Running",
+        )
+        for name in selected:
+            self.put_client(name, phase="Pending", message=None)
+        if round_ == 0:
+            self.event("Initializing", "writing the initial adapter (round 0)")
+        else:
+            self.event(
+                "RoundStarted", f"round {round_}/{self.spec.rounds}: {len(selected)} clients"
+            )
+        self.outcome("Progressing", "RoundStarted", f"round {round_} started")
+        self.create_missing([])
+
+    def create_missing(self, jobs: list[ObservedJob]) -> None:
+        """Create the current attempt's Jobs that do not exist yet, once older ones are gone."""
+        s = self.status
+        r, a = s.current_round or 0, s.round_attempt or 0
+        blocking = {(j.role, j.client) for j in jobs if j.round == r and j.attempt != a}
+        present = {(j.role, j.client) for j in jobs if j.round == r and j.attempt == a}
+        if s.aggregating_clients or r == 0:
+            if ("aggregator", None) not in present | blocking:
+                self.actions.append(CreateAggregateJob(r, a, tuple(s.aggregating_clients)))
+            return
+        for name in s.selected_clients:
+            if self.finished(name, r) is None and ("client", name) not in present | blocking:
+                self.actions.append(CreateClientJob(r, a, name))
+
+    def round_failed(self, reason: str, message: str, jobs: list[ObservedJob]) -> None:
+        s = self.status
+        r, a = s.current_round or 0, s.round_attempt or 0
+        for j in jobs:
+            if j.round == r and not j.deleting and j.state == "active":
+                self.actions.append(DeleteJob(j.name, "round failed"))
+        if a < self.spec.aggregation.max_round_retries:
+            for j in jobs:
+                if j.round == r and not j.deleting and j.state != "active":
+                    self.actions.append(DeleteJob(j.name, "round retried"))
+            self.set(
+                round_attempt=a + 1,
+                round_started_at=self.now,
+                aggregating_clients=[],
+                phase="Running",
+            )
+            for name in s.selected_clients:
+                self.put_client(name, phase="Pending")
+            self.event("RoundRetried", f"attempt {a + 2}: {message}", warning=True)
+            self.outcome("Progressing", "RoundRetried", message)
+            self.create_missing(jobs)  # at once, unless the old attempt's Jobs still exist
+            return
+        self.finish_failed(reason, message)
+
+    def finish_failed(self, reason: str, message: str) -> None:
+        self.set(phase="Failed", completion_time=self.now)
+        self.outcome("Failed", reason, message)
+        self.event("RunFailed", message, warning=True)
+
+    def record_clients(self, jobs: list[ObservedJob]) -> None:
+        """Copy each finished client's result into the status, once."""
+        s = self.status
+        r, a = s.current_round or 0, s.round_attempt or 0
+        for j in jobs:
+            if j.role != "client" or j.round != r or j.attempt != a or j.client is None:
+                continue
+            if self.finished(j.client, r) is not None:
+                continue
+            if j.state == "active":
+                if self.client(j.client).phase == "Pending":
+                    self.put_client(j.client, phase="Running", last_round=r)
+                continue
+            if j.state == "succeeded" and isinstance(j.summary, ClientSummary):
+                summary = j.summary
+                self.put_client(
+                    j.client,
+                    phase="Succeeded",
+                    last_round=r,
+                    samples=summary.samples,
+                    last_loss=summary.train_loss,
+                    bytes_sent=self.client(j.client).bytes_sent + summary.bytes_sent,
+                    message=None,
+                )
+                comm = s.communication
+                sent = (comm.bytes_sent if comm else 0) + summary.bytes_sent
+                full = (comm.full_model_equivalent_bytes if comm else 0) + summary.full_model_bytes
+                self.set(communication=communication_totals(sent, full))
+                s = self.status
+                continue
+            why = j.message or "the Job failed"
+            if j.state == "succeeded":
+                why = "finished without a readable summary"
+            self.put_client(j.client, phase="Failed", last_round=r, message=why[:1000])
+            self.event("ClientFailed", f"round {r}: client {j.client}: {why}", warning=True)
+            s = self.status
+
+    def advance(self, summary: AggregateSummary) -> None:
+        s = self.status
+        r = s.current_round or 0
+        self.set(
+            global_adapter_uri=summary.global_uri, report_uri=summary.report_uri or s.report_uri
+        )
+        if r > 0:
+            for rejection in summary.rejected:
+                self.put_client(rejection.client, phase="Rejected", message=rejection.reason[:1000])
+                self.event(
+                    "DeltaRejected",
+                    f"round {r}: {rejection.client}: {rejection.reason}",
+                    warning=True,
+                )
+            record = RoundRecord(
+                round=r,
+                attempt=s.round_attempt or 0,
+                started_at=s.round_started_at,
+                completed_at=self.now,
+                clients_succeeded=len(summary.accepted),
+                clients_failed=sum(
+                    1 for n in s.selected_clients if self.finished(n, r) == "Failed"
+                ),
+                rejected=len(summary.rejected),
+                train_loss=summary.train_loss,
+                eval_loss=summary.eval_loss,
+                bytes_received=summary.bytes_received,
+            )
+            self.set(
+                history=record_round(s.history, record),
+                last_train_loss=record.train_loss
+                if record.train_loss is not None
+                else s.last_train_loss,
+                last_eval_loss=record.eval_loss
+                if record.eval_loss is not None
+                else s.last_eval_loss,
+            )
+            loss = f", eval loss {summary.eval_loss:.4f}" if summary.eval_loss is not None else ""
+            self.event(
+                "RoundAggregated",
+                f"round {r}/{self.spec.rounds}: merged "
+                f"{len(summary.accepted)} deltas ({human_bytes(summary.bytes_received)})"
+                f"{loss}",
+            )
+        if r >= self.spec.rounds:
+            final = summary.final_uri or summary.global_uri
+            self.set(
+                phase="Succeeded",
+                final_adapter_uri=final,
+                completion_time=self.now,
+                aggregating_clients=[],
+            )
+            self.outcome("Succeeded", "Completed", f"{self.spec.rounds} rounds aggregated")
+            self.event("RunSucceeded", f"{self.spec.rounds} rounds done; adapter at {final}")
+            return
+        self.start_round(r + 1)
+
+
+def invalid_spec(
+    status: FederatedFineTuneStatus, problems: list[str], generation: int, now: dt.datetime
+) -> Decision:
+    """A spec the schema let through but the operator cannot run: fail once, loudly, no Jobs."""
+    now = now.replace(microsecond=0)
+    message = "; ".join(problems)[:1000]
+    conditions = set_outcome(status.conditions, "Failed", "InvalidSpec", message, now, generation)
+    conditions = set_condition(
+        conditions, "Suspended", "False", "NotSuspended", "", now, generation
+    )
+    new = status.model_copy(
+        update={
+            "observed_generation": generation,
+            "phase": "Failed",
+            "conditions": conditions,
+            "completion_time": status.completion_time or now,
+        }
+    )
+    already = status.phase == "Failed" and any(
+        c.type == "Failed" and c.reason == "InvalidSpec" and c.message == message
+        for c in status.conditions
+    )
+    events = [] if already else [Event("Warning", "InvalidSpec", message[:250])]
+    return Decision(new, [], events)
+
+
+def decide(
+    run: Run, status: FederatedFineTuneStatus, jobs: list[ObservedJob], now: dt.datetime
+) -> Decision:
+    step = _Step(run, status, now.replace(microsecond=0))
+    step.set(observed_generation=run.generation)
+    s = step.status
+
+    if s.phase in ("Succeeded", "Failed"):
+        for j in jobs:
+            if j.state == "active" and not j.deleting:
+                step.actions.append(DeleteJob(j.name, "run finished"))
+        ttl = run.spec.ttl_seconds_after_finished
+        if (
+            ttl is not None
+            and s.completion_time is not None
+            and step.now >= s.completion_time + dt.timedelta(seconds=ttl)
+        ):
+            step.actions.append(DeleteRun())
+        return Decision(step.status, step.actions, step.events)
+
+    if s.start_time is None:
+        step.set(start_time=step.now, phase="Pending")
+        step.condition("Suspended", False, "NotSuspended", "")
+
+    # Superseded Jobs: rounds behind us, or an older attempt of this round.
+    r, a = s.current_round, s.round_attempt or 0
+    for j in jobs:
+        stale = r is not None and (j.round < r or (j.round == r and j.attempt != a))
+        if stale and j.state == "active" and not j.deleting:
+            step.actions.append(DeleteJob(j.name, "superseded"))
+
+    if run.spec.suspend:
+        for j in jobs:
+            if j.state == "active" and not j.suspended and not j.deleting:
+                step.actions.append(SuspendJob(j.name, True))
+        if s.phase != "Suspended":
+            step.event("Suspended", "spec.suspend is true: Jobs suspended, no new ones")
+            step.set(phase="Suspended")
+            # Not succeeded, not failed, and not progressing either while suspended.
+            step.outcome("Progressing", "Suspended", "the run is suspended")
+            step.condition("Progressing", False, "Suspended", "the run is suspended")
+            step.condition("Suspended", True, "Suspended", "spec.suspend is true")
+        step.progress_strings()
+        return Decision(step.status, step.actions, step.events)
+
+    if s.phase == "Suspended":
+        for j in jobs:
+            if j.suspended and j.state == "active":
+                step.actions.append(SuspendJob(j.name, False))
+        step.event("Resumed", f"resuming round {s.current_round or 0}")
+        # A suspended round's timeout starts again.
+        step.set(
+            phase="Aggregating" if s.aggregating_clients else "Running", round_started_at=step.now
+        )
+        step.condition("Suspended", False, "Resumed", "spec.suspend is false")
+        step.outcome("Progressing", "Resumed", "the run was resumed")
+
+    if step.status.current_round is None:
+        step.start_round(0)
+    else:
+        _reconcile_round(step, jobs)
+    step.progress_strings()
+    return Decision(step.status, step.actions, step.events)
+
+
+def _reconcile_round(step: _Step, jobs: list[ObservedJob]) -> None:
+    s = step.status
+    r, a = s.current_round or 0, s.round_attempt or 0
+    current = [j for j in jobs if j.round == r and j.attempt == a]
+    aggregator = next((j for j in current if j.role == "aggregator"), None)
+
+    if aggregator is not None and aggregator.state == "succeeded":
+        if isinstance(aggregator.summary, AggregateSummary):
+            step.advance(aggregator.summary)
+        else:
+            step.round_failed(
+                "AggregationFailed",
+                f"round {r}: the aggregator finished without a readable summary",
+                jobs,
+            )
+        return
+    if aggregator is not None and aggregator.state == "failed":
+        why = aggregator.message or "the aggregator Job failed"
+        step.round_failed("AggregationFailed", f"round {r}: {why}", jobs)
+        return
+    if aggregator is not None or s.aggregating_clients or r == 0:
+        step.set(phase="Aggregating" if r > 0 else "Running")
+        step.create_missing(jobs)
+        return
+
+    step.record_clients(jobs)
+    s = step.status
+    selected = s.selected_clients
+    done = [n for n in selected if step.finished(n, r) == "Succeeded"]
+    failed = [n for n in selected if step.finished(n, r) == "Failed"]
+    pending = [n for n in selected if n not in done and n not in failed]
+    need = quorum(step.spec)
+    timeout = step.spec.aggregation.round_timeout_seconds
+    timed_out = (
+        timeout is not None
+        and s.round_started_at is not None
+        and step.now >= s.round_started_at + dt.timedelta(seconds=timeout)
+    )
+
+    if len(done) + len(pending) < need:
+        step.round_failed(
+            "QuorumNotReached",
+            f"round {r}: {len(failed)} of {len(selected)} "
+            f"clients failed, quorum {need} is out of reach",
+            jobs,
+        )
+        return
+    if pending and not (timed_out and len(done) >= need):
+        if timed_out:
+            step.round_failed(
+                "RoundTimedOut",
+                f"round {r}: timed out after {timeout}s with "
+                f"{len(done)} of the {need} clients needed",
+                jobs,
+            )
+            return
+        step.set(phase="Running")
+        step.create_missing(jobs)
+        return
+
+    # The quorum is in: every client finished, or the timeout passed with enough of them.
+    for j in current:
+        if j.role == "client" and j.state == "active" and not j.deleting:
+            step.actions.append(DeleteJob(j.name, "round timed out; aggregating without it"))
+    step.set(aggregating_clients=done, phase="Aggregating")
+    step.event("Aggregating", f"round {r}: aggregating {len(done)} of {len(selected)} clients")
+    step.create_missing(jobs)

@@ -1,0 +1,273 @@
+"""The kopf shell: observe, decide (engine.decide), act; nothing else.
+
+Each FederatedFineTune gets one kopf daemon, a loop that reconciles the run whenever something about
+it changes (its own events and its Jobs' events poke the loop) and at least every RESYNC_SECONDS
+(which is what makes round timeouts fire). One loop per run serialises its reconciles without
+locks, and it holds no memory: a restarted operator resumes every run from its status and Jobs.
+
+The order of a reconcile is fixed: write the status (guarded by resourceVersion; on a conflict,
+re-read and decide again), then create or delete Jobs, then post events. A status that says round r
+therefore always exists before round r's Jobs, and an event never announces what was not recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+from typing import Any
+
+import kopf
+from prometheus_client import start_http_server
+
+from fedtune_operator import engine, manifests, metrics
+from fedtune_operator.api import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    FederatedFineTuneSpec,
+    FederatedFineTuneStatus,
+    SpecError,
+    parse_spec,
+    parse_status,
+    validate_spec,
+)
+from fedtune_operator.kube import Conflict, Kube
+from fedtune_operator.observe import observe_jobs
+
+log = logging.getLogger("fedtune.operator")
+
+RESYNC_SECONDS = float(os.environ.get("FEDTUNE_RESYNC_SECONDS", "15"))
+METRICS_PORT_ENV = "FEDTUNE_METRICS_PORT"
+ANNOTATION_PREFIX = "fedtune.dev"
+FINALIZER = "fedtune.dev/cleanup"
+
+_pokes: dict[tuple[str, str], asyncio.Event] = {}
+_kube: Kube | None = None
+
+
+def kube() -> Kube:
+    global _kube
+    if _kube is None:
+        _kube = Kube()
+    return _kube
+
+
+# ---------------------------------------------------------------------------------------------
+# Startup
+# ---------------------------------------------------------------------------------------------
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
+        prefix=ANNOTATION_PREFIX
+    )
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
+    )
+    # Watches that go quiet are re-established instead of hanging forever.
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = 30
+    settings.posting.level = logging.INFO
+    port = os.environ.get(METRICS_PORT_ENV)
+    if port:
+        start_http_server(int(port))
+        log.info("metrics on :%s/metrics", port)
+
+
+# ---------------------------------------------------------------------------------------------
+# Wake-ups
+# ---------------------------------------------------------------------------------------------
+
+
+def _poke(namespace: str | None, run: str | None) -> None:
+    if namespace and run and (event := _pokes.get((namespace, run))):
+        event.set()
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={manifests.LABEL_RUN: kopf.PRESENT})
+def job_changed(labels: kopf.Labels, namespace: str | None, **_: Any) -> None:
+    _poke(namespace, labels.get(manifests.LABEL_RUN))
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def run_changed(name: str, namespace: str | None, **_: Any) -> None:
+    _poke(namespace, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0)
+async def run_loop(
+    name: str, namespace: str, stopped: kopf.DaemonStopped, logger: logging.Logger, **_: Any
+) -> None:
+    key = (namespace, name)
+    poke = _pokes.setdefault(key, asyncio.Event())
+    try:
+        while not stopped:
+            poke.clear()
+            try:
+                again = await reconcile(namespace, name)
+            except Exception:
+                metrics.RECONCILE_ERRORS.inc()
+                logger.exception("reconcile failed; retrying")
+                again = False
+            if stopped:
+                break
+            if again:
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(poke.wait(), RESYNC_SECONDS)
+    finally:
+        _pokes.pop(key, None)
+
+
+def _status_json(status: FederatedFineTuneStatus) -> dict[str, Any]:
+    return status.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+async def reconcile(namespace: str, name: str) -> bool:
+    """One observe-decide-act pass. True when it should run again at once (a write conflict)."""
+    k = kube()
+    obj = await asyncio.to_thread(k.get_run, namespace, name)
+    if obj is None or obj["metadata"].get("deletionTimestamp"):
+        return False
+    meta = obj["metadata"]
+    now = dt.datetime.now(dt.UTC)
+    status = parse_status(obj.get("status"))
+    spec: FederatedFineTuneSpec | None = None
+    try:
+        spec = parse_spec(obj.get("spec") or {})
+        problems = validate_spec(spec, name=name)
+    except SpecError as e:
+        problems = e.problems
+    if problems or spec is None:
+        decision = engine.invalid_spec(status, problems, meta.get("generation", 0), now)
+    else:
+        jobs, pods = await asyncio.to_thread(k.children, namespace, name)
+        run = engine.Run(
+            name=name,
+            namespace=namespace,
+            uid=meta["uid"],
+            generation=meta.get("generation", 0),
+            spec=spec,
+        )
+        decision = engine.decide(run, status, observe_jobs(meta["uid"], jobs, pods), now)
+
+    if _status_json(decision.status) != _status_json(status):
+        try:
+            await asyncio.to_thread(k.write_status, obj, _status_json(decision.status))
+        except Conflict:
+            return True
+        _count(namespace, name, status, decision)
+
+    for action in decision.actions:
+        await asyncio.to_thread(_apply, k, obj, spec, action)
+    for event in decision.events:
+        kopf.event(obj, type=event.type, reason=event.reason, message=event.message)
+    return False
+
+
+def _apply(
+    k: Kube, obj: dict[str, Any], spec: FederatedFineTuneSpec | None, action: engine.Action
+) -> None:
+    meta = obj["metadata"]
+    ns, run, uid = meta["namespace"], meta["name"], meta["uid"]
+    match action:
+        case engine.CreateClientJob(round=r, attempt=a, client=c) if spec is not None:
+            k.create_job(
+                manifests.client_job(
+                    run=run, namespace=ns, uid=uid, spec=spec, round_=r, attempt=a, client=c
+                )
+            )
+        case engine.CreateAggregateJob(round=r, attempt=a, clients=clients) if spec is not None:
+            k.create_job(
+                manifests.aggregate_job(
+                    run=run,
+                    namespace=ns,
+                    uid=uid,
+                    spec=spec,
+                    round_=r,
+                    attempt=a,
+                    clients=list(clients),
+                )
+            )
+        case engine.DeleteJob(name=job):
+            k.delete_job(ns, job)
+        case engine.SuspendJob(name=job, suspend=suspend):
+            k.suspend_job(ns, job, suspend)
+        case engine.DeleteRun():
+            k.delete_run(ns, run)
+        case _:
+            raise AssertionError(f"cannot apply {action!r}")
+
+
+def _count(
+    namespace: str, name: str, before: FederatedFineTuneStatus, decision: engine.Decision
+) -> None:
+    """Metrics from what a written status adds: new round records, failures, the outcome."""
+    after = decision.status
+    known = {r.round for r in before.history}
+    for record in after.history:
+        if record.round in known:
+            continue
+        metrics.ROUNDS_COMPLETED.labels(namespace, name).inc()
+        metrics.BYTES_RECEIVED.labels(namespace, name).inc(record.bytes_received)
+        metrics.DELTAS_REJECTED.labels(namespace, name).inc(record.rejected)
+        if record.started_at and record.completed_at:
+            metrics.ROUND_DURATION.observe(
+                (record.completed_at - record.started_at).total_seconds()
+            )
+    for event in decision.events:
+        if event.reason == "ClientFailed":
+            metrics.CLIENT_FAILURES.labels(namespace, name).inc()
+    if after.phase in ("Succeeded", "Failed") and before.phase != after.phase:
+        metrics.RUNS_FINISHED.labels(after.phase).inc()
+
+
+# ---------------------------------------------------------------------------------------------
+# Deletion: storage cleanup through a Job (the operator holds no storage credentials)
+# ---------------------------------------------------------------------------------------------
+
+
+def _cleanup_wanted(spec: kopf.Spec, **_: Any) -> bool:
+    return (spec.get("storage") or {}).get("cleanupPolicy") == "Delete"
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, when=_cleanup_wanted, timeout=900)
+async def cleanup_storage(name: str, namespace: str, body: kopf.Body, **_: Any) -> None:
+    try:
+        spec = parse_spec(dict(body.get("spec") or {}))
+    except SpecError as e:
+        kopf.warn(body, reason="StorageCleanupSkipped", message=f"invalid spec: {e}"[:250])
+        return
+    k = kube()
+    job_name = manifests.cleanup_job_name(name)
+    job = await asyncio.to_thread(k.job_state, namespace, job_name)
+    if job is None:
+        manifest = manifests.cleanup_job(run=name, namespace=namespace, spec=spec)
+        await asyncio.to_thread(k.create_job, manifest)
+        kopf.info(body, reason="StorageCleanup", message=f"deleting {spec.storage.uri}")
+        raise kopf.TemporaryError("waiting for the storage cleanup Job", delay=2)
+    for cond in (job.get("status") or {}).get("conditions") or []:
+        if cond.get("status") != "True":
+            continue
+        if cond.get("type") == "Complete":
+            kopf.info(body, reason="StorageDeleted", message=f"deleted {spec.storage.uri}")
+            return
+        if cond.get("type") == "Failed":
+            kopf.warn(
+                body,
+                reason="StorageCleanupFailed",
+                message=f"could not delete {spec.storage.uri}; it is left in place",
+            )
+            return
+    raise kopf.TemporaryError("waiting for the storage cleanup Job", delay=2)

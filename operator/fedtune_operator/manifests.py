@@ -1,0 +1,396 @@
+"""Pure builders of the Jobs a run creates: names, labels, the task, credentials, placement and
+the `restricted` security context, from the spec alone.
+
+Each Job's pod runs one container, `fedtune-trainer <kind>`, told its task through the
+FEDTUNE_TASK environment variable. Storage credentials reach it only as `secretKeyRef`s to the
+Secret the spec names; the operator never reads that Secret. `pvc://<claim>/<path>` URIs become a
+read-only volume of that claim mounted at /mnt/pvc/<claim>, and the task sees a file:// URI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from fedtune_operator.api import (
+    API_VERSION,
+    KIND,
+    FederatedFineTuneSpec,
+    PodSettings,
+    S3Credentials,
+    merge_pod_settings,
+    quorum,
+)
+from fedtune_trainer.task import TASK_ENV, AggregateTask, CleanupTask, ClientTask
+
+GROUP_PREFIX = "fedtune.dev"
+LABEL_RUN = f"{GROUP_PREFIX}/run"
+LABEL_ROUND = f"{GROUP_PREFIX}/round"
+LABEL_ROLE = f"{GROUP_PREFIX}/role"
+LABEL_CLIENT = f"{GROUP_PREFIX}/client"
+LABEL_ATTEMPT = f"{GROUP_PREFIX}/attempt"
+CONTAINER = "trainer"
+PVC_ROOT = "/mnt/pvc"
+USER_ID = 1000
+EXIT_INVALID_INPUT = 2
+"""The trainer's exit code for input that no retry can fix (bad task, bad data, bad model)."""
+
+
+def job_name(run: str, round_: int | None, suffix: str) -> str:
+    """`<run>-r<round>-<suffix>`, shortened with a stable hash when over 63 characters."""
+    name = f"{run}-r{round_}-{suffix}" if round_ is not None else f"{run}-{suffix}"
+    if len(name) <= 63:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{name[:54].rstrip('-')}-{digest}"
+
+
+def client_job_name(run: str, round_: int, client: str) -> str:
+    return job_name(run, round_, client)
+
+
+def aggregate_job_name(run: str, round_: int) -> str:
+    return job_name(run, round_, "aggregate")
+
+
+def cleanup_job_name(run: str) -> str:
+    return job_name(run, None, "cleanup")
+
+
+def owner_reference(name: str, uid: str) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": name,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# URIs on persistent volume claims
+# ---------------------------------------------------------------------------------------------
+
+
+def pvc_claim(uri: str | None) -> str | None:
+    if uri and uri.startswith("pvc://"):
+        return uri.removeprefix("pvc://").split("/", 1)[0]
+    return None
+
+
+def local_uri(uri: str) -> str:
+    """pvc://<claim>/<path> -> file:///mnt/pvc/<claim>/<path>; other URIs unchanged."""
+    if not uri.startswith("pvc://"):
+        return uri
+    return f"file://{PVC_ROOT}/{uri.removeprefix('pvc://')}"
+
+
+def pvc_volumes(*uris: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    claims = sorted({c for c in (pvc_claim(u) for u in uris) if c})
+    volumes = [
+        {"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": c, "readOnly": True}}
+        for i, c in enumerate(claims)
+    ]
+    mounts = [
+        {"name": f"pvc-{i}", "mountPath": f"{PVC_ROOT}/{c}", "readOnly": True}
+        for i, c in enumerate(claims)
+    ]
+    return volumes, mounts
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks
+# ---------------------------------------------------------------------------------------------
+
+
+def client_task(run: str, spec: FederatedFineTuneSpec, round_: int, client: str) -> ClientTask:
+    entry = next(c for c in spec.clients if c.name == client)
+    return ClientTask(
+        run=run,
+        round=round_,
+        client=client,
+        base_model=local_uri(spec.base_model),
+        tokenizer=local_uri(spec.tokenizer) if spec.tokenizer else None,
+        adapter=spec.adapter,
+        storage=spec.storage.location(),
+        data_uri=local_uri(entry.data_uri),
+        data=spec.data,
+        training=spec.training,
+        delta=spec.delta,
+    )
+
+
+def aggregate_task(
+    run: str, spec: FederatedFineTuneSpec, round_: int, clients: list[str]
+) -> AggregateTask:
+    evaluation = spec.evaluation
+    if evaluation.data_uri:
+        evaluation = evaluation.model_copy(update={"data_uri": local_uri(evaluation.data_uri)})
+    weights = {c.name: c.weight for c in spec.clients if c.name in clients}
+    return AggregateTask(
+        run=run,
+        round=round_,
+        rounds=spec.rounds,
+        base_model=local_uri(spec.base_model),
+        tokenizer=local_uri(spec.tokenizer) if spec.tokenizer else None,
+        adapter=spec.adapter,
+        storage=spec.storage.location(),
+        clients=clients,
+        client_weights=weights,
+        min_clients=max(1, min(quorum(spec), len(clients))) if clients else 1,
+        aggregation=spec.aggregation,
+        privacy=spec.privacy,
+        delta=spec.delta,
+        data=spec.data,
+        evaluation=evaluation,
+        max_seq_length=spec.training.max_seq_length,
+        seed=spec.training.seed,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Pods and Jobs
+# ---------------------------------------------------------------------------------------------
+
+
+def _secret_env(prefix: str, creds: S3Credentials | None) -> list[dict[str, Any]]:
+    if creds is None:
+        return []
+    return [
+        {
+            "name": f"{prefix}AWS_ACCESS_KEY_ID",
+            "valueFrom": {"secretKeyRef": {"name": creds.name, "key": creds.access_key_id_key}},
+        },
+        {
+            "name": f"{prefix}AWS_SECRET_ACCESS_KEY",
+            "valueFrom": {"secretKeyRef": {"name": creds.name, "key": creds.secret_access_key_key}},
+        },
+    ]
+
+
+def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if v is not None and v != {} and v != []}
+
+
+def security_context() -> tuple[dict[str, Any], dict[str, Any]]:
+    """Pod and container security contexts that meet the `restricted` Pod Security Standard."""
+    pod = {
+        "runAsNonRoot": True,
+        "runAsUser": USER_ID,
+        "runAsGroup": USER_ID,
+        "fsGroup": USER_ID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    container = {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    return pod, container
+
+
+def _job(
+    *,
+    name: str,
+    namespace: str,
+    run: str,
+    uid: str,
+    spec: FederatedFineTuneSpec,
+    labels: dict[str, str],
+    settings: PodSettings,
+    command: str,
+    task_json: str,
+    extra_env: list[dict[str, Any]],
+    uris: tuple[str | None, ...],
+    backoff_limit: int,
+) -> dict[str, Any]:
+    template = spec.template
+    all_labels = {**(template.labels or {}), **labels}
+    pod_sc, container_sc = security_context()
+    pvc_vols, pvc_mounts = pvc_volumes(*uris)
+    storage = spec.storage
+    env: list[dict[str, Any]] = [
+        {"name": TASK_ENV, "value": task_json},
+        {"name": "HOME", "value": "/tmp/home"},
+        {"name": "HF_HOME", "value": "/tmp/hf"},
+        {"name": "HF_HUB_OFFLINE", "value": "1" if _all_local(uris) else "0"},
+        *_secret_env("", storage.credentials_secret),
+    ]
+    if storage.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": storage.endpoint})
+    if storage.region:
+        env.append({"name": "AWS_REGION", "value": storage.region})
+    env += extra_env
+    env += [e.model_dump(mode="json", by_alias=True, exclude_none=True) for e in settings.env or []]
+    resources = (
+        settings.resources.model_dump(mode="json", by_alias=True, exclude_none=True)
+        if settings.resources
+        else None
+    )
+    container = _drop_none(
+        {
+            "name": CONTAINER,
+            "image": template.image,
+            "imagePullPolicy": template.image_pull_policy,
+            "command": ["fedtune-trainer", command],
+            "env": env,
+            "resources": resources,
+            "securityContext": container_sc,
+            "terminationMessagePath": "/dev/termination-log",
+            "terminationMessagePolicy": "FallbackToLogsOnError",
+            "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, *pvc_mounts],
+        }
+    )
+    pod_spec = _drop_none(
+        {
+            "restartPolicy": "Never",
+            "serviceAccountName": settings.service_account_name,
+            "automountServiceAccountToken": settings.service_account_name is not None,
+            "securityContext": pod_sc,
+            "containers": [container],
+            "volumes": [{"name": "tmp", "emptyDir": {}}, *pvc_vols],
+            "nodeSelector": settings.node_selector,
+            "tolerations": [
+                t.model_dump(mode="json", by_alias=True, exclude_none=True)
+                for t in settings.tolerations or []
+            ],
+            "affinity": settings.affinity,
+            "priorityClassName": template.priority_class_name,
+            "imagePullSecrets": [
+                s.model_dump(mode="json", by_alias=True) for s in template.image_pull_secrets or []
+            ],
+        }
+    )
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _drop_none(
+            {
+                "name": name,
+                "namespace": namespace,
+                "labels": all_labels,
+                "annotations": template.annotations,
+                "ownerReferences": [owner_reference(run, uid)] if uid else None,
+            }
+        ),
+        "spec": _drop_none(
+            {
+                "backoffLimit": backoff_limit,
+                "activeDeadlineSeconds": spec.active_deadline_seconds,
+                "completions": 1,
+                "parallelism": 1,
+                "podFailurePolicy": {
+                    "rules": [
+                        # A node drain or preemption is not the trainer's fault: retry, uncounted.
+                        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                        # Bad input fails the same way every time: stop at once.
+                        {
+                            "action": "FailJob",
+                            "onExitCodes": {
+                                "containerName": CONTAINER,
+                                "operator": "In",
+                                "values": [EXIT_INVALID_INPUT],
+                            },
+                        },
+                    ]
+                },
+                "template": {
+                    "metadata": _drop_none(
+                        {"labels": all_labels, "annotations": template.annotations}
+                    ),
+                    "spec": pod_spec,
+                },
+            }
+        ),
+    }
+
+
+def _all_local(uris: tuple[str | None, ...]) -> bool:
+    """Hub ids are the only URIs that need the network; without one, stay offline."""
+    return all(u is None or "://" in u for u in uris)
+
+
+def base_labels(run: str, round_: int, role: str, attempt: int) -> dict[str, str]:
+    return {LABEL_RUN: run, LABEL_ROUND: str(round_), LABEL_ROLE: role, LABEL_ATTEMPT: str(attempt)}
+
+
+def client_job(
+    *,
+    run: str,
+    namespace: str,
+    uid: str,
+    spec: FederatedFineTuneSpec,
+    round_: int,
+    attempt: int,
+    client: str,
+) -> dict[str, Any]:
+    entry = next(c for c in spec.clients if c.name == client)
+    task = client_task(run, spec, round_, client)
+    data_creds = entry.credentials_secret
+    return _job(
+        name=client_job_name(run, round_, client),
+        namespace=namespace,
+        run=run,
+        uid=uid,
+        spec=spec,
+        labels={**base_labels(run, round_, "client", attempt), LABEL_CLIENT: client},
+        settings=merge_pod_settings(spec.template, entry),
+        command="client",
+        task_json=json.dumps(task.wire(), separators=(",", ":")),
+        extra_env=_secret_env("FEDTUNE_DATA_", data_creds),
+        uris=(spec.base_model, spec.tokenizer, entry.data_uri),
+        backoff_limit=spec.backoff_limit,
+    )
+
+
+def aggregate_job(
+    *,
+    run: str,
+    namespace: str,
+    uid: str,
+    spec: FederatedFineTuneSpec,
+    round_: int,
+    attempt: int,
+    clients: list[str],
+) -> dict[str, Any]:
+    task = aggregate_task(run, spec, round_, clients)
+    return _job(
+        name=aggregate_job_name(run, round_),
+        namespace=namespace,
+        run=run,
+        uid=uid,
+        spec=spec,
+        labels=base_labels(run, round_, "aggregator", attempt),
+        settings=merge_pod_settings(spec.template, spec.aggregator),
+        command="aggregate",
+        task_json=json.dumps(task.wire(), separators=(",", ":")),
+        extra_env=[],
+        uris=(spec.base_model, spec.tokenizer, spec.evaluation.data_uri),
+        backoff_limit=spec.backoff_limit,
+    )
+
+
+def cleanup_job(*, run: str, namespace: str, spec: FederatedFineTuneSpec) -> dict[str, Any]:
+    """Deletes the run's storage prefix. No owner reference: it must outlive the run's deletion,
+    which waits on it through the finalizer; it removes itself after a minute."""
+    task = CleanupTask(run=run, storage=spec.storage.location())
+    job = _job(
+        name=cleanup_job_name(run),
+        namespace=namespace,
+        run=run,
+        uid="",
+        spec=spec,
+        labels={LABEL_RUN: run, LABEL_ROLE: "cleanup"},
+        settings=merge_pod_settings(spec.template, spec.aggregator),
+        command="cleanup",
+        task_json=json.dumps(task.wire(), separators=(",", ":")),
+        extra_env=[],
+        uris=(),
+        backoff_limit=3,
+    )
+    job["spec"]["ttlSecondsAfterFinished"] = 60
+    return job

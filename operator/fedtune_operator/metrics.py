@@ -1,0 +1,29 @@
+"""Prometheus metrics (kopf has none of its own). Served by `fedtune operator --metrics-port`."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+ROUNDS_COMPLETED = Counter(
+    "fedtune_rounds_completed_total", "Rounds whose aggregate was written.", ["namespace", "run"]
+)
+ROUND_DURATION = Histogram(
+    "fedtune_round_duration_seconds",
+    "From a round's start to its aggregate.",
+    buckets=(10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600),
+)
+BYTES_RECEIVED = Counter(
+    "fedtune_delta_bytes_received_total",
+    "Encoded delta bytes merged by aggregators.",
+    ["namespace", "run"],
+)
+DELTAS_REJECTED = Counter(
+    "fedtune_deltas_rejected_total", "Deltas an aggregator refused.", ["namespace", "run"]
+)
+CLIENT_FAILURES = Counter(
+    "fedtune_client_failures_total", "Client Jobs that failed.", ["namespace", "run"]
+)
+RECONCILE_ERRORS = Counter(
+    "fedtune_reconcile_errors_total", "Reconciles that raised an unexpected error."
+)
+RUNS_FINISHED = Counter("fedtune_runs_finished_total", "Runs that ended, by outcome.", ["outcome"])

@@ -1,0 +1,108 @@
+"""Reading Jobs and their pods into what the engine reasons about."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from fedtune_operator.observe import observe_jobs
+from fedtune_trainer.task import ClientSummary
+
+SUMMARY = ClientSummary(
+    round=1,
+    client="alice",
+    samples=8,
+    steps=4,
+    train_loss=1.25,
+    bytes_sent=100,
+    raw_bytes=400,
+    full_model_bytes=9000,
+    sha256="ab",
+    seconds=2.0,
+)
+
+
+def job(
+    name: str,
+    *,
+    owner: str = "uid-1",
+    condition: str | None = None,
+    role: str = "client",
+    suspend: bool = False,
+    deleting: bool = False,
+) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": name,
+        "labels": {
+            "fedtune.dev/run": "demo",
+            "fedtune.dev/round": "1",
+            "fedtune.dev/role": role,
+            "fedtune.dev/attempt": "0",
+            **({"fedtune.dev/client": "alice"} if role == "client" else {}),
+        },
+        "ownerReferences": [{"uid": owner}],
+    }
+    if deleting:
+        meta["deletionTimestamp"] = "2026-11-24T12:00:00Z"
+    conditions = (
+        [{"type": condition, "status": "True", "message": "BackoffLimitExceeded"}]
+        if condition
+        else []
+    )
+    return {"metadata": meta, "spec": {"suspend": suspend}, "status": {"conditions": conditions}}
+
+
+def pod(job_name: str, exit_code: int, message: str, created: str = "t1") -> dict[str, Any]:
+    return {
+        "metadata": {"labels": {"job-name": job_name}, "creationTimestamp": created},
+        "status": {
+            "containerStatuses": [
+                {
+                    "name": "trainer",
+                    "state": {"terminated": {"exitCode": exit_code, "message": message}},
+                }
+            ]
+        },
+    }
+
+
+def test_jobs_of_another_owner_are_ignored() -> None:
+    assert observe_jobs("uid-1", [job("a", owner="uid-0")], []) == []
+
+
+@pytest.mark.parametrize(
+    ("condition", "state"), [(None, "active"), ("Complete", "succeeded"), ("Failed", "failed")]
+)
+def test_state_comes_from_the_terminal_condition(condition: str | None, state: str) -> None:
+    (observed,) = observe_jobs("uid-1", [job("a", condition=condition)], [])
+    assert observed.state == state
+
+
+def test_a_succeeded_job_carries_its_pod_summary() -> None:
+    text = json.dumps(SUMMARY.wire())
+    (observed,) = observe_jobs("uid-1", [job("a", condition="Complete")], [pod("a", 0, text)])
+    assert observed.summary == SUMMARY
+    assert (observed.round, observed.client, observed.attempt) == (1, "alice", 0)
+
+
+def test_a_failed_job_carries_its_last_pod_reason() -> None:
+    pods = [
+        pod("a", 1, "error: first try", "t1"),
+        pod("a", 2, "trace\nerror: ValueError: data.jsonl line 6: bad JSON", "t2"),
+    ]
+    (observed,) = observe_jobs("uid-1", [job("a", condition="Failed")], pods)
+    assert observed.message == "exit 2: error: ValueError: data.jsonl line 6: bad JSON"
+
+
+def test_an_unreadable_summary_is_not_trusted() -> None:
+    (observed,) = observe_jobs("uid-1", [job("a", condition="Complete")], [pod("a", 0, "not json")])
+    assert observed.summary is None
+    assert observed.message == "unreadable summary"
+
+
+def test_suspended_and_deleting_flags() -> None:
+    (observed,) = observe_jobs("uid-1", [job("a", suspend=True, deleting=True)], [])
+    assert observed.suspended
+    assert observed.deleting
