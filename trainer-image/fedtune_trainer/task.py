@@ -83,7 +83,10 @@ class TrainingSpec(Model):
         20, ge=1, le=1_000_000, description="Optimizer steps per round (unless localEpochs)."
     )
     local_epochs: float | None = Field(
-        None, gt=0, le=1000, description="Epochs over the client's data per round; wins over localSteps."
+        None,
+        gt=0,
+        le=1000,
+        description="Epochs over the client's data per round; wins over localSteps.",
     )
     batch_size: int = Field(4, ge=1, le=4096, description="Examples per micro-batch.")
     gradient_accumulation_steps: int = Field(

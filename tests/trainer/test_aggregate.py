@@ -1,0 +1,376 @@
+"""Aggregation: every algorithm against a float64 reference, validation, quorum, DP, idempotency."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+
+from fedtune_trainer import aggregate, merge
+from fedtune_trainer import delta as codec
+from fedtune_trainer import store as st
+from fedtune_trainer.task import (
+    SERVER_STATE_PREFIX,
+    AdapterSpec,
+    AggregationSpec,
+    PrivacySpec,
+    client_prefix,
+    global_prefix,
+    round_prefix,
+)
+from tests.trainer.aggregation_support import (
+    SHAPES,
+    as_numpy,
+    put_delta,
+    random_tensors,
+    read_global,
+    reference_round,
+    task,
+    write_global,
+)
+
+CLIENTS = ["alpha", "bravo", "charlie", "delta", "echo"]
+SAMPLES = {"alpha": 10, "bravo": 30, "charlie": 5, "delta": 50, "echo": 20}
+CLIENT_WEIGHTS = {"bravo": 2.0, "echo": 0.5}
+
+ALGORITHMS = [
+    AggregationSpec(algorithm="fedavg"),
+    AggregationSpec(algorithm="fedavg", server_learning_rate=0.5),
+    AggregationSpec(algorithm="fedavgm", server_momentum=0.9),
+    AggregationSpec(algorithm="fedadam", server_learning_rate=0.01, epsilon=1e-3),
+    AggregationSpec(algorithm="fedyogi", server_learning_rate=0.01, epsilon=1e-3, beta2=0.9),
+    AggregationSpec(algorithm="median"),
+    AggregationSpec(algorithm="trimmedMean", trim_fraction=0.2),
+]
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+def run_round(store: st.Store, r: int, spec: AggregationSpec, **kw: object) -> object:
+    t = task(store, r, CLIENTS, aggregation=spec, client_weights=CLIENT_WEIGHTS, **kw)
+    return aggregate.run(t, store, quiet)
+
+
+@pytest.mark.parametrize(
+    "spec", ALGORITHMS, ids=lambda s: f"{s.algorithm}-lr{s.server_learning_rate}"
+)
+def test_every_algorithm_matches_a_float64_reference_over_two_rounds(
+    file_store: st.FileStore, spec: AggregationSpec
+) -> None:
+    g0 = random_tensors(0)
+    write_global(file_store, 0, g0)
+    x = as_numpy(g0)
+    state: dict = {}
+    weights = [SAMPLES[c] * CLIENT_WEIGHTS.get(c, 1.0) for c in CLIENTS]
+    for r in (1, 2):
+        deltas = [random_tensors(100 * r + i, scale=0.1) for i in range(len(CLIENTS))]
+        for c, d in zip(CLIENTS, deltas, strict=True):
+            put_delta(file_store, r, c, d, samples=SAMPLES[c])
+        summary = run_round(file_store, r, spec)
+        assert summary.accepted == CLIENTS
+        assert summary.rejected == []
+        x = reference_round(spec, x, [as_numpy(d) for d in deltas], weights, state)
+        got = read_global(file_store, r)
+        for name in SHAPES:
+            np.testing.assert_allclose(got[name].double().numpy(), x[name], rtol=1e-5, atol=1e-6)
+    has_state = spec.algorithm in ("fedavgm", "fedadam", "fedyogi")
+    assert st.committed_versions(file_store, SERVER_STATE_PREFIX) == ([1, 2] if has_state else [])
+
+
+def test_weighted_mean_streams_in_any_order() -> None:
+    deltas = [random_tensors(i) for i in range(6)]
+    weights = [1.0, 2.0, 3.0, 0.5, 7.0, 1.5]
+    forward, backward = merge.WeightedMean(), merge.WeightedMean()
+    for d, w in zip(deltas, weights, strict=True):
+        forward.add(d, w)
+    for d, w in reversed(list(zip(deltas, weights, strict=True))):
+        backward.add(d, w)
+    a, b = forward.result(), backward.result()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    ("n", "expected_median", "expected_trimmed"),
+    # trimmed mean with a 0.34 cut: floor(0.34 n) = 0, 0, 1, 1, 1 values dropped at each end
+    [(1, 4.0, 4.0), (2, 2.5, 2.5), (3, 1.0, 1.0), (4, 1.5, 1.5), (5, 2.0, 7 / 3)],
+)
+def test_robust_statistics_on_known_values(
+    n: int, expected_median: float, expected_trimmed: float
+) -> None:
+    values = torch.tensor([4.0, 1.0, 0.0, 2.0, 100.0][:n]).view(n, 1)
+    assert float(merge.coordinate_median(values)) == pytest.approx(expected_median)
+    assert float(merge.trimmed_mean(values, 0.34)) == pytest.approx(expected_trimmed)
+
+
+# ------------------------------------------------------------------------------------------
+# Validation: bad deltas are dropped and recorded, the rest merged
+# ------------------------------------------------------------------------------------------
+
+
+def _nan(store: st.Store) -> None:
+    d = random_tensors(9, 0.1)
+    next(iter(d.values()))[0, 0] = float("nan")
+    put_delta(store, 1, "echo", d)
+
+
+def _inf(store: st.Store) -> None:
+    d = random_tensors(9, 0.1)
+    next(iter(d.values()))[1, 1] = float("inf")
+    put_delta(store, 1, "echo", d)
+
+
+def _wrong_shape(store: st.Store) -> None:
+    d = random_tensors(9, 0.1)
+    name = next(iter(d))
+    d[name] = torch.zeros(5, 16)
+    put_delta(store, 1, "echo", d)
+
+
+def _missing_tensor(store: st.Store) -> None:
+    d = random_tensors(9, 0.1)
+    d.pop(next(iter(d)))
+    put_delta(store, 1, "echo", d)
+
+
+def _unknown_tensor(store: st.Store) -> None:
+    put_delta(store, 1, "echo", {**random_tensors(9, 0.1), "extra.weight": torch.zeros(2)})
+
+
+def _truncated(store: st.Store) -> None:
+    put_delta(store, 1, "echo", random_tensors(9, 0.1))
+    key = st.join(client_prefix(1, "echo"), codec.DELTA_FILE)
+    store.put_bytes(key, store.get_bytes(key)[:-50])
+
+
+def _bad_checksum(store: st.Store) -> None:
+    put_delta(store, 1, "echo", random_tensors(9, 0.1))
+    key = st.join(client_prefix(1, "echo"), codec.DELTA_FILE)
+    data = bytearray(store.get_bytes(key))
+    data[-3] ^= 0xFF
+    store.put_bytes(key, bytes(data))
+
+
+def _oversized_norm(store: st.Store) -> None:
+    put_delta(store, 1, "echo", random_tensors(9, 100.0))
+
+
+def _uncommitted(store: st.Store) -> None:
+    enc = codec.encode(random_tensors(9, 0.1), codec.DeltaSpec(dtype="fp32"))
+    store.put_bytes(st.join(client_prefix(1, "echo"), codec.DELTA_FILE), enc.blob)
+
+
+def _garbage(store: st.Store) -> None:
+    blob = b"\x10\x00\x00\x00\x00\x00\x00\x00" + b"not a header at all" * 3
+    meta = {"round": 1, "client": "echo", "samples": 3}
+    st.commit(store, client_prefix(1, "echo"), {codec.DELTA_FILE: blob}, meta)
+
+
+def _bad_manifest_fields(store: st.Store) -> None:
+    enc = codec.encode(random_tensors(9, 0.1), codec.DeltaSpec(dtype="fp32"))
+    meta = {"round": 1, "client": "echo", "samples": 3, "train_loss": "NaN-ish"}
+    st.commit(store, client_prefix(1, "echo"), {codec.DELTA_FILE: enc.blob}, meta)
+
+
+def _wrong_round(store: st.Store) -> None:
+    enc = put_delta(store, 1, "echo", random_tensors(9, 0.1))
+    meta = codec.manifest_fields(
+        enc, run="t", round_=0, client="echo", samples=1, steps=1, train_loss=1.0
+    )
+    st.commit(store, client_prefix(1, "echo"), {codec.DELTA_FILE: enc.blob}, meta)
+
+
+BAD: list[tuple[str, Callable[[st.Store], None], str]] = [
+    ("nan", _nan, "non-finite"),
+    ("inf", _inf, "non-finite"),
+    ("wrong-shape", _wrong_shape, r"shape of .*: \(5, 16\) != \(4, 16\)"),
+    ("missing-tensor", _missing_tensor, "missing tensors"),
+    ("unknown-tensor", _unknown_tensor, "unknown tensors: extra.weight"),
+    ("truncated", _truncated, "truncated"),
+    ("bad-checksum", _bad_checksum, "checksum mismatch"),
+    ("oversized-norm", _oversized_norm, "exceeds maxDeltaNorm"),
+    ("uncommitted", _uncommitted, "no committed delta"),
+    ("garbage", _garbage, "undecodable delta: .*header"),
+    ("wrong-round", _wrong_round, "manifest names round 0"),
+    ("bad-manifest-fields", _bad_manifest_fields, "bad train loss"),
+]
+
+
+@pytest.mark.parametrize(("case", "make_bad", "reason"), BAD, ids=[b[0] for b in BAD])
+def test_a_bad_delta_is_rejected_and_the_rest_merged(
+    file_store: st.FileStore, case: str, make_bad: Callable[[st.Store], None], reason: str
+) -> None:
+    g0 = random_tensors(0)
+    write_global(file_store, 0, g0)
+    good = {c: random_tensors(i, 0.1) for i, c in enumerate(CLIENTS[:4])}
+    for c, d in good.items():
+        put_delta(file_store, 1, c, d, samples=SAMPLES[c])
+    make_bad(file_store)
+    spec = AggregationSpec(max_delta_norm=50.0)
+    summary = aggregate.run(
+        task(file_store, 1, CLIENTS, aggregation=spec, min_clients=4), file_store, quiet
+    )
+    assert summary.accepted == CLIENTS[:4]
+    assert [r.client for r in summary.rejected] == ["echo"]
+    assert summary.rejected[0].reason
+    assert len(summary.rejected[0].reason) <= 200
+    assert re.search(reason, summary.rejected[0].reason), summary.rejected[0].reason
+    x = reference_round(
+        spec, as_numpy(g0), [as_numpy(d) for d in good.values()], [SAMPLES[c] for c in good], {}
+    )
+    got = read_global(file_store, 1)
+    for name in SHAPES:
+        np.testing.assert_allclose(got[name].double().numpy(), x[name], rtol=1e-5, atol=1e-6)
+    metrics = json.loads(file_store.get_bytes(st.join(round_prefix(1), "metrics.json")))
+    assert metrics["rejected"][0]["client"] == "echo"
+
+
+def test_quorum_failure_writes_nothing_global(file_store: st.FileStore) -> None:
+    write_global(file_store, 0, random_tensors(0))
+    for i, c in enumerate(CLIENTS[:2]):
+        put_delta(file_store, 1, c, random_tensors(i, 0.1))
+    _nan(file_store)  # echo: rejected; charlie and delta: nothing committed
+    t = task(
+        file_store, 1, CLIENTS, aggregation=AggregationSpec(algorithm="fedadam"), min_clients=3
+    )
+    with pytest.raises(aggregate.QuorumError, match=r"2 valid deltas of 5, quorum is 3") as info:
+        aggregate.run(t, file_store, quiet)
+    assert "echo: non-finite" in str(info.value)
+    assert file_store.list(global_prefix(1)) == []
+    assert file_store.list(SERVER_STATE_PREFIX) == []
+    assert not file_store.exists(st.join(round_prefix(1), "metrics.json"))
+
+
+def test_a_rerun_of_a_round_does_not_step_the_server_optimizer_twice(
+    file_store: st.FileStore,
+) -> None:
+    spec = AggregationSpec(algorithm="fedadam", server_learning_rate=0.01)
+    write_global(file_store, 0, random_tensors(0))
+    for r in (1, 2):
+        for i, c in enumerate(CLIENTS):
+            put_delta(file_store, r, c, random_tensors(10 * r + i, 0.1), samples=SAMPLES[c])
+    run_round(file_store, 1, spec)
+    run_round(file_store, 2, spec)
+    first = read_global(file_store, 2)
+    state_keys = file_store.list(SERVER_STATE_PREFIX + "/")
+    run_round(file_store, 2, spec)  # the Job of round 2 retried
+    again = read_global(file_store, 2)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert file_store.list(SERVER_STATE_PREFIX + "/") == state_keys
+    assert st.committed_versions(file_store, SERVER_STATE_PREFIX) == [1, 2]
+
+
+def test_clipping_bounds_each_client_and_noise_has_the_stated_std(file_store: st.FileStore) -> None:
+    shapes = {"w.lora_A.weight": (64, 64), "w.lora_B.weight": (64, 64)}
+    g0 = random_tensors(0, shapes=shapes)
+    write_global(file_store, 0, g0)
+    deltas = [random_tensors(i + 1, scale=0.05 * (i + 1), shapes=shapes) for i in range(4)]
+    clients = CLIENTS[:4]
+    for c, d in zip(clients, deltas, strict=True):
+        put_delta(file_store, 1, c, d, samples=SAMPLES[c])
+    clip = 5.0
+    norms = [merge.l2_norm(d) for d in deltas]
+    assert min(norms) < clip < max(norms)  # some clipped, some not
+    clipped = [
+        {k: v * min(1.0, clip / n) for k, v in d.items()}
+        for d, n in zip(deltas, norms, strict=True)
+    ]
+    uniform = reference_round(
+        AggregationSpec(), as_numpy(g0), [as_numpy(d) for d in clipped], [1.0] * 4, {}
+    )
+
+    def dp_round(noise: float) -> dict[str, torch.Tensor]:
+        t = task(
+            file_store, 1, clients, privacy=PrivacySpec(clip_norm=clip, noise_multiplier=noise)
+        )
+        aggregate.run(t, file_store, quiet)
+        return read_global(file_store, 1)
+
+    # Clipping only: sample weights still apply.
+    weighted = reference_round(
+        AggregationSpec(),
+        as_numpy(g0),
+        [as_numpy(d) for d in clipped],
+        [SAMPLES[c] for c in clients],
+        {},
+    )
+    got = dp_round(0.0)
+    for name in shapes:
+        np.testing.assert_allclose(got[name].double().numpy(), weighted[name], rtol=1e-5, atol=1e-6)
+    # With noise: uniform weights, Gaussian noise of std z * C / n, the same on a rerun.
+    z = 0.8
+    noisy = dp_round(z)
+    assert all(torch.equal(noisy[k], dp_round(z)[k]) for k in noisy)
+    residual = np.concatenate([(noisy[k].double().numpy() - uniform[k]).ravel() for k in shapes])
+    assert abs(residual.mean()) < 0.05 * z * clip / 4
+    assert residual.std() == pytest.approx(z * clip / 4, rel=0.05)
+
+
+def test_frozen_lora_a_is_neither_expected_nor_changed(file_store: st.FileStore) -> None:
+    g0 = random_tensors(0)
+    write_global(file_store, 0, g0)
+    b_only = {n: s for n, s in SHAPES.items() if ".lora_B." in n}
+    for i, c in enumerate(CLIENTS[:2]):
+        put_delta(file_store, 1, c, random_tensors(i, 0.1, shapes=b_only))
+    put_delta(file_store, 1, "charlie", random_tensors(7, 0.1))  # sends A too: rejected
+    t = task(file_store, 1, CLIENTS[:3], adapter=AdapterSpec(freeze_a=True))
+    summary = aggregate.run(t, file_store, quiet)
+    assert summary.accepted == CLIENTS[:2]
+    assert "unknown tensors" in summary.rejected[0].reason
+    got = read_global(file_store, 1)
+    for name in SHAPES:
+        if ".lora_A." in name:
+            assert torch.equal(got[name], g0[name])
+        else:
+            assert not torch.equal(got[name], g0[name])
+
+
+def test_last_round_writes_final_and_metrics(file_store: st.FileStore) -> None:
+    write_global(file_store, 2, random_tensors(0))
+    losses = {"alpha": 2.0, "bravo": 4.0}
+    for i, c in enumerate(losses):
+        put_delta(
+            file_store, 3, c, random_tensors(i, 0.1), samples=SAMPLES[c], train_loss=losses[c]
+        )
+    summary = aggregate.run(task(file_store, 3, list(losses), rounds=3), file_store, quiet)
+    assert summary.final_uri == file_store.url("final")
+    _, final = st.read_committed(file_store, "final")
+    _, glob = st.read_committed(file_store, global_prefix(3))
+    assert final == glob
+    assert set(final) == {"adapter_config.json", "adapter_model.safetensors"}
+    expected_loss = (10 * 2.0 + 30 * 4.0) / 40
+    assert summary.train_loss == pytest.approx(expected_loss)
+    metrics = json.loads(file_store.get_bytes(st.join(round_prefix(3), "metrics.json")))
+    assert metrics["train_loss"] == pytest.approx(expected_loss)
+    assert metrics["bytes_received"] == summary.bytes_received > 0
+    assert [c["client"] for c in metrics["clients"]] == ["alpha", "bravo"]
+    assert metrics["raw_bytes"] == 2 * 4 * sum(np.prod(s) for s in SHAPES.values())
+
+
+def test_clients_are_discovered_when_the_task_names_none(file_store: st.FileStore) -> None:
+    write_global(file_store, 0, random_tensors(0))
+    for i, c in enumerate(["x1", "x2"]):
+        put_delta(file_store, 1, c, random_tensors(i, 0.1))
+    assert aggregate.run(task(file_store, 1, []), file_store, quiet).accepted == ["x1", "x2"]
+
+
+def test_lossy_deltas_are_merged_as_decoded(file_store: st.FileStore) -> None:
+    g0 = random_tensors(0)
+    write_global(file_store, 0, g0)
+    spec = codec.DeltaSpec(dtype="bf16", top_k=0.25, quantization={"bits": 4, "block_size": 16})
+    sent = [
+        put_delta(file_store, 1, c, random_tensors(i, 0.1), spec=spec).sent
+        for i, c in enumerate(CLIENTS[:3])
+    ]
+    aggregate.run(task(file_store, 1, CLIENTS[:3]), file_store, quiet)
+    x = reference_round(
+        AggregationSpec(), as_numpy(g0), [as_numpy(s) for s in sent], [10, 10, 10], {}
+    )
+    got = read_global(file_store, 1)
+    for name in SHAPES:
+        np.testing.assert_allclose(got[name].double().numpy(), x[name], rtol=1e-5, atol=1e-6)

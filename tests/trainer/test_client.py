@@ -1,0 +1,268 @@
+"""The client Job and round 0, in process with the tiny model; failures through the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fedtune_trainer import aggregate, client, lora
+from fedtune_trainer import delta as codec
+from fedtune_trainer import store as st
+from fedtune_trainer.data import load_examples
+from fedtune_trainer.runtime import pick_runtime
+from fedtune_trainer.task import (
+    AdapterSpec,
+    AggregateTask,
+    CleanupTask,
+    ClientTask,
+    DeltaSpec,
+    QuantizationSpec,
+    StorageLocation,
+    TrainingSpec,
+    client_prefix,
+    client_state_prefix,
+    global_prefix,
+)
+from fedtune_trainer.training import mean_loss
+from tests.trainer.support import Demo, Storage
+
+# PEFT calls an API that transformers 5 deprecates; nothing a user can act on.
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+
+ADAPTER = AdapterSpec(r=4, alpha=8, dropout=0.0)
+TRAINING = TrainingSpec(local_steps=6, batch_size=8, learning_rate=1e-2, seed=1)
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+def init_task(demo: Demo, store: st.Store, seed: int = 0) -> AggregateTask:
+    return AggregateTask(
+        run="unit", round=0, base_model=str(demo.model), adapter=ADAPTER,
+        storage=StorageLocation(uri=store.uri), rounds=3, seed=seed,
+    )  # fmt: skip
+
+
+def client_task(
+    demo: Demo, store: st.Store, round_: int, delta: DeltaSpec, **kw: object
+) -> ClientTask:
+    base: dict = {
+        "run": "unit", "round": round_, "client": "client-0", "base_model": str(demo.model),
+        "adapter": ADAPTER, "storage": StorageLocation(uri=store.uri),
+        "data_uri": str(demo.client_data(0)), "data": {"format": "chat"}, "training": TRAINING,
+        "delta": delta,
+    }  # fmt: skip
+    return ClientTask(**{**base, **kw})
+
+
+def global_tensors(store: st.Store, round_: int) -> dict[str, torch.Tensor]:
+    _, files = st.read_committed(store, global_prefix(round_), [lora.ADAPTER_WEIGHTS])
+    return lora.parse_weights(files[lora.ADAPTER_WEIGHTS])
+
+
+def client_loss(demo: Demo, tensors: dict[str, torch.Tensor]) -> float:
+    tok = AutoTokenizer.from_pretrained(demo.model)
+    examples = load_examples(str(demo.client_data(0)), "chat", tok, 512)
+    model = lora.attach(AutoModelForCausalLM.from_pretrained(demo.model), ADAPTER, tensors)
+    return mean_loss(model, examples, pick_runtime("fp32"), tok.pad_token_id)
+
+
+def test_round_zero_is_a_seeded_peft_adapter(
+    demo: Demo, file_store: st.FileStore, tmp_path: Path
+) -> None:
+    from peft import PeftModel
+
+    summary = aggregate.run(init_task(demo, file_store), file_store, quiet)
+    assert summary.round == 0
+    assert summary.accepted == []
+    first = global_tensors(file_store, 0)
+    assert len(first) == 8  # q_proj and v_proj, A and B, two layers
+    for name, t in first.items():
+        assert (t.abs().sum() == 0) == (".lora_B." in name), name  # B starts at zero
+    aggregate.run(init_task(demo, file_store), file_store, quiet)
+    assert all(torch.equal(first[k], global_tensors(file_store, 0)[k]) for k in first)
+    aggregate.run(init_task(demo, file_store, seed=5), file_store, quiet)
+    assert not all(torch.equal(first[k], global_tensors(file_store, 0)[k]) for k in first)
+
+    st.fetch_committed(file_store, global_prefix(0), tmp_path / "adapter")
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(demo.model), tmp_path / "adapter"
+    )
+    assert model.peft_config["default"].r == ADAPTER.r
+
+
+def test_client_uploads_a_delta_that_improves_its_own_loss(
+    demo: Demo, file_store: st.FileStore
+) -> None:
+    aggregate.run(init_task(demo, file_store), file_store, quiet)
+    lines: list[str] = []
+    summary = client.run(
+        client_task(demo, file_store, 1, DeltaSpec(dtype="fp32")), file_store, lines.append
+    )
+
+    manifest, files = st.read_committed(file_store, client_prefix(1, "client-0"))
+    blob = files[codec.DELTA_FILE]
+    assert summary.samples == manifest["samples"] == 48
+    assert summary.steps == manifest["steps"] == TRAINING.local_steps
+    assert summary.bytes_sent == len(blob) == manifest["encoded_bytes"]
+    assert summary.sha256 == manifest["sha256"] == manifest["files"][codec.DELTA_FILE]["sha256"]
+    g0 = global_tensors(file_store, 0)
+    assert summary.raw_bytes == 4 * sum(t.numel() for t in g0.values())
+    params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(demo.model).parameters())
+    assert summary.full_model_bytes == 4 * params
+    assert summary.train_loss is not None
+    assert summary.train_loss == manifest["train_loss"]
+    assert any(line.startswith("step 6/6 loss ") and "tokens/s" in line for line in lines)
+
+    delta = codec.decode(blob)
+    assert set(delta) == set(g0)
+    local = {k: g0[k] + delta[k] for k in g0}
+    assert client_loss(demo, local) < client_loss(demo, g0) - 0.05
+
+
+LOSSY = DeltaSpec(
+    dtype="bf16", top_k=0.1, quantization=QuantizationSpec(bits=8), error_feedback=True
+)
+
+
+def test_a_rerun_overwrites_and_never_feeds_the_residual_back_twice(
+    demo: Demo, file_store: st.FileStore
+) -> None:
+    aggregate.run(init_task(demo, file_store), file_store, quiet)
+    prefix = client_state_prefix("client-0")
+
+    def residual(r: int) -> bytes:
+        return st.read_committed(file_store, st.versioned_prefix(prefix, r))[1][
+            client.RESIDUAL_FILE
+        ]
+
+    first = client.run(client_task(demo, file_store, 1, LOSSY), file_store, quiet)
+    residual_1 = residual(1)
+    again = client.run(client_task(demo, file_store, 1, LOSSY), file_store, quiet)
+    assert again.sha256 == first.sha256  # seeded: the same delta, under the same keys
+    assert residual(1) == residual_1
+    assert file_store.list(client_prefix(1, "client-0") + "/") == [
+        f"{client_prefix(1, 'client-0')}/{codec.DELTA_FILE}",
+        f"{client_prefix(1, 'client-0')}/manifest.json",
+    ]
+    # Round 2 trains from global 1 and feeds back residual 1, on every rerun alike.
+    aggregate.run(
+        AggregateTask(run="unit", round=1, base_model=str(demo.model), adapter=ADAPTER,
+                      storage=StorageLocation(uri=file_store.uri), rounds=3, clients=["client-0"]),
+        file_store, quiet,
+    )  # fmt: skip
+    logs: list[str] = []
+    r2 = client.run(client_task(demo, file_store, 2, LOSSY), file_store, logs.append)
+    r2_again = client.run(client_task(demo, file_store, 2, LOSSY), file_store, logs.append)
+    assert r2.sha256 == r2_again.sha256
+    assert logs.count("error feedback: residual of round 1") == 2
+    assert st.committed_versions(file_store, prefix) == [1, 2]
+    # Exactly one residual is fed back: sent 2 + residual 2 == true delta 2 + residual 1. Training
+    # does not depend on the encoding, so a lossless run of the same round shows the true delta.
+    key = client_prefix(2, "client-0")
+    sent = codec.decode(st.read_committed(file_store, key)[1][codec.DELTA_FILE])
+    res1, res2 = lora.parse_weights(residual_1), lora.parse_weights(residual(2))
+    client.run(client_task(demo, file_store, 2, DeltaSpec(dtype="fp32")), file_store, quiet)
+    true = codec.decode(st.read_committed(file_store, key)[1][codec.DELTA_FILE])
+    assert set(sent) == set(res1) == set(res2) == set(true)
+    for k in sent:
+        assert float(res1[k].abs().max()) > 0
+        torch.testing.assert_close(sent[k] + res2[k], true[k] + res1[k], atol=1e-6, rtol=1e-5)
+
+
+def test_missing_global_adapter_fails_clearly(demo: Demo, file_store: st.FileStore) -> None:
+    with pytest.raises(
+        st.ObjectNotFound, match=r"rounds/000004/global: no committed manifest\.json"
+    ):
+        client.run(client_task(demo, file_store, 5, LOSSY), file_store, quiet)
+
+
+def run_cli(
+    args: list[str], env: dict[str, str], task: object, log: Path
+) -> subprocess.CompletedProcess:
+    job_env = {**env, "FEDTUNE_TASK": json.dumps(task.wire()), "FEDTUNE_TERMINATION_LOG": str(log)}  # type: ignore[attr-defined]
+    return subprocess.run(
+        ["fedtune-trainer", *args], env=job_env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_a_failing_client_exits_non_zero_with_a_short_reason(
+    demo: Demo, file_store: st.FileStore, tmp_path: Path, subprocess_env: dict[str, str]
+) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(demo.client_data(0).read_text().splitlines()[0] + "\n{broken\n")
+    log = tmp_path / "termination-log"
+    t = client_task(demo, file_store, 1, LOSSY, data_uri=str(bad))
+    proc = run_cli(["client"], subprocess_env, t, log)
+    assert proc.returncode == 2  # bad input: the Job must not retry it
+    reason = log.read_text()
+    assert reason.startswith("error: DataError: ")
+    assert f"{bad} line 2: invalid JSON" in reason
+    assert "\n" not in reason
+    assert len(reason) < 600
+    assert "Traceback" in proc.stderr
+    assert file_store.list("rounds/") == []
+
+
+def test_a_task_of_the_wrong_kind_is_refused(
+    demo: Demo, file_store: st.FileStore, tmp_path: Path, subprocess_env: dict[str, str]
+) -> None:
+    log = tmp_path / "termination-log"
+    proc = run_cli(["aggregate"], subprocess_env, client_task(demo, file_store, 1, LOSSY), log)
+    assert proc.returncode == 1
+    assert log.read_text() == "error: ValueError: `aggregate` was given a client task"
+
+
+def test_no_task_is_an_error(tmp_path: Path, subprocess_env: dict[str, str]) -> None:
+    env = {k: v for k, v in subprocess_env.items() if not k.startswith("FEDTUNE_TASK")}
+    env["FEDTUNE_TERMINATION_LOG"] = str(tmp_path / "log")
+    proc = subprocess.run(
+        ["fedtune-trainer", "client"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 1
+    assert (tmp_path / "log").read_text() == (
+        "error: RuntimeError: no task: set FEDTUNE_TASK_FILE or FEDTUNE_TASK"
+    )
+
+
+def test_cleanup_deletes_the_run_and_nothing_else(
+    storage: Storage, tmp_path: Path, subprocess_env: dict[str, str]
+) -> None:
+    s = storage.open()
+    for key in ("rounds/000000/global/manifest.json", "state/server/000001/x", "final/a"):
+        s.put_bytes(key, b"x")
+    if storage.uri.startswith("s3://"):
+        bucket, _ = st.split_s3(storage.uri)
+        outside = st.S3Store(bucket, "runs/test-other", st.S3Settings())
+    else:
+        outside = st.FileStore(tmp_path / "store-other")
+    outside.put_bytes("keep.bin", b"k")
+    log = tmp_path / "termination-log"
+    task = CleanupTask(run="unit", storage=StorageLocation(uri=storage.uri))
+    proc = run_cli(["cleanup"], {**subprocess_env, **storage.env}, task, log)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(log.read_text()) == {
+        "kind": "cleanup", "run": "unit", "uri": s.uri, "deleted": 3
+    }  # fmt: skip
+    assert s.list("") == []
+    assert outside.list("") == ["keep.bin"]
+
+
+def test_a_tokenizer_may_live_apart_from_the_model(demo: Demo, tmp_path: Path) -> None:
+    from fedtune_trainer.runtime import load_tokenizer, model_dir
+
+    tok_dir = tmp_path / "tokenizer"
+    tok_dir.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (tok_dir / name).write_bytes((demo.model / name).read_bytes())
+    tok = load_tokenizer(tok_dir.as_uri())
+    assert tok.pad_token == "<pad>"
+    assert tok.chat_template is not None
+    with pytest.raises(FileNotFoundError, match=r"no config\.json, not a Hugging Face model"):
+        model_dir(str(tok_dir))

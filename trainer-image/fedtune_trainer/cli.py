@@ -1,0 +1,151 @@
+"""`fedtune-trainer`: the thin shell around the client, the aggregator and the dev tools.
+
+Jobs: `client`, `aggregate` and `cleanup` read their task from FEDTUNE_TASK_FILE or FEDTUNE_TASK
+(task.py), print progress on stderr and, on exit, write to the termination log
+(FEDTUNE_TERMINATION_LOG, else /dev/termination-log) either the JSON summary (success, exit 0) or
+one line `error: <reason>` (failure: exit 2 for input no retry can fix, else 1), which Kubernetes
+copies into the pod status for the operator to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from .task import (
+    SUMMARY_MAX_BYTES,
+    TERMINATION_LOG,
+    AggregateTask,
+    CleanupTask,
+    ClientTask,
+    dump_summary,
+    load_task,
+)
+
+TERMINATION_LOG_ENV = "FEDTUNE_TERMINATION_LOG"
+EXIT_FAILED = 1
+EXIT_INVALID_INPUT = 2
+"""Input that fails the same way on every retry: a bad task, a bad data record, a malformed
+delta, a round below its quorum. The operator's Jobs stop at once on this code (podFailurePolicy
+FailJob) instead of burning their backoffLimit."""
+
+
+def exit_code(error: BaseException) -> int:
+    from pydantic import ValidationError
+
+    from .aggregate import QuorumError
+    from .data import DataError
+
+    permanent = (DataError, ValidationError, json.JSONDecodeError, QuorumError)
+    return EXIT_INVALID_INPUT if isinstance(error, permanent) else EXIT_FAILED
+
+
+def termination_log_path() -> Path:
+    return Path(os.environ.get(TERMINATION_LOG_ENV) or TERMINATION_LOG)
+
+
+def write_termination(text: str) -> None:
+    """Best effort: outside a pod there may be no writable termination log."""
+    data = text.encode()[:SUMMARY_MAX_BYTES]
+    try:
+        termination_log_path().write_bytes(data)
+    except OSError as e:
+        print(f"warning: cannot write {termination_log_path()}: {e}", file=sys.stderr)
+
+
+def failure_reason(error: BaseException) -> str:
+    """`error: <type>: <first line>`, short enough for `kubectl get` and events."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    text = f"{type(error).__name__}: {first}" if first else type(error).__name__
+    return "error: " + text[:480]
+
+
+def cleanup(task: CleanupTask) -> str:
+    """Delete every object under the run's storage root (storage.cleanupPolicy: Delete)."""
+    from .store import open_store
+
+    store = open_store(task.storage)
+    deleted = store.delete_prefix("")
+    print(f"deleted {deleted} objects under {store.uri}", file=sys.stderr)
+    summary = {"kind": "cleanup", "run": task.run, "uri": store.uri, "deleted": deleted}
+    return json.dumps(summary, separators=(",", ":"))
+
+
+def run_job(kind: str) -> int:
+    expected = {"client": ClientTask, "aggregate": AggregateTask, "cleanup": CleanupTask}[kind]
+    try:
+        task = load_task()
+        if not isinstance(task, expected):
+            raise ValueError(f"`{kind}` was given a {task.kind} task")
+        if isinstance(task, ClientTask):
+            from .client import run
+
+            text = dump_summary(run(task))
+        elif isinstance(task, AggregateTask):
+            from .aggregate import run as run_aggregate
+
+            text = dump_summary(run_aggregate(task))
+        else:
+            text = cleanup(task)
+    except Exception as e:
+        traceback.print_exc(file=sys.stderr)
+        reason = failure_reason(e)
+        print(reason, file=sys.stderr)
+        write_termination(reason)
+        return exit_code(e)
+    write_termination(text)
+    print(text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedtune-trainer", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("client", help="train one client for one round and upload its delta")
+    sub.add_parser("aggregate", help="merge one round's deltas (round 0: the initial adapter)")
+    sub.add_parser("cleanup", help="delete everything under the run's storage root")
+    tiny = sub.add_parser("make-tiny-model", help="write a tiny Llama model and tokenizer")
+    tiny.add_argument("--out", type=Path, required=True)
+    tiny.add_argument("--data", type=Path, nargs="+", required=True, help="jsonl files")
+    tiny.add_argument("--vocab-size", type=int, default=512)
+    tiny.add_argument("--hidden-size", type=int, default=128)
+    tiny.add_argument("--layers", type=int, default=2)
+    tiny.add_argument("--seed", type=int, default=0)
+    demo = sub.add_parser("make-demo-data", help="write a non-IID instruction data set")
+    demo.add_argument("--out", type=Path, required=True)
+    demo.add_argument("--clients", type=int, default=3)
+    demo.add_argument("--samples", type=int, default=200, help="records per client")
+    demo.add_argument("--eval-samples", type=int, default=60)
+    demo.add_argument("--format", choices=["chat", "alpaca", "text"], default="chat")
+    demo.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    if args.command in ("client", "aggregate", "cleanup"):
+        return run_job(args.command)
+    if args.command == "make-tiny-model":
+        from .tiny import TinyConfig, make_tiny_model
+
+        config = TinyConfig(
+            vocab_size=args.vocab_size,
+            hidden_size=args.hidden_size,
+            intermediate_size=2 * args.hidden_size,
+            num_hidden_layers=args.layers,
+            seed=args.seed,
+        )
+        info = make_tiny_model(args.out, args.data, config)
+    else:
+        from .demo_data import make_demo_data
+
+        info = make_demo_data(
+            args.out, args.clients, args.samples, args.eval_samples, args.format, args.seed
+        )
+    print(json.dumps(info, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

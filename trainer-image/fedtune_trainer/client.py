@@ -1,0 +1,135 @@
+"""`fedtune-trainer client`: one client's round r.
+
+Load the base model and global adapter r-1, train locally, encode `delta = local - global` and
+commit it to rounds/<r>/clients/<client>/ (delta.safetensors, then manifest.json).
+
+Idempotent by construction: every key written is round-scoped and a rerun overwrites it, and the
+error-feedback residual is versioned by round: round r reads the newest residual written *before*
+r and writes its own as version r, so a rerun of r starts from the same residual and nothing is
+fed back twice. (The newest, not exactly r-1: a client that sat out a round keeps its residual.)
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from . import delta as codec
+from . import lora
+from . import store as st
+from .data import load_examples
+from .runtime import (
+    derive_seed,
+    load_base,
+    load_tokenizer,
+    parameter_count,
+    pick_runtime,
+    seed_everything,
+)
+from .task import ClientSummary, ClientTask, client_prefix, client_state_prefix, global_prefix
+from .training import train
+
+RESIDUAL_FILE = "residual.safetensors"
+Log = Callable[[str], None]
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def read_residual(
+    store: st.Store, task: ClientTask
+) -> tuple[int | None, dict[str, torch.Tensor] | None]:
+    """The newest committed residual of this client from a round before this one."""
+    prefix = client_state_prefix(task.client)
+    version = st.latest_version_before(store, prefix, task.round)
+    if version is None:
+        return None, None
+    _, files = st.read_committed(store, st.versioned_prefix(prefix, version), [RESIDUAL_FILE])
+    return version, lora.parse_weights(files[RESIDUAL_FILE])
+
+
+def write_residual(
+    store: st.Store, task: ClientTask, residual: dict[str, torch.Tensor], previous: int | None
+) -> None:
+    """Commit this round's residual; drop versions no rerun can need any more."""
+    prefix = client_state_prefix(task.client)
+    st.commit(
+        store,
+        st.versioned_prefix(prefix, task.round),
+        {RESIDUAL_FILE: lora.weights_bytes(residual)},
+        {"kind": "residual", "run": task.run, "client": task.client, "round": task.round},
+    )
+    if previous is not None:
+        st.prune_versions_before(store, prefix, previous)
+
+
+def run(task: ClientTask, store: st.Store | None = None, log: Log = _stderr) -> ClientSummary:
+    """Train and upload one client's delta for `task.round`; returns the summary."""
+    start = time.perf_counter()
+    if task.round < 1:
+        raise ValueError("client rounds start at 1 (round 0 is the initial adapter)")
+    store = store or st.open_store(task.storage)
+    runtime = pick_runtime(task.training.precision)
+    generator = seed_everything(derive_seed(task.training.seed, task.run, task.round, task.client))
+
+    tok = load_tokenizer(task.tokenizer or task.base_model)
+    examples = load_examples(
+        task.data_uri, task.data.format, tok, task.training.max_seq_length, task.data.max_samples
+    )
+    _, files = st.read_committed(store, global_prefix(task.round - 1), [lora.ADAPTER_WEIGHTS])
+    global_tensors = lora.parse_weights(files[lora.ADAPTER_WEIGHTS])
+    base = load_base(task.base_model, runtime)
+    full_model_bytes = parameter_count(base) * 4
+    model = lora.attach(base, task.adapter, global_tensors)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(
+        f"client {task.client} round {task.round}: {len(examples)} examples, "
+        f"{trainable} trainable parameters, {runtime.name}"
+    )
+
+    result = train(model, examples, task.training, runtime, tok.pad_token_id, generator, log)
+
+    names = lora.trainable_names(list(global_tensors), task.adapter)
+    delta = codec.compute_delta(lora.adapter_tensors(model), global_tensors, names)
+    previous, residual = read_residual(store, task)
+    if residual is not None:
+        log(f"error feedback: residual of round {previous}")
+    encoded = codec.encode(delta, task.delta, residual)
+    for name, t in encoded.sent.items():
+        if not bool(torch.isfinite(t).all()):
+            raise FloatingPointError(
+                f"delta of {name} is not finite after {task.delta.dtype} encoding"
+            )
+    if encoded.residual is not None:
+        write_residual(store, task, encoded.residual, previous)
+    meta = codec.manifest_fields(
+        encoded,
+        run=task.run,
+        round_=task.round,
+        client=task.client,
+        samples=result.samples,
+        steps=result.steps,
+        train_loss=result.loss,
+    )
+    st.commit(store, client_prefix(task.round, task.client), {codec.DELTA_FILE: encoded.blob}, meta)
+    log(
+        f"sent {encoded.encoded_bytes} bytes (dense fp32 {encoded.raw_bytes}, "
+        f"{encoded.raw_bytes / max(1, encoded.encoded_bytes):.1f}x smaller) "
+        f"to {store.url(client_prefix(task.round, task.client))}"
+    )
+    return ClientSummary(
+        round=task.round,
+        client=task.client,
+        samples=result.samples,
+        steps=result.steps,
+        train_loss=result.loss,
+        bytes_sent=encoded.encoded_bytes,
+        raw_bytes=encoded.raw_bytes,
+        full_model_bytes=full_model_bytes,
+        sha256=meta["sha256"],
+        seconds=round(time.perf_counter() - start, 3),
+    )

@@ -1,0 +1,377 @@
+"""The run report: `report/report.html` and its PNG plots, rendered from what is in storage.
+
+The aggregator calls `write` after every round it publishes, so a person can open the report while
+the run is still going. The report is derived *only* from the per-round records the aggregator has
+already committed (`rounds/<r>/metrics.json`), never from in-memory state, so a rerun of round r
+renders the same report again, and `fedtune report` can render it on a laptop from the bucket
+alone when no report was written (an older run, or a report that failed to render).
+
+Files (committed like every other artifact: the data first, `manifest.json` last):
+
+    report/report.html      one self-contained page: a summary, the per-round table, the rejections,
+                            the last round's clients, and <img> tags for the plots next to it
+    report/loss.png         train loss (sample-weighted over accepted clients) and eval loss
+    report/bytes.png        bytes uploaded per client per round, encoded and as dense fp32
+    report/compression.png  dense fp32 delta bytes / encoded bytes, per round
+
+Plots use matplotlib's object API with the Agg canvas (no pyplot, no display, no global state).
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import store as st
+from .task import REPORT_PREFIX
+
+HTML_FILE = "report.html"
+LOSS_PLOT = "loss.png"
+BYTES_PLOT = "bytes.png"
+COMPRESSION_PLOT = "compression.png"
+PLOTS = (LOSS_PLOT, BYTES_PLOT, COMPRESSION_PLOT)
+METRICS_KEY = re.compile(r"^rounds/(\d{6})/metrics\.json$")
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    """One round's numbers as the report shows them, derived from its metrics.json."""
+
+    round: int
+    train_loss: float | None
+    eval_loss: float | None
+    clients: int
+    rejected: int
+    bytes_received: int
+    raw_bytes: int
+    adapter_bytes: int | None
+    seconds: float | None
+
+    @property
+    def bytes_per_client(self) -> float | None:
+        """Mean encoded bytes one accepted client uploaded this round."""
+        return self.bytes_received / self.clients if self.clients else None
+
+    @property
+    def raw_bytes_per_client(self) -> float | None:
+        """The same deltas as dense fp32: what the encoding is measured against."""
+        return self.raw_bytes / self.clients if self.clients else None
+
+    @property
+    def compression(self) -> float | None:
+        """Dense fp32 bytes over encoded bytes (how many times smaller the upload was)."""
+        return self.raw_bytes / self.bytes_received if self.bytes_received else None
+
+
+# --------------------------------------------------------------------------------------------
+# Reading what the aggregator committed
+# --------------------------------------------------------------------------------------------
+
+
+def read_metrics(store: st.Store, through_round: int | None = None) -> list[dict[str, Any]]:
+    """Every round's metrics.json in storage, by round; rounds after `through_round` are left
+    out (a rerun of round r must not show rounds a previous attempt wrote past r)."""
+    found = []
+    for key in store.list("rounds/"):
+        match = METRICS_KEY.match(key)
+        if not match:
+            continue
+        r = int(match.group(1))
+        if through_round is not None and r > through_round:
+            continue
+        found.append((r, json.loads(store.get_bytes(key))))
+    return [doc for _, doc in sorted(found, key=lambda item: item[0])]
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def round_rows(metrics: Sequence[Mapping[str, Any]]) -> list[RoundRow]:
+    rows = []
+    for m in metrics:
+        adapter = m.get("adapter_bytes")
+        rows.append(
+            RoundRow(
+                round=int(m["round"]),
+                train_loss=_number(m.get("train_loss")),
+                eval_loss=_number(m.get("eval_loss")),
+                clients=len(m.get("accepted") or []),
+                rejected=len(m.get("rejected") or []),
+                bytes_received=int(m.get("bytes_received") or 0),
+                raw_bytes=int(m.get("raw_bytes") or 0),
+                adapter_bytes=int(adapter) if isinstance(adapter, int) else None,
+                seconds=_number(m.get("seconds")),
+            )
+        )
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------------
+
+
+def _figure() -> Any:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 3.6), dpi=100, layout="constrained")
+    return fig, fig.add_subplot()
+
+
+def _png(fig: Any) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    # No Software/date metadata: the same rounds render to the same bytes.
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _series(rows: Sequence[RoundRow], attr: str) -> tuple[list[int], list[float]]:
+    points = [(r.round, getattr(r, attr)) for r in rows if getattr(r, attr) is not None]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def _empty(ax: Any, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
+
+
+def _round_axis(ax: Any, rows: Sequence[RoundRow]) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if rows:
+        ax.set_xlim(min(r.round for r in rows) - 0.5, max(r.round for r in rows) + 0.5)
+    ax.grid(True, alpha=0.3)
+
+
+def loss_plot(rows: Sequence[RoundRow]) -> bytes:
+    fig, ax = _figure()
+    for attr, label, style in (("train_loss", "train", "o-"), ("eval_loss", "eval", "s-")):
+        x, y = _series(rows, attr)
+        if x:
+            ax.plot(x, y, style, label=f"{label} loss", markersize=4)
+    if ax.lines:
+        ax.legend()
+    else:
+        _empty(ax, "no losses recorded yet")
+    ax.set_ylabel("loss (mean per token)")
+    ax.set_title("Loss per round")
+    _round_axis(ax, rows)
+    return _png(fig)
+
+
+def bytes_plot(rows: Sequence[RoundRow]) -> bytes:
+    fig, ax = _figure()
+    x, encoded = _series(rows, "bytes_per_client")
+    _, raw = _series(rows, "raw_bytes_per_client")
+    if x:
+        ax.plot(x, raw, "s--", color="0.5", label="dense fp32 delta", markersize=4)
+        ax.plot(x, encoded, "o-", label="uploaded (encoded)", markersize=4)
+        ax.set_yscale("log")
+        ax.legend()
+    else:
+        _empty(ax, "no client uploads yet")
+    ax.set_ylabel("bytes per client")
+    ax.set_title("Bytes uploaded per client per round")
+    _round_axis(ax, rows)
+    return _png(fig)
+
+
+def compression_plot(rows: Sequence[RoundRow]) -> bytes:
+    fig, ax = _figure()
+    x, ratio = _series(rows, "compression")
+    if x:
+        ax.plot(x, ratio, "o-", markersize=4)
+        ax.set_ylim(bottom=0)
+    else:
+        _empty(ax, "no client uploads yet")
+    ax.set_ylabel("dense fp32 / encoded")
+    ax.set_title("Compression ratio per round")
+    _round_axis(ax, rows)
+    return _png(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# HTML
+# --------------------------------------------------------------------------------------------
+
+
+def fmt_loss(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+def fmt_bytes(value: float | None) -> str:
+    return "" if value is None else f"{round(value):,}"
+
+
+def fmt_ratio(value: float | None) -> str:
+    return "" if value is None else f"{value:.1f}x"
+
+
+def fmt_seconds(value: float | None) -> str:
+    return "" if value is None else f"{value:.1f}"
+
+
+def _table(head: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    trs = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body
+    )
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
+
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 72em; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+.plots img { max-width: 32em; margin: 0.5em 1em 0.5em 0; border: 1px solid #eee; }
+.muted { color: #666; }
+"""
+
+
+def render_html(run: str, metrics: Sequence[Mapping[str, Any]], rows: Sequence[RoundRow]) -> str:
+    """The page: summary, per-round table, rejections, last round's clients, the plots."""
+    title = f"fedtune run report: {run}"
+    last = rows[-1] if rows else None
+    evals = [r for r in rows if r.eval_loss is not None]
+    uploads = [r for r in rows if r.clients]
+    total_sent = sum(r.bytes_received for r in rows)
+    total_raw = sum(r.raw_bytes for r in rows)
+    algorithm = next((str(m["algorithm"]) for m in reversed(metrics) if m.get("algorithm")), "")
+    summary = [
+        ("rounds recorded", ", ".join(str(r.round) for r in rows) if rows else "none yet"),
+        ("aggregation", algorithm),
+        ("last eval loss", fmt_loss(evals[-1].eval_loss) if evals else ""),
+        ("first eval loss", fmt_loss(evals[0].eval_loss) if evals else ""),
+        ("bytes received, all rounds", fmt_bytes(total_sent)),
+        ("as dense fp32 deltas", fmt_bytes(total_raw)),
+        ("overall compression", fmt_ratio(total_raw / total_sent if total_sent else None)),
+        ("client uploads", str(sum(r.clients for r in uploads))),
+    ]
+    per_round = _table(
+        [
+            "round",
+            "train loss",
+            "eval loss",
+            "clients",
+            "rejected",
+            "bytes per client",
+            "dense fp32 per client",
+            "compression",
+            "bytes received",
+            "seconds",
+        ],
+        [
+            [
+                str(r.round),
+                fmt_loss(r.train_loss),
+                fmt_loss(r.eval_loss),
+                str(r.clients),
+                str(r.rejected),
+                fmt_bytes(r.bytes_per_client),
+                fmt_bytes(r.raw_bytes_per_client),
+                fmt_ratio(r.compression),
+                fmt_bytes(r.bytes_received),
+                fmt_seconds(r.seconds),
+            ]
+            for r in rows
+        ],
+    )
+    rejections = [
+        [str(m["round"]), str(x.get("client", "")), str(x.get("reason", ""))]
+        for m in metrics
+        for x in m.get("rejected") or []
+    ]
+    last_clients = next((m for m in reversed(metrics) if m.get("clients")), None)
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        '<p class="muted">Rendered from the rounds/&lt;r&gt;/metrics.json records in the run\'s '
+        "storage. Bytes are what clients uploaded (encoded deltas); compression is dense fp32 "
+        "delta bytes over uploaded bytes.</p>",
+        "<h2>Summary</h2>",
+        _table(["", "value"], summary),
+        "<h2>Plots</h2>",
+        '<div class="plots">',
+        *(f'<img src="{name}" alt="{name.removesuffix(".png")} plot">' for name in PLOTS),
+        "</div>",
+        "<h2>Rounds</h2>",
+        per_round,
+    ]
+    if rejections:
+        parts += ["<h2>Rejected deltas</h2>", _table(["round", "client", "reason"], rejections)]
+    if last_clients is not None:
+        parts += [
+            f"<h2>Clients of round {int(last_clients['round'])}</h2>",
+            _table(
+                ["client", "samples", "train loss", "bytes", "dense fp32 bytes", "delta norm"],
+                [
+                    [
+                        str(c.get("client", "")),
+                        str(c.get("samples", "")),
+                        fmt_loss(_number(c.get("train_loss"))),
+                        fmt_bytes(_number(c.get("bytes"))),
+                        fmt_bytes(_number(c.get("raw_bytes"))),
+                        "" if _number(c.get("norm")) is None else f"{c['norm']:.4g}",
+                    ]
+                    for c in last_clients["clients"]
+                ],
+            ),
+        ]
+    if last is None:
+        parts.append("<p>No round has been aggregated yet.</p>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------
+
+
+def render(
+    store: st.Store, run: str | None = None, through_round: int | None = None
+) -> dict[str, bytes]:
+    """The report's files (name -> bytes) for the rounds in storage up to `through_round`."""
+    metrics = read_metrics(store, through_round)
+    rows = round_rows(metrics)
+    name = run or next((str(m["run"]) for m in metrics if m.get("run")), "") or store.uri
+    return {
+        HTML_FILE: render_html(name, metrics, rows).encode(),
+        LOSS_PLOT: loss_plot(rows),
+        BYTES_PLOT: bytes_plot(rows),
+        COMPRESSION_PLOT: compression_plot(rows),
+    }
+
+
+def write(store: st.Store, run: str, through_round: int) -> str:
+    """Render and commit report/ (manifest last); returns the URI of report.html."""
+    files = render(store, run, through_round)
+    st.commit(store, REPORT_PREFIX, files, {"kind": "report", "run": run, "round": through_round})
+    return store.url(st.join(REPORT_PREFIX, HTML_FILE))
+
+
+def save(files: Mapping[str, bytes], out: Path) -> list[Path]:
+    """Write rendered files into a local directory; returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, data in sorted(files.items()):
+        (out / name).write_bytes(data)
+        paths.append(out / name)
+    return paths

@@ -1,0 +1,549 @@
+"""Object storage behind one small interface, and the crash-safe commit protocol on top of it.
+
+Two backends: `s3://bucket/prefix` through boto3 (any S3-compatible server: endpoint override, path
+style addressing, retries with backoff, multipart transfers for large objects, credentials from
+the standard AWS environment variables) and `file:///path` (or a bare path) for local use and tests.
+
+The commit protocol (design.md, "Storage layout"): a *committed object* is a prefix holding data
+files and a `manifest.json` that lists each file's size and SHA-256. Writers delete the old
+manifest, write the data, and write the manifest last; readers trust the data only when the
+manifest exists and every checksum matches. A crash at any point therefore leaves either the old
+commit, no commit, or the new one, never a manifest that vouches for half-written data.
+
+Round-versioned state (`state/server/<round>/`, `state/clients/<client>/<round>/`) is what makes a
+rerun of round r idempotent: the rerun reads the state written *before* round r again and
+overwrites the state of round r, so nothing is applied twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from .task import StorageLocation
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "fedtune.manifest/v1"
+_CHUNK = 1 << 20
+_TMP_MARK = ".fedtune-tmp-"
+
+
+class ObjectNotFound(FileNotFoundError):
+    """The key does not exist (a missing object, not a transport error)."""
+
+
+class IntegrityError(RuntimeError):
+    """A committed object failed verification: missing file, wrong size or wrong checksum."""
+
+
+# --------------------------------------------------------------------------------------------
+# The interface and its two backends
+# --------------------------------------------------------------------------------------------
+
+
+def join(*parts: str) -> str:
+    """Join key parts with '/', ignoring empty parts and stray slashes."""
+    return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
+
+
+class Store(ABC):
+    """A flat key space of immutable-per-write objects, rooted at `uri`."""
+
+    uri: str
+
+    @abstractmethod
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+
+    @abstractmethod
+    def get_bytes(self, key: str) -> bytes:
+        """The object's content; raises ObjectNotFound."""
+
+    @abstractmethod
+    def put_file(self, key: str, path: Path) -> None: ...
+
+    @abstractmethod
+    def get_file(self, key: str, path: Path) -> None:
+        """Download to `path` (streaming, never the whole object in memory); ObjectNotFound."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[str]:
+        """Every key that starts with `prefix`, sorted (S3 semantics: a string prefix)."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove one key; a missing key is not an error."""
+
+    @abstractmethod
+    def delete_prefix(self, prefix: str) -> int:
+        """Remove every key under `prefix`; returns how many were removed."""
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.get_bytes(key)
+        except ObjectNotFound:
+            return False
+        return True
+
+    def url(self, key: str = "") -> str:
+        """The absolute URI of `key` (what summaries and logs show)."""
+        return self.uri.rstrip("/") + ("/" + key.strip("/") if key else "")
+
+
+class FileStore(Store):
+    """Keys are paths under `root`; every write goes to a temp file and is renamed into place."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self.uri = self.root.as_uri()
+
+    def _path(self, key: str) -> Path:
+        key = key.strip("/")
+        if not key or any(part in ("", ".", "..") for part in key.split("/")):
+            raise ValueError(f"invalid key {key!r}")
+        return self.root / key
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._atomic_write(self._path(key), lambda f: f.write(data))
+
+    def put_file(self, key: str, path: Path) -> None:
+        with open(path, "rb") as src:
+            self._atomic_write(self._path(key), lambda f: shutil.copyfileobj(src, f, _CHUNK))
+
+    @staticmethod
+    def _atomic_write(dest: Path, write: Any) -> None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=_TMP_MARK, dir=dest.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+            raise ObjectNotFound(self.url(key)) from e
+
+    def get_file(self, key: str, path: Path) -> None:
+        src = self._path(key)
+        if not src.is_file():
+            raise ObjectNotFound(self.url(key))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, path)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> list[str]:
+        prefix = prefix.lstrip("/")
+        # Walk only the deepest directory the prefix names, then filter as S3 would.
+        base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
+        if not base.is_dir():
+            return []
+        keys = []
+        for dirpath, _, files in os.walk(base):
+            for name in files:
+                if name.startswith(_TMP_MARK):
+                    continue
+                key = Path(dirpath, name).relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    keys.append(key)
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def delete_prefix(self, prefix: str) -> int:
+        keys = self.list(prefix)
+        for key in keys:
+            self.delete(key)
+        # Drop directories the deletion emptied, deepest first, never the root.
+        for key in keys:
+            parent = self._path(key).parent
+            while parent != self.root and parent.is_dir() and not any(parent.iterdir()):
+                parent.rmdir()
+                parent = parent.parent
+        return len(keys)
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """What an S3 client needs beyond credentials (which boto3 reads from AWS_* variables)."""
+
+    endpoint: str | None = None
+    region: str | None = None
+    force_path_style: bool = True
+    max_attempts: int = 8
+    multipart_threshold: int = 64 << 20
+    multipart_chunksize: int = 16 << 20
+    # Explicit credentials (a client's data Secret); None: boto3's standard AWS_* chain.
+    access_key_id: str | None = field(default=None, repr=False)
+    secret_access_key: str | None = field(default=None, repr=False)
+
+
+class S3Store(Store):
+    """`s3://bucket/prefix` through boto3."""
+
+    def __init__(self, bucket: str, prefix: str, settings: S3Settings) -> None:
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.uri = f"s3://{bucket}" + (f"/{self.prefix}" if self.prefix else "")
+        endpoint = settings.endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
+        region = (
+            settings.region
+            or os.environ.get("AWS_REGION")
+            or os.environ.get("AWS_DEFAULT_REGION")
+            or "us-east-1"
+        )
+        config = Config(
+            s3={"addressing_style": "path" if settings.force_path_style else "auto"},
+            # "standard" mode: exponential backoff with jitter on throttling and 5xx.
+            retries={"max_attempts": settings.max_attempts, "mode": "standard"},
+            connect_timeout=10,
+            read_timeout=120,
+            # Many S3-compatible servers reject the newer default CRC trailers.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name=region,
+            config=config,
+            aws_access_key_id=settings.access_key_id,
+            aws_secret_access_key=settings.secret_access_key,
+        )
+        self.transfer = TransferConfig(
+            multipart_threshold=settings.multipart_threshold,
+            multipart_chunksize=settings.multipart_chunksize,
+            max_concurrency=4,
+        )
+
+    def _key(self, key: str) -> str:
+        key = key.strip("/")
+        if not key:
+            raise ValueError("empty key")
+        return join(self.prefix, key)
+
+    def _not_found(self, error: Exception) -> bool:
+        from botocore.exceptions import ClientError
+
+        if not isinstance(error, ClientError):
+            return False
+        code = str(error.response.get("Error", {}).get("Code", ""))
+        return code in ("404", "NoSuchKey", "NotFound")
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self.client.upload_fileobj(
+            io.BytesIO(data), self.bucket, self._key(key), Config=self.transfer
+        )
+
+    def put_file(self, key: str, path: Path) -> None:
+        self.client.upload_file(str(path), self.bucket, self._key(key), Config=self.transfer)
+
+    def get_bytes(self, key: str) -> bytes:
+        buf = io.BytesIO()
+        try:
+            self.client.download_fileobj(self.bucket, self._key(key), buf, Config=self.transfer)
+        except Exception as e:
+            if self._not_found(e):
+                raise ObjectNotFound(self.url(key)) from e
+            raise
+        return buf.getvalue()
+
+    def get_file(self, key: str, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.client.download_file(self.bucket, self._key(key), str(path), Config=self.transfer)
+        except Exception as e:
+            if self._not_found(e):
+                raise ObjectNotFound(self.url(key)) from e
+            raise
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except Exception as e:
+            if self._not_found(e):
+                return False
+            raise
+        return True
+
+    def _iter_keys(self, prefix: str) -> Iterator[str]:
+        full = (self.prefix + "/" if self.prefix else "") + prefix.lstrip("/")
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+            for obj in page.get("Contents", []):
+                yield obj["Key"][strip:]
+
+    def list(self, prefix: str = "") -> list[str]:
+        return sorted(self._iter_keys(prefix))
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def delete_prefix(self, prefix: str) -> int:
+        keys = self.list(prefix)
+        for i in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
+            batch = [{"Key": self._key(k)} for k in keys[i : i + 1000]]
+            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+        return len(keys)
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """`s3://bucket/a/b` -> ("bucket", "a/b")."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise ValueError(f"not an s3 URI: {uri!r}")
+    return parsed.netloc, parsed.path.strip("/")
+
+
+def local_path(uri: str) -> Path | None:
+    """The filesystem path of a `file://` URI or a bare path; None for anything remote."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise ValueError(f"file URIs must be local: {uri!r}")
+        return Path(unquote(parsed.path))
+    if parsed.scheme == "" or re.fullmatch(r"[a-zA-Z]", parsed.scheme):  # bare or C:\ path
+        return Path(uri)
+    return None
+
+
+def open_store(where: StorageLocation | str, settings: S3Settings | None = None) -> Store:
+    """The store for a task's storage location or a plain URI."""
+    if isinstance(where, StorageLocation):
+        uri = where.uri
+        settings = S3Settings(
+            endpoint=where.endpoint, region=where.region, force_path_style=where.force_path_style
+        )
+    else:
+        uri = where
+    if uri.startswith("s3://"):
+        bucket, prefix = split_s3(uri)
+        return S3Store(bucket, prefix, settings or S3Settings())
+    path = local_path(uri)
+    if path is None:
+        raise ValueError(f"unsupported storage URI {uri!r} (use s3:// or file://)")
+    return FileStore(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Commits: data first, manifest last
+# --------------------------------------------------------------------------------------------
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def commit(
+    store: Store, prefix: str, files: Mapping[str, bytes | Path], meta: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Write `files` under `prefix`, then the manifest that vouches for them; returns it."""
+    if MANIFEST in files:
+        raise ValueError(f"{MANIFEST} is reserved")
+    store.delete(join(prefix, MANIFEST))  # a reader must never pair the old manifest with new data
+    entries: dict[str, dict[str, Any]] = {}
+    for name, content in files.items():
+        if isinstance(content, Path):
+            entries[name] = {"bytes": content.stat().st_size, "sha256": sha256_file(content)}
+            store.put_file(join(prefix, name), content)
+        else:
+            entries[name] = {"bytes": len(content), "sha256": sha256_bytes(content)}
+            store.put_bytes(join(prefix, name), content)
+    manifest = {"format": MANIFEST_FORMAT, **meta, "files": entries}
+    store.put_bytes(join(prefix, MANIFEST), json.dumps(manifest, indent=1).encode())
+    return manifest
+
+
+def read_manifest(store: Store, prefix: str) -> dict[str, Any] | None:
+    """The manifest of a commit, or None when nothing is committed there."""
+    try:
+        raw = store.get_bytes(join(prefix, MANIFEST))
+    except ObjectNotFound:
+        return None
+    try:
+        manifest = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise IntegrityError(f"{store.url(join(prefix, MANIFEST))}: not JSON ({e})") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise IntegrityError(f"{store.url(join(prefix, MANIFEST))}: not a {MANIFEST_FORMAT}")
+    if not isinstance(manifest.get("files"), dict):
+        raise IntegrityError(f"{store.url(join(prefix, MANIFEST))}: no file list")
+    return manifest
+
+
+def verify_entry(manifest: Mapping[str, Any], name: str, size: int, digest: str) -> None:
+    """Raise IntegrityError unless `name` has the size and SHA-256 the manifest states."""
+    entry = manifest["files"].get(name)
+    if entry is None:
+        raise IntegrityError(f"{name}: not listed in the manifest")
+    if size != entry["bytes"]:
+        kind = "truncated" if size < entry["bytes"] else "oversized"
+        raise IntegrityError(
+            f"{name}: {kind}, {size} bytes where the manifest says {entry['bytes']}"
+        )
+    if digest != entry["sha256"]:
+        raise IntegrityError(f"{name}: checksum mismatch (sha256 {digest[:12]}...)")
+
+
+def read_committed(
+    store: Store, prefix: str, names: list[str] | None = None
+) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The manifest and the verified content of its files (all, or `names`) in memory."""
+    manifest = read_manifest(store, prefix)
+    if manifest is None:
+        raise ObjectNotFound(f"{store.url(prefix)}: no committed {MANIFEST}")
+    out: dict[str, bytes] = {}
+    for name in names if names is not None else sorted(manifest["files"]):
+        try:
+            data = store.get_bytes(join(prefix, name))
+        except ObjectNotFound as e:
+            raise IntegrityError(f"{name}: listed in the manifest but missing") from e
+        verify_entry(manifest, name, len(data), sha256_bytes(data))
+        out[name] = data
+    return manifest, out
+
+
+def fetch_committed(
+    store: Store, prefix: str, dest: Path, names: list[str] | None = None
+) -> dict[str, Any]:
+    """Download a commit's files (all, or `names`) into `dest`, verified; returns the manifest.
+
+    Streams through the disk, so an object never has to fit in memory.
+    """
+    manifest = read_manifest(store, prefix)
+    if manifest is None:
+        raise ObjectNotFound(f"{store.url(prefix)}: no committed {MANIFEST}")
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in names if names is not None else sorted(manifest["files"]):
+        path = dest / name
+        try:
+            store.get_file(join(prefix, name), path)
+        except ObjectNotFound as e:
+            raise IntegrityError(f"{name}: listed in the manifest but missing") from e
+        verify_entry(manifest, name, path.stat().st_size, sha256_file(path))
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------
+# Round-versioned state
+# --------------------------------------------------------------------------------------------
+
+
+def versioned_prefix(prefix: str, round_: int) -> str:
+    return join(prefix, f"{round_:06d}")
+
+
+def committed_versions(store: Store, prefix: str) -> list[int]:
+    """Rounds that have a committed version under `prefix`, ascending."""
+    pattern = re.compile(re.escape(prefix.strip("/")) + r"/(\d{6})/" + re.escape(MANIFEST) + "$")
+    rounds = []
+    for key in store.list(prefix.strip("/") + "/"):
+        if m := pattern.match(key):
+            rounds.append(int(m.group(1)))
+    return sorted(rounds)
+
+
+def latest_version_before(store: Store, prefix: str, round_: int) -> int | None:
+    """The newest committed version strictly older than `round_` (what round `round_` reads)."""
+    older = [r for r in committed_versions(store, prefix) if r < round_]
+    return older[-1] if older else None
+
+
+def prune_versions_before(store: Store, prefix: str, round_: int) -> None:
+    """Delete versions older than `round_`: they can no longer be read by any rerun."""
+    for r in committed_versions(store, prefix):
+        if r < round_:
+            store.delete_prefix(versioned_prefix(prefix, r) + "/")
+
+
+# --------------------------------------------------------------------------------------------
+# Fetching models and data sets named by URI
+# --------------------------------------------------------------------------------------------
+
+
+def cache_root() -> Path:
+    return Path(
+        os.environ.get("FEDTUNE_CACHE_DIR") or Path(tempfile.gettempdir()) / "fedtune-cache"
+    )
+
+
+def fetch(uri: str, settings: S3Settings | None = None) -> Path:
+    """A local path for a file or directory named by a local path, file:// or s3:// URI.
+
+    s3 objects are downloaded once into the cache (FEDTUNE_CACHE_DIR); a URI ending in '/' or
+    naming no single object is treated as a directory prefix. Each download goes to a private
+    temporary directory that is renamed into place when complete, so concurrent Jobs sharing a
+    cache never see (or clobber) each other's half-written files.
+    """
+    path = local_path(uri)
+    if path is not None:
+        if not path.exists():
+            raise FileNotFoundError(f"{uri}: no such file or directory")
+        return path
+    if not uri.startswith("s3://"):
+        raise ValueError(f"unsupported URI {uri!r} (use a path, file:// or s3://)")
+    dest = cache_root() / hashlib.sha256(uri.encode()).hexdigest()[:20]
+    if not dest.is_dir():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+        try:
+            _download(uri, tmp, settings or S3Settings())
+            try:
+                os.rename(tmp, dest)
+                print(f"fetched {uri}", file=sys.stderr)
+            except OSError:
+                if not dest.is_dir():  # not a lost race: a real failure
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if (dest / "dir").is_dir():
+        return dest / "dir"
+    return next((dest / "object").iterdir())
+
+
+def _download(uri: str, into: Path, settings: S3Settings) -> None:
+    """One object into `into/object/<name>`, or every object under the prefix into `into/dir/`."""
+    bucket, key = split_s3(uri)
+    store = S3Store(bucket, "", settings)
+    if key and not uri.endswith("/") and store.exists(key):
+        store.get_file(key, into / "object" / Path(key).name)
+        return
+    prefix = key.rstrip("/") + "/" if key else ""
+    keys = store.list(prefix)
+    if not keys:
+        raise FileNotFoundError(f"{uri}: no objects")
+    for k in keys:
+        store.get_file(k, into / "dir" / k[len(prefix) :])
