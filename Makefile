@@ -10,6 +10,8 @@ PYTEST_ARGS ?=
 
 .PHONY: help install binaries test test-unit lint fmt crds demo bench cluster-up cluster-down \
         cluster-status cluster-logs cluster-env images
+CHART     := charts/fedtune-operator
+HELM       = $$(tools/build-binaries.sh 2>/dev/null)/helm
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -29,16 +31,19 @@ test: install  ## the whole suite: unit, integration (real S3, real training), e
 test-unit: install  ## only the tests that need no devcluster
 	@OMP_NUM_THREADS=1 $(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)
 
-lint: install  ## ruff check and format check
+lint: install  ## ruff check and format check, helm lint of the chart
 	@$(DEPS_BIN)/ruff check .
 	@$(DEPS_BIN)/ruff format --check .
+	@$(HELM) lint --strict $(CHART)
 
 fmt: install  ## ruff format and autofix
 	@$(DEPS_BIN)/ruff format .
 	@$(DEPS_BIN)/ruff check --fix .
 
-crds: install  ## regenerate the CRD from the pydantic models
+crds: install  ## regenerate the CRD (and the chart's copy) and docs/api.md from the models
 	@$(PY) -m fedtune_operator.crd > crds/fedtune.dev_federatedfinetunes.yaml
+	@cp crds/fedtune.dev_federatedfinetunes.yaml $(CHART)/crds/
+	@$(PY) -m fedtune_operator.crd --docs > docs/api.md
 
 cluster-up: install  ## start the devcluster; kubeconfig at .devcluster/kubeconfig
 	@$(CLUSTER) up

@@ -13,7 +13,10 @@ from devcluster.cluster import REPO_ROOT, Cluster, build_binaries, free_port
 from devcluster.s3 import S3Account, S3Server
 from devcluster.testing import DevCluster
 
-TEST_CLUSTER_DIR = REPO_ROOT / ".devcluster" / "pytest"
+# A separate directory per checkout (or per FEDTUNE_TEST_CLUSTER_DIR), apart from `make cluster-up`.
+TEST_CLUSTER_DIR = Path(
+    os.environ.get("FEDTUNE_TEST_CLUSTER_DIR") or REPO_ROOT / ".devcluster" / "pytest"
+)
 
 
 @pytest.fixture(scope="session")

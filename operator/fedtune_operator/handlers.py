@@ -34,7 +34,7 @@ from fedtune_operator.api import (
     parse_status,
     validate_spec,
 )
-from fedtune_operator.kube import Conflict, Kube
+from fedtune_operator.kube import Conflict, Kube, NamespaceTerminating
 from fedtune_operator.observe import observe_jobs
 
 log = logging.getLogger("fedtune.operator")
@@ -169,8 +169,12 @@ async def reconcile(namespace: str, name: str) -> bool:
             return True
         _count(namespace, name, status, decision)
 
-    for action in decision.actions:
-        await asyncio.to_thread(_apply, k, obj, spec, action)
+    try:
+        for action in decision.actions:
+            await asyncio.to_thread(_apply, k, obj, spec, action)
+    except NamespaceTerminating:
+        log.info("namespace %s is being deleted: not acting on run %s", namespace, name)
+        return False
     for event in decision.events:
         kopf.event(obj, type=event.type, reason=event.reason, message=event.message)
     return False
@@ -254,7 +258,14 @@ async def cleanup_storage(name: str, namespace: str, body: kopf.Body, **_: Any) 
     job = await asyncio.to_thread(k.job_state, namespace, job_name)
     if job is None:
         manifest = manifests.cleanup_job(run=name, namespace=namespace, spec=spec)
-        await asyncio.to_thread(k.create_job, manifest)
+        try:
+            await asyncio.to_thread(k.create_job, manifest)
+        except NamespaceTerminating:
+            # No Job can run here any more; holding the run would hold the namespace forever.
+            log.warning(
+                "namespace %s is being deleted: %s is left in place", namespace, spec.storage.uri
+            )
+            return
         kopf.info(body, reason="StorageCleanup", message=f"deleting {spec.storage.uri}")
         raise kopf.TemporaryError("waiting for the storage cleanup Job", delay=2)
     for cond in (job.get("status") or {}).get("conditions") or []:

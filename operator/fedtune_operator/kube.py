@@ -20,6 +20,14 @@ class Conflict(Exception):
     """The run changed since it was read; re-read and decide again."""
 
 
+class NamespaceTerminating(Exception):
+    """The namespace is being deleted: nothing new can be created in it, and nothing needs to."""
+
+
+def _terminating(e: ApiException) -> bool:
+    return e.status == 403 and "NamespaceTerminating" in str(e.body or "")
+
+
 def api_client() -> client.ApiClient:
     try:
         config.load_incluster_config()
@@ -91,6 +99,8 @@ class Kube:
         except ApiException as e:
             if e.status == 409:
                 return False
+            if _terminating(e):
+                raise NamespaceTerminating(manifest["metadata"]["namespace"]) from None
             raise
         return True
 

@@ -1,0 +1,315 @@
+"""The operator end to end on the devcluster: real API server and controllers, the real trainer in
+the Job pods, the real S3 server. Every wait has a timeout and names what it waited for."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from devcluster.testing import DevCluster, wait_for
+from tests.e2e.support import (
+    BUCKET,
+    CLIENTS,
+    Assets,
+    Manifest,
+    Operator,
+    condition,
+    events_of,
+    jobs_of,
+    wait_condition,
+)
+
+RUN_TIMEOUT = 420
+
+
+def apply(dc: DevCluster, manifest: Manifest) -> None:
+    dc.kubectl("apply", "-f", "-", input=json.dumps(manifest))
+
+
+def job_keys(jobs: list[dict]) -> Counter[tuple[str, str, str]]:
+    labels = [j["metadata"]["labels"] for j in jobs]
+    return Counter(
+        (lb["fedtune.dev/round"], lb["fedtune.dev/role"], lb.get("fedtune.dev/client", "-"))
+        for lb in labels
+    )
+
+
+def storage_keys(dc: DevCluster, prefix: str) -> list[str]:
+    s3 = dc.s3.client()
+    listing = s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix)
+    return [o["Key"] for o in listing.get("Contents", [])]
+
+
+def test_a_run_goes_to_succeeded_and_its_adapter_loads(
+    devcluster: DevCluster,
+    operator: Operator,
+    namespace: str,
+    assets: Assets,
+    manifest: Callable[..., Manifest],
+    run_name: str,
+    tmp_path: Path,
+) -> None:
+    apply(devcluster, manifest(run_name))
+    run = wait_condition(devcluster, operator, namespace, run_name, "Succeeded", RUN_TIMEOUT)
+
+    status = run["status"]
+    assert status["phase"] == "Succeeded"
+    assert status["roundProgress"] == "3/3"
+    assert [r["round"] for r in status["history"]] == [1, 2, 3]
+    assert all(r["clientsSucceeded"] == 3 for r in status["history"])
+    assert status["finalAdapterUri"].startswith(f"s3://{BUCKET}/runs/{run_name}/")
+    assert status["communication"]["reductionRatio"] > 1
+    assert {c["name"]: c["phase"] for c in status["clients"]} == dict.fromkeys(CLIENTS, "Succeeded")
+    assert condition(run, "Progressing")["status"] == "False"
+    assert condition(run, "Failed")["status"] == "False"
+
+    # One Job per client per round plus one aggregator per round (round 0 initialises): none
+    # was created twice, none retried as a new attempt.
+    jobs = jobs_of(devcluster, namespace, run_name)
+    keys = job_keys(jobs)
+    expected = {("0", "aggregator", "-")} | {
+        (str(r), role, c)
+        for r in (1, 2, 3)
+        for role, c in [("aggregator", "-"), *[("client", c) for c in CLIENTS]]
+    }
+    assert set(keys) == expected
+    assert max(keys.values()) == 1
+
+    # What a user sees.
+    table = devcluster.kubectl("get", "fft", run_name, "-n", namespace).stdout
+    header, row = table.splitlines()
+    assert header.split()[:5] == ["NAME", "PHASE", "ROUND", "CLIENTS", "LOSS"]
+    assert "Succeeded" in row
+    assert "3/3" in row
+    assert status["communication"]["reduction"] in row
+    waited = devcluster.kubectl(
+        "wait", "--for=condition=Succeeded", f"fft/{run_name}", "-n", namespace, "--timeout=5s"
+    )
+    assert "condition met" in waited.stdout
+    reasons = [e["reason"] for e in events_of(devcluster, namespace, run_name)]
+    assert {"RoundStarted", "RoundAggregated", "RunSucceeded"} <= set(reasons)
+
+    # The final adapter is a standard PEFT adapter.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    final_prefix = status["finalAdapterUri"].removeprefix(f"s3://{BUCKET}/")
+    target = tmp_path / "adapter"
+    target.mkdir()
+    for key in storage_keys(devcluster, final_prefix):
+        rel = key.removeprefix(final_prefix).lstrip("/")
+        (target / rel).parent.mkdir(parents=True, exist_ok=True)
+        devcluster.s3.client().download_file(BUCKET, key, str(target / rel))
+    base = AutoModelForCausalLM.from_pretrained(assets.local_model)
+    model = PeftModel.from_pretrained(base, target)
+    assert any("lora_B" in n for n, _ in model.named_parameters())
+
+    # Deleting the run garbage-collects its Jobs and their pods.
+    devcluster.kubectl("delete", "fft", run_name, "-n", namespace, "--wait=true", "--timeout=60s")
+    wait_for(
+        lambda: not jobs_of(devcluster, namespace, run_name),
+        timeout=60,
+        what="the run's Jobs to be garbage-collected",
+    )
+    wait_for(
+        lambda: (
+            not json.loads(
+                devcluster.kubectl(
+                    "get",
+                    "pods",
+                    "-n",
+                    namespace,
+                    "-l",
+                    f"fedtune.dev/run={run_name}",
+                    "-o",
+                    "json",
+                ).stdout
+            )["items"]
+        ),
+        timeout=60,
+        what="the run's pods to be garbage-collected",
+    )
+    assert storage_keys(devcluster, f"runs/{run_name}/")  # Retain: the artifacts stay
+
+
+def test_a_failed_client_is_reported_and_the_round_goes_on_with_the_quorum(
+    devcluster: DevCluster,
+    operator: Operator,
+    namespace: str,
+    assets: Assets,
+    manifest: Callable[..., Manifest],
+    run_name: str,
+) -> None:
+    clients = [{"name": c, "dataUri": assets.data_uris[c]} for c in CLIENTS]
+    clients[1]["dataUri"] = assets.broken_data_uri
+    apply(devcluster, manifest(run_name, rounds=1, clients=clients, aggregation={"minClients": 2}))
+    run = wait_condition(devcluster, operator, namespace, run_name, "Succeeded", RUN_TIMEOUT)
+    bob = next(c for c in run["status"]["clients"] if c["name"] == "bob")
+    assert bob["phase"] == "Failed"
+    assert "line 6" in bob["message"]
+    assert run["status"]["history"][0]["clientsSucceeded"] == 2
+    warnings = [e for e in events_of(devcluster, namespace, run_name) if e["type"] == "Warning"]
+    assert any(e["reason"] == "ClientFailed" and "bob" in e["message"] for e in warnings)
+
+
+def test_without_the_quorum_the_run_fails_with_a_reason(
+    devcluster: DevCluster,
+    operator: Operator,
+    namespace: str,
+    assets: Assets,
+    manifest: Callable[..., Manifest],
+    run_name: str,
+) -> None:
+    clients = [{"name": c, "dataUri": assets.data_uris[c]} for c in CLIENTS]
+    clients[0]["dataUri"] = assets.broken_data_uri
+    apply(
+        devcluster,
+        manifest(run_name, rounds=2, clients=clients, aggregation={"maxRoundRetries": 0}),
+    )
+    run = wait_condition(devcluster, operator, namespace, run_name, "Failed", RUN_TIMEOUT)
+    failed = condition(run, "Failed")
+    assert failed["reason"] == "QuorumNotReached"
+    assert "quorum 3" in failed["message"]
+    assert run["status"]["phase"] == "Failed"
+    assert condition(run, "Succeeded")["status"] == "False"
+    assert not [
+        j
+        for j in jobs_of(devcluster, namespace, run_name)
+        if j["metadata"]["labels"]["fedtune.dev/role"] == "aggregator"
+        and j["metadata"]["labels"]["fedtune.dev/round"] == "1"
+    ]
+
+
+def _jobs_running(dc: DevCluster, namespace: str, name: str, round_: str, role: str) -> bool:
+    for job in jobs_of(dc, namespace, name):
+        labels = job["metadata"]["labels"]
+        if (
+            labels["fedtune.dev/round"] == round_
+            and labels["fedtune.dev/role"] == role
+            and (job.get("status", {}).get("active"))
+        ):
+            return True
+    return False
+
+
+def test_an_operator_killed_mid_round_resumes_without_duplicates(
+    devcluster: DevCluster,
+    operator: Operator,
+    namespace: str,
+    manifest: Callable[..., Manifest],
+    run_name: str,
+) -> None:
+    apply(devcluster, manifest(run_name, rounds=2))
+    wait_for(
+        lambda: _jobs_running(devcluster, namespace, run_name, "1", "client"),
+        timeout=180,
+        what="round 1's clients to run",
+        interval=0.5,
+    )
+    operator.kill()
+    operator.start()
+    wait_for(
+        lambda: _jobs_running(devcluster, namespace, run_name, "2", "aggregator"),
+        timeout=300,
+        what="round 2's aggregator to run",
+        interval=0.5,
+        diagnose=operator.log_tail,
+    )
+    operator.kill()
+    operator.start()
+    run = wait_condition(devcluster, operator, namespace, run_name, "Succeeded", RUN_TIMEOUT)
+    assert [(r["round"], r["attempt"]) for r in run["status"]["history"]] == [(1, 0), (2, 0)]
+    keys = job_keys(jobs_of(devcluster, namespace, run_name))
+    assert len(keys) == 1 + 2 * (len(CLIENTS) + 1)
+    assert max(keys.values()) == 1
+
+
+def test_suspend_suspends_the_jobs_and_resume_finishes_the_run(
+    devcluster: DevCluster,
+    operator: Operator,
+    namespace: str,
+    manifest: Callable[..., Manifest],
+    run_name: str,
+) -> None:
+    apply(devcluster, manifest(run_name, rounds=1))
+    wait_for(
+        lambda: _jobs_running(devcluster, namespace, run_name, "1", "client"),
+        timeout=180,
+        what="round 1's clients to run",
+        interval=0.5,
+    )
+    devcluster.kubectl(
+        "patch",
+        "fft",
+        run_name,
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec": {"suspend": true}}',
+    )
+    run = wait_condition(devcluster, operator, namespace, run_name, "Suspended", 60)
+    assert run["status"]["phase"] == "Suspended"
+    wait_for(
+        lambda: all(
+            j["spec"].get("suspend") or j.get("status", {}).get("succeeded")
+            for j in jobs_of(devcluster, namespace, run_name)
+            if j["metadata"]["labels"]["fedtune.dev/round"] == "1"
+        ),
+        timeout=60,
+        what="round 1's unfinished Jobs to be suspended",
+    )
+    devcluster.kubectl(
+        "patch",
+        "fft",
+        run_name,
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec": {"suspend": false}}',
+    )
+    run = wait_condition(devcluster, operator, namespace, run_name, "Succeeded", RUN_TIMEOUT)
+    assert condition(run, "Suspended")["status"] == "False"
+    reasons = [e["reason"] for e in events_of(devcluster, namespace, run_name)]
+    assert "Suspended" in reasons
+    assert "Resumed" in reasons
+
+
+def test_cleanup_policy_delete_removes_the_storage_prefix(
+    devcluster: DevCluster,
+    operator: Operator,
+    namespace: str,
+    manifest: Callable[..., Manifest],
+    run_name: str,
+) -> None:
+    m = manifest(run_name, rounds=1)
+    m["spec"]["storage"]["cleanupPolicy"] = "Delete"
+    apply(devcluster, m)
+    wait_condition(devcluster, operator, namespace, run_name, "Succeeded", RUN_TIMEOUT)
+    assert storage_keys(devcluster, f"runs/{run_name}/")
+    devcluster.kubectl("delete", "fft", run_name, "-n", namespace, "--wait=true", "--timeout=120s")
+    assert storage_keys(devcluster, f"runs/{run_name}/") == []
+
+
+def test_a_spec_the_schema_accepts_but_the_operator_cannot_run_fails_as_invalid(
+    devcluster: DevCluster,
+    operator: Operator,
+    namespace: str,
+    manifest: Callable[..., Manifest],
+    run_name: str,
+) -> None:
+    m = manifest(run_name)
+    # Passes the CRD schema, but deleting the run's storage would delete a client's data.
+    m["spec"]["storage"]["cleanupPolicy"] = "Delete"
+    m["spec"]["clients"][0]["dataUri"] = m["spec"]["storage"]["uri"] + "/data.jsonl"
+    apply(devcluster, m)
+    run = wait_condition(devcluster, operator, namespace, run_name, "Failed", 60)
+    failed = condition(run, "Failed")
+    assert failed["reason"] == "InvalidSpec"
+    assert "spec.clients[0].dataUri" in failed["message"]
+    assert jobs_of(devcluster, namespace, run_name) == []
+    warnings = [e for e in events_of(devcluster, namespace, run_name) if e["type"] == "Warning"]
+    assert any(e["reason"] == "InvalidSpec" for e in warnings)
