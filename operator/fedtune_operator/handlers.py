@@ -1,9 +1,9 @@
 """The kopf shell: observe, decide (engine.decide), act; nothing else.
 
-Each FederatedFineTune gets one kopf daemon, a loop that reconciles the run whenever something about
-it changes (its own events and its Jobs' events poke the loop) and at least every RESYNC_SECONDS
-(which is what makes round timeouts fire). One loop per run serialises its reconciles without
-locks, and it holds no memory: a restarted operator resumes every run from its status and Jobs.
+Each FederatedFineTune gets one reconcile loop (`Loops`), which runs whenever something about the
+run changes (its own watch events and its Jobs' wake it) and at least every RESYNC_SECONDS (which
+is what makes round timeouts fire). One loop per run serialises its reconciles without locks, and
+it holds no memory: a restarted operator resumes every run from its status and Jobs.
 
 The order of a reconcile is fixed: write the status (guarded by resourceVersion; on a conflict,
 re-read and decide again), then create or delete Jobs, then post events. A status that says round r
@@ -17,7 +17,7 @@ import contextlib
 import datetime as dt
 import logging
 import os
-from typing import Any
+from typing import Any, Literal
 
 import kopf
 from prometheus_client import start_http_server
@@ -44,7 +44,6 @@ METRICS_PORT_ENV = "FEDTUNE_METRICS_PORT"
 ANNOTATION_PREFIX = "fedtune.dev"
 FINALIZER = "fedtune.dev/cleanup"
 
-_pokes: dict[tuple[str, str], asyncio.Event] = {}
 _kube: Kube | None = None
 
 
@@ -85,61 +84,102 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _poke(namespace: str | None, run: str | None) -> None:
-    if namespace and run and (event := _pokes.get((namespace, run))):
-        event.set()
+class Loops:
+    """One reconcile loop per run, owned here rather than by kopf.
 
+    A kopf daemon would do the same, but kopf puts a finalizer on every object that has a
+    daemon; the operator keeps finalizers for storage cleanup only. Watch events (the run's own,
+    and its Jobs') start a run's loop when it has none and wake it; the initial listing after a
+    restart starts one for every existing run, which is how a restarted operator resumes.
+    """
 
-@kopf.on.event("batch", "v1", "jobs", labels={manifests.LABEL_RUN: kopf.PRESENT})
-def job_changed(labels: kopf.Labels, namespace: str | None, **_: Any) -> None:
-    _poke(namespace, labels.get(manifests.LABEL_RUN))
+    def __init__(self) -> None:
+        self.tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self.pokes: dict[tuple[str, str], asyncio.Event] = {}
 
+    def wake(self, namespace: str, name: str) -> None:
+        key = (namespace, name)
+        self.pokes.setdefault(key, asyncio.Event()).set()
+        task = self.tasks.get(key)
+        if task is None or task.done():
+            self.tasks[key] = asyncio.create_task(self._loop(key), name=f"reconcile {key}")
 
-@kopf.on.event(GROUP, VERSION, PLURAL)
-def run_changed(name: str, namespace: str | None, **_: Any) -> None:
-    _poke(namespace, name)
+    def stop(self, namespace: str, name: str) -> None:
+        if task := self.tasks.pop((namespace, name), None):
+            task.cancel()
+        self.pokes.pop((namespace, name), None)
 
+    async def stop_all(self) -> None:
+        tasks = list(self.tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.tasks.clear()
 
-# ---------------------------------------------------------------------------------------------
-# The loop
-# ---------------------------------------------------------------------------------------------
-
-
-@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10.0)
-async def run_loop(
-    name: str, namespace: str, stopped: kopf.DaemonStopped, logger: logging.Logger, **_: Any
-) -> None:
-    key = (namespace, name)
-    poke = _pokes.setdefault(key, asyncio.Event())
-    try:
-        while not stopped:
+    async def _loop(self, key: tuple[str, str]) -> None:
+        namespace, name = key
+        poke = self.pokes.setdefault(key, asyncio.Event())
+        while True:
             poke.clear()
             try:
-                again = await reconcile(namespace, name)
+                outcome = await reconcile(namespace, name)
+            except asyncio.CancelledError:
+                raise
             except Exception:
                 metrics.RECONCILE_ERRORS.inc()
-                logger.exception("reconcile failed; retrying")
-                again = False
-            if stopped:
-                break
-            if again:
+                log.exception("reconcile of %s/%s failed; retrying", namespace, name)
+                outcome = "wait"
+            if outcome == "gone":
+                self.pokes.pop(key, None)
+                self.tasks.pop(key, None)
+                return
+            if outcome == "again":
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(poke.wait(), RESYNC_SECONDS)
-    finally:
-        _pokes.pop(key, None)
+
+
+loops = Loops()
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def run_changed(
+    name: str, namespace: str | None, type: str | None, meta: kopf.Meta, **_: Any
+) -> None:
+    if namespace is None:
+        return
+    if type == "DELETED" or meta.get("deletionTimestamp"):
+        loops.stop(namespace, name)
+    else:
+        loops.wake(namespace, name)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={manifests.LABEL_RUN: kopf.PRESENT})
+async def job_changed(labels: kopf.Labels, namespace: str | None, **_: Any) -> None:
+    run = labels.get(manifests.LABEL_RUN)
+    if namespace and run and (namespace, run) in loops.tasks:
+        loops.wake(namespace, run)
+
+
+@kopf.on.cleanup()
+async def stop_loops(**_: Any) -> None:
+    await loops.stop_all()
 
 
 def _status_json(status: FederatedFineTuneStatus) -> dict[str, Any]:
     return status.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
-async def reconcile(namespace: str, name: str) -> bool:
-    """One observe-decide-act pass. True when it should run again at once (a write conflict)."""
+Outcome = Literal["wait", "again", "gone"]
+
+
+async def reconcile(namespace: str, name: str) -> Outcome:
+    """One observe-decide-act pass: then wait for the next wake-up, go again at once (the run
+    changed under a status write), or stop (the run is gone or going)."""
     k = kube()
     obj = await asyncio.to_thread(k.get_run, namespace, name)
     if obj is None or obj["metadata"].get("deletionTimestamp"):
-        return False
+        return "gone"
     meta = obj["metadata"]
     now = dt.datetime.now(dt.UTC)
     status = parse_status(obj.get("status"))
@@ -166,7 +206,7 @@ async def reconcile(namespace: str, name: str) -> bool:
         try:
             await asyncio.to_thread(k.write_status, obj, _status_json(decision.status))
         except Conflict:
-            return True
+            return "again"
         _count(namespace, name, status, decision)
 
     try:
@@ -174,10 +214,10 @@ async def reconcile(namespace: str, name: str) -> bool:
             await asyncio.to_thread(_apply, k, obj, spec, action)
     except NamespaceTerminating:
         log.info("namespace %s is being deleted: not acting on run %s", namespace, name)
-        return False
+        return "gone"
     for event in decision.events:
         kopf.event(obj, type=event.type, reason=event.reason, message=event.message)
-    return False
+    return "wait"
 
 
 def _apply(

@@ -365,11 +365,12 @@ def test_the_operator_reconciles_runs_in_the_namespaces_it_watches(release: Rele
         manifest = run_manifest(name, namespace, endpoint=dc.s3.endpoint, suspend=True)
         dc.kubectl("create", "-f", "-", input=json.dumps(manifest))
 
-    # Reconciled: read, status written through the subresource, an event posted, finalizer set.
+    # Reconciled: read, status written through the subresource, an event posted; no finalizer,
+    # as storage.cleanupPolicy is Retain (only Delete needs one).
     run = wait_phase(release, release.mode.runs, watched_run, "Suspended", RECONCILE_TIMEOUT)
     assert condition(run, "Suspended")["status"] == "True"
     assert run["status"]["observedGeneration"] == run["metadata"]["generation"]
-    assert "fedtune.dev/cleanup" in run["metadata"]["finalizers"]
+    assert not run["metadata"].get("finalizers")
     wait_for(
         lambda: any(
             e["reason"] == "Suspended" for e in events_for(dc, release.mode.runs, watched_run)

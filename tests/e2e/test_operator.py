@@ -64,6 +64,8 @@ def test_a_run_goes_to_succeeded_and_its_adapter_loads(
     assert {c["name"]: c["phase"] for c in status["clients"]} == dict.fromkeys(CLIENTS, "Succeeded")
     assert condition(run, "Progressing")["status"] == "False"
     assert condition(run, "Failed")["status"] == "False"
+    # Retain: nothing outside the cluster to clean up, so no finalizer to hold the deletion.
+    assert not run["metadata"].get("finalizers")
 
     # One Job per client per round plus one aggregator per round (round 0 initialises): none
     # was created twice, none retried as a new attempt.
@@ -288,7 +290,8 @@ def test_cleanup_policy_delete_removes_the_storage_prefix(
     m = manifest(run_name, rounds=1)
     m["spec"]["storage"]["cleanupPolicy"] = "Delete"
     apply(devcluster, m)
-    wait_condition(devcluster, operator, namespace, run_name, "Succeeded", RUN_TIMEOUT)
+    run = wait_condition(devcluster, operator, namespace, run_name, "Succeeded", RUN_TIMEOUT)
+    assert run["metadata"]["finalizers"] == ["fedtune.dev/cleanup"]
     assert storage_keys(devcluster, f"runs/{run_name}/")
     devcluster.kubectl("delete", "fft", run_name, "-n", namespace, "--wait=true", "--timeout=120s")
     assert storage_keys(devcluster, f"runs/{run_name}/") == []
