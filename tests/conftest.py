@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from devcluster.cluster import REPO_ROOT, Cluster, build_binaries, free_port
+from devcluster.cluster import REPO_ROOT, Cluster, build_binaries
+from devcluster.net import free_port
 from devcluster.s3 import S3Account, S3Server
 from devcluster.testing import DevCluster
 

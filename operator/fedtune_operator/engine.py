@@ -148,9 +148,6 @@ def human_bytes(n: float) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-Reason3 = tuple[str, str, str]  # (condition type of the outcome, reason, message)
-
-
 class _Step:
     """One decision in the making: the status so far (models are immutable, so every change
     replaces it), plus the actions and events it implies."""

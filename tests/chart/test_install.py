@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from devcluster.cluster import free_port
+from devcluster.net import free_port
 from devcluster.testing import DevCluster, wait_for
 from tests.chart.install import BUCKET, Assets, Mode, Release
 
@@ -138,17 +138,7 @@ def delete_run(dc: DevCluster, namespace: str, name: str) -> None:
 
 
 def events_for(dc: DevCluster, namespace: str, name: str) -> list[dict[str, Any]]:
-    out = dc.kubectl(
-        "get",
-        "events",
-        "-n",
-        namespace,
-        "--field-selector",
-        f"involvedObject.name={name},involvedObject.kind=FederatedFineTune",
-        "-o",
-        "json",
-    ).stdout
-    return json.loads(out)["items"]
+    return dc.events(namespace, "FederatedFineTune", name)
 
 
 def can_i(dc: DevCluster, user: str, *args: str) -> bool:

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from devcluster.testing import DevCluster, wait_for
+from devcluster.testing import DevCluster, OperatorProcess, wait_for
+
+Operator = OperatorProcess
 
 BUCKET = "fedtune-e2e"
 CLIENTS = ("alice", "bob", "carol")
@@ -27,52 +25,6 @@ class Assets:
     eval_uri: str
     broken_data_uri: str
     local_model: Path
-
-
-class Operator:
-    """`fedtune operator` as a local process, killable like a pod on a failing node."""
-
-    def __init__(self, dc: DevCluster, namespace: str, log: Path) -> None:
-        self.dc, self.namespace, self.log = dc, namespace, log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        env = {**os.environ, "KUBECONFIG": str(self.dc.kubeconfig), "FEDTUNE_RESYNC_SECONDS": "5"}
-        with self.log.open("ab") as f:
-            self.proc = subprocess.Popen(
-                [
-                    str(Path(sys.executable).parent / "fedtune"),
-                    "operator",
-                    "--namespace",
-                    self.namespace,
-                    "--liveness-port",
-                    "0",
-                    "--metrics-port",
-                    "0",
-                ],
-                stdout=f,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-            )
-
-    def kill(self) -> None:
-        """SIGKILL: no chance to clean up, as when a node dies under it."""
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def log_tail(self, lines: int = 80) -> str:
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
 
 
 def get_run(dc: DevCluster, namespace: str, name: str) -> dict[str, Any]:
@@ -116,14 +68,4 @@ def jobs_of(dc: DevCluster, namespace: str, name: str) -> list[dict[str, Any]]:
 
 
 def events_of(dc: DevCluster, namespace: str, name: str) -> list[dict[str, Any]]:
-    out = dc.kubectl(
-        "get",
-        "events",
-        "-n",
-        namespace,
-        "--field-selector",
-        f"involvedObject.name={name},involvedObject.kind=FederatedFineTune",
-        "-o",
-        "json",
-    ).stdout
-    return json.loads(out)["items"]
+    return dc.events(namespace, "FederatedFineTune", name)

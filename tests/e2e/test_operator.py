@@ -196,6 +196,24 @@ def _jobs_running(dc: DevCluster, namespace: str, name: str, round_: str, role: 
     return False
 
 
+def wait_running(
+    dc: DevCluster,
+    op: Operator,
+    namespace: str,
+    name: str,
+    round_: int,
+    role: str,
+    timeout: float = 180,
+) -> None:
+    wait_for(
+        lambda: _jobs_running(dc, namespace, name, str(round_), role),
+        timeout=timeout,
+        what=f"round {round_}'s {role} Jobs to run",
+        interval=0.5,
+        diagnose=op.log_tail,
+    )
+
+
 def test_an_operator_killed_mid_round_resumes_without_duplicates(
     devcluster: DevCluster,
     operator: Operator,
@@ -204,21 +222,10 @@ def test_an_operator_killed_mid_round_resumes_without_duplicates(
     run_name: str,
 ) -> None:
     apply(devcluster, manifest(run_name, rounds=2))
-    wait_for(
-        lambda: _jobs_running(devcluster, namespace, run_name, "1", "client"),
-        timeout=180,
-        what="round 1's clients to run",
-        interval=0.5,
-    )
+    wait_running(devcluster, operator, namespace, run_name, 1, "client")
     operator.kill()
     operator.start()
-    wait_for(
-        lambda: _jobs_running(devcluster, namespace, run_name, "2", "aggregator"),
-        timeout=300,
-        what="round 2's aggregator to run",
-        interval=0.5,
-        diagnose=operator.log_tail,
-    )
+    wait_running(devcluster, operator, namespace, run_name, 2, "aggregator", timeout=300)
     operator.kill()
     operator.start()
     run = wait_condition(devcluster, operator, namespace, run_name, "Succeeded", RUN_TIMEOUT)
@@ -236,12 +243,7 @@ def test_suspend_suspends_the_jobs_and_resume_finishes_the_run(
     run_name: str,
 ) -> None:
     apply(devcluster, manifest(run_name, rounds=1))
-    wait_for(
-        lambda: _jobs_running(devcluster, namespace, run_name, "1", "client"),
-        timeout=180,
-        what="round 1's clients to run",
-        interval=0.5,
-    )
+    wait_running(devcluster, operator, namespace, run_name, 1, "client")
     devcluster.kubectl(
         "patch",
         "fft",

@@ -14,7 +14,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -25,7 +24,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from devcluster import pki, s3
+from devcluster import net, pki, s3
+from devcluster.net import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_ROOT / "tools" / "build-binaries.sh"
@@ -70,12 +70,6 @@ def process_exists(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_binaries() -> Path:
@@ -203,16 +197,6 @@ class Cluster:
         except (urllib.error.URLError, OSError):
             return False
 
-    @staticmethod
-    def _http_status(url: str) -> int | None:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                return r.status
-        except urllib.error.HTTPError as e:
-            return e.code
-        except (urllib.error.URLError, OSError):
-            return None
-
     # -- up / down -------------------------------------------------------------------------------
 
     def up(self, *, pod_env: dict[str, str] | None = None) -> ClusterState:
@@ -306,7 +290,7 @@ class Cluster:
             ],
         )
         self._wait(
-            "etcd", lambda: self._http_status(f"http://127.0.0.1:{state.etcd_port}/health") == 200
+            "etcd", lambda: net.http_status(f"http://127.0.0.1:{state.etcd_port}/health") == 200
         )
         self._spawn(
             "kube-apiserver",

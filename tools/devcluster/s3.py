@@ -9,14 +9,14 @@ from __future__ import annotations
 import secrets
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError
+
+from devcluster import net
 
 REGION = "us-east-1"
 
@@ -39,13 +39,7 @@ def server_env(access_key: str, secret_key: str) -> dict[str, str]:
 
 
 def health_status(endpoint: str) -> int | None:
-    try:
-        with urllib.request.urlopen(f"{endpoint}/health", timeout=2) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except (urllib.error.URLError, OSError):
-        return None
+    return net.http_status(f"{endpoint}/health")
 
 
 @dataclass

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from kubernetes import client, config
 
@@ -112,3 +116,71 @@ class DevCluster:
             tail = "\n".join(f.read_text(errors="replace").splitlines()[-lines:])
             parts.append(f"==> pod {f.stem} <==\n{tail}")
         return "\n".join(parts)
+
+    def events(self, namespace: str, kind: str, name: str) -> list[dict[str, Any]]:
+        """The Events about one object, as `kubectl describe` lists them."""
+        out = self.kubectl(
+            "get",
+            "events",
+            "-n",
+            namespace,
+            "--field-selector",
+            f"involvedObject.name={name},involvedObject.kind={kind}",
+            "-o",
+            "json",
+        ).stdout
+        return json.loads(out)["items"]
+
+
+class OperatorProcess:
+    """`fedtune operator` as a local process (admin credentials), killable like a pod on a
+    failing node: what the e2e tests and the benchmarks run against the devcluster."""
+
+    def __init__(
+        self, dc: DevCluster, namespace: str, log: Path, resync_seconds: float = 5
+    ) -> None:
+        self.dc, self.namespace, self.log = dc, namespace, log
+        self.resync_seconds = resync_seconds
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.dc.kubeconfig),
+            "FEDTUNE_RESYNC_SECONDS": str(self.resync_seconds),
+        }
+        with self.log.open("ab") as f:
+            self.proc = subprocess.Popen(
+                [
+                    str(Path(sys.executable).parent / "fedtune"),
+                    "operator",
+                    "--namespace",
+                    self.namespace,
+                    "--liveness-port",
+                    "0",
+                    "--metrics-port",
+                    "0",
+                ],
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to clean up, as when a node dies under it."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log_tail(self, lines: int = 80) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
