@@ -1,0 +1,327 @@
+"""What every benchmark shares: the machine description, results (table, JSON), child processes
+measured one by one, and the tiny model with its non-IID demo data."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO_ROOT / "bench" / "results"
+VENV_BIN = Path(sys.executable).parent
+MiB = 1 << 20
+
+
+# --------------------------------------------------------------------------------------------
+# The machine
+# --------------------------------------------------------------------------------------------
+
+
+def _meminfo_kib(key: str) -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict[str, Any]:
+    """Where the numbers come from: every result carries this, so numbers from different
+    machines are never compared by accident."""
+    import torch
+
+    mem = _meminfo_kib("MemTotal")
+    cuda = torch.cuda.is_available()
+    return {
+        "cpu": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "cpu_cores_usable": len(os.sched_getaffinity(0)),
+        "ram_gib": round(mem / (1 << 20), 1) if mem else None,
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "cuda": torch.version.cuda if cuda else None,
+        "git_commit": _git_commit(),
+        # Other work on the machine skews timings: the 1/5/15-minute load when this started.
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def device_name() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------
+
+Formatter = Callable[[Any], str]
+
+
+def fmt_int(value: Any) -> str:
+    return "" if value is None else f"{round(value):,}"
+
+
+def fmt_float(digits: int) -> Formatter:
+    return lambda v: "" if v is None else f"{v:.{digits}f}"
+
+
+def human_count(n: float) -> str:
+    """1,235,814,400 -> 1.24B; 361,088 -> 361K."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(round(n))
+
+
+def fmt_ratio(value: Any) -> str:
+    if value is None:
+        return ""
+    return f"{value:.3g}x" if value < 100 else f"{value:,.0f}x"
+
+
+@dataclass
+class Result:
+    """One benchmark's outcome: rows (the JSON), how to show them, and how it was measured."""
+
+    name: str
+    title: str
+    columns: list[str]
+    rows: list[dict[str, Any]]
+    formats: dict[str, Formatter] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    plots: list[str] = field(default_factory=list)
+
+    def table(self) -> str:
+        """The rows as a GitHub markdown table (numbers right-aligned)."""
+        head = "| " + " | ".join(self.columns) + " |"
+        align = "|" + "|".join(
+            ":---" if i == 0 or self.columns[i] in ("config", "method", "metric") else "---:"
+            for i in range(len(self.columns))
+        )
+        lines = [head, align + "|"]
+        for row in self.rows:
+            cells = []
+            for col in self.columns:
+                value = row.get(col)
+                fmt = self.formats.get(col)
+                if fmt is not None:
+                    cells.append(fmt(value))
+                elif value is None:
+                    cells.append("")
+                elif isinstance(value, float):
+                    cells.append(f"{value:.4g}")
+                else:
+                    cells.append(str(value))
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def document(self, machine_info: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            "benchmark": self.name,
+            "title": self.title,
+            "created": dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
+            "seconds": round(self.seconds, 1),
+            "machine": dict(machine_info),
+            "settings": self.settings,
+            "columns": self.columns,
+            "rows": [_jsonable(r) for r in self.rows],
+            "notes": self.notes,
+            "plots": self.plots,
+        }
+
+    def write(self, out: Path, machine_info: Mapping[str, Any]) -> Path:
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"{self.name}.json"
+        path.write_text(json.dumps(self.document(machine_info), indent=1) + "\n")
+        return path
+
+
+def _jsonable(row: Mapping[str, Any]) -> dict[str, Any]:
+    """NaN and inf become null: JSON has no spelling for them."""
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            v = None
+        out[k] = v
+    return out
+
+
+def save_figure(fig: Any, out: Path, name: str) -> Path:
+    """Write a matplotlib Figure as out/<name>.png (no Software metadata: stable bytes)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.png"
+    fig.savefig(path, metadata={"Software": None})
+    return path
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Linear-interpolated percentile (numpy's default), q in [0, 100]."""
+    if not values:
+        return None
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+# --------------------------------------------------------------------------------------------
+# Child processes, measured one at a time
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Child:
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+    peak_rss_bytes: int
+
+
+def run_child(argv: Sequence[str], env: Mapping[str, str], timeout: float = 1800) -> Child:
+    """Run one process to completion and read *its own* peak RSS from wait4.
+
+    A fresh process per configuration, reaped with wait4, gives each configuration its own
+    ru_maxrss: nothing from an earlier configuration (allocator caches, imported modules) can
+    raise or lower the next one's number, as it would inside one long-lived process. Output goes
+    through temporary files so that the wait is ours (Popen.communicate would reap it itself).
+    """
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(list(argv), env=dict(env), stdout=out, stderr=err, cwd=REPO_ROOT)
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            timer.cancel()
+        seconds = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped: Popen must not wait again
+        out.seek(0)
+        err.seek(0)
+        return Child(
+            returncode=proc.returncode,
+            stdout=out.read().decode(errors="replace"),
+            stderr=err.read().decode(errors="replace"),
+            seconds=seconds,
+            peak_rss_bytes=usage.ru_maxrss * 1024,  # Linux reports KiB
+        )
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a measured child: this one, the venv first on PATH, repo importable."""
+    env = dict(os.environ)
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.update(extra)
+    return env
+
+
+# --------------------------------------------------------------------------------------------
+# The tiny model and its non-IID data
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TinySizes:
+    """How big the tiny model and the demo data set are."""
+
+    clients: int = 4
+    samples: int = 200
+    eval_samples: int = 80
+    hidden_size: int = 128
+    layers: int = 2
+
+
+@dataclass(frozen=True)
+class TinyAssets:
+    model: Path
+    data: Path
+    sizes: TinySizes
+    parameters: int
+
+    def client_data(self, i: int) -> Path:
+        return self.data / f"client-{i}.jsonl"
+
+    @property
+    def eval_data(self) -> Path:
+        return self.data / "eval.jsonl"
+
+    def kinds(self) -> list[str]:
+        layout = json.loads((self.data / "layout.json").read_text())
+        return [layout["clients"][f"client-{i}"]["task"] for i in range(self.sizes.clients)]
+
+
+def tiny_assets(work: Path, sizes: TinySizes) -> TinyAssets:
+    """The demo data (one task kind per client: the non-IID split) and the tiny Llama trained
+    tokenizer + random model on it; made once per work directory and sizes, then reused."""
+    from fedtune_trainer.demo_data import make_demo_data
+    from fedtune_trainer.tiny import TinyConfig, make_tiny_model
+
+    s = sizes
+    root = work / f"tiny-c{s.clients}-s{s.samples}-e{s.eval_samples}-h{s.hidden_size}-l{s.layers}"
+    data, model = root / "data", root / "model"
+    info_file = model / "fedtune-tiny.json"
+    if not info_file.exists():
+        layout = make_demo_data(
+            data, sizes.clients, sizes.samples, sizes.eval_samples, fmt="chat", seed=0
+        )
+        (data / "layout.json").write_text(json.dumps(layout, indent=1))
+        make_tiny_model(
+            model,
+            sorted(data.glob("*.jsonl")),
+            TinyConfig(
+                hidden_size=sizes.hidden_size,
+                intermediate_size=2 * sizes.hidden_size,
+                num_hidden_layers=sizes.layers,
+            ),
+        )
+    info = json.loads(info_file.read_text())
+    return TinyAssets(model=model, data=data, sizes=sizes, parameters=int(info["parameters"]))

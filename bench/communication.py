@@ -1,0 +1,364 @@
+"""`communication`: what a client uploads per round, and what the compression costs in loss.
+
+Two parts:
+
+1. The tiny model, trained for real: the same clients, data, rounds and local steps under
+   - full-model fp32 FedAvg (the baseline without GradualDiff: every client trains every weight
+     and uploads the whole model as fp32 safetensors; the server averages the models),
+   - and LoRA deltas (GradualDiff) at several encodings, through the trainer's own client and
+     aggregator code (`bench.federation`).
+   Bytes are the files the clients actually upload, averaged over every client and round; the
+   eval loss is the aggregator's after the last round.
+2. Llama shapes (1B and 7B parameters), computed, not trained: the parameter count comes from
+   the model built on PyTorch's meta device (no memory), the full-model bytes are that count times
+   4 (fp32) or 2 (bf16), and each encoding's bytes are the real codec's output on a delta of the
+   adapter's exact shapes (LoRA r=16 on q/k/v/o) with seeded Gaussian values. Real deltas are not
+   Gaussian, so zstd may do somewhat better on them; top-k and quantization sizes do not depend
+   on the values at all.
+
+`ratio_vs_full_model` is full-model fp32 bytes / this row's bytes: how many times less a client
+uploads than under full-model FedAvg of the same model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    Result,
+    TinyAssets,
+    TinySizes,
+    device_name,
+    fmt_float,
+    fmt_int,
+    fmt_ratio,
+    human_count,
+    save_figure,
+    tiny_assets,
+)
+from bench.federation import Recipe, RunResult, federate, quiet
+from fedtune_trainer.task import DeltaSpec, QuantizationSpec
+
+NAME = "communication"
+TITLE = "Bytes uploaded per client per round, and the eval loss they buy"
+
+ENCODINGS: dict[str, DeltaSpec] = {
+    "fp32 adapter delta": DeltaSpec(dtype="fp32", compression="none", error_feedback=False),
+    "bf16 delta + zstd": DeltaSpec(dtype="bf16", compression="zstd", error_feedback=False),
+    "top-k 10% + EF + 8-bit + zstd": DeltaSpec(
+        dtype="bf16", top_k=0.1, error_feedback=True, quantization=QuantizationSpec(bits=8)
+    ),
+    "top-k 1% + EF + 4-bit + zstd": DeltaSpec(
+        dtype="bf16", top_k=0.01, error_feedback=True, quantization=QuantizationSpec(bits=4)
+    ),
+    "top-k 1% + 4-bit + zstd, no EF": DeltaSpec(
+        dtype="bf16", top_k=0.01, error_feedback=False, quantization=QuantizationSpec(bits=4)
+    ),
+}
+"""The delta encodings compared; EF = error feedback (what was not sent is carried over)."""
+REPORT_ENCODING = "top-k 10% + EF + 8-bit + zstd"
+"""The run whose report (report/ as the aggregator writes it) is kept as the sample report."""
+FULL_MODEL = "full-model fp32 FedAvg"
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """The dimensions of a Llama-architecture model (enough to build it on the meta device)."""
+
+    name: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    layers: int
+    heads: int
+    kv_heads: int
+    tied_embeddings: bool
+
+
+LLAMA_1B = LlamaShape("llama-1b", 128256, 2048, 8192, 16, 32, 8, True)
+"""Llama 3.2 1B's published dimensions (1.24B parameters)."""
+LLAMA_7B = LlamaShape("llama-7b", 32000, 4096, 11008, 32, 32, 32, False)
+"""Llama 2 7B's published dimensions (6.74B parameters)."""
+LLAMA_TEST = LlamaShape("llama-test", 1024, 256, 512, 2, 4, 2, True)
+"""A miniature of the same architecture, for the smoke test only."""
+SHAPE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    tiny: TinySizes = field(default_factory=TinySizes)
+    recipe: Recipe = field(default_factory=lambda: Recipe(rounds=8, local_steps=10))
+    shapes: tuple[LlamaShape, ...] = (LLAMA_1B, LLAMA_7B)
+    shape_rank: int = 16
+    full_model_low_lr: float | None = 0.001
+    """Full-model FedAvg again at this learning rate: training every weight at the adapter's
+    learning rate is unstable, and a baseline should not look better or worse than it is."""
+
+
+FULL = Sizes()
+SMOKE = Sizes(
+    tiny=TinySizes(clients=2, samples=16, eval_samples=8, hidden_size=32, layers=1),
+    recipe=Recipe(rounds=1, local_steps=2, batch_size=4, rank=2),
+    shapes=(LLAMA_TEST,),
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Full-model FedAvg: the baseline without GradualDiff
+# --------------------------------------------------------------------------------------------
+
+
+def full_model_fedavg(assets: TinyAssets, recipe: Recipe, clients: dict[str, Path]) -> RunResult:
+    """Classic FedAvg of the whole model: each client trains every weight from the global model
+    and uploads all of them (fp32 safetensors); the server takes the sample-weighted mean.
+
+    Same data, rounds, local steps, batch, learning rate and seeds as the delta runs; the only
+    differences are what is trained (every weight instead of a LoRA adapter) and what is sent.
+    """
+    import safetensors.torch
+    import torch
+
+    from fedtune_trainer import merge
+    from fedtune_trainer.data import load_examples
+    from fedtune_trainer.runtime import (
+        Runtime,
+        derive_seed,
+        load_base,
+        load_tokenizer,
+        pick_runtime,
+        seed_everything,
+    )
+    from fedtune_trainer.task import TrainingSpec
+    from fedtune_trainer.training import mean_loss, train
+
+    auto = pick_runtime("auto")
+    # Trained weights stay fp32 (as LoRA weights do); autocast as the LoRA runs use it.
+    runtime = Runtime(auto.device, torch.float32, auto.autocast_dtype)
+    tok = load_tokenizer(str(assets.model))
+    pad = tok.pad_token_id
+    evals = load_examples(str(assets.eval_data), "chat", tok, recipe.max_seq_length, None)
+    data = {
+        n: load_examples(str(p), "chat", tok, recipe.max_seq_length, None)
+        for n, p in clients.items()
+    }
+    model = load_base(str(assets.model), runtime)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    params = dict(model.named_parameters())  # tied weights appear once, as they are sent
+
+    def load(weights: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(weights[n].to(p.device, p.dtype))
+
+    global_ = {n: p.detach().float().cpu().clone() for n, p in params.items()}
+    result = RunResult(full_model_bytes=sum(p.numel() for p in params.values()) * 4)
+    result.eval_loss.append(mean_loss(model, evals, runtime, pad))
+    result.train_loss.append(None)
+    spec = TrainingSpec(
+        local_steps=recipe.local_steps,
+        batch_size=recipe.batch_size,
+        learning_rate=recipe.learning_rate,
+        max_seq_length=recipe.max_seq_length,
+        seed=recipe.seed,
+    )
+    for r in range(1, recipe.rounds + 1):
+        mean = merge.WeightedMean()
+        loss_sum, samples = 0.0, 0
+        for name in sorted(clients):
+            load(global_)
+            generator = seed_everything(derive_seed(recipe.seed, "bench", r, name))
+            trained = train(model, data[name], spec, runtime, pad, generator, quiet)
+            blob = safetensors.torch.save(
+                {n: p.detach().float().cpu().contiguous() for n, p in params.items()}
+            )
+            result.bytes_per_client.append(len(blob))
+            result.raw_bytes_per_client.append(result.full_model_bytes)
+            mean.add(safetensors.torch.load(blob), float(trained.samples))
+            loss_sum += trained.loss * trained.samples
+            samples += trained.samples
+        global_ = mean.result()
+        load(global_)
+        result.eval_loss.append(mean_loss(model, evals, runtime, pad))
+        result.train_loss.append(loss_sum / samples)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Llama shapes: computed, not trained
+# --------------------------------------------------------------------------------------------
+
+
+def shape_of(shape: LlamaShape) -> tuple[int, dict[str, tuple[int, int]]]:
+    """Parameter count of the model, and (in, out) features of each LoRA target projection."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=shape.vocab_size,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        tie_word_embeddings=shape.tied_embeddings,
+    )
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        model = LlamaForCausalLM(config)
+    count = sum(p.numel() for p in model.parameters())
+    targets = {
+        name: (module.in_features, module.out_features)
+        for name, module in model.named_modules()
+        if name.rsplit(".", 1)[-1] in SHAPE_TARGETS
+    }
+    return count, targets
+
+
+def shape_rows(shape: LlamaShape, rank: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Full-model bytes (computed) and each encoding's bytes (the real codec on a delta of the
+    adapter's exact shapes) for one round's upload."""
+    import torch
+
+    from fedtune_trainer import delta as codec
+
+    count, targets = shape_of(shape)
+    gen = torch.Generator().manual_seed(seed)
+    delta = {}
+    for name, (fan_in, fan_out) in sorted(targets.items()):
+        prefix = f"base_model.model.{name}"
+        delta[f"{prefix}.lora_A.weight"] = torch.randn(rank, fan_in, generator=gen) * 1e-3
+        delta[f"{prefix}.lora_B.weight"] = torch.randn(fan_out, rank, generator=gen) * 1e-3
+    values = sum(t.numel() for t in delta.values())
+    full = count * 4
+    label = (
+        f"{shape.name} ({human_count(count)} params; LoRA r={rank} q/k/v/o, {human_count(values)})"
+    )
+    rows = [
+        _row(label, "full model fp32", full, full, None),
+        _row(label, "full model bf16", count * 2, full, None),
+    ]
+    for config, spec in ENCODINGS.items():
+        if "no EF" in config:
+            continue  # one round's bytes do not depend on error feedback
+        encoded = codec.encode(delta, spec)
+        rows.append(_row(label, config, encoded.encoded_bytes, full, None))
+        del encoded
+    return rows
+
+
+def _row(
+    model: str, config: str, size: float | None, full: float, eval_loss: float | None
+) -> dict[str, Any]:
+    return {
+        "model": model,
+        "config": config,
+        "bytes_per_client_round": round(size) if size is not None else None,
+        "ratio_vs_full_model": full / size if size else None,
+        "eval_loss": eval_loss,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The benchmark
+# --------------------------------------------------------------------------------------------
+
+
+def plot(runs: dict[str, RunResult], out: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    loss_ax, bytes_ax = fig.subplots(1, 2)
+    for config, result in runs.items():
+        points = [(r, v) for r, v in enumerate(result.eval_loss) if v is not None]
+        loss_ax.plot([p[0] for p in points], [p[1] for p in points], "o-", ms=3, label=config)
+    loss_ax.set(xlabel="round", ylabel="eval loss", title="Tiny model: eval loss per round")
+    loss_ax.legend(fontsize=8)
+    loss_ax.grid(True, alpha=0.3)
+    names = list(runs)
+    sizes = [runs[n].mean_bytes_per_client or 0 for n in names]
+    bytes_ax.barh(range(len(names)), sizes)
+    bytes_ax.set_yticks(range(len(names)), names, fontsize=8)
+    bytes_ax.invert_yaxis()
+    bytes_ax.set_xscale("log")
+    bytes_ax.set(xlabel="bytes per client per round (log)", title="Tiny model: upload size")
+    for i, size in enumerate(sizes):
+        bytes_ax.text(size, i, f" {size:,.0f}", va="center", fontsize=8)
+    bytes_ax.grid(True, axis="x", alpha=0.3)
+    return save_figure(fig, out, NAME)
+
+
+def run(sizes: Sizes, work: Path, out: Path) -> Result:
+    from fedtune_trainer import store as st
+    from fedtune_trainer.task import REPORT_PREFIX
+
+    assets = tiny_assets(work, sizes.tiny)
+    clients = {f"client-{i}": assets.client_data(i) for i in range(sizes.tiny.clients)}
+    recipe = sizes.recipe
+    runs: dict[str, RunResult] = {FULL_MODEL: full_model_fedavg(assets, recipe, clients)}
+    if sizes.full_model_low_lr is not None:
+        slow = dataclasses.replace(recipe, learning_rate=sizes.full_model_low_lr)
+        runs[f"{FULL_MODEL}, lr {slow.learning_rate:g}"] = full_model_fedavg(assets, slow, clients)
+    report_dir = out / f"{NAME}-report"
+    for config, spec in ENCODINGS.items():
+        storage = work / f"{NAME}-{len(runs)}"
+        keep = config == REPORT_ENCODING
+        runs[config] = federate(assets, storage, recipe, clients, spec, report=keep)
+        if keep:
+            shutil.rmtree(report_dir, ignore_errors=True)
+            st.fetch_committed(st.FileStore(storage), REPORT_PREFIX, report_dir)
+        shutil.rmtree(storage, ignore_errors=True)
+    full = runs[FULL_MODEL].mean_bytes_per_client or 0
+    tiny_label = f"tiny ({human_count(assets.parameters)} params; LoRA r={recipe.rank} q/v)"
+    rows = [
+        _row(tiny_label, config, r.mean_bytes_per_client, full, r.final_eval_loss)
+        for config, r in runs.items()
+    ]
+    for shape in sizes.shapes:
+        rows += shape_rows(shape, sizes.shape_rank)
+    plot_path = plot(runs, out)
+    initial = runs[FULL_MODEL].eval_loss[0]
+    return Result(
+        name=NAME,
+        title=TITLE,
+        columns=["model", "config", "bytes_per_client_round", "ratio_vs_full_model", "eval_loss"],
+        rows=rows,
+        formats={
+            "bytes_per_client_round": fmt_int,
+            "ratio_vs_full_model": fmt_ratio,
+            "eval_loss": fmt_float(4),
+        },
+        settings={
+            "device": device_name(),
+            "clients": sizes.tiny.clients,
+            "samples_per_client": sizes.tiny.samples,
+            "eval_samples": sizes.tiny.eval_samples,
+            "client_tasks": assets.kinds(),
+            "tiny_parameters": assets.parameters,
+            "rounds": recipe.rounds,
+            "local_steps": recipe.local_steps,
+            "batch_size": recipe.batch_size,
+            "learning_rate": recipe.learning_rate,
+            "lora_rank": recipe.rank,
+            "aggregation": "fedavg (sample-weighted), server lr 1",
+            "eval_loss_round0": initial,
+            "eval_loss_per_round": {c: r.eval_loss for c, r in runs.items()},
+            "bytes_per_round": {c: r.bytes_per_client for c, r in runs.items()},
+            "shape_rank": sizes.shape_rank,
+            "shape_targets": list(SHAPE_TARGETS),
+        },
+        notes=[
+            f"eval loss of the untrained model (round 0) is {initial:.4f}; every tiny row trains "
+            f"{recipe.rounds} rounds x {sizes.tiny.clients} clients x {recipe.local_steps} steps "
+            f"at lr {recipe.learning_rate:g} unless it says otherwise.",
+            "ratio_vs_full_model = full-model fp32 bytes / row bytes (x times smaller).",
+            "Llama rows are computed (not trained): eval_loss is empty; encodings run the real "
+            "codec on one round's delta with Gaussian values.",
+        ],
+        plots=[plot_path.name, f"{report_dir.name}/report.html"],
+    )

@@ -1,0 +1,157 @@
+"""A federated run of the tiny model through the trainer's own code, in this process.
+
+Each round calls exactly what the Jobs call: `client.run` per client (load the global adapter,
+train, encode the delta with error feedback state in storage, commit it) and the aggregator's
+round (`aggregate.initialize` / `aggregate.merge_round`: fetch, verify, decode, check, merge,
+server step, evaluate, commit). Only the Kubernetes part is left out, and the process start of
+each Job: the numbers are the algorithm's, not the orchestration's (the `operator` benchmark
+measures that).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.common import TinyAssets
+from fedtune_trainer.task import AdapterSpec, AggregationSpec, DeltaSpec
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a run trains and how it encodes and merges: the knobs the benchmarks vary."""
+
+    rounds: int
+    local_steps: int
+    batch_size: int = 8
+    learning_rate: float = 0.01
+    rank: int = 8
+    max_seq_length: int = 128
+    seed: int = 0
+
+
+@dataclass
+class RunResult:
+    """Per round (round 0 is the initial adapter): eval loss, train loss, bytes per client."""
+
+    eval_loss: list[float | None] = field(default_factory=list)
+    train_loss: list[float | None] = field(default_factory=list)
+    bytes_per_client: list[float] = field(default_factory=list)
+    raw_bytes_per_client: list[float] = field(default_factory=list)
+    full_model_bytes: int = 0
+    report_uri: str | None = None
+
+    @property
+    def final_eval_loss(self) -> float | None:
+        return self.eval_loss[-1] if self.eval_loss else None
+
+    @property
+    def mean_bytes_per_client(self) -> float | None:
+        """Mean over every client upload of every round."""
+        if not self.bytes_per_client:
+            return None
+        return sum(self.bytes_per_client) / len(self.bytes_per_client)
+
+
+def quiet(_: str) -> None:
+    """The trainer's progress lines would drown the tables."""
+
+
+def adapter_spec(recipe: Recipe) -> AdapterSpec:
+    # No dropout: the comparison between configurations should not depend on dropout masks.
+    return AdapterSpec(r=recipe.rank, alpha=2.0 * recipe.rank, dropout=0.0)
+
+
+def federate(
+    assets: TinyAssets,
+    storage: Path,
+    recipe: Recipe,
+    clients: dict[str, Path],
+    delta: DeltaSpec,
+    aggregation: AggregationSpec | None = None,
+    *,
+    steps: dict[str, int] | None = None,
+    run: str = "bench",
+    report: bool = False,
+) -> RunResult:
+    """Rounds 0..recipe.rounds of a run whose clients hold the given data files.
+
+    `steps` overrides the local steps per client (the centralized baseline is one client that
+    takes every step). With `report`, the aggregator also renders the run report each round.
+    """
+    from fedtune_trainer import aggregate, client
+    from fedtune_trainer import store as st
+    from fedtune_trainer.task import (
+        AggregateTask,
+        ClientTask,
+        DataSpec,
+        EvaluationSpec,
+        StorageLocation,
+        TrainingSpec,
+    )
+
+    agg = aggregation if aggregation is not None else AggregationSpec()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    store = st.FileStore(storage)
+    store.delete_prefix("")
+    common = {
+        "run": run,
+        "base_model": str(assets.model),
+        "adapter": adapter_spec(recipe),
+        "storage": StorageLocation(uri=store.uri),
+    }
+    data = DataSpec(format="chat")
+    names = sorted(clients)
+    result = RunResult()
+
+    def aggregate_round(r: int) -> None:
+        task = AggregateTask(
+            **common,
+            round=r,
+            rounds=recipe.rounds,
+            clients=names,
+            min_clients=len(names),
+            aggregation=agg,
+            delta=delta,
+            data=data,
+            evaluation=EvaluationSpec(data_uri=str(assets.eval_data), max_samples=None),
+            max_seq_length=recipe.max_seq_length,
+            seed=recipe.seed,
+        )
+        if r == 0:
+            summary = aggregate.initialize(task, store, quiet)
+        else:
+            summary = aggregate.merge_round(task, store, quiet)
+        if report:
+            summary = aggregate.write_report(task, store, summary, quiet)
+            result.report_uri = summary.report_uri
+        result.eval_loss.append(summary.eval_loss)
+        result.train_loss.append(summary.train_loss)
+
+    aggregate_round(0)
+    for r in range(1, recipe.rounds + 1):
+        for name in names:
+            training = TrainingSpec(
+                local_steps=(steps or {}).get(name, recipe.local_steps),
+                batch_size=recipe.batch_size,
+                learning_rate=recipe.learning_rate,
+                max_seq_length=recipe.max_seq_length,
+                precision="auto",
+                seed=recipe.seed,
+            )
+            task = ClientTask(
+                **common,
+                round=r,
+                client=name,
+                data_uri=str(clients[name]),
+                data=data,
+                training=training,
+                delta=delta,
+            )
+            summary = client.run(task, store, quiet)
+            result.bytes_per_client.append(summary.bytes_sent)
+            result.raw_bytes_per_client.append(summary.raw_bytes)
+            result.full_model_bytes = summary.full_model_bytes
+        aggregate_round(r)
+    return result

@@ -1,0 +1,106 @@
+"""The benchmarks keep working: each runs at tiny sizes and writes a JSON document with its rows.
+
+Not a measurement (the sizes are far too small to mean anything, and `make test` runs with one
+thread): only the code paths of `make bench`, end to end, including the child processes of the
+aggregation benchmark and, on the devcluster, the operator's with the fake trainer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import __main__ as bench_main
+from bench import operator_overhead
+from bench.common import Result, machine
+from devcluster.testing import DevCluster
+
+REQUIRED = {
+    "communication": {"config", "bytes_per_client_round", "ratio_vs_full_model", "eval_loss"},
+    "parity": {"config", "eval_loss", "ratio_vs_centralized"},
+    "aggregation": {"clients", "method", "seconds", "peak_rss_mb"},
+    "operator": {"metric", "median_s", "p95_s", "mb"},
+}
+MACHINE_KEYS = {"cpu", "cpu_cores", "ram_gib", "torch", "device"}
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Scratch space shared by the module's benchmarks, as in one `python -m bench` run."""
+    return tmp_path_factory.mktemp("bench-work")
+
+
+def check_document(path: Path, name: str) -> dict:
+    doc = json.loads(path.read_text())
+    assert doc["benchmark"] == name
+    assert set(doc["machine"]) >= MACHINE_KEYS
+    assert doc["rows"], f"{name}: no rows"
+    for row in doc["rows"]:
+        assert REQUIRED[name] <= set(row), f"{name}: row {row} lacks {REQUIRED[name] - set(row)}"
+    return doc
+
+
+def written(result: Result, out: Path, name: str) -> dict:
+    assert result.name == name
+    table = result.table()
+    assert table.count("\n") == len(result.rows) + 1  # header, alignment, one line per row
+    return check_document(result.write(out, machine()), name)
+
+
+def test_communication(work: Path, tmp_path: Path) -> None:
+    doc = written(
+        bench_main.run_one("communication", True, work, tmp_path), tmp_path, "communication"
+    )
+    configs = {r["config"] for r in doc["rows"]}
+    assert {"full-model fp32 FedAvg", "fp32 adapter delta", "full model bf16"} <= configs
+    tiny = [r for r in doc["rows"] if r["eval_loss"] is not None]
+    assert len(tiny) == 7  # full-model FedAvg at two learning rates, five delta encodings
+    full = next(r for r in tiny if r["config"] == "full-model fp32 FedAvg")
+    assert full["ratio_vs_full_model"] == pytest.approx(1.0)
+    deltas = [r for r in tiny if not r["config"].startswith("full-model")]
+    assert all(r["bytes_per_client_round"] < full["bytes_per_client_round"] for r in deltas)
+    # The sample run report the aggregator wrote, fetched out of the run's storage.
+    assert (tmp_path / "communication-report" / "report.html").is_file()
+    assert (tmp_path / "communication.png").is_file()
+
+
+def test_parity(work: Path, tmp_path: Path) -> None:
+    doc = written(bench_main.run_one("parity", True, work, tmp_path), tmp_path, "parity")
+    central = doc["rows"][0]
+    assert central["config"].startswith("centralized")
+    assert central["ratio_vs_centralized"] == pytest.approx(1.0)
+    federated = [r for r in doc["rows"] if r["config"].startswith("federated")]
+    assert {r["optimizer_steps"] for r in federated} == {central["optimizer_steps"]}
+
+
+def test_aggregation(work: Path, tmp_path: Path) -> None:
+    doc = written(bench_main.run_one("aggregation", True, work, tmp_path), tmp_path, "aggregation")
+    assert {(r["clients"], r["method"]) for r in doc["rows"]} == {
+        (n, m) for n in (2, 4) for m in ("streaming", "load-everything")
+    }
+    for row in doc["rows"]:
+        assert row["peak_rss_mb"] > row["rss_after_import_mb"] > 0
+        assert row["max_abs_diff_vs_streaming"] < 1e-6  # both methods wrote the same adapter
+    assert not list(work.glob("aggregation-store*")), "the deltas were left behind"
+
+
+def test_operator(devcluster: DevCluster, tmp_path: Path) -> None:
+    """On the session's devcluster, the fake trainer put on the Jobs' PATH through the runs'
+    spec.template.env (the benchmark's own cluster puts it on the kubelet's pod PATH)."""
+    sizes = operator_overhead.SMOKE
+    path = operator_overhead.pod_path(devcluster.cluster.dir)  # not /tmp: see pod_path
+    rows = operator_overhead.measure(devcluster, sizes, tmp_path, job_env={"PATH": path})
+    result = Result(name="operator", title="smoke", columns=list(rows[0]), rows=rows)
+    doc = written(result, tmp_path, "operator")
+    timings = [r for r in doc["rows"] if r["p95_s"] is not None]
+    assert len(timings) == 4
+    for row in timings:
+        assert row["samples"] > 0
+        assert 0 <= row["median_s"] <= row["p95_s"] < sizes.timeout_s
+    memory = [r for r in doc["rows"] if r["mb"] is not None]
+    assert len(memory) == 3
+    assert all(r["mb"] > 0 for r in memory)
