@@ -106,3 +106,10 @@ def test_suspended_and_deleting_flags() -> None:
     (observed,) = observe_jobs("uid-1", [job("a", suspend=True, deleting=True)], [])
     assert observed.suspended
     assert observed.deleting
+
+
+def test_a_summary_without_a_train_loss_round_trips() -> None:
+    summary = SUMMARY.model_copy(update={"train_loss": None})
+    text = json.dumps(summary.wire())
+    (observed,) = observe_jobs("uid-1", [job("a", condition="Complete")], [pod("a", 0, text)])
+    assert observed.summary == summary

@@ -345,7 +345,7 @@ class ClientSummary(Model):
     client: str
     samples: int
     steps: int
-    train_loss: float | None
+    train_loss: float | None = None
     bytes_sent: int = Field(description="Encoded delta bytes uploaded.")
     raw_bytes: int = Field(description="The same delta as dense fp32.")
     full_model_bytes: int = Field(description="The whole model as fp32: what FedAvg would send.")
