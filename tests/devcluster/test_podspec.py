@@ -230,3 +230,21 @@ def test_terminated_container_status_carries_exit_code_and_message() -> None:
         "finishedAt": "t1",
     }
     assert status["phase"] == "Failed"
+
+
+@pytest.mark.parametrize(
+    ("target", "hidden"),
+    [
+        ("/tmp", True),
+        ("/tmp/ci/repo", True),
+        ("/tmp/ci/repo/x", False),
+        ("/data", False),
+        ("/var/run/secrets/kubernetes.io/serviceaccount", False),
+    ],
+)
+def test_a_mount_never_hides_the_host_paths_the_pod_runs_from(target: str, hidden: bool) -> None:
+    from pathlib import Path
+
+    from devcluster.podexec import hides
+
+    assert hides(Path(target), ["/tmp/ci/repo", "/usr/lib/python3"]) is hidden

@@ -166,6 +166,7 @@ class PodWorker(threading.Thread):
             "env": env,
             "mounts": mounts,
             "workingDir": container.get("workingDir") or str(self.kubelet.workdir),
+            "keep": self.kubelet.host_paths,
         }
 
     # -- running ---------------------------------------------------------------------------------
@@ -378,6 +379,16 @@ class ProcessKubelet:
         venv_bin = str(Path(sys.executable).parent)
         self.pod_path = f"{venv_bin}:/usr/local/bin:/usr/bin:/bin"
         self.pythonpath = os.pathsep.join(p for p in sys.path if p and Path(p).is_dir())
+        # What a pod's mounts must not cover: where its Python, the code and its files live.
+        self.host_paths = sorted(
+            {
+                str(state_dir.resolve()),
+                str(workdir.resolve()),
+                sys.prefix,
+                str(Path(sys.executable).resolve().parent),
+            }
+            | {str(Path(p).resolve()) for p in sys.path if p and Path(p).is_dir()}
+        )
         self.workers: dict[str, PodWorker] = {}
         self.lock = threading.Lock()
         self.shutting_down = threading.Event()

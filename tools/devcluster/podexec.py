@@ -25,10 +25,27 @@ def _ensure_mount_point(target: Path, is_file: bool) -> None:
         target.mkdir(parents=True, exist_ok=True)
 
 
+def hides(target: Path, keep: list[str]) -> bool:
+    """Would a mount at `target` cover a host path the pod runs from (its Python environment,
+    the repository, the kubelet's pod files)? An emptyDir at /tmp does when the checkout lives
+    under /tmp. A container never sees host paths; a process does, so such a mount is skipped
+    and the pod sees the host's directory there instead."""
+    t = os.path.abspath(target)
+    return any(os.path.commonpath([t, os.path.abspath(k)]) == t for k in keep)
+
+
 def main() -> None:
     plan = json.loads(Path(sys.argv[1]).read_text())
+    keep = plan.get("keep", [])
     for mount in plan["mounts"]:
         source, target = Path(mount["source"]), Path(mount["target"])
+        if hides(target, keep):
+            print(
+                f"devcluster: not mounting {mount['source']} at {target}: it would hide the "
+                "host paths this pod runs from",
+                file=sys.stderr,
+            )
+            continue
         _ensure_mount_point(target, source.is_file())
         subprocess.run(["mount", "--bind", str(source), str(target)], check=True)
         if mount.get("readOnly"):
