@@ -92,7 +92,7 @@ def test_operator(devcluster: DevCluster, tmp_path: Path) -> None:
     """On the session's devcluster, the fake trainer put on the Jobs' PATH through the runs'
     spec.template.env (the benchmark's own cluster puts it on the kubelet's pod PATH)."""
     sizes = operator_overhead.SMOKE
-    path = operator_overhead.pod_path(devcluster.cluster.dir)  # not /tmp: see pod_path
+    path = operator_overhead.pod_path(devcluster.cluster.dir)
     rows = operator_overhead.measure(devcluster, sizes, tmp_path, job_env={"PATH": path})
     result = Result(name="operator", title="smoke", columns=list(rows[0]), rows=rows)
     doc = written(result, tmp_path, "operator")
