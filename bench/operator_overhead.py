@@ -23,10 +23,7 @@ matters for round timeouts; every transition here is driven by Job watch events.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -37,6 +34,7 @@ from typing import Any
 
 from bench.common import REPO_ROOT, VENV_BIN, Result, fmt_float, fmt_int, percentile
 from devcluster.testing import DevCluster
+from devcluster.testing import OperatorProcess as SharedOperatorProcess
 
 NAME = "operator"
 TITLE = "Operator overhead per round (fake trainer) and operator memory"
@@ -94,33 +92,11 @@ def pod_path(where: Path) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-class OperatorProcess:
-    """`fedtune operator --namespace NS` as a local process, as the e2e tests run it."""
+class OperatorProcess(SharedOperatorProcess):
+    """The tests' operator process, at the default resync, plus what the benchmark reads of it."""
 
     def __init__(self, dc: DevCluster, namespace: str, log: Path) -> None:
-        self.dc, self.namespace, self.log = dc, namespace, log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        env = {**os.environ, "KUBECONFIG": str(self.dc.kubeconfig)}
-        env.pop("FEDTUNE_RESYNC_SECONDS", None)  # the default: see the module docstring
-        with self.log.open("ab") as f:
-            self.proc = subprocess.Popen(
-                [
-                    str(VENV_BIN / "fedtune"),
-                    "operator",
-                    "--namespace",
-                    self.namespace,
-                    "--liveness-port",
-                    "0",
-                    "--metrics-port",
-                    "0",
-                ],
-                stdout=f,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-            )
+        super().__init__(dc, namespace, log, resync_seconds=None)
 
     @property
     def pid(self) -> int:
@@ -136,22 +112,6 @@ class OperatorProcess:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-    def log_tail(self, lines: int = 40) -> str:
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
 
 
 class RssSampler(threading.Thread):

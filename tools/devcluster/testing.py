@@ -137,18 +137,18 @@ class OperatorProcess:
     failing node: what the e2e tests and the benchmarks run against the devcluster."""
 
     def __init__(
-        self, dc: DevCluster, namespace: str, log: Path, resync_seconds: float = 5
+        self, dc: DevCluster, namespace: str, log: Path, resync_seconds: float | None = 5
     ) -> None:
         self.dc, self.namespace, self.log = dc, namespace, log
         self.resync_seconds = resync_seconds
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        env = {
-            **os.environ,
-            "KUBECONFIG": str(self.dc.kubeconfig),
-            "FEDTUNE_RESYNC_SECONDS": str(self.resync_seconds),
-        }
+        """None as resync_seconds leaves the operator's default (the benchmarks measure it)."""
+        env = {**os.environ, "KUBECONFIG": str(self.dc.kubeconfig)}
+        env.pop("FEDTUNE_RESYNC_SECONDS", None)
+        if self.resync_seconds is not None:
+            env["FEDTUNE_RESYNC_SECONDS"] = str(self.resync_seconds)
         with self.log.open("ab") as f:
             self.proc = subprocess.Popen(
                 [
