@@ -25,24 +25,25 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Literal
 
+from fedtune_operator import rounds
 from fedtune_operator.api import (
     ClientStatus,
     FederatedFineTuneSpec,
     FederatedFineTuneStatus,
     RoundRecord,
+)
+from fedtune_operator.rounds import JobState
+from fedtune_operator.status_updates import (
     communication_totals,
     progress,
-    quorum,
     record_round,
-    select_clients,
     set_client_status,
     set_condition,
     set_outcome,
 )
-from fedtune_trainer.task import AggregateSummary, ClientSummary
+from fedtune_trainer.results import AggregateSummary, ClientSummary
 
 Role = Literal["client", "aggregator"]
-JobState = Literal["active", "succeeded", "failed"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,11 +124,36 @@ class Event:
     message: str
 
 
+@dataclass(frozen=True)
+class RoundCompleted:
+    """A round's aggregate was recorded in the status for the first time."""
+
+    record: RoundRecord
+    deltas_rejected: int
+
+
+@dataclass(frozen=True)
+class ClientFailed:
+    round: int
+    client: str
+
+
+@dataclass(frozen=True)
+class RunFinished:
+    outcome: Literal["Succeeded", "Failed"]
+
+
+Fact = RoundCompleted | ClientFailed | RunFinished
+"""What a decision newly records, for the metrics: each fact is reported by exactly the decision
+whose status write records it, so counting facts after a successful write counts each once."""
+
+
 @dataclass
 class Decision:
     status: FederatedFineTuneStatus
     actions: list[Action] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
+    facts: list[Fact] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,6 +185,7 @@ class _Step:
         self.status = status
         self.actions: list[Action] = []
         self.events: list[Event] = []
+        self.facts: list[Fact] = []
 
     def set(self, **changes: object) -> None:
         self.status = self.status.model_copy(update=changes)
@@ -213,7 +240,7 @@ class _Step:
     # -- transitions -----------------------------------------------------------------------------
 
     def start_round(self, round_: int) -> None:
-        selected = select_clients(self.spec, round_) if round_ > 0 else []
+        selected = rounds.select_clients(self.spec, round_) if round_ > 0 else []
         self.set(
             current_round=round_,
             round_attempt=0,
@@ -253,7 +280,7 @@ class _Step:
         for j in jobs:
             if j.round == r and not j.deleting and j.state == "active":
                 self.actions.append(DeleteJob(j.name, "round failed"))
-        if a < self.spec.aggregation.max_round_retries:
+        if rounds.may_retry(self.spec, a):
             for j in jobs:
                 if j.round == r and not j.deleting and j.state != "active":
                     self.actions.append(DeleteJob(j.name, "round retried"))
@@ -275,6 +302,7 @@ class _Step:
         self.set(phase="Failed", completion_time=self.now)
         self.outcome("Failed", reason, message)
         self.event("RunFailed", message, warning=True)
+        self.facts.append(RunFinished("Failed"))
 
     def record_clients(self, jobs: list[ObservedJob]) -> None:
         """Copy each finished client's result into the status, once."""
@@ -311,20 +339,31 @@ class _Step:
                 why = "finished without a readable summary"
             self.put_client(j.client, phase="Failed", last_round=r, message=why[:1000])
             self.event("ClientFailed", f"round {r}: client {j.client}: {why}", warning=True)
+            self.facts.append(ClientFailed(r, j.client))
             s = self.status
 
     def advance(self, summary: AggregateSummary) -> None:
         s = self.status
         r = s.current_round or 0
+        result = summary.record
         self.set(
             global_adapter_uri=summary.global_uri, report_uri=summary.report_uri or s.report_uri
         )
         if r > 0:
-            for rejection in summary.rejected:
+            # The counts are the record's own; the list of rejections may have been cut to fit
+            # the termination message, so it only names whom to mark.
+            for rejection in result.rejections:
                 self.put_client(rejection.client, phase="Rejected", message=rejection.reason[:1000])
                 self.event(
                     "DeltaRejected",
                     f"round {r}: {rejection.client}: {rejection.reason}",
+                    warning=True,
+                )
+            unnamed = result.rejected - len(result.rejections)
+            if unnamed > 0:
+                self.event(
+                    "DeltaRejected",
+                    f"round {r}: {unnamed} more deltas rejected (see the run report)",
                     warning=True,
                 )
             record = RoundRecord(
@@ -332,15 +371,16 @@ class _Step:
                 attempt=s.round_attempt or 0,
                 started_at=s.round_started_at,
                 completed_at=self.now,
-                clients_succeeded=len(summary.accepted),
+                clients_succeeded=result.accepted,
                 clients_failed=sum(
                     1 for n in s.selected_clients if self.finished(n, r) == "Failed"
                 ),
-                rejected=len(summary.rejected),
-                train_loss=summary.train_loss,
-                eval_loss=summary.eval_loss,
-                bytes_received=summary.bytes_received,
+                rejected=result.rejected,
+                train_loss=result.train_loss,
+                eval_loss=result.eval_loss,
+                bytes_received=result.bytes_received,
             )
+            self.facts.append(RoundCompleted(record, result.rejected))
             self.set(
                 history=record_round(s.history, record),
                 last_train_loss=record.train_loss
@@ -350,11 +390,11 @@ class _Step:
                 if record.eval_loss is not None
                 else s.last_eval_loss,
             )
-            loss = f", eval loss {summary.eval_loss:.4f}" if summary.eval_loss is not None else ""
+            loss = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
             self.event(
                 "RoundAggregated",
                 f"round {r}/{self.spec.rounds}: merged "
-                f"{len(summary.accepted)} deltas ({human_bytes(summary.bytes_received)})"
+                f"{result.accepted} deltas ({human_bytes(result.bytes_received)})"
                 f"{loss}",
             )
         if r >= self.spec.rounds:
@@ -367,6 +407,7 @@ class _Step:
             )
             self.outcome("Succeeded", "Completed", f"{self.spec.rounds} rounds aggregated")
             self.event("RunSucceeded", f"{self.spec.rounds} rounds done; adapter at {final}")
+            self.facts.append(RunFinished("Succeeded"))
             return
         self.start_round(r + 1)
 
@@ -394,7 +435,8 @@ def invalid_spec(
         for c in status.conditions
     )
     events = [] if already else [Event("Warning", "InvalidSpec", message[:250])]
-    return Decision(new, [], events)
+    facts: list[Fact] = [] if status.phase == "Failed" else [RunFinished("Failed")]
+    return Decision(new, [], events, facts)
 
 
 def decide(
@@ -415,7 +457,7 @@ def decide(
             and step.now >= s.completion_time + dt.timedelta(seconds=ttl)
         ):
             step.actions.append(DeleteRun())
-        return Decision(step.status, step.actions, step.events)
+        return Decision(step.status, step.actions, step.events, step.facts)
 
     if s.start_time is None:
         step.set(start_time=step.now, phase="Pending")
@@ -440,7 +482,7 @@ def decide(
             step.condition("Progressing", False, "Suspended", "the run is suspended")
             step.condition("Suspended", True, "Suspended", "spec.suspend is true")
         step.progress_strings()
-        return Decision(step.status, step.actions, step.events)
+        return Decision(step.status, step.actions, step.events, step.facts)
 
     if s.phase == "Suspended":
         for j in jobs:
@@ -459,7 +501,7 @@ def decide(
     else:
         _reconcile_round(step, jobs)
     step.progress_strings()
-    return Decision(step.status, step.actions, step.events)
+    return Decision(step.status, step.actions, step.events, step.facts)
 
 
 def _reconcile_round(step: _Step, jobs: list[ObservedJob]) -> None:
@@ -493,39 +535,35 @@ def _reconcile_round(step: _Step, jobs: list[ObservedJob]) -> None:
     done = [n for n in selected if step.finished(n, r) == "Succeeded"]
     failed = [n for n in selected if step.finished(n, r) == "Failed"]
     pending = [n for n in selected if n not in done and n not in failed]
-    need = quorum(step.spec)
-    timeout = step.spec.aggregation.round_timeout_seconds
-    timed_out = (
-        timeout is not None
-        and s.round_started_at is not None
-        and step.now >= s.round_started_at + dt.timedelta(seconds=timeout)
-    )
-
-    if len(done) + len(pending) < need:
-        step.round_failed(
-            "QuorumNotReached",
-            f"round {r}: {len(failed)} of {len(selected)} "
-            f"clients failed, quorum {need} is out of reach",
-            jobs,
-        )
-        return
-    if pending and not (timed_out and len(done) >= need):
-        if timed_out:
+    need = rounds.quorum(step.spec)
+    expired = rounds.timed_out(step.spec, s.round_started_at, step.now)
+    match rounds.verdict(step.spec, len(done), len(pending), expired):
+        case "quorum_lost":
             step.round_failed(
-                "RoundTimedOut",
-                f"round {r}: timed out after {timeout}s with "
-                f"{len(done)} of the {need} clients needed",
+                "QuorumNotReached",
+                f"round {r}: {len(failed)} of {len(selected)} "
+                f"clients failed, quorum {need} is out of reach",
                 jobs,
             )
-            return
-        step.set(phase="Running")
-        step.create_missing(jobs)
-        return
-
-    # The quorum is in: every client finished, or the timeout passed with enough of them.
-    for j in current:
-        if j.role == "client" and j.state == "active" and not j.deleting:
-            step.actions.append(DeleteJob(j.name, "round timed out; aggregating without it"))
-    step.set(aggregating_clients=done, phase="Aggregating")
-    step.event("Aggregating", f"round {r}: aggregating {len(done)} of {len(selected)} clients")
-    step.create_missing(jobs)
+        case "timed_out":
+            step.round_failed(
+                "RoundTimedOut",
+                f"round {r}: timed out after {step.spec.aggregation.round_timeout_seconds}s "
+                f"with {len(done)} of the {need} clients needed",
+                jobs,
+            )
+        case "wait":
+            step.set(phase="Running")
+            step.create_missing(jobs)
+        case "aggregate":
+            # Every client finished, or the timeout passed with the quorum in.
+            for j in current:
+                if j.role == "client" and j.state == "active" and not j.deleting:
+                    step.actions.append(
+                        DeleteJob(j.name, "round timed out; aggregating without it")
+                    )
+            step.set(aggregating_clients=done, phase="Aggregating")
+            step.event(
+                "Aggregating", f"round {r}: aggregating {len(done)} of {len(selected)} clients"
+            )
+            step.create_missing(jobs)

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedtune_operator import engine
-from fedtune_operator.api import FederatedFineTuneStatus, get_condition, parse_spec
+from fedtune_operator.api import FederatedFineTuneStatus
 from fedtune_operator.engine import (
     CreateAggregateJob,
     CreateClientJob,
@@ -19,7 +19,17 @@ from fedtune_operator.engine import (
     ObservedJob,
     SuspendJob,
 )
-from fedtune_trainer.task import AggregateSummary, ClientSummary, Rejection
+from fedtune_operator.status_updates import get_condition
+from fedtune_operator.validation import parse_spec
+from fedtune_trainer.results import (
+    AggregateSummary,
+    ClientSummary,
+    Contribution,
+    Rejection,
+    RoundRecord,
+    dump_summary,
+    parse_summary,
+)
 
 T0 = dt.datetime(2026, 11, 24, 12, 0, 0, tzinfo=dt.UTC)
 CLIENTS = ("alice", "bob", "carol")
@@ -51,16 +61,31 @@ def client_summary(round_: int, client: str) -> ClientSummary:
     )
 
 
-def aggregate_summary(round_: int, accepted: list[str], **extra: Any) -> AggregateSummary:
-    return AggregateSummary(
+def aggregate_summary(
+    round_: int, accepted: list[str], rejected: list[Rejection] | None = None
+) -> AggregateSummary:
+    rejected = rejected or []
+    record = RoundRecord(
+        run="demo",
         round=round_,
-        accepted=accepted,
-        global_uri=f"s3://bucket/runs/demo/rounds/{round_:06d}/global",
-        final_uri="s3://bucket/runs/demo/final" if round_ == 2 else None,
+        algorithm="fedavg",
+        accepted=len(accepted),
+        rejected=len(rejected),
         train_loss=1.2,
         eval_loss=1.1,
         bytes_received=3000,
-        **extra,
+        contributions=[
+            Contribution(
+                client=c, samples=10, weight=10, encoded_bytes=1000, raw_bytes=4000, norm=1.0
+            )
+            for c in accepted
+        ],
+        rejections=rejected,
+    )
+    return AggregateSummary(
+        record=record,
+        global_uri=f"s3://bucket/runs/demo/rounds/{round_:06d}/global",
+        final_uri="s3://bucket/runs/demo/final" if round_ == 2 else None,
     )
 
 
@@ -309,6 +334,28 @@ def test_rejected_deltas_are_reported() -> None:
     assert carol.phase == "Rejected"
     assert d.status.history[0].rejected == 1
     assert any(e.reason == "DeltaRejected" and "carol" in e.message for e in d.events)
+
+
+def test_rejected_count_survives_a_cut_termination_message() -> None:
+    """40 rejections with long reasons do not fit 4 KiB: the message drops some of them, and the
+    status and the metrics still count all 40."""
+    names = [f"client-{i:02d}" for i in range(42)]
+    run = make_run(clients=tuple(names), rounds=1, aggregation={"minClients": 2})
+    status = in_round_1(run)
+    clients_done = [job("client", 1, c, "succeeded") for c in names]
+    status = step(run, status, clients_done).status
+    rejected = [
+        Rejection(client=c, reason="delta norm 1e9 exceeds " + "x" * 150) for c in names[2:]
+    ]
+    text = dump_summary(aggregate_summary(1, names[:2], rejected))
+    summary = parse_summary(text)
+    assert isinstance(summary, AggregateSummary)
+    assert len(summary.record.rejections) < 40  # the message was cut ...
+    d = step(run, status, [*clients_done, job("aggregator", 1, state="succeeded", summary=summary)])
+    assert d.status.history[0].rejected == 40  # ... the count was not
+    assert d.status.history[0].clients_succeeded == 2
+    completed = [f for f in d.facts if isinstance(f, engine.RoundCompleted)]
+    assert [f.deltas_rejected for f in completed] == [40]
 
 
 def test_ttl_after_finished_deletes_the_run() -> None:

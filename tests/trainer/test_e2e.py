@@ -18,16 +18,9 @@ from transformers import AutoModelForCausalLM
 
 from fedtune_trainer import lora
 from fedtune_trainer import store as st
-from fedtune_trainer.task import (
-    SUMMARY_MAX_BYTES,
-    AggregateSummary,
-    AggregateTask,
-    ClientSummary,
-    ClientTask,
-    Model,
-    global_prefix,
-    parse_summary,
-)
+from fedtune_trainer.contract import SUMMARY_MAX_BYTES
+from fedtune_trainer.results import AggregateSummary, ClientSummary, RoundRecord, parse_summary
+from fedtune_trainer.task import AggregateTask, ClientTask, Model, global_prefix
 from tests.trainer.support import Demo, Storage
 
 # PEFT calls an API that transformers 5 deprecates; nothing a user can act on.
@@ -132,12 +125,12 @@ def test_three_clients_three_rounds(
         log = tmp_path / f"aggregate-{r}.log"
         agg = finish(start("aggregate", aggregate_task(r), env, log), log)
         assert isinstance(agg, AggregateSummary)
-        assert agg.accepted == CLIENTS
-        assert agg.rejected == []
+        assert [c.client for c in agg.record.contributions] == CLIENTS
+        assert agg.record.rejections == []
         summaries.append(agg)
 
     # Evaluated at round 0 (the base model: LoRA B starts at zero) and at the last round.
-    losses = [s.eval_loss for s in summaries]
+    losses = [s.record.eval_loss for s in summaries]
     assert losses[1:ROUNDS] == [None] * (ROUNDS - 1)
     assert losses[0] is not None
     assert losses[ROUNDS] is not None
@@ -147,11 +140,11 @@ def test_three_clients_three_rounds(
     s = storage.open()
     for r in range(ROUNDS + 1):
         assert st.read_manifest(s, global_prefix(r)) is not None
-        metrics = json.loads(s.get_bytes(f"rounds/{r:06d}/metrics.json"))
-        assert metrics["eval_loss"] == losses[r]
+        record = RoundRecord.model_validate_json(s.get_bytes(f"rounds/{r:06d}/metrics.json"))
+        assert record == summaries[r].record
+        assert record.eval_loss == losses[r]
         if r:
-            assert metrics["train_loss"] == summaries[r].train_loss
-            assert metrics["bytes_received"] == summaries[r].bytes_received > 0
+            assert record.bytes_received > 0
     # Error feedback state lives in storage, one version per client (older ones pruned).
     for c in CLIENTS:
         assert st.committed_versions(s, f"state/clients/{c}") == [ROUNDS - 1, ROUNDS]

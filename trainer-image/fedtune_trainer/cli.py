@@ -16,22 +16,15 @@ import sys
 import traceback
 from pathlib import Path
 
-from .task import (
+from .contract import (
+    EXIT_FAILED,
+    EXIT_INVALID_INPUT,
     SUMMARY_MAX_BYTES,
     TERMINATION_LOG,
-    AggregateTask,
-    CleanupTask,
-    ClientTask,
-    dump_summary,
-    load_task,
+    TERMINATION_LOG_ENV,
 )
-
-TERMINATION_LOG_ENV = "FEDTUNE_TERMINATION_LOG"
-EXIT_FAILED = 1
-EXIT_INVALID_INPUT = 2
-"""Input that fails the same way on every retry: a bad task, a bad data record, a malformed
-delta, a round below its quorum. The operator's Jobs stop at once on this code (podFailurePolicy
-FailJob) instead of burning their backoffLimit."""
+from .results import dump_summary
+from .task import AggregateTask, CleanupTask, ClientTask, load_task
 
 
 def exit_code(error: BaseException) -> int:
