@@ -284,6 +284,10 @@ def _apply(
                     clients=list(clients),
                 )
             )
+        case engine.CreateEvaluateJob(round=r) if spec is not None:
+            k.create_job(
+                manifests.evaluate_job(run=run, namespace=ns, uid=uid, spec=spec, round_=r)
+            )
         case engine.DeleteJob(name=job):
             k.delete_job(ns, job)
         case engine.SuspendJob(name=job, suspend=suspend):
