@@ -40,10 +40,11 @@ fmt: install  ## ruff format and autofix
 	@$(DEPS_BIN)/ruff format .
 	@$(DEPS_BIN)/ruff check --fix .
 
-crds: install  ## regenerate the CRD (and the chart's copy) and docs/api.md from the models
+crds: install  ## regenerate the CRD (and the chart's copy), docs/api.md and the chart's values schema
 	@$(PY) -m fedtune_operator.crd > crds/fedtune.dev_federatedfinetunes.yaml
 	@cp crds/fedtune.dev_federatedfinetunes.yaml $(CHART)/crds/
 	@$(PY) -m fedtune_operator.crd --docs > docs/api.md
+	@$(PY) -m fedtune_operator.chart_values > $(CHART)/values.schema.json
 
 cluster-up: install  ## start the devcluster; kubeconfig at .devcluster/kubeconfig
 	@$(CLUSTER) up
