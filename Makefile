@@ -12,6 +12,9 @@ PYTEST_ARGS ?=
         cluster-status cluster-logs cluster-env images
 CHART     := charts/fedtune-operator
 HELM       = $$(tools/build-binaries.sh 2>/dev/null)/helm
+# lint-imports run by the project's interpreter, the one that sees the fedtune packages (the
+# console script sits in the dependency venv, which does not).
+LINT_IMPORTS := $(PY) -c 'from importlinter.cli import lint_imports_command; lint_imports_command()'
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -31,9 +34,10 @@ test: install  ## the whole suite: unit, integration (real S3, real training), e
 test-unit: install  ## only the tests that need no devcluster
 	@OMP_NUM_THREADS=1 $(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)
 
-lint: install  ## ruff check and format check, helm lint of the chart
+lint: install  ## ruff check and format check, the import contracts (pyproject.toml), helm lint
 	@$(DEPS_BIN)/ruff check .
 	@$(DEPS_BIN)/ruff format --check .
+	@$(LINT_IMPORTS) --no-cache
 	@$(HELM) lint --strict $(CHART)
 
 fmt: install  ## ruff format and autofix
