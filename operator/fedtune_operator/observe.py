@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from fedtune_operator.api import FederatedFineTuneStatus
-from fedtune_operator.engine import ObservedJob
+from fedtune_operator.decision import ObservedJob
 from fedtune_operator.rounds import job_state
 from fedtune_trainer.contract import (
     CONTAINER,
