@@ -125,8 +125,10 @@ def zstd_bomb(content_bytes: int, window_log: int | None = None) -> bytes:
     chunk = bytes(1 << 20)
     out = compressor.compressobj(size=content_bytes)
     frame = bytearray()
-    for _ in range(content_bytes // len(chunk)):
-        frame += out.compress(chunk)
+    left = content_bytes
+    while left:
+        frame += out.compress(chunk[: min(left, len(chunk))])
+        left -= min(left, len(chunk))
     frame += out.flush()
     return bytes(frame)
 
