@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import torch
 
+from fedtune_trainer import aggregate
 from fedtune_trainer import delta as codec
 from fedtune_trainer import store as st
 from fedtune_trainer.results import AggregateSummary, parse_summary
@@ -37,7 +38,7 @@ from tests.trainer.hostile_support import (
     oversized_file,
     zstd_bomb,
 )
-from tests.trainer.support import job_environment, run_job_measured
+from tests.trainer.support import Storage, job_environment, run_job_measured
 
 PREFIX = "base_model.model.model.layers.0.self_attn"
 SHAPES = {
@@ -431,3 +432,53 @@ def test_hostile_deltas_are_refused_within_bounded_memory_and_the_round_succeeds
     record_property("peak_rss", outcome.peak_rss)
     assert not failures, "\n".join(failures)
     assert outcome.peak_rss <= bound, rss
+
+
+# ------------------------------------------------------------------------------------------
+# The rows where storage matters, through the real S3 server as well as file://
+# ------------------------------------------------------------------------------------------
+
+
+def _declared_oversized_small(store: st.Store, tmp: Path, client: str) -> None:
+    path = oversized_file(tmp / f"{client}.safetensors", encode(honest_delta(9)), 8 << 20)
+    commit_blob(store, 1, client, path)
+
+
+def _undeclared_oversized_small(store: st.Store, tmp: Path, client: str) -> None:
+    blob = encode(honest_delta(9))
+    commit_blob(store, 1, client, blob)
+    store.put_bytes(st.join(client_prefix(1, client), codec.DELTA_FILE), blob + bytes(4 << 20))
+
+
+def _manifest_bomb_small(store: st.Store, _: Path, client: str) -> None:
+    commit_blob(store, 1, client, encode(honest_delta(9)), {"padding": "x" * (2 << 20)})
+
+
+STORAGE_CASES: list[tuple[str, Maker, str]] = [
+    ("truncated", _truncated, r"truncated, \d+ bytes where the manifest says \d+"),
+    ("bad-checksum", _bad_checksum, "checksum mismatch"),
+    ("missing", _missing, "no committed delta"),
+    ("unreferenced-part", _unreferenced_part, "unreferenced parts: 99.v"),
+    ("oversized-declared", _declared_oversized_small, r"oversized, declares 9\d{6} bytes"),
+    ("oversized-undeclared", _undeclared_oversized_small, r"oversized: more than \d+ bytes"),
+    ("manifest-bomb", _manifest_bomb_small, "oversized: more than 1048576 bytes"),
+]
+
+
+def test_storage_level_rows_on_file_and_s3(storage: Storage, tmp_path: Path) -> None:
+    """Ranged header reads, transfers cut off past the declared size and bounded manifests
+    behave the same through boto3 against a real S3 server as on a local directory."""
+    store = storage.open()
+    write_global(store, 0, random_tensors(0, shapes=SHAPES))
+    for i, client in enumerate(HONEST):
+        commit_blob(store, 1, client, encode(honest_delta(i + 1)), {"samples": 10 * (i + 1)})
+    for name, make, _ in STORAGE_CASES:
+        make(store, tmp_path, name)
+    clients = [*HONEST, *(name for name, _, _ in STORAGE_CASES)]
+    job = task(store, 1, clients, delta=SPEC, min_clients=len(HONEST))
+    record = aggregate.run(job, store, lambda _: None).record
+    assert [c.client for c in record.contributions] == HONEST
+    reasons = {r.client: r.reason for r in record.rejections}
+    assert list(reasons) == [name for name, _, _ in STORAGE_CASES]
+    for name, _, pattern in STORAGE_CASES:
+        assert re.search(pattern, reasons[name]), f"{name}: {reasons[name]}"
