@@ -40,6 +40,7 @@ import re
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -538,19 +539,23 @@ class ExpectedLayout:
     def encoding(self) -> dict[str, Any]:
         return run_encoding(self.spec)
 
+    @cached_property
+    def _index(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(sorted(self.shapes))}
+
     def entry(self, name: str) -> dict[str, Any]:
         """The layout entry of tensor `name` (without "z", which the file chooses)."""
         shape = self.shapes[name]
         n = math.prod(shape)
-        entry: dict[str, Any] = {"i": sorted(self.shapes).index(name), "shape": list(shape)}
+        entry: dict[str, Any] = {"i": self._index[name], "shape": list(shape)}
         if self.spec.top_k < 1.0:
             k = kept_count(n, self.spec.top_k)
             entry["k"] = k
             entry["pos"] = position_coding(n, k)
         return entry
 
-    def parts(self) -> dict[str, PartPlan]:
-        """Every stored part, by key."""
+    @cached_property
+    def _parts(self) -> dict[str, PartPlan]:
         out = {}
         for name in sorted(self.shapes):
             entry = self.entry(name)
@@ -563,6 +568,10 @@ class ExpectedLayout:
                 out[key] = PartPlan(key, name, part, dtype, shape[0])
         return out
 
+    def parts(self) -> dict[str, PartPlan]:
+        """Every stored part, by key."""
+        return dict(self._parts)
+
     def max_body(self) -> int:
         return sum(p.nbytes for p in self.parts().values())
 
@@ -573,6 +582,10 @@ class ExpectedLayout:
         dtype name it may have, the largest count and offsets, every part compressed (the
         longest "z") and error_feedback false (the longer literal).
         """
+        return self._max_header
+
+    @cached_property
+    def _max_header(self) -> int:
         tensors = {
             name: {**self.entry(name), **({"z": "vsmx"} if self.spec.compression == "zstd" else {})}
             for name in sorted(self.shapes)
