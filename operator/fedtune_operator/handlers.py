@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import kopf
 
-from fedtune_operator import engine, manifests, metrics
+from fedtune_operator import decision, engine, manifests, metrics
 from fedtune_operator.api import (
     GROUP,
     PLURAL,
@@ -233,7 +233,7 @@ async def reconcile(namespace: str, name: str, jobs: list[dict[str, Any]]) -> Ou
     else:
         needed = jobs_needing_pods(meta["uid"], status, jobs)
         pods = await asyncio.to_thread(k.job_pods, namespace, needed) if needed else []
-        run = engine.Run(
+        run = decision.Run(
             name=name,
             namespace=namespace,
             uid=meta["uid"],
@@ -261,18 +261,18 @@ async def reconcile(namespace: str, name: str, jobs: list[dict[str, Any]]) -> Ou
 
 
 def _apply(
-    k: Kube, obj: dict[str, Any], spec: FederatedFineTuneSpec | None, action: engine.Action
+    k: Kube, obj: dict[str, Any], spec: FederatedFineTuneSpec | None, action: decision.Action
 ) -> None:
     meta = obj["metadata"]
     ns, run, uid = meta["namespace"], meta["name"], meta["uid"]
     match action:
-        case engine.CreateClientJob(round=r, attempt=a, client=c) if spec is not None:
+        case decision.CreateClientJob(round=r, attempt=a, client=c) if spec is not None:
             k.create_job(
                 manifests.client_job(
                     run=run, namespace=ns, uid=uid, spec=spec, round_=r, attempt=a, client=c
                 )
             )
-        case engine.CreateAggregateJob(round=r, attempt=a, clients=clients) if spec is not None:
+        case decision.CreateAggregateJob(round=r, attempt=a, clients=clients) if spec is not None:
             k.create_job(
                 manifests.aggregate_job(
                     run=run,
@@ -284,21 +284,25 @@ def _apply(
                     clients=list(clients),
                 )
             )
-        case engine.DeleteJob(name=job):
+        case decision.CreateEvaluateJob(round=r) if spec is not None:
+            k.create_job(
+                manifests.evaluate_job(run=run, namespace=ns, uid=uid, spec=spec, round_=r)
+            )
+        case decision.DeleteJob(name=job):
             k.delete_job(ns, job)
-        case engine.SuspendJob(name=job, suspend=suspend):
+        case decision.SuspendJob(name=job, suspend=suspend):
             k.suspend_job(ns, job, suspend)
-        case engine.DeleteRun():
+        case decision.DeleteRun():
             k.delete_run(ns, run)
         case _:
             raise AssertionError(f"cannot apply {action!r}")
 
 
-def _count(namespace: str, name: str, facts: list[engine.Fact]) -> None:
+def _count(namespace: str, name: str, facts: list[decision.Fact]) -> None:
     """Metrics from the facts a written decision recorded (each is reported exactly once)."""
     for fact in facts:
         match fact:
-            case engine.RoundCompleted(record=record, deltas_rejected=rejected):
+            case decision.RoundCompleted(record=record, deltas_rejected=rejected):
                 metrics.ROUNDS_COMPLETED.labels(namespace, name).inc()
                 metrics.BYTES_RECEIVED.labels(namespace, name).inc(record.bytes_received)
                 metrics.DELTAS_REJECTED.labels(namespace, name).inc(rejected)
@@ -306,9 +310,9 @@ def _count(namespace: str, name: str, facts: list[engine.Fact]) -> None:
                     metrics.ROUND_DURATION.observe(
                         (record.completed_at - record.started_at).total_seconds()
                     )
-            case engine.ClientFailed():
+            case decision.ClientFailed():
                 metrics.CLIENT_FAILURES.labels(namespace, name).inc()
-            case engine.RunFinished(outcome=outcome):
+            case decision.RunFinished(outcome=outcome):
                 metrics.RUNS_FINISHED.labels(outcome).inc()
 
 

@@ -38,11 +38,12 @@ from fedtune_trainer.contract import (
     ROLE_AGGREGATOR,
     ROLE_CLEANUP,
     ROLE_CLIENT,
+    ROLE_EVALUATOR,
     TASK_ENV,
     TERMINATION_LOG,
     USER_ID,
 )
-from fedtune_trainer.task import AggregateTask, CleanupTask, ClientTask
+from fedtune_trainer.task import AggregateTask, CleanupTask, ClientTask, EvaluateTask
 
 PVC_ROOT = "/mnt/pvc"
 
@@ -62,6 +63,10 @@ def client_job_name(run: str, round_: int, client: str) -> str:
 
 def aggregate_job_name(run: str, round_: int) -> str:
     return job_name(run, round_, "aggregate")
+
+
+def evaluate_job_name(run: str, round_: int) -> str:
+    return job_name(run, round_, "evaluate")
 
 
 def cleanup_job_name(run: str) -> str:
@@ -176,9 +181,6 @@ def client_task(run: str, spec: FederatedFineTuneSpec, round_: int, client: str)
 def aggregate_task(
     run: str, spec: FederatedFineTuneSpec, round_: int, clients: list[str]
 ) -> AggregateTask:
-    evaluation = spec.evaluation
-    if evaluation.data_uri:
-        evaluation = evaluation.model_copy(update={"data_uri": local_uri(evaluation.data_uri)})
     weights = {c.name: c.weight for c in spec.clients if c.name in clients}
     return AggregateTask(
         run=run,
@@ -194,10 +196,24 @@ def aggregate_task(
         aggregation=spec.aggregation,
         privacy=spec.privacy,
         delta=spec.delta,
+        seed=spec.training.seed,
+    )
+
+
+def evaluate_task(run: str, spec: FederatedFineTuneSpec, round_: int) -> EvaluateTask:
+    evaluation = spec.evaluation.settings()
+    if evaluation.data_uri:
+        evaluation = evaluation.model_copy(update={"data_uri": local_uri(evaluation.data_uri)})
+    return EvaluateTask(
+        run=run,
+        round=round_,
+        base_model=local_uri(spec.base_model),
+        tokenizer=local_uri(spec.tokenizer) if spec.tokenizer else None,
+        adapter=spec.adapter,
+        storage=spec.storage.location(),
         data=spec.data,
         evaluation=evaluation,
         max_seq_length=spec.training.max_seq_length,
-        seed=spec.training.seed,
     )
 
 
@@ -419,6 +435,27 @@ def aggregate_job(
         labels=base_labels(run, round_, ROLE_AGGREGATOR, attempt),
         settings=merge_pod_settings(spec.template, spec.aggregator),
         command="aggregate",
+        task_json=json.dumps(task.wire(), separators=(",", ":")),
+        extra_env=[],
+        uris=(spec.base_model, spec.tokenizer),
+        backoff_limit=spec.backoff_limit,
+    )
+
+
+def evaluate_job(
+    *, run: str, namespace: str, uid: str, spec: FederatedFineTuneSpec, round_: int
+) -> dict[str, Any]:
+    """Evaluates global adapter `round_`; one per due round, whatever the round's attempts."""
+    task = evaluate_task(run, spec, round_)
+    return _job(
+        name=evaluate_job_name(run, round_),
+        namespace=namespace,
+        run=run,
+        uid=uid,
+        spec=spec,
+        labels=base_labels(run, round_, ROLE_EVALUATOR, 0),
+        settings=merge_pod_settings(spec.template, spec.evaluation),
+        command="evaluate",
         task_json=json.dumps(task.wire(), separators=(",", ":")),
         extra_env=[],
         uris=(spec.base_model, spec.tokenizer, spec.evaluation.data_uri),

@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from fedtune_operator.api import FederatedFineTuneStatus
-from fedtune_operator.engine import ObservedJob
+from fedtune_operator.decision import ObservedJob
 from fedtune_operator.rounds import job_state
 from fedtune_trainer.contract import (
     CONTAINER,
@@ -22,6 +22,7 @@ from fedtune_trainer.contract import (
     LABEL_ROUND,
     ROLE_AGGREGATOR,
     ROLE_CLIENT,
+    ROLE_EVALUATOR,
 )
 from fedtune_trainer.results import parse_summary
 
@@ -46,9 +47,9 @@ def compact_job(job: Obj) -> dict[str, Any]:
 
 
 def jobs_needing_pods(run_uid: str, status: FederatedFineTuneStatus, jobs: list[Obj]) -> list[str]:
-    """The finished Jobs of the current round and attempt whose result is not in the status yet:
-    an aggregator (its result ends the round) or a client not yet recorded for this round. Their
-    pods' termination messages hold the summaries or the failure reasons."""
+    """The finished Jobs whose result is not in the status yet: the current round's aggregator
+    (its result ends the round), its clients not yet recorded, and the evaluations still awaited.
+    Their pods' termination messages hold the summaries or the failure reasons."""
     r, a = status.current_round, status.round_attempt or 0
     if r is None:
         return []
@@ -57,9 +58,14 @@ def jobs_needing_pods(run_uid: str, status: FederatedFineTuneStatus, jobs: list[
     }
     names = []
     for job in observe_jobs(run_uid, jobs, []):
-        if job.state == "active" or job.round != r or job.attempt != a:
+        if job.state == "active":
             continue
-        if job.role == "aggregator" or job.client not in recorded:
+        if job.role == "evaluator":
+            wanted = job.round in status.evaluating_rounds
+        else:
+            current = job.round == r and job.attempt == a
+            wanted = current and (job.role == "aggregator" or job.client not in recorded)
+        if wanted:
             names.append(job.name)
     return names
 
@@ -94,7 +100,7 @@ def observe_jobs(run_uid: str, jobs: list[Obj], pods: list[Obj]) -> list[Observe
             continue
         labels = meta.get("labels") or {}
         role = labels.get(LABEL_ROLE)
-        if role not in (ROLE_CLIENT, ROLE_AGGREGATOR):
+        if role not in (ROLE_CLIENT, ROLE_AGGREGATOR, ROLE_EVALUATOR):
             continue
         state, cond = job_state(job.get("status"))
         summary, message = None, ""

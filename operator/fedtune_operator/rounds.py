@@ -97,6 +97,13 @@ def verdict(spec: FederatedFineTuneSpec, done: int, pending: int, expired: bool)
     return "timed_out" if expired else "wait"
 
 
+def evaluation_due(spec: FederatedFineTuneSpec, round_: int) -> bool:
+    """Evaluate global `round_`: with evaluation data, every `everyRounds` rounds (round 0, the
+    untrained adapter, gives the baseline) and always after the last round."""
+    ev = spec.evaluation
+    return ev.data_uri is not None and (round_ % ev.every_rounds == 0 or round_ == spec.rounds)
+
+
 # ---------------------------------------------------------------------------------------------
 # What a finished Job means
 # ---------------------------------------------------------------------------------------------

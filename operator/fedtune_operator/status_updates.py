@@ -8,7 +8,9 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Literal
 
-from fedtune_operator.api.schema import HISTORY_LIMIT
+from pydantic import TypeAdapter
+
+from fedtune_operator.api.schema import HISTORY_LIMIT, Loss
 from fedtune_operator.api.status import (
     OUTCOMES,
     ClientStatus,
@@ -114,3 +116,11 @@ def communication_totals(bytes_sent: int, full_model_bytes: int) -> Communicatio
         reduction_ratio=round(ratio, 3) if ratio is not None else None,
         reduction=f"{ratio:.1f}x" if ratio is not None else None,
     )
+
+
+_LOSS = TypeAdapter(Loss)
+
+
+def loss_value(value: float) -> float:
+    """A loss as the status keeps it (finite, four significant digits)."""
+    return _LOSS.validate_python(value)

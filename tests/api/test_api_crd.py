@@ -126,6 +126,8 @@ def test_free_form_objects_are_only_the_documented_ones() -> None:
         ".spec.aggregator.env[].valueFrom",
         ".spec.clients[].affinity",
         ".spec.clients[].env[].valueFrom",
+        ".spec.evaluation.affinity",
+        ".spec.evaluation.env[].valueFrom",
         ".spec.template.affinity",
         ".spec.template.env[].valueFrom",
     ]
@@ -367,8 +369,9 @@ ALTERNATIVES = {".spec.aggregation.clientFraction", ".spec.training.localEpochs"
 
 
 def _pod_normalized(path: str) -> str:
-    """Pod settings recur in template, aggregator and clients; showing each once is enough."""
-    for prefix in (".spec.template.", ".spec.aggregator.", ".spec.clients[]."):
+    """Pod settings recur in template, aggregator, evaluation and clients; showing each once is
+    enough."""
+    for prefix in (".spec.template.", ".spec.aggregator.", ".spec.evaluation.", ".spec.clients[]."):
         rest = path.removeprefix(prefix)
         if rest != path and re.split(r"[.\[]", rest)[0] in POD_FIELDS:
             return f"pod.{rest}"

@@ -213,6 +213,7 @@ def full_status() -> api.FederatedFineTuneStatus:
         client_progress=status_updates.progress(2, 2),
         round_started_at=T0,
         aggregating_clients=["a", "b"],
+        evaluating_rounds=[2],
         clients=[
             api.ClientStatus(
                 name="a", phase="Succeeded", last_round=3, samples=100, last_loss=1.5, bytes_sent=10

@@ -28,9 +28,8 @@ Round r >= 1 is `merge_round`, steps over the committed global adapter r-1, one 
    as a PEFT directory with its manifest last, and on the last round the same adapter under
    final/.
 
-Then, outside the merge: evaluation of the new global on held-out data when it is due (its loss
-goes into the round record), and the run report (report/, see report.py) from every round's
-record in storage.
+Then the run report (report/, see report.py) from every round's record in storage. Evaluation
+is a Job of its own (evaluate.py): the aggregator never needs the base model's weights for it.
 """
 
 from __future__ import annotations
@@ -595,45 +594,8 @@ def write_record(store: st.Store, record: RoundRecord) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# After the merge: evaluation and the report
+# After the merge: the report
 # --------------------------------------------------------------------------------------------
-
-
-def evaluation_due(task: AggregateTask) -> bool:
-    ev = task.evaluation
-    return bool(ev.data_uri) and (task.round % ev.every_rounds == 0 or task.round == task.rounds)
-
-
-def evaluate(task: AggregateTask, tensors: Mapping[str, torch.Tensor]) -> float:
-    """Mean token loss of base + adapter on the evaluation data."""
-    from .data import load_examples
-    from .runtime import load_base, load_tokenizer
-    from .training import mean_loss
-
-    assert task.evaluation.data_uri is not None
-    runtime = pick_runtime("auto")
-    tok = load_tokenizer(task.tokenizer or task.base_model)
-    examples = load_examples(
-        task.evaluation.data_uri,
-        task.data.format,
-        tok,
-        task.max_seq_length,
-        task.evaluation.max_samples,
-    )
-    model = lora.attach(load_base(task.base_model, runtime), task.adapter, tensors)
-    loss = mean_loss(model, examples, runtime, tok.pad_token_id)
-    if not math.isfinite(loss):
-        raise FloatingPointError(f"evaluation loss is {loss}")
-    return loss
-
-
-def record_evaluation(
-    store: st.Store, summary: AggregateSummary, eval_loss: float
-) -> AggregateSummary:
-    """The round's record with its eval loss, in storage and in the summary."""
-    record = summary.record.model_copy(update={"eval_loss": eval_loss})
-    write_record(store, record)
-    return summary.model_copy(update={"record": record})
 
 
 def write_report(
@@ -657,13 +619,9 @@ def write_report(
 
 
 def run(task: AggregateTask, store: st.Store | None = None, log: Log = _stderr) -> AggregateSummary:
-    """Aggregate (or, at round 0, initialise) one round, evaluate it when due, then report."""
+    """Aggregate (or, at round 0, initialise) one round, then render the report."""
     store = store or st.open_store(task.storage)
     start = time.perf_counter()
     merged = initialize(task, store, log) if task.round == 0 else merge_round(task, store, log)
     summary = publish(task, store, merged, start, log)
-    if evaluation_due(task):
-        eval_loss = evaluate(task, merged.tensors)
-        log(f"round {task.round}: eval loss {eval_loss:.4f}")
-        summary = record_evaluation(store, summary, eval_loss)
     return write_report(task, store, summary, log)

@@ -26,9 +26,10 @@ LABEL_ROLE: Final = f"{GROUP}/role"
 LABEL_CLIENT: Final = f"{GROUP}/client"
 LABEL_ATTEMPT: Final = f"{GROUP}/attempt"
 
-Role = Literal["client", "aggregator", "cleanup"]
+Role = Literal["client", "aggregator", "evaluator", "cleanup"]
 ROLE_CLIENT: Final = "client"
 ROLE_AGGREGATOR: Final = "aggregator"
+ROLE_EVALUATOR: Final = "evaluator"
 ROLE_CLEANUP: Final = "cleanup"
 
 FINALIZER: Final = f"{GROUP}/cleanup"

@@ -30,7 +30,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from . import store as st
-from .results import RoundRecord
+from .results import EvaluationSummary, RoundRecord
 from .task import REPORT_PREFIX
 
 HTML_FILE = "report.html"
@@ -39,6 +39,7 @@ BYTES_PLOT = "bytes.png"
 COMPRESSION_PLOT = "compression.png"
 PLOTS = (LOSS_PLOT, BYTES_PLOT, COMPRESSION_PLOT)
 METRICS_KEY = re.compile(r"^rounds/(\d{6})/metrics\.json$")
+EVALUATION_KEY = re.compile(r"^rounds/(\d{6})/evaluation\.json$")
 
 
 # --------------------------------------------------------------------------------------------
@@ -59,19 +60,34 @@ def read_records(
     A record this version cannot read (written by an older trainer, or damaged) is skipped with a
     log line rather than failing the report: the report is a view, the adapters are the product.
     """
-    found = []
+    found: dict[int, RoundRecord] = {}
+    losses: dict[int, float] = {}
     for key in store.list("rounds/"):
-        match = METRICS_KEY.match(key)
+        record_match, eval_match = METRICS_KEY.match(key), EVALUATION_KEY.match(key)
+        match = record_match or eval_match
         if not match:
             continue
         r = int(match.group(1))
         if through_round is not None and r > through_round:
             continue
         try:
-            found.append(RoundRecord.model_validate_json(store.get_bytes(key)))
+            if record_match:
+                found[r] = RoundRecord.model_validate_json(store.get_bytes(key))
+            else:
+                losses[r] = EvaluationSummary.model_validate_json(store.get_bytes(key)).eval_loss
         except ValidationError as e:
-            log(f"report: skipping {key}: not a round record ({e.error_count()} problems)")
-    return sorted(found, key=lambda record: record.round)
+            log(f"report: skipping {key}: unreadable ({e.error_count()} problems)")
+    # The evaluation Job writes its loss beside the round's record, after it.
+    return [
+        found[r].model_copy(update={"eval_loss": losses[r]}) if r in losses else found[r]
+        for r in sorted(found)
+    ]
+
+
+def latest_round(store: st.Store) -> int | None:
+    """The newest round with a record in storage (None before round 0 is written)."""
+    rounds = [int(m.group(1)) for k in store.list("rounds/") if (m := METRICS_KEY.match(k))]
+    return max(rounds, default=None)
 
 
 # --------------------------------------------------------------------------------------------

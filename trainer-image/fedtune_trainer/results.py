@@ -142,7 +142,22 @@ class AggregateSummary(Model):
         return self.record.round
 
 
-Summary = Annotated[ClientSummary | AggregateSummary, Field(discriminator="kind")]
+class EvaluationSummary(Model):
+    """An evaluation Job's result: the loss of global adapter `round` on the held-out data.
+
+    Also written as rounds/<r>/evaluation.json, from which the report takes the round's eval loss.
+    """
+
+    kind: Literal["evaluate"] = "evaluate"
+    round: int = Field(ge=0)
+    eval_loss: float
+    examples: int = Field(ge=0, description="Held-out records evaluated.")
+    tokens: int = Field(ge=0, description="Tokens the loss was taken over.")
+    seconds: float = Field(0.0, ge=0)
+
+
+AnySummary = ClientSummary | AggregateSummary | EvaluationSummary
+Summary = Annotated[AnySummary, Field(discriminator="kind")]
 
 
 class _SummaryDoc(BaseModel):
@@ -150,15 +165,15 @@ class _SummaryDoc(BaseModel):
     summary: Summary
 
 
-def parse_summary(text: str) -> ClientSummary | AggregateSummary:
+def parse_summary(text: str) -> AnySummary:
     return _SummaryDoc.model_validate({"summary": json.loads(text)}).summary
 
 
-def _compact(summary: ClientSummary | AggregateSummary) -> str:
+def _compact(summary: AnySummary) -> str:
     return json.dumps(summary.wire(), separators=(",", ":"))
 
 
-def dump_summary(summary: ClientSummary | AggregateSummary) -> str:
+def dump_summary(summary: AnySummary) -> str:
     """Compact JSON within the kubelet's termination-message limit.
 
     An aggregator's summary too long for it first loses the per-client contributions (the round

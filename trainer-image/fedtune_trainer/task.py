@@ -292,6 +292,10 @@ FINAL_PREFIX = "final"
 REPORT_PREFIX = "report"
 
 
+EVALUATION_FILE = "evaluation.json"
+"""rounds/<r>/evaluation.json: the evaluation Job's result for global r."""
+
+
 def client_state_prefix(client: str) -> str:
     return f"state/clients/{client}"
 
@@ -332,10 +336,17 @@ class AggregateTask(_TaskBase):
     aggregation: AggregationSpec = Field(default_factory=AggregationSpec)
     privacy: PrivacySpec = Field(default_factory=PrivacySpec)
     delta: DeltaSpec = Field(default_factory=DeltaSpec)
-    data: DataSpec = Field(default_factory=DataSpec)
-    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
-    max_seq_length: int = Field(512, ge=8, le=131072)
     seed: int = Field(0, ge=0, le=2**31 - 1)
+
+
+class EvaluateTask(_TaskBase):
+    """Evaluate the committed global adapter of `round` on held-out data (its own Job, so that
+    the aggregator never loads base weights and the evaluation can have a GPU of its own)."""
+
+    kind: Literal["evaluate"] = "evaluate"
+    data: DataSpec = Field(default_factory=DataSpec)
+    evaluation: EvaluationSpec
+    max_seq_length: int = Field(512, ge=8, le=131072)
 
 
 class CleanupTask(Model):
@@ -346,18 +357,19 @@ class CleanupTask(Model):
     storage: StorageLocation
 
 
-Task = Annotated[ClientTask | AggregateTask | CleanupTask, Field(discriminator="kind")]
+AnyTask = ClientTask | AggregateTask | EvaluateTask | CleanupTask
+Task = Annotated[AnyTask, Field(discriminator="kind")]
 
 
 class _TaskDoc(BaseModel):
     task: Task
 
 
-def parse_task(text: str) -> ClientTask | AggregateTask | CleanupTask:
+def parse_task(text: str) -> AnyTask:
     return _TaskDoc.model_validate({"task": json.loads(text)}).task
 
 
-def load_task(environ: dict[str, str] | None = None) -> ClientTask | AggregateTask | CleanupTask:
+def load_task(environ: dict[str, str] | None = None) -> AnyTask:
     """Read the task from the mounted file or the environment variable, in that order."""
     env = os.environ if environ is None else environ
     if path := env.get(TASK_FILE_ENV):

@@ -282,15 +282,29 @@ class ClientSpec(PodSettings, _ClientData):
     """
 
 
-class Evaluation(EvaluationSpec):
-    """Held-out evaluation by the aggregator after a round (none without dataUri).
-
-    Narrows the contract's `EvaluationSpec.dataUri` to the schemes the operator can deliver.
-    """
+class _EvaluationData(EvaluationSpec):
+    """Narrows the contract's `EvaluationSpec.dataUri` to the schemes the operator can deliver;
+    a separate base only so that these fields come first in the schema."""
 
     data_uri: DataUri | None = Field(
         None, description="Held-out jsonl (s3://, file:// or pvc://), in spec.data.format."
     )
+
+
+class Evaluation(PodSettings, _EvaluationData):
+    """Held-out evaluation of the global adapter (none without dataUri).
+
+    After every due round an evaluation Job of its own loads the base model with that round's
+    adapter and reports the loss, while the next round's clients already train; the run succeeds
+    once the last round's evaluation is in. Its pod settings override spec.template like a
+    client's do (e.g. `resources.limits: {nvidia.com/gpu: 1}`).
+    """
+
+    def settings(self) -> EvaluationSpec:
+        """The part of the evaluation settings that goes into the evaluation Job's task."""
+        return EvaluationSpec.model_validate(
+            self.model_dump(include=set(EvaluationSpec.model_fields))
+        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -46,7 +46,9 @@ CONDITION_TYPES = (PROGRESSING, SUCCEEDED, FAILED, SUSPENDED)
 OUTCOMES = (PROGRESSING, SUCCEEDED, FAILED)
 """Mutually exclusive: exactly one is True once the operator has seen the run."""
 
-Phase = Literal["Pending", "Running", "Aggregating", "Suspended", "Succeeded", "Failed"]
+Phase = Literal[
+    "Pending", "Running", "Aggregating", "Evaluating", "Suspended", "Succeeded", "Failed"
+]
 ClientPhase = Literal["Idle", "Pending", "Running", "Succeeded", "Failed", "Rejected"]
 
 
@@ -165,6 +167,12 @@ class FederatedFineTuneStatus(StatusModel):
         max_length=MAX_CLIENTS,
         description="The clients whose deltas the current round's aggregator merges; empty "
         "until the quorum is in.",
+        json_schema_extra=k8s_extensions(list_type="set"),
+    )
+    evaluating_rounds: list[Annotated[int, Field(ge=0, le=MAX_ROUNDS)]] = Field(
+        default_factory=list,
+        max_length=HISTORY_LIMIT,
+        description="Rounds whose evaluation Job has not reported yet.",
         json_schema_extra=k8s_extensions(list_type="set"),
     )
     clients: list[ClientStatus] = Field(
