@@ -162,7 +162,7 @@ def check_manifest(
             f"manifest names round {str(manifest.get('round'))[:12]} "
             f"client {str(manifest.get('client'))[:40]!r}"
         )
-    samples = merge.sample_count(manifest.get("samples"), task.data.max_samples)
+    samples = merge.sample_count(manifest.get("samples"))
     loss = manifest.get("train_loss")
     if loss is not None and not (type(loss) in (int, float) and math.isfinite(loss)):
         raise ValueError(f"bad train loss {str(loss)[:40]!r}")
