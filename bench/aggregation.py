@@ -101,6 +101,7 @@ def task_for(store_uri: str, sizes: Sizes, n: int) -> AggregateTask:
         storage=StorageLocation(uri=store_uri),
         clients=client_names(n),
         min_clients=n,
+        delta=LOSSLESS,  # the aggregator accepts only deltas in the run's encoding
     )
 
 

@@ -77,6 +77,7 @@ def task(store: st.Store, round_: int, clients: list[str], **kw: object) -> Aggr
         "clients": clients,
         "min_clients": 1,
         "aggregation": aggregation,
+        "delta": LOSSLESS,  # what put_delta encodes with unless told otherwise
     }
     return AggregateTask(**{**base, **kw})
 
@@ -120,6 +121,25 @@ def reference_round(
         else:
             out[name] = x[name] + lr * d
     return out
+
+
+def reference_capped_weights(weights: list[float], max_share: float) -> list[float]:
+    """Weights with no share above max(max_share, 1/n): min(w, t) for the largest level t at
+    which t <= max_share * sum(min(w, t)). Found by bisection, not by the code's water-filling."""
+    cap = max(max_share, 1 / len(weights))
+    if cap >= 1:
+        return list(weights)
+
+    def fits(t: float) -> bool:
+        return t <= cap * sum(min(w, t) for w in weights) * (1 + 1e-12)
+
+    lo, hi = 0.0, max(weights)
+    if fits(hi):
+        return list(weights)
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return [min(w, lo) for w in weights]
 
 
 def as_numpy(tensors: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,3 +38,51 @@ class Storage:
 
     def open(self) -> st.Store:
         return st.open_store(self.uri)
+
+
+# `fedtune-trainer <kind>` (cli.main, what the console script runs) that writes its own peak RSS
+# (VmHWM: the high-water mark of the memory map exec gave it) to a file when it exits. Not
+# ru_maxrss from wait4: Linux folds the parent's high-water mark into the child's at fork/exec,
+# so a child of a large pytest process would report at least the pytest process's size.
+_PEAK_WRAPPER = """
+import atexit, os, sys
+def _peak():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmHWM:'):
+            open(os.environ['FEDTUNE_TEST_PEAK_FILE'], 'w').write(line.split()[1])
+atexit.register(_peak)
+from fedtune_trainer.cli import main
+sys.exit(main([sys.argv[1]]))
+"""
+
+
+@dataclass(frozen=True)
+class JobRun:
+    returncode: int
+    stderr: str
+    peak_rss: int
+    """Bytes: the process's own peak resident set."""
+
+
+def run_job_measured(kind: str, env: dict[str, str]) -> JobRun:
+    """Run `fedtune-trainer <kind>` in a fresh process with `env`; its exit code, stderr, peak."""
+    with tempfile.TemporaryDirectory() as tmp:
+        peak_file = Path(tmp) / "peak"
+        proc = subprocess.run(
+            [sys.executable, "-c", _PEAK_WRAPPER, kind],
+            env={**env, "FEDTUNE_TEST_PEAK_FILE": str(peak_file)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            check=False,
+        )
+        peak = int(peak_file.read_text()) * 1024 if peak_file.exists() else -1
+    return JobRun(proc.returncode, proc.stderr.decode(errors="replace"), peak)
+
+
+def job_environment(cache: Path) -> dict[str, str]:
+    """Environment for trainer processes: the venv's bin first, one thread, its own cache."""
+    env = dict(os.environ)
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["OMP_NUM_THREADS"] = "1"
+    env["FEDTUNE_CACHE_DIR"] = str(cache)
+    return env

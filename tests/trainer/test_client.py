@@ -155,7 +155,8 @@ def test_a_rerun_overwrites_and_never_feeds_the_residual_back_twice(
     # Round 2 trains from global 1 and feeds back residual 1, on every rerun alike.
     aggregate.run(
         AggregateTask(run="unit", round=1, base_model=str(demo.model), adapter=ADAPTER,
-                      storage=StorageLocation(uri=file_store.uri), rounds=3, clients=["client-0"]),
+                      storage=StorageLocation(uri=file_store.uri), rounds=3, clients=["client-0"],
+                      delta=LOSSY),
         file_store, quiet,
     )  # fmt: skip
     logs: list[str] = []

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,6 +10,7 @@ import pytest
 from fedtune_trainer import store as st
 from fedtune_trainer.results import AggregateSummary, parse_summary
 from tests.trainer.aggregation_support import put_delta, random_tensors, task, write_global
+from tests.trainer.support import run_job_measured
 
 SHAPES = {"big.lora_A.weight": (1024, 1024), "big.lora_B.weight": (1024, 1024)}
 DELTA_BYTES = 4 * sum(a * b for a, b in SHAPES.values())  # 8 MiB per client
@@ -34,21 +33,14 @@ def peak_rss_of_aggregation(root: Path, clients: int, env: dict[str, str]) -> in
         # free, so the peak measures what is held at once.
         "MALLOC_MMAP_THRESHOLD_": "65536",
     }
-    proc = subprocess.Popen(
-        ["fedtune-trainer", "aggregate"],
-        env=job_env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    assert proc.stderr is not None
-    stderr = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    assert proc.returncode == 0, stderr.decode()[-2000:]
+    # The process's own peak (VmHWM), not wait4's ru_maxrss: Linux folds the parent's
+    # high-water mark into a child's at fork/exec, so that would be at least pytest's size.
+    run = run_job_measured("aggregate", job_env)
+    assert run.returncode == 0, run.stderr[-2000:]
     summary = parse_summary(termination.read_text())
     assert isinstance(summary, AggregateSummary)
     assert summary.record.accepted == clients
-    return usage.ru_maxrss * 1024  # Linux reports KiB
+    return run.peak_rss
 
 
 def test_peak_memory_does_not_grow_with_clients(

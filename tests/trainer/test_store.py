@@ -220,3 +220,48 @@ def test_concurrent_fetches_share_one_cache_safely(
         [p.name for p in (tmp_path / "cache").iterdir()] if storage.uri.startswith("s3") else []
     )
     assert len(leftovers) <= 1
+
+
+# ------------------------------------------------------------------------------------------
+# Bounded reads of untrusted objects
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 1, 1000, 3 << 20])
+def test_bounded_reads_stop_at_the_limit(storage: Storage, tmp_path: Path, size: int) -> None:
+    """Up to the limit an object reads whole; one byte past it, the read stops and no partial
+    file is left behind."""
+    s = storage.open()
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    s.put_bytes("obj", data)
+    assert s.get_bytes("obj", max_bytes=size) == data
+    s.get_file("obj", tmp_path / "ok", max_bytes=size)
+    assert (tmp_path / "ok").read_bytes() == data
+    if size:
+        with pytest.raises(st.ObjectTooLarge, match=rf"oversized: more than {size - 1} bytes"):
+            s.get_bytes("obj", max_bytes=size - 1)
+        with pytest.raises(st.ObjectTooLarge, match=rf"oversized: more than {size - 1} bytes"):
+            s.get_file("obj", tmp_path / "cut", max_bytes=size - 1)
+        assert not (tmp_path / "cut").exists()
+    with pytest.raises(st.ObjectNotFound):
+        s.get_bytes("missing", max_bytes=10)
+    with pytest.raises(st.ObjectNotFound):
+        s.get_file("missing", tmp_path / "m", max_bytes=10)
+
+
+def test_ranged_reads(storage: Storage) -> None:
+    s = storage.open()
+    s.put_bytes("obj", bytes(range(100)))
+    assert s.get_range("obj", 0, 8) == bytes(range(8))
+    assert s.get_range("obj", 90, 50) == bytes(range(90, 100))  # short at the end
+    assert s.get_range("obj", 200, 8) == b""  # past the end
+    assert s.get_range("obj", 5, 0) == b""
+    with pytest.raises(st.ObjectNotFound):
+        s.get_range("missing", 0, 8)
+
+
+def test_a_huge_manifest_is_not_read_whole(storage: Storage) -> None:
+    s = storage.open()
+    s.put_bytes("c/manifest.json", b"{" + b" " * (st.MANIFEST_MAX_BYTES + 10) + b"}")
+    with pytest.raises(st.IntegrityError, match="oversized: more than 1048576 bytes"):
+        st.read_manifest(s, "c")

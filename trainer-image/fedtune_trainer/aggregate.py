@@ -1,24 +1,32 @@
 """`fedtune-trainer aggregate`: turn round r's client deltas into global adapter r.
 
 Round 0 writes the initial adapter (LoRA initialised from the base model with the task's seed).
-Round r >= 1 is `merge_round`, five steps over the committed global adapter r-1, one function each:
+Round r >= 1 is `merge_round`, steps over the committed global adapter r-1, one function each:
 
-1. collect: for each client, one at a time, fetch its committed delta to local disk, verify size
-   and SHA-256 against its manifest, decode, check tensor names and shapes against the global,
-   finiteness and the norm limit; a failing delta is recorded as a Rejection and skipped; fewer
-   accepted deltas than the quorum fail the round, writing nothing global;
-2. reduce: the weighted mean streams client by client as step 1 decodes them (memory: the global
-   tensors, a float64 accumulator and one client's delta, whatever the number of clients); median
-   and trimmed mean go tensor by tensor (memory: one tensor times the number of clients, read
-   lazily from the verified files on disk);
-3. privatise: client-level DP when configured: each delta was clipped to clip_norm in step 1, and
-   Gaussian noise of std noise_multiplier * clip_norm / n is added to the reduced delta (uniform
-   weights when noise is on, so that one client's influence, the sensitivity, is clip_norm / n);
-4. server step: the server rule (merge.server_step) with its state read from the newest version
+1. collect: for each client, one at a time, validate before spending (`fetch_client`): the
+   manifest (bounded) and its fields, the declared size against the largest delta this adapter
+   and the run's codec settings allow, the file's header alone against the layout they
+   prescribe, and only then the file, streamed and cut off past its declared size, its SHA-256,
+   then decoding (zstd bounded by the part's size), finiteness and the norm limit; the client's
+   weight too. A failing delta is recorded as a Rejection and skipped; fewer accepted deltas
+   than the quorum fail the round, writing nothing global;
+2. weigh: bounded influence: the share cap on weights (maxClientShare), the outlier clip (norm
+   above outlierNormFactor x the round's median) and the DP clip;
+3. reduce: the weighted mean streams client by client from the verified files on disk (memory:
+   the global tensors, a float64 accumulator and one client's delta, whatever the number of
+   clients); median and trimmed mean go tensor by tensor (memory: one tensor times the number
+   of clients); krum/multiKrum compute pairwise distances tensor by tensor, then average the
+   selected deltas;
+4. privatise: client-level DP when configured: Gaussian noise of std
+   noise_multiplier * clip_norm / n on the reduced delta (uniform weights when noise is on, so
+   that one client's influence, the sensitivity, is clip_norm / n);
+5. server step: the server rule (merge.server_step) with its state read from the newest version
    before r and written as version r, so that a rerun of round r reads the same state and never
-   steps twice;
-5. publish: the round record as rounds/<r>/metrics.json, then global r as a PEFT directory with
-   its manifest last, and on the last round the same adapter under final/.
+   steps twice. The new global and state must be finite or the attempt fails (NonFiniteError,
+   retryable) having committed nothing;
+6. publish: the round record as rounds/<r>/metrics.json, then global r (checked finite again)
+   as a PEFT directory with its manifest last, and on the last round the same adapter under
+   final/.
 
 Then the run report (report/, see report.py) from every round's record in storage. Evaluation
 is a Job of its own (evaluate.py): the aggregator never needs the base model's weights for it.
@@ -27,11 +35,12 @@ is a Job of its own (evaluate.py): the aggregator never needs the base model's w
 from __future__ import annotations
 
 import math
+import re
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,42 +75,61 @@ class QuorumError(RuntimeError):
 
 @dataclass(frozen=True)
 class Accepted:
-    """A verified client delta, kept on local disk (never all of them in memory)."""
+    """A verified client delta, kept on local disk (never all of them in memory).
+
+    `collect` fills in what the client's files say; `weigh` then sets how it enters the merge
+    (weight after the share cap, clip scale, Krum's selection).
+    """
 
     client: str
     path: Path
+    layout: codec.Layout
+    """Its layout, checked against the adapter: what decoding it again may read."""
     samples: int
     weight: float
-    scale: float
-    """DP clip factor applied to this delta (1 without clipping)."""
     train_loss: float | None
     encoded_bytes: int
     raw_bytes: int
     norm: float
+    scale: float = 1.0
+    """The factor its delta is scaled by: the smaller of the DP clip and the outlier clip."""
+    capped: bool = False
+    outlier: bool = False
+    selected: bool | None = None
+    share: float = 0.0
 
     def contribution(self) -> Contribution:
         return Contribution(
             client=self.client,
             samples=self.samples,
             weight=self.weight,
+            share=self.share,
+            capped=self.capped,
+            scale=self.scale,
+            outlier=self.outlier,
+            selected=self.selected,
             train_loss=self.train_loss,
             encoded_bytes=self.encoded_bytes,
             raw_bytes=self.raw_bytes,
             norm=self.norm,
         )
 
+    def tensors(self) -> Callable[[str], torch.Tensor]:
+        """A lazy decoder of its tensors, already scaled by `scale` (float32)."""
+        decode = decode_file(self.path, self.layout)
+        return lambda name: decode(name) * self.scale
+
 
 # --------------------------------------------------------------------------------------------
-# Reading one client's delta
+# Reading one client's delta: validate before spending
 # --------------------------------------------------------------------------------------------
 
 
-def decode_file(path: Path) -> tuple[codec.Layout, Callable[[str], torch.Tensor]]:
-    """The layout of a delta file and a lazy decoder of its tensors (memory-mapped parts)."""
+def decode_file(path: Path, layout: codec.Layout) -> Callable[[str], torch.Tensor]:
+    """A lazy decoder of the tensors of a delta file whose `layout` was checked (mmapped parts)."""
     from safetensors import safe_open
 
     handle = safe_open(str(path), framework="pt")
-    layout = codec.layout_from_metadata(handle.metadata())
     keys = set(handle.keys())
 
     def get(key: str) -> torch.Tensor:
@@ -109,41 +137,88 @@ def decode_file(path: Path) -> tuple[codec.Layout, Callable[[str], torch.Tensor]
             raise codec.DeltaFormatError(f"missing part {key!r}")
         return handle.get_tensor(key)
 
-    return layout, lambda name: codec.decode_one(layout, name, get)
+    return lambda name: codec.decode_one(layout, name, get)
 
 
-def load_delta(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a delta file, dense fp32."""
+def load_delta(path: Path, layout: codec.Layout) -> dict[str, torch.Tensor]:
+    """Every tensor of a checked delta file, dense fp32."""
     try:
-        layout, tensor = decode_file(path)
+        tensor = decode_file(path, layout)
         return {name: tensor(name) for name in sorted(layout.tensors)}
     except Exception as e:  # safetensors and torch raise many types for corrupt bytes
         raise codec.DeltaFormatError(f"undecodable delta: {reason_of(e)}") from e
 
 
+def check_manifest(
+    manifest: Mapping[str, Any], task: AggregateTask, client: str, limit: int
+) -> tuple[int, int]:
+    """The manifest's sample count and declared file size, or the reason it is refused.
+
+    Every number is checked as the type it must be before any arithmetic: a JSON int may have
+    309 digits, and `true` is an int to Python.
+    """
+    if manifest.get("round") != task.round or manifest.get("client") != client:
+        raise ValueError(
+            f"manifest names round {str(manifest.get('round'))[:12]} "
+            f"client {str(manifest.get('client'))[:40]!r}"
+        )
+    samples = merge.sample_count(manifest.get("samples"))
+    loss = manifest.get("train_loss")
+    if loss is not None and not (type(loss) in (int, float) and math.isfinite(loss)):
+        raise ValueError(f"bad train loss {str(loss)[:40]!r}")
+    raw = manifest.get("raw_bytes", 0)
+    if type(raw) is not int or not 0 <= raw <= 1 << 50:
+        raise ValueError(f"bad raw byte count {str(raw)[:40]!r}")
+    entry = manifest["files"].get(codec.DELTA_FILE)
+    if not isinstance(entry, dict):
+        raise st.IntegrityError(f"{codec.DELTA_FILE}: not listed in the manifest")
+    size, digest = entry.get("bytes"), entry.get("sha256")
+    if type(size) is not int or not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+        raise st.IntegrityError(f"{codec.DELTA_FILE}: bad size or checksum in the manifest")
+    if size > limit:
+        raise st.IntegrityError(
+            f"{codec.DELTA_FILE}: oversized, declares {size} bytes where a delta of this "
+            f"adapter is at most {limit}"
+        )
+    return samples, size
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
 def fetch_client(
-    store: st.Store, task: AggregateTask, client: str, workdir: Path
-) -> tuple[dict[str, Any], Path]:
-    """The client's manifest and its delta file on local disk, verified; raises with the reason."""
+    store: st.Store,
+    task: AggregateTask,
+    client: str,
+    workdir: Path,
+    expected: codec.ExpectedLayout,
+) -> tuple[dict[str, Any], Path, codec.Layout]:
+    """The client's manifest, its delta file on local disk and the file's checked layout.
+
+    In the order that spends least on a bad delta: the manifest (at most 1 MiB) and its fields;
+    the declared size against the largest delta of this adapter; the file's header alone (a
+    ranged read) against the layout the adapter and the run's codec settings prescribe; only
+    then the file, streamed and abandoned as soon as it passes its declared size; then size and
+    SHA-256; then the header again from the verified bytes (authoritative). Raises with the
+    reason.
+    """
     prefix = client_prefix(task.round, client)
     manifest = st.read_manifest(store, prefix)
     if manifest is None:
         raise LookupError("no committed delta (manifest.json missing)")
-    if manifest.get("round") != task.round or manifest.get("client") != client:
-        raise ValueError(
-            f"manifest names round {manifest.get('round')} client {manifest.get('client')!r}"
-        )
-    samples = manifest.get("samples")
-    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
-        raise ValueError(f"bad sample count {samples!r}")
-    loss = manifest.get("train_loss")
-    if loss is not None and not (isinstance(loss, int | float) and math.isfinite(loss)):
-        raise ValueError(f"bad train loss {loss!r}")
-    if not isinstance(manifest.get("raw_bytes", 0), int):
-        raise ValueError(f"bad raw byte count {manifest.get('raw_bytes')!r}")
+    _, size = check_manifest(manifest, task, client, expected.max_size())
+    key = st.join(prefix, codec.DELTA_FILE)
+    head_size = 8 + expected.max_header()
+    codec.check_file_layout(store.get_range(key, 0, head_size), expected, size)
     path = workdir / client / codec.DELTA_FILE
-    st.fetch_committed(store, prefix, path.parent, [codec.DELTA_FILE])
-    return manifest, path
+    try:
+        store.get_file(key, path, max_bytes=size)
+    except st.ObjectNotFound as e:
+        raise st.IntegrityError(f"{codec.DELTA_FILE}: listed in the manifest but missing") from e
+    st.verify_entry(manifest, codec.DELTA_FILE, path.stat().st_size, st.sha256_file(path))
+    with open(path, "rb") as f:
+        layout = codec.check_file_layout(f.read(head_size), expected, size)
+    return manifest, path, layout
 
 
 def reason_of(error: BaseException) -> str:
@@ -164,9 +239,14 @@ def discover_clients(store: st.Store, round_: int) -> list[str]:
 
 
 def client_weight(task: AggregateTask, client: str, samples: int) -> float:
+    """The client's weight before the share cap; `samples` is already a validated count."""
     if task.privacy.noise_multiplier > 0:
         return 1.0
-    return samples * task.client_weights.get(client, 1.0)
+    configured = task.client_weights.get(client, 1.0)
+    weight = configured * (samples if task.aggregation.weighting == "samples" else 1)
+    if not (weight > 0 and math.isfinite(weight)):
+        raise ValueError(f"bad weight {weight} (samples {samples}, clientWeight {configured})")
+    return float(weight)
 
 
 @dataclass(frozen=True)
@@ -178,7 +258,13 @@ class Merged:
     config: bytes
 
 
-DeltaSink = Callable[[Accepted, Mapping[str, torch.Tensor]], None]
+@dataclass(frozen=True)
+class Weighing:
+    """How the accepted deltas enter the merge, for the round record."""
+
+    max_client_share: float | None = None
+    median_norm: float | None = None
+    outlier_norm_bound: float | None = None
 
 
 def collect(
@@ -187,43 +273,41 @@ def collect(
     shapes: Mapping[str, tuple[int, ...]],
     workdir: Path,
     log: Log,
-    sink: DeltaSink | None = None,
 ) -> tuple[list[Accepted], list[Rejection]]:
-    """Step 1: fetch, verify and decode each client's delta, one at a time.
+    """Step 1: fetch, verify, decode and check each client's delta, one at a time.
 
-    Every accepted delta is handed, already clipped, to `sink` while it is in memory (the
-    streaming mean of step 2), then dropped; its verified file stays in `workdir` for reducers
-    that need every client at once.
+    Everything a client controls is checked inside its own guard (the weight included), so a
+    bad delta or manifest is a Rejection and never fails the round; its verified file stays in
+    `workdir` for the reduce step, which decodes it again (one client in memory at a time).
     """
     clients = list(dict.fromkeys(task.clients)) or discover_clients(store, task.round)
+    expected = codec.ExpectedLayout(shapes, task.delta)
     accepted: list[Accepted] = []
     rejected: list[Rejection] = []
     for client in clients:
         try:
-            manifest, path = fetch_client(store, task, client, workdir)
-            delta = load_delta(path)
+            manifest, path, layout = fetch_client(store, task, client, workdir, expected)
+            delta = load_delta(path, layout)
             if reason := merge.check_delta(delta, shapes, task.aggregation.max_delta_norm):
                 raise ValueError(reason)
+            norm = merge.l2_norm(delta)
+            del delta
+            samples = manifest["samples"]
+            item = Accepted(
+                client=client,
+                path=path,
+                layout=layout,
+                samples=samples,
+                weight=client_weight(task, client, samples),
+                train_loss=manifest.get("train_loss"),
+                encoded_bytes=path.stat().st_size,
+                raw_bytes=manifest.get("raw_bytes", 0),
+                norm=norm,
+            )
         except Exception as e:
             rejected.append(Rejection(client=client, reason=reason_of(e)))
             log(f"rejected {client}: {reason_of(e)}")
             continue
-        norm = merge.l2_norm(delta)
-        samples = manifest["samples"]
-        item = Accepted(
-            client=client,
-            path=path,
-            samples=samples,
-            weight=client_weight(task, client, samples),
-            scale=merge.clip_factor(norm, task.privacy.clip_norm),
-            train_loss=manifest.get("train_loss"),
-            encoded_bytes=path.stat().st_size,
-            raw_bytes=manifest.get("raw_bytes", 0),
-            norm=norm,
-        )
-        if sink is not None:
-            sink(item, {k: v * item.scale for k, v in delta.items()})
-        del delta
         accepted.append(item)
         log(f"accepted {client}: {samples} samples, norm {norm:.4g}, {item.encoded_bytes} bytes")
     if len(accepted) < task.min_clients:
@@ -235,23 +319,117 @@ def collect(
     return accepted, rejected
 
 
+def weigh(
+    task: AggregateTask, accepted: list[Accepted], log: Log
+) -> tuple[list[Accepted], Weighing]:
+    """Step 2, bounded influence: each delta's clip scale and its weight after the share cap.
+
+    The scale is the smaller of the DP clip (privacy.clipNorm) and the outlier clip (a norm
+    above outlierNormFactor x the round's lower median norm is brought down to that bound).
+    Weights apply to the mean-based rules; the unweighted ones give every client 1.
+    """
+    spec = task.aggregation
+    norms = [a.norm for a in accepted]
+    bound = merge.outlier_bound(norms, spec.outlier_norm_factor)
+    median = merge.lower_median(norms) if norms else None
+    items = []
+    for a in accepted:
+        scale = merge.clip_factor(a.norm, task.privacy.clip_norm)
+        outlier = bound is not None and a.norm > bound
+        if outlier:
+            assert bound is not None
+            scale = min(scale, bound / a.norm)
+            log(f"clipped {a.client}: norm {a.norm:.4g} above {bound:.4g} (outlier bound)")
+        items.append(replace(a, scale=scale, outlier=outlier))
+    cap: float | None = None
+    if spec.algorithm in merge.MEAN_ALGORITHMS:
+        weights, cap = merge.capped_weights([a.weight for a in items], spec.max_client_share)
+        total = sum(weights)
+        items = [
+            replace(a, weight=w, share=w / total, capped=w < a.weight)
+            for a, w in zip(items, weights, strict=True)
+        ]
+        for a in items:
+            if a.capped:
+                log(f"capped {a.client}: weight lowered to {a.share:.3g} of the round")
+    else:
+        items = [replace(a, weight=1.0, share=1.0 / len(items)) for a in items]
+    return items, Weighing(cap, median, bound)
+
+
+def reduce_mean(
+    accepted: list[Accepted], shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, torch.Tensor]:
+    """Step 3 for the mean-based rules: client by client from disk, one delta in memory."""
+    mean = merge.WeightedMean()
+    for a in accepted:
+        tensor = a.tensors()
+        mean.add({name: tensor(name) for name in sorted(shapes)}, a.weight)
+    return mean.result()
+
+
 def reduce_robust(
     accepted: list[Accepted], shapes: Mapping[str, tuple[int, ...]], task: AggregateTask
 ) -> dict[str, torch.Tensor]:
-    """Step 2 for median and trimmed mean: one tensor at a time across all clients."""
-    readers = [(a, decode_file(a.path)[1]) for a in accepted]
+    """Step 3 for median and trimmed mean: one tensor at a time across all clients."""
+    readers = [a.tensors() for a in accepted]
     out = {}
     for name in sorted(shapes):
-        stack = torch.stack([tensor(name) * a.scale for a, tensor in readers])
+        stack = torch.stack([tensor(name) for tensor in readers])
         out[name] = merge.robust_reduce(stack, task.aggregation)
         del stack
     return out
 
 
+def pairwise_distances(
+    accepted: list[Accepted], shapes: Mapping[str, tuple[int, ...]]
+) -> torch.Tensor:
+    """Squared L2 distances between the (scaled) deltas, n x n, float64.
+
+    Streams tensor by tensor: memory is one tensor of every client plus one pair's difference,
+    never a whole delta per client, nor an n x n x values broadcast.
+    """
+    n = len(accepted)
+    distances = torch.zeros(n, n, dtype=torch.float64)
+    readers = [a.tensors() for a in accepted]
+    for name in sorted(shapes):
+        values = [tensor(name).double() for tensor in readers]
+        for i in range(n):
+            for j in range(i + 1, n):
+                d = float((values[i] - values[j]).pow_(2).sum())
+                distances[i, j] += d
+                distances[j, i] += d
+        del values
+    return distances
+
+
+def reduce_krum(
+    task: AggregateTask, accepted: list[Accepted], shapes: Mapping[str, tuple[int, ...]], log: Log
+) -> tuple[list[Accepted], dict[str, torch.Tensor]]:
+    """Step 3 for krum/multiKrum: select by distances, then the unweighted mean of the selected."""
+    spec, n = task.aggregation, len(accepted)
+    f = spec.byzantine_clients
+    if n < 2 * f + 3:
+        raise QuorumError(
+            f"round {task.round}: {spec.algorithm} with byzantineClients {f} needs at least "
+            f"{2 * f + 3} valid deltas, got {n}"
+        )
+    m = 1 if spec.algorithm == "krum" else (spec.multi_krum_selected or n - f)
+    chosen = set(merge.krum_select(pairwise_distances(accepted, shapes), f, m))
+    items = [
+        replace(
+            a, selected=i in chosen, weight=float(i in chosen), share=(i in chosen) / len(chosen)
+        )
+        for i, a in enumerate(accepted)
+    ]
+    log(f"{spec.algorithm} selected {', '.join(a.client for a in items if a.selected)}")
+    return items, reduce_mean([a for a in items if a.selected], shapes)
+
+
 def privatise(
     task: AggregateTask, update: dict[str, torch.Tensor], n_clients: int
 ) -> dict[str, torch.Tensor]:
-    """Step 3: Gaussian noise on the reduced delta, seeded by the round (a rerun adds the same)."""
+    """Step 4: Gaussian noise on the reduced delta, seeded by the round (a rerun adds the same)."""
     std = merge.dp_noise_std(task.privacy.noise_multiplier, task.privacy.clip_norm, n_clients)
     if std <= 0:
         return update
@@ -286,16 +464,23 @@ def server_update(
     update: Mapping[str, torch.Tensor],
     log: Log,
 ) -> dict[str, torch.Tensor]:
-    """Step 4: the server rule, its state read from before round r and written as version r."""
+    """Step 5: the server rule, its state read from before round r and written as version r.
+
+    The new global and the new state are checked finite before the state is committed: an Inf
+    in FedAdam's second moment would freeze its coordinates for every later round.
+    """
+    r, algorithm = task.round, task.aggregation.algorithm
+    merge.check_finite(update, f"round {r}: the reduced delta has")
     state_version, state = read_server_state(store, task, log)
     new_global, new_state = merge.server_step(task.aggregation, global_tensors, update, state)
+    merge.check_finite(new_global, f"round {r}: the {algorithm} step gives a global adapter with")
+    merge.check_finite(new_state, f"round {r}: the {algorithm} step gives a server state with")
     if new_state:
-        r = task.round
         st.commit(
             store,
             st.versioned_prefix(SERVER_STATE_PREFIX, r),
             {STATE_FILE: lora.weights_bytes(new_state)},
-            {"kind": "server-state", "algorithm": task.aggregation.algorithm, "round": r},
+            {"kind": "server-state", "algorithm": algorithm, "round": r},
         )
         if state_version is not None:
             st.prune_versions_before(store, SERVER_STATE_PREFIX, state_version)
@@ -303,7 +488,7 @@ def server_update(
 
 
 def round_record(
-    task: AggregateTask, accepted: list[Accepted], rejected: list[Rejection]
+    task: AggregateTask, accepted: list[Accepted], rejected: list[Rejection], weighing: Weighing
 ) -> RoundRecord:
     """The record of a merged round (eval loss, adapter size and time are filled in later)."""
     with_loss = [a for a in accepted if a.train_loss is not None]
@@ -318,6 +503,10 @@ def round_record(
         train_loss=train_loss,
         bytes_received=sum(a.encoded_bytes for a in accepted),
         raw_bytes=sum(a.raw_bytes for a in accepted),
+        weighting="uniform" if task.privacy.noise_multiplier > 0 else task.aggregation.weighting,
+        max_client_share=weighing.max_client_share,
+        median_norm=weighing.median_norm,
+        outlier_norm_bound=weighing.outlier_norm_bound,
         contributions=[a.contribution() for a in accepted],
         rejections=rejected,
     )
@@ -332,24 +521,23 @@ def read_global(store: st.Store, round_: int) -> tuple[dict[str, torch.Tensor], 
 
 
 def merge_round(task: AggregateTask, store: st.Store, log: Log) -> Merged:
-    """Round r >= 1: global r-1 and the clients' deltas -> global r, in the five steps above."""
+    """Round r >= 1: global r-1 and the clients' deltas -> global r, in steps 1-5 above."""
     global_tensors, config = read_global(store, task.round - 1)
     names = lora.trainable_names(list(global_tensors), task.adapter)
     shapes = {n: tuple(global_tensors[n].shape) for n in names}
-    streaming = task.aggregation.algorithm in merge.MEAN_ALGORITHMS
-    mean = merge.WeightedMean()
+    algorithm = task.aggregation.algorithm
     with tempfile.TemporaryDirectory(prefix="fedtune-aggregate-") as tmp:
-
-        def feed(item: Accepted, delta: Mapping[str, torch.Tensor]) -> None:
-            mean.add(delta, item.weight)
-
-        accepted, rejected = collect(  # 1
-            task, store, shapes, Path(tmp), log, feed if streaming else None
-        )
-        update = mean.result() if streaming else reduce_robust(accepted, shapes, task)  # 2
+        accepted, rejected = collect(task, store, shapes, Path(tmp), log)  # 1
+        accepted, weighing = weigh(task, accepted, log)
+        if algorithm in merge.MEAN_ALGORITHMS:  # 2
+            update = reduce_mean(accepted, shapes)
+        elif algorithm in merge.KRUM_ALGORITHMS:
+            accepted, update = reduce_krum(task, accepted, shapes, log)
+        else:
+            update = reduce_robust(accepted, shapes, task)
     update = privatise(task, update, len(accepted))  # 3
     new_global = server_update(task, store, global_tensors, update, log)  # 4
-    return Merged(round_record(task, accepted, rejected), new_global, config)
+    return Merged(round_record(task, accepted, rejected, weighing), new_global, config)
 
 
 def initialize(task: AggregateTask, store: st.Store, log: Log) -> Merged:
@@ -369,8 +557,9 @@ def initialize(task: AggregateTask, store: st.Store, log: Log) -> Merged:
 def publish(
     task: AggregateTask, store: st.Store, merged: Merged, start: float, log: Log
 ) -> AggregateSummary:
-    """Step 5: the round record, then global r (manifest last) and, on the last round, final/."""
+    """Step 6: the round record, then global r (manifest last) and, on the last round, final/."""
     r = task.round
+    merge.check_finite(merged.tensors, f"round {r}: the global adapter to publish has")
     files = lora.peft_files(merged.tensors, merged.config)
     record = merged.record.model_copy(
         update={

@@ -6,18 +6,25 @@ rule *adds* its step to the global weights. Server optimizers follow Reddi et al
 Federated Optimization" (2021) and Hsu et al. (2019) for FedAvgM, with zero-initialised moments
 and no bias correction (as in the paper and in Flower):
 
-    fedavg / median / trimmedMean:  x += lr * d
+    fedavg / median / trimmedMean / krum / multiKrum:  x += lr * d
     fedavgm:  m = momentum * m + d;                              x += lr * m
     fedadam:  m = b1 m + (1-b1) d;  v = b2 v + (1-b2) d^2;        x += lr * m / (sqrt(v) + eps)
     fedyogi:  m as fedadam;  v = v - (1-b2) d^2 sign(v - d^2);    x += lr * m / (sqrt(v) + eps)
 
 where d is the round's aggregated delta.
+
+Bounded influence, before any of that: a client's weight in the mean is its sample count (or 1
+with uniform weighting) times its configured weight, capped at `maxClientShare` of the round's
+total (`capped_weights`); a delta whose norm is more than `outlierNormFactor` times the round's
+median norm is scaled down to that (`outlier_bound`); Krum and Multi-Krum (Blanchard et al.,
+"Machine Learning with Adversaries: Byzantine Tolerant Gradient Descent", NeurIPS 2017) pick the
+deltas closest to their neighbours. And nothing non-finite leaves a round (`check_finite`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +35,32 @@ MEAN_ALGORITHMS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
 """Algorithms that reduce the deltas to a weighted mean and so can stream client by client."""
 ROBUST_ALGORITHMS = ("median", "trimmedMean")
 """Coordinate-wise statistics that need every client's value of a tensor at once."""
+KRUM_ALGORITHMS = ("krum", "multiKrum")
+"""Select whole deltas by their distances to the others, then average the selected ones."""
+STATELESS_ALGORITHMS = ("fedavg", *ROBUST_ALGORITHMS, *KRUM_ALGORITHMS)
+
+
+class NonFiniteError(FloatingPointError):
+    """A round's result holds NaN or Inf; nothing may be committed.
+
+    Not an input error (the CLI maps it to the retryable exit code): the same deltas can give a
+    finite result once a client re-sends, or the settings change, and the retry must be free to
+    try, which it is because nothing of this attempt was written.
+    """
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise NonFiniteError naming the first tensor of `tensors` with a NaN or an Inf.
+
+    `what` starts the message: "round 3: the global adapter has" reads "... has 2 non-finite".
+    """
+    for name in sorted(tensors):
+        t = tensors[name]
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise NonFiniteError(
+                f"{what} {bad} non-finite values (NaN or Inf) in {name}; nothing committed"
+            )
 
 
 def l2_norm(tensors: Mapping[str, torch.Tensor]) -> float:
@@ -58,6 +91,71 @@ def check_delta(
         if norm > max_norm:
             return f"delta norm {norm:.4g} exceeds maxDeltaNorm {max_norm:.4g}"
     return None
+
+
+MAX_SAMPLES = 10**9
+"""More records than any client can tokenise in a round; a larger count is a lie or a bug."""
+
+
+def sample_count(value: object, limit: int | None = None) -> int:
+    """A reported sample count, validated as an int in [1, limit] *before* any float maths.
+
+    JSON gives Python ints of any size (10^309 overflows float()), and true/"12" are not counts.
+    """
+    if type(value) is not int:
+        raise ValueError(f"bad sample count {str(value)[:40]!r}: not an integer")
+    top = min(MAX_SAMPLES, limit) if limit is not None else MAX_SAMPLES
+    if not 1 <= value <= top:
+        shown = str(value) if len(str(value)) <= 20 else f"~10^{len(str(value)) - 1}"
+        raise ValueError(f"bad sample count {shown}: outside [1, {top}]")
+    return value
+
+
+def capped_weights(weights: Sequence[float], max_share: float) -> tuple[list[float], float]:
+    """Weights in which none is more than `max_share` of the total, and the cap applied.
+
+    Water-filling: a weight above the cap is lowered to exactly the cap's share of the new total,
+    the others keep theirs, and this repeats until no weight is above (lowering one raises every
+    other's share). The cap applied is max(max_share, 1/n): n clients cannot all have less than
+    1/n. A share of 1 (or a single client) changes nothing.
+    """
+    n = len(weights)
+    if n == 0:
+        return [], max_share
+    for w in weights:
+        if not (w > 0 and math.isfinite(w)):
+            raise ValueError(f"weight must be positive and finite, got {w}")
+    cap = max(max_share, 1.0 / n)
+    if cap >= 1.0:
+        return list(weights), 1.0
+    capped: set[int] = set()
+    while True:
+        free = sum(w for i, w in enumerate(weights) if i not in capped)
+        room = 1.0 - cap * len(capped)  # the share left to the uncapped weights
+        if len(capped) == n or room <= 0 or free <= 0:
+            return [1.0] * n, cap  # everyone at the cap: uniform
+        level = cap * free / room  # a weight with exactly `cap` of the new total
+        over = {i for i, w in enumerate(weights) if i not in capped and w > level * (1 + 1e-12)}
+        if not over:
+            return [level if i in capped else w for i, w in enumerate(weights)], cap
+        capped |= over
+
+
+def lower_median(values: Sequence[float]) -> float:
+    """The ceil(n/2)-th smallest value: with two clients the smaller one, never an average, so
+    one huge value cannot raise the median of two."""
+    ordered = sorted(values)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def outlier_bound(norms: Sequence[float], factor: float | None) -> float | None:
+    """The largest norm a delta may keep this round: factor times the lower median of the norms.
+
+    None (no bound) when the rule is off or with a single client (nothing to compare with).
+    """
+    if factor is None or len(norms) < 2:
+        return None
+    return factor * lower_median(norms)
 
 
 def clip_factor(norm: float, clip_norm: float | None) -> float:
@@ -124,6 +222,30 @@ def robust_reduce(stack: torch.Tensor, spec: AggregationSpec) -> torch.Tensor:
     raise ValueError(f"{spec.algorithm} is not a coordinate-wise algorithm")
 
 
+def krum_scores(distances: torch.Tensor, f: int) -> list[float]:
+    """Krum's score of each of n deltas: the sum of its squared distances to its n - f - 2
+    nearest other deltas (`distances`: n x n squared distances, float64)."""
+    n = distances.size(0)
+    neighbours = n - f - 2
+    if neighbours < 1:
+        raise ValueError(f"krum needs more than f + 2 = {f + 2} deltas, got {n}")
+    scores = []
+    for i in range(n):
+        others = torch.cat([distances[i, :i], distances[i, i + 1 :]])
+        scores.append(float(others.sort().values[:neighbours].sum()))
+    return scores
+
+
+def krum_select(distances: torch.Tensor, f: int, m: int) -> list[int]:
+    """The m deltas of lowest Krum score (m = 1: Krum; m > 1: Multi-Krum), in index order.
+
+    Ties go to the lower index, so the choice is deterministic.
+    """
+    scores = krum_scores(distances, f)
+    ranked = sorted(range(len(scores)), key=lambda i: (scores[i], i))
+    return sorted(ranked[: max(1, min(m, len(scores)))])
+
+
 def gaussian_noise(shape: tuple[int, ...], std: float, generator: torch.Generator) -> torch.Tensor:
     """Seeded Gaussian noise (a rerun of the round draws the same noise)."""
     return torch.randn(shape, generator=generator, dtype=torch.float64).mul_(std).float()
@@ -158,7 +280,7 @@ def server_step(
     for name in sorted(update):
         d = update[name].double()
         x = global_[name].double()
-        if algorithm in ("fedavg", *ROBUST_ALGORITHMS):
+        if algorithm in STATELESS_ALGORITHMS:
             x = x + lr * d
         elif algorithm == "fedavgm":
             m = state.get(f"m/{name}", torch.zeros_like(d)).double()

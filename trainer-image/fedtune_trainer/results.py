@@ -51,12 +51,31 @@ class Contribution(Model):
     """An accepted client delta, as it entered the round's merge."""
 
     client: str
-    samples: int = Field(ge=0)
-    weight: float = Field(ge=0, description="The weight it got in the mean (before any clip).")
+    samples: int = Field(ge=0, description="The sample count it reported (validated).")
+    weight: float = Field(
+        ge=0,
+        description="The weight it got in the mean, after maxClientShare (1 in the unweighted "
+        "rules; for krum/multiKrum 1 when selected, else 0).",
+    )
+    share: float = Field(
+        0.0, ge=0, le=1, description="Its share of the round's total weight: weight / sum."
+    )
+    capped: bool = Field(False, description="Its weight was lowered to maxClientShare.")
+    scale: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="The factor its delta was scaled by before merging: the smaller of the "
+        "privacy clip and the outlier clip (1: unchanged).",
+    )
+    outlier: bool = Field(
+        False, description="Its norm was above outlierNormFactor x the round's median: clipped."
+    )
+    selected: bool | None = Field(None, description="krum/multiKrum: whether it was selected.")
     train_loss: float | None = None
     encoded_bytes: int = Field(ge=0, description="Bytes it uploaded.")
     raw_bytes: int = Field(ge=0, description="The same delta as dense fp32.")
-    norm: float = Field(ge=0, description="L2 norm of the decoded delta.")
+    norm: float = Field(ge=0, description="L2 norm of the decoded delta (before any clip).")
 
 
 class RoundRecord(Model):
@@ -73,6 +92,18 @@ class RoundRecord(Model):
     raw_bytes: int = Field(0, ge=0, description="The merged deltas as dense fp32.")
     adapter_bytes: int | None = Field(None, ge=0, description="The published adapter's weights.")
     seconds: float = Field(0.0, ge=0)
+    weighting: Literal["samples", "uniform"] | None = Field(
+        None, description="How client weights were formed (None when nothing was merged)."
+    )
+    max_client_share: float | None = Field(
+        None, description="The share cap applied: max(maxClientShare, 1 / accepted)."
+    )
+    median_norm: float | None = Field(
+        None, description="The lower median of the accepted deltas' norms."
+    )
+    outlier_norm_bound: float | None = Field(
+        None, description="outlierNormFactor x median_norm: larger deltas were clipped to it."
+    )
     contributions: list[Contribution] = Field(default_factory=list)
     rejections: list[Rejection] = Field(default_factory=list)
 

@@ -26,7 +26,7 @@ import shutil
 import sys
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,22 @@ class IntegrityError(RuntimeError):
     """A committed object failed verification: missing file, wrong size or wrong checksum."""
 
 
+class ObjectTooLarge(IntegrityError):
+    """An object is larger than its reader allows; the read stopped at the limit.
+
+    Readers of untrusted objects (a client's delta, any manifest) pass a byte limit so that a
+    hostile or broken object can cost at most that much memory, disk and bandwidth.
+    """
+
+    def __init__(self, what: str, limit: int) -> None:
+        super().__init__(f"oversized: more than {limit} bytes in {what}")
+        self.limit = limit
+
+
+MANIFEST_MAX_BYTES = 1 << 20
+"""A manifest lists a handful of files; anything larger is not one (and is never read whole)."""
+
+
 # --------------------------------------------------------------------------------------------
 # The interface and its two backends
 # --------------------------------------------------------------------------------------------
@@ -68,15 +84,27 @@ class Store(ABC):
     def put_bytes(self, key: str, data: bytes) -> None: ...
 
     @abstractmethod
-    def get_bytes(self, key: str) -> bytes:
-        """The object's content; raises ObjectNotFound."""
+    def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
+        """The object's content; raises ObjectNotFound, or ObjectTooLarge past `max_bytes`
+        (having read at most max_bytes + 1 of them)."""
 
     @abstractmethod
     def put_file(self, key: str, path: Path) -> None: ...
 
     @abstractmethod
-    def get_file(self, key: str, path: Path) -> None:
-        """Download to `path` (streaming, never the whole object in memory); ObjectNotFound."""
+    def get_file(self, key: str, path: Path, max_bytes: int | None = None) -> None:
+        """Download to `path` (streaming, never the whole object in memory); ObjectNotFound.
+
+        With `max_bytes`, the download stops with ObjectTooLarge as soon as the object proves
+        larger (its announced length, or the bytes actually received), and `path` is removed.
+        """
+
+    @abstractmethod
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        """At most `length` bytes of the object from offset `start` (fewer at its end).
+
+        What lets a reader check a file's header before it downloads the file.
+        """
 
     @abstractmethod
     def list(self, prefix: str = "") -> list[str]:
@@ -136,18 +164,24 @@ class FileStore(Store):
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    def get_bytes(self, key: str) -> bytes:
+    def _open(self, key: str) -> io.BufferedReader:
         try:
-            return self._path(key).read_bytes()
+            return open(self._path(key), "rb")
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
             raise ObjectNotFound(self.url(key)) from e
 
-    def get_file(self, key: str, path: Path) -> None:
-        src = self._path(key)
-        if not src.is_file():
-            raise ObjectNotFound(self.url(key))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, path)
+    def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
+        with self._open(key) as f:
+            return _read_limited(f, max_bytes, self.url(key))
+
+    def get_file(self, key: str, path: Path, max_bytes: int | None = None) -> None:
+        with self._open(key) as src:
+            _copy_limited(src, path, max_bytes, self.url(key))
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        with self._open(key) as f:
+            f.seek(start)
+            return f.read(length)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -263,7 +297,43 @@ class S3Store(Store):
     def put_file(self, key: str, path: Path) -> None:
         self.client.upload_file(str(path), self.bucket, self._key(key), Config=self.transfer)
 
-    def get_bytes(self, key: str) -> bytes:
+    def _get_object(self, key: str, **kw: Any) -> Any:
+        """A GetObject response (its Body streams); ObjectNotFound for a missing key."""
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key), **kw)
+        except Exception as e:
+            if self._not_found(e):
+                raise ObjectNotFound(self.url(key)) from e
+            raise
+
+    def _limited(self, key: str, max_bytes: int, read: Callable[[Any], Any]) -> Any:
+        """Run `read` over a GetObject body, refusing an announced length over `max_bytes`.
+
+        One GET streamed (not a multipart transfer, whose parts are sized from a HEAD the object
+        may no longer match); a transfer error mid-body restarts it, like botocore's retries.
+        """
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import IncompleteReadError, ReadTimeoutError
+
+        for attempt in range(3):
+            response = self._get_object(key)
+            body = response["Body"]
+            try:
+                if int(response.get("ContentLength") or 0) > max_bytes:
+                    raise ObjectTooLarge(self.url(key), max_bytes)
+                return read(body)
+            except (BotoConnectionError, IncompleteReadError, ReadTimeoutError):
+                if attempt == 2:
+                    raise
+            finally:
+                body.close()
+        raise AssertionError("unreachable")
+
+    def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
+        if max_bytes is not None:
+            return self._limited(
+                key, max_bytes, lambda body: _read_limited(body, max_bytes, self.url(key))
+            )
         buf = io.BytesIO()
         try:
             self.client.download_fileobj(self.bucket, self._key(key), buf, Config=self.transfer)
@@ -273,7 +343,12 @@ class S3Store(Store):
             raise
         return buf.getvalue()
 
-    def get_file(self, key: str, path: Path) -> None:
+    def get_file(self, key: str, path: Path, max_bytes: int | None = None) -> None:
+        if max_bytes is not None:
+            self._limited(
+                key, max_bytes, lambda body: _copy_limited(body, path, max_bytes, self.url(key))
+            )
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.client.download_file(self.bucket, self._key(key), str(path), Config=self.transfer)
@@ -281,6 +356,19 @@ class S3Store(Store):
             if self._not_found(e):
                 raise ObjectNotFound(self.url(key)) from e
             raise
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        try:
+            response = self._get_object(key, Range=f"bytes={start}-{start + length - 1}")
+        except Exception as e:
+            # A range that starts past the end: the object is shorter, so there is nothing.
+            if "InvalidRange" in str(e) or "416" in str(e):
+                return b""
+            raise
+        with response["Body"] as body:
+            return _read_limited(body, length, self.url(key))
 
     def exists(self, key: str) -> bool:
         try:
@@ -311,6 +399,35 @@ class S3Store(Store):
             batch = [{"Key": self._key(k)} for k in keys[i : i + 1000]]
             self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
         return len(keys)
+
+
+def _read_limited(stream: Any, max_bytes: int | None, what: str) -> bytes:
+    """Everything `stream` holds, reading at most max_bytes + 1 bytes (then ObjectTooLarge)."""
+    if max_bytes is None:
+        return stream.read()
+    buf = bytearray()
+    while len(buf) <= max_bytes:
+        chunk = stream.read(min(_CHUNK, max_bytes + 1 - len(buf)))
+        if not chunk:
+            return bytes(buf)
+        buf += chunk
+    raise ObjectTooLarge(what, max_bytes)
+
+
+def _copy_limited(stream: Any, path: Path, max_bytes: int | None, what: str) -> None:
+    """Stream into `path` chunk by chunk; past `max_bytes`, stop, remove it, ObjectTooLarge."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    written = 0
+    try:
+        with open(path, "wb") as out:
+            while chunk := stream.read(_CHUNK):
+                written += len(chunk)
+                if max_bytes is not None and written > max_bytes:
+                    raise ObjectTooLarge(what, max_bytes)
+                out.write(chunk)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
 
 
 def split_s3(uri: str) -> tuple[str, str]:
@@ -391,7 +508,7 @@ def commit(
 def read_manifest(store: Store, prefix: str) -> dict[str, Any] | None:
     """The manifest of a commit, or None when nothing is committed there."""
     try:
-        raw = store.get_bytes(join(prefix, MANIFEST))
+        raw = store.get_bytes(join(prefix, MANIFEST), max_bytes=MANIFEST_MAX_BYTES)
     except ObjectNotFound:
         return None
     try:

@@ -150,14 +150,18 @@ class DeltaSpec(Model):
         return self.dtype == "fp32" and self.top_k == 1.0 and self.quantization.bits == 0
 
 
-Algorithm = Literal["fedavg", "fedavgm", "fedadam", "fedyogi", "median", "trimmedMean"]
+Algorithm = Literal[
+    "fedavg", "fedavgm", "fedadam", "fedyogi", "median", "trimmedMean", "krum", "multiKrum"
+]
 
 
 class AggregationSpec(Model):
     algorithm: Algorithm = Field(
         "fedavg",
         description="fedavg (sample-weighted mean), fedavgm (with server momentum), fedadam and "
-        "fedyogi (adaptive server optimizers), median (coordinate-wise), trimmedMean.",
+        "fedyogi (adaptive server optimizers), median (coordinate-wise), trimmedMean, krum (the "
+        "one delta closest to its neighbours) and multiKrum (the mean of the "
+        "multiKrumSelected closest).",
     )
     server_learning_rate: float = Field(
         1.0, gt=0, le=100, description="Step size of the server update of the global adapter."
@@ -187,6 +191,38 @@ class AggregationSpec(Model):
     )
     max_delta_norm: float | None = Field(
         None, gt=0, description="Reject (not clip) any delta whose L2 norm exceeds this."
+    )
+    weighting: Literal["samples", "uniform"] = Field(
+        "samples",
+        description="Client weight in the mean: samples (the count each client reports, times "
+        "its weight) or uniform (its weight alone: reported counts are ignored).",
+    )
+    max_client_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="No client gets more than this share of a round's total weight: larger "
+        "weights are lowered to it (at least 1/clients; 1 turns the cap off).",
+    )
+    outlier_norm_factor: float | None = Field(
+        10.0,
+        ge=1,
+        le=1e6,
+        description="A delta whose L2 norm exceeds this times the round's median norm is clipped "
+        "to that norm (needs 2 or more clients); null turns it off.",
+    )
+    byzantine_clients: int = Field(
+        1,
+        ge=0,
+        le=300,
+        description="krum/multiKrum: f, the faulty clients tolerated; a round needs at least "
+        "2f + 3 accepted deltas.",
+    )
+    multi_krum_selected: int | None = Field(
+        None,
+        ge=1,
+        le=1000,
+        description="multiKrum: how many deltas to average; defaults to accepted - f.",
     )
 
     @model_validator(mode="after")

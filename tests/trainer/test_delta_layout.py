@@ -1,0 +1,257 @@
+"""Validate before spending: a delta file's layout against the adapter, sizes, bounded zstd.
+
+The bound on a file's size and the check of its header come from the adapter shapes and the
+run's DeltaSpec alone. These tests hold them to both sides: every legitimate file fits and
+passes (whatever the shapes, settings and values), and each way of lying in a header is caught
+with its own reason before a tensor is read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Callable
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as stg
+
+from fedtune_trainer import delta as codec
+from fedtune_trainer.task import DeltaSpec, QuantizationSpec
+from tests.trainer.hostile_support import RawDelta, RawPart, zstd_bomb
+
+FAST = settings(max_examples=60, deadline=None)
+
+
+@stg.composite
+def adapters(draw: stg.DrawFn) -> dict[str, tuple[int, ...]]:
+    """1-5 LoRA-like tensors of random shapes."""
+    out = {}
+    for i in range(draw(stg.integers(1, 5))):
+        rank = draw(stg.integers(1, 16))
+        width = draw(stg.integers(1, 600))
+        shape = (rank, width) if i % 2 == 0 else (width, rank)
+        out[f"base_model.model.layers.{i}.proj.lora_{'AB'[i % 2]}.weight"] = shape
+    return out
+
+
+@stg.composite
+def delta_specs(draw: stg.DrawFn) -> DeltaSpec:
+    return DeltaSpec(
+        dtype=draw(stg.sampled_from(["fp32", "bf16", "fp16"])),
+        top_k=draw(stg.sampled_from([1.0, 0.5, 0.1, 0.01, 1 / 3])),
+        quantization=QuantizationSpec(
+            bits=draw(stg.sampled_from([0, 4, 8])), block_size=draw(stg.sampled_from([8, 64]))
+        ),
+        compression=draw(stg.sampled_from(["zstd", "none"])),
+        error_feedback=draw(stg.booleans()),
+    )
+
+
+def values(shapes: dict[str, tuple[int, ...]], seed: int, kind: str) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in shapes.items():
+        if kind == "zeros":
+            out[name] = torch.zeros(shape)
+        elif kind == "wide":  # magnitudes over many decades: hard to compress
+            out[name] = torch.randn(shape, generator=gen) * 10.0 ** torch.randint(-8, 8, shape)
+        else:
+            out[name] = torch.randn(shape, generator=gen)
+    return out
+
+
+@FAST
+@given(
+    shapes=adapters(),
+    spec=delta_specs(),
+    seed=stg.integers(0, 2**31 - 1),
+    kind=stg.sampled_from(["randn", "wide", "zeros"]),
+)
+def test_every_legitimate_delta_fits_the_bound_and_passes_the_layout_check(
+    shapes: dict[str, tuple[int, ...]], spec: DeltaSpec, seed: int, kind: str
+) -> None:
+    blob = codec.encode(values(shapes, seed, kind), spec).blob
+    expected = codec.ExpectedLayout(shapes, spec)
+    bound = codec.max_encoded_size(shapes, spec)
+    assert len(blob) <= bound
+    (header,) = struct.unpack("<Q", blob[:8])
+    assert header <= expected.max_header()
+    layout = codec.check_file_layout(blob, expected, len(blob))
+    assert layout.shapes == shapes
+
+
+@FAST
+@given(shapes=adapters(), spec=delta_specs(), seed=stg.integers(0, 2**31 - 1))
+def test_the_bound_is_tight(shapes: dict[str, tuple[int, ...]], spec: DeltaSpec, seed: int) -> None:
+    """The bound is the uncompressed file plus header slack: a file 10x a legitimate one (or
+    even 10% larger, beyond a few hundred bytes) never fits."""
+    plain = spec.model_copy(update={"compression": "none", "error_feedback": False})
+    largest = len(codec.encode(values(shapes, seed, "randn"), plain).blob)
+    bound = codec.max_encoded_size(shapes, spec)
+    assert largest <= bound
+    assert bound - largest <= 128 + 16 * len(shapes)
+    assert 10 * largest > bound
+
+
+SHAPES = {"m.q.lora_A.weight": (8, 256), "m.q.lora_B.weight": (256, 8)}
+RUN = DeltaSpec()  # bf16 + zstd
+FIRST = "m.q.lora_A.weight"
+
+
+def legit() -> RawDelta:
+    return RawDelta.parse(codec.encode(values(SHAPES, 1, "randn"), RUN).blob)
+
+
+def _edit(change: Callable[[RawDelta], None]) -> bytes:
+    raw = legit()
+    change(raw)
+    return raw.build()
+
+
+def _set(path: list[str], value: object) -> Callable[[RawDelta], None]:
+    def change(raw: RawDelta) -> None:
+        target = raw.document
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+
+    return change
+
+
+def _rename(new: str) -> Callable[[RawDelta], None]:
+    def change(raw: RawDelta) -> None:
+        raw.document["tensors"][new] = raw.document["tensors"].pop(FIRST)
+
+    return change
+
+
+def _part(key: str, part: RawPart | None) -> Callable[[RawDelta], None]:
+    def change(raw: RawDelta) -> None:
+        if part is None:
+            del raw.parts[key]
+        else:
+            raw.parts[key] = part
+
+    return change
+
+
+def _retype_first(raw: RawDelta) -> None:
+    data = raw.parts["0.v"].data
+    raw.tensor(FIRST)["z"] = ""
+    raw.parts["0.v"] = RawPart("F32", [len(data) // 4], data)
+
+
+def _duplicate_key(raw: RawDelta) -> None:
+    pass  # handled in the test: the JSON text gets a key twice
+
+
+def _overlap(raw: RawDelta) -> None:
+    pass  # handled in the test: offsets rewritten
+
+
+HEADER_CASES: list[tuple[str, Callable[[RawDelta], None], str]] = [
+    ("path-like name", _rename("../../x"), r"path-like or malformed tensor name '\.\./\.\./x'"),
+    ("absolute name", _rename("/etc/passwd"), "path-like"),
+    ("backslash name", _rename("a\\b"), "path-like"),
+    ("unknown name", _rename("m.k.lora_A.weight"), "unknown tensors: m.k.lora_A.weight"),
+    ("missing tensor", lambda r: r.document["tensors"].pop(FIRST), f"missing tensors: {FIRST}"),
+    ("other dtype", _set(["encoding", "dtype"], "fp16"), r"encoding .*fp16.* is not the run's"),
+    ("other top-k", _set(["encoding", "top_k"], 0.5), "is not the run's"),
+    ("extra encoding key", _set(["encoding", "x"], 1), "is not the run's"),
+    ("bool shape", _set(["tensors", FIRST, "shape"], [True, 256]), "bad shape"),
+    ("giant shape", _set(["tensors", FIRST, "shape"], [16384, 16384]), r"\(16384, 16384\)"),
+    ("wrong index", _set(["tensors", FIRST, "i"], 1), "is not the run's"),
+    ("k where none", _set(["tensors", FIRST, "k"], 5), "is not the run's"),
+    ("bad z", _set(["tensors", FIRST, "z"], "vv"), "bad compressed-parts list"),
+    ("unreferenced part", _part("7.s", RawPart("U8", [4], b"abcd")), "unreferenced parts: 7.s"),
+    ("path-like part key", _part("../0.v", RawPart("U8", [4], b"abcd")), "unreferenced parts"),
+    ("missing part", _part("1.v", None), "missing parts: 1.v"),
+    ("retyped part", _retype_first, r"stored as F32 \[\d+\], expected BF16 \[2048\]"),
+    ("unknown metadata key", _set(["extra"], 1), "unknown metadata keys"),
+]
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"), [c[1:] for c in HEADER_CASES], ids=[c[0] for c in HEADER_CASES]
+)
+def test_each_lie_in_a_header_is_caught_before_any_tensor_is_read(
+    change: Callable[[RawDelta], None], reason: str
+) -> None:
+    blob = _edit(change)
+    expected = codec.ExpectedLayout(SHAPES, RUN)
+    (size,) = struct.unpack("<Q", blob[:8])
+    head = blob[: 8 + size]  # only the header is handed over: nothing past it could be read
+    with pytest.raises(codec.DeltaFormatError, match=reason):
+        codec.check_file_layout(head, expected, len(blob))
+
+
+def test_duplicate_keys_and_overlapping_parts_are_refused() -> None:
+    expected = codec.ExpectedLayout(SHAPES, RUN)
+    blob = legit().build()
+    (size,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + size])
+    body_size = len(blob) - 8 - size
+    # A key twice: Python and the Rust reader could disagree about which one counts.
+    text = json.dumps(header, separators=(",", ":"))
+    doubled = text[:-1] + ',"0.v":' + json.dumps(header["0.v"]) + "}"
+    with pytest.raises(codec.DeltaFormatError, match=r"duplicate key '0\.v'"):
+        codec.check_header(doubled.encode(), expected, body_size)
+    # Two parts over the same bytes.
+    first, second = sorted(
+        (k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0]
+    )[:2]
+    header[second]["data_offsets"] = [
+        header[first]["data_offsets"][0],
+        header[first]["data_offsets"][0]
+        + header[second]["data_offsets"][1]
+        - header[second]["data_offsets"][0],
+    ]
+    with pytest.raises(codec.DeltaFormatError, match="do not tile"):
+        codec.check_header(json.dumps(header).encode(), expected, body_size)
+
+
+@pytest.mark.parametrize(
+    ("header_bytes", "file_size", "reason"),
+    [
+        (b"\x01\x02", 100, "truncated: no header"),
+        (struct.pack("<Q", 1 << 40), 1 << 41, r"header of 1099511627776 bytes, above the \d+"),
+        (struct.pack("<Q", 512), 100, "header runs past the end of the file"),
+    ],
+)
+def test_a_header_length_is_checked_before_the_header_is_read(
+    header_bytes: bytes, file_size: int, reason: str
+) -> None:
+    with pytest.raises(codec.DeltaFormatError, match=reason):
+        codec.header_size(header_bytes, codec.ExpectedLayout(SHAPES, RUN), file_size)
+
+
+@pytest.mark.parametrize(
+    ("frame", "reason"),
+    [
+        # declares 1 GiB, needs a 2 MiB window: refused before a byte is produced
+        (zstd_bomb(1 << 30), "zstd: .*(window|memory)"),
+        # declares 1 GiB in a window the part allows: cut off after size + 1 bytes
+        (zstd_bomb(1 << 30, window_log=12), "inflates past the 4096 bytes"),
+        # one byte short, and trailing garbage after a good frame
+        (zstd_bomb(4095, window_log=12), "holds 4095 bytes, expected 4096"),
+        (zstd_bomb(4096, window_log=12) + b"junk", "zstd"),
+    ],
+    ids=["large-window", "small-window", "short", "trailing-garbage"],
+)
+def test_decompression_is_bounded_by_the_parts_size(frame: bytes, reason: str) -> None:
+    with pytest.raises(codec.DeltaFormatError, match=reason):
+        codec.decompress_bounded(frame, 4096, "t.v")
+    assert codec.decompress_bounded(zstd_bomb(4096, window_log=12), 4096, "t.v") == bytes(4096)
+
+
+def test_a_legit_part_decompresses_within_its_window() -> None:
+    """The window cap (next power of two of the part) never refuses what the encoder wrote."""
+    import zstandard
+
+    for size in (1, 100, 4096, 5000, 1 << 20, (1 << 20) + 3):
+        raw = bytes(range(256)) * math.ceil(size / 256)
+        frame = zstandard.ZstdCompressor(level=19).compress(raw[:size])
+        assert codec.decompress_bounded(frame, size, "t.v") == raw[:size]
