@@ -326,7 +326,14 @@ def _cidr(value: str) -> str:
     return value
 
 
-Cidr = Annotated[str, bounded_str(r"^[0-9A-Fa-f:.]+/[0-9]{1,3}$", 64), AfterValidator(_cidr)]
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+CIDR_PATTERN = (
+    rf"^({_OCTET}\.){{3}}{_OCTET}/(3[0-2]|[12]?[0-9])$"
+    r"|^[0-9A-Fa-f:]*:[0-9A-Fa-f:.]*/(12[0-8]|1[01][0-9]|[1-9]?[0-9])$"
+)
+"""An IPv4 CIDR exactly; an IPv6 one roughly (the operator parses it fully, since Kubernetes 1.29
+CEL has no isCIDR)."""
+Cidr = Annotated[str, bounded_str(CIDR_PATTERN, 64), AfterValidator(_cidr)]
 
 
 class IPBlock(Model):
