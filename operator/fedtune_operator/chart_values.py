@@ -191,6 +191,36 @@ class Metrics(Values):
     )
 
 
+Cidr = Annotated[str, StringConstraints(pattern=r"^[0-9A-Fa-f:.]+/[0-9]{1,3}$")]
+
+
+class NetworkPolicy(Values):
+    enabled: bool = Field(
+        False,
+        description="A NetworkPolicy for the operator pod: egress only to the API server, "
+        "ingress only to the metrics port. Off by default because the chart cannot know the API "
+        "server's addresses (apiServerCidrs is required when on), and it has effect only where "
+        "the network plugin enforces NetworkPolicies.",
+    )
+    api_server_cidrs: list[Cidr] = Field(
+        [],
+        description="The API server's addresses as the pod's traffic reaches them, i.e. after "
+        "the `kubernetes` Service is translated: the endpoints of `kubectl get endpointslices "
+        "-n default -l kubernetes.io/service-name=kubernetes`, or the managed control plane's "
+        "range.",
+    )
+    api_server_ports: list[Port] = Field(
+        [443, 6443],
+        description="The API server endpoints' ports (6443 with kubeadm, 443 on most managed "
+        "clusters).",
+    )
+    metrics_from: list[Object] = Field(
+        [{"namespaceSelector": {}}],
+        description="NetworkPolicyPeers that may scrape the metrics port (default: every pod "
+        "of every namespace; narrow it to your Prometheus). Empty: nobody.",
+    )
+
+
 _RESTRICTED_SECCOMP = {"type": "RuntimeDefault"}
 
 
@@ -253,6 +283,9 @@ class ChartValues(Values):
     )
     rbac: Rbac = Field(Rbac(), description="Roles and bindings the chart creates.")
     metrics: Metrics = Field(Metrics(), description="Prometheus metrics.")
+    network_policy: NetworkPolicy = Field(
+        NetworkPolicy(), description="The operator pod's own NetworkPolicy."
+    )
     pod_annotations: dict[str, str] = Field({}, description="Annotations of the operator pod.")
     pod_labels: dict[str, str] = Field({}, description="Extra labels of the operator pod.")
     priority_class_name: str = Field("", description="The operator pod's PriorityClass.")

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import kopf
+from kubernetes.client.rest import ApiException
 
 from fedtune_operator import decision, engine, manifests, metrics
 from fedtune_operator.api import (
@@ -250,6 +251,8 @@ async def reconcile(namespace: str, name: str, jobs: list[dict[str, Any]]) -> Ou
         _count(namespace, name, decided.facts)
 
     try:
+        if spec is not None and any(isinstance(a, _CREATES_PODS) for a in decided.actions):
+            await _ensure_network_policy(k, obj, spec)
         for action in decided.actions:
             await asyncio.to_thread(_apply, k, obj, spec, action)
     except NamespaceTerminating:
@@ -258,6 +261,35 @@ async def reconcile(namespace: str, name: str, jobs: list[dict[str, Any]]) -> Ou
     for event in decided.events:
         kopf.event(obj, type=event.type, reason=event.reason, message=event.message)
     return "wait"
+
+
+_CREATES_PODS = (decision.CreateClientJob, decision.CreateAggregateJob, decision.CreateEvaluateJob)
+
+
+async def _ensure_network_policy(
+    k: Kube, obj: Mapping[str, Any], spec: FederatedFineTuneSpec
+) -> None:
+    """Apply the run's NetworkPolicy before any of its pods can exist: a pod created first would
+    run unconfined. Failing closed, a policy that cannot be applied (no RBAC, an invalid peer)
+    stops the Jobs from being created and is retried with the reconcile's backoff; the warning
+    event says why (the HTTP status and reason only, nothing from the request)."""
+    if not spec.network_policy.enabled:
+        return
+    meta = obj["metadata"]
+    manifest = manifests.network_policy(
+        run=meta["name"], namespace=meta["namespace"], uid=meta["uid"], spec=spec
+    )
+    try:
+        await asyncio.to_thread(k.apply_network_policy, manifest)
+    except ApiException as e:
+        kopf.warn(
+            obj,
+            reason="NetworkPolicyFailed",
+            message=f"cannot apply NetworkPolicy {manifest['metadata']['name']}: "
+            f"{e.status} {e.reason}; the run's Jobs wait for it "
+            "(spec.networkPolicy.enabled: false runs them without one)",
+        )
+        raise
 
 
 def _apply(
@@ -338,6 +370,8 @@ async def cleanup_storage(name: str, namespace: str, body: kopf.Body, **_: Any) 
     if job is None:
         manifest = manifests.cleanup_job(run=name, namespace=namespace, spec=spec)
         try:
+            # Normally in place since the run's first Job; a run that never started has none.
+            await _ensure_network_policy(k, body, spec)
             await asyncio.to_thread(k.create_job, manifest)
         except NamespaceTerminating:
             # No Job can run here any more; holding the run would hold the namespace forever.

@@ -41,6 +41,7 @@ class Kube:
         self.custom = client.CustomObjectsApi(api)
         self.batch = client.BatchV1Api(api)
         self.core = client.CoreV1Api(api)
+        self.networking = client.NetworkingV1Api(api)
 
     @staticmethod
     def _json(response: Any) -> dict[str, Any]:
@@ -97,6 +98,27 @@ class Kube:
                 raise NamespaceTerminating(manifest["metadata"]["namespace"]) from None
             raise
         return True
+
+    def apply_network_policy(self, manifest: dict[str, Any]) -> None:
+        """Create the NetworkPolicy, or bring an existing one to the manifest (a run's storage
+        endpoint or its spec.networkPolicy may change): create, then merge-patch on 409. The
+        RBAC this needs is create and patch, nothing to read."""
+        meta = manifest["metadata"]
+        try:
+            self.networking.create_namespaced_network_policy(meta["namespace"], manifest)
+            return
+        except ApiException as e:
+            if _terminating(e):
+                raise NamespaceTerminating(meta["namespace"]) from None
+            if e.status != 409:
+                raise
+        # A JSON merge patch replaces lists whole, so removed egress rules go away too.
+        self.networking.patch_namespaced_network_policy(
+            meta["name"],
+            meta["namespace"],
+            {"metadata": {"labels": meta.get("labels")}, "spec": manifest["spec"]},
+            _content_type="application/merge-patch+json",
+        )
 
     def job_state(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:

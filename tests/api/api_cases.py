@@ -213,6 +213,41 @@ INVALID: tuple[Invalid, ...] = (
         _spec(template={"imagePullPolicy": "Sometimes"}),
         "spec.template.imagePullPolicy",
     ),
+    Invalid(
+        "network-peer-address-and-selector",
+        _spec(networkPolicy={"dns": [{"ipBlock": {"cidr": "10.0.0.0/8"}, "podSelector": {}}]}),
+        "spec.networkPolicy.dns[0]",
+    ),
+    Invalid(
+        "network-peer-empty",
+        _spec(networkPolicy={"egress": [{"to": [{}], "ports": [{"port": 443}]}]}),
+        "spec.networkPolicy.egress[0].to[0]",
+    ),
+    Invalid(
+        "network-port-range-backwards",
+        _spec(
+            networkPolicy={
+                "egress": [
+                    {
+                        "to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}],
+                        "ports": [{"port": 9000, "endPort": 80}],
+                    }
+                ]
+            }
+        ),
+        "spec.networkPolicy.egress[0].ports[0].endPort",
+        model_field="spec.networkPolicy.egress[0].ports[0]",
+    ),
+    Invalid(
+        "network-egress-rule-without-destination",
+        _spec(networkPolicy={"egress": [{"to": [], "ports": [{"port": 443}]}]}),
+        "spec.networkPolicy.egress[0].to",
+    ),
+    Invalid(
+        "network-cidr-not-a-range",
+        _spec(networkPolicy={"dns": [{"ipBlock": {"cidr": "10.0.0.300/8"}}]}),
+        "spec.networkPolicy.dns[0].ipBlock.cidr",
+    ),
     Invalid("backoff-limit-negative", _spec(backoffLimit=-1), "spec.backoffLimit"),
     Invalid("missing-base-model", _no_base_model, "spec.baseModel"),
     Invalid("base-model-bad-uri", _spec(baseModel="ftp://models/x"), "spec.baseModel"),

@@ -128,6 +128,10 @@ def test_free_form_objects_are_only_the_documented_ones() -> None:
         ".spec.clients[].env[].valueFrom",
         ".spec.evaluation.affinity",
         ".spec.evaluation.env[].valueFrom",
+        ".spec.networkPolicy.dns[].namespaceSelector",
+        ".spec.networkPolicy.dns[].podSelector",
+        ".spec.networkPolicy.egress[].to[].namespaceSelector",
+        ".spec.networkPolicy.egress[].to[].podSelector",
         ".spec.template.affinity",
         ".spec.template.env[].valueFrom",
     ]

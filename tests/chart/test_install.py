@@ -243,6 +243,13 @@ OPERATOR_PERMISSIONS = [
     (("delete", "federatedfinetunes.fedtune.dev", "-n", RUNS), True, True),
     (("update", "federatedfinetunes.fedtune.dev", "--subresource=status", "-n", RUNS), True, True),
     (("watch", "customresourcedefinitions.apiextensions.k8s.io"), True, True),
+    # The run's NetworkPolicy: created and brought up to date, never read or deleted (the garbage
+    # collector deletes it with its run).
+    (("create", "networkpolicies.networking.k8s.io", "-n", RUNS), True, True),
+    (("patch", "networkpolicies.networking.k8s.io", "-n", RUNS), True, True),
+    (("get", "networkpolicies.networking.k8s.io", "-n", RUNS), False, False),
+    (("delete", "networkpolicies.networking.k8s.io", "-n", RUNS), False, False),
+    (("create", "networkpolicies.networking.k8s.io", "-n", ELSEWHERE), True, False),
     # Never Secrets, anywhere: credentials reach Jobs through secretKeyRef.
     (("get", "secrets", "-n", RUNS), False, False),
     (("list", "secrets", "-n", SYSTEM), False, False),
@@ -426,6 +433,17 @@ def test_a_run_succeeds_through_the_chart_installed_operator(
         for j in jobs
     )
     assert roles == [("0", "aggregator"), ("1", "aggregator"), ("1", "client"), ("1", "client")]
+    # Least privilege: no pod of the run holds an API token, and all sit behind the run's
+    # NetworkPolicy, which the operator created with the chart's RBAC and its run owns.
+    for job in jobs:
+        assert job["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    policy = json.loads(
+        dc.kubectl("get", "networkpolicy", f"{name}-pods", "-n", namespace, "-o", "json").stdout
+    )
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == run["metadata"]["uid"]
+    assert policy["spec"]["podSelector"] == {"matchLabels": {"fedtune.dev/run": name}}
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert not policy["spec"].get("ingress")
     wait_for(
         lambda: events_for(dc, namespace, name),
         timeout=RECONCILE_TIMEOUT,
@@ -433,6 +451,10 @@ def test_a_run_succeeds_through_the_chart_installed_operator(
     )
     # ttlSecondsAfterFinished: the operator deletes the run itself (and lifts its finalizer).
     dc.kubectl("wait", "--for=delete", f"fft/{name}", "-n", namespace, "--timeout=90s")
+    # ... and the garbage collector its NetworkPolicy.
+    dc.kubectl(
+        "wait", "--for=delete", f"networkpolicy/{name}-pods", "-n", namespace, "--timeout=60s"
+    )
     no_permission_errors(release)
 
 

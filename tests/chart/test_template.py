@@ -37,6 +37,7 @@ OPERATOR_GRANTS = {
     *{("batch", "jobs", v) for v in ("get", "list", "watch", "create", "patch", "delete")},
     ("", "pods", "list"),
     ("", "events", "create"),
+    *{("networking.k8s.io", "networkpolicies", v) for v in ("create", "patch")},
 }
 """Everything the operator does in a namespace it watches (see the rules in _helpers.tpl)."""
 
@@ -61,6 +62,14 @@ EVERYTHING: Values = {
     },
     "nodeSelector": {"kubernetes.io/os": "linux"},
     "priorityClassName": "system-cluster-critical",
+    "networkPolicy": {
+        "enabled": True,
+        "apiServerCidrs": ["10.0.0.10/32", "fd00::10/128"],
+        "apiServerPorts": [6443],
+        "metricsFrom": [
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+        ],
+    },
 }
 VALUE_SETS = {"defaults": {}, "namespaced": NAMESPACED, "everything": EVERYTHING}
 
@@ -185,8 +194,18 @@ def test_schema_rejects_bad_values_naming_the_key(
             {"serviceAccount": {"create": False}},
             "serviceAccount.name is required when serviceAccount.create is false",
         ),
+        (
+            {"networkPolicy": {"enabled": True}},
+            "networkPolicy.enabled needs networkPolicy.apiServerCidrs",
+        ),
     ],
-    ids=["monitor-without-service", "service-without-metrics", "same-ports", "no-sa-name"],
+    ids=[
+        "monitor-without-service",
+        "service-without-metrics",
+        "same-ports",
+        "no-sa-name",
+        "network-policy-without-api-server",
+    ],
 )
 def test_inconsistent_values_fail_with_a_clear_message(
     helm_bin: Path, values: Values, message: str
@@ -465,6 +484,70 @@ def test_the_service_monitor_scrapes_the_metrics_service(helm_bin: Path) -> None
     assert container_ports["metrics"] == 9090
     pod_labels = rendered.deployment["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= pod_labels.items()
+
+
+# -- the operator's NetworkPolicy ----------------------------------------------------------------
+
+API_SERVER: Values = {"enabled": True, "apiServerCidrs": ["192.0.2.10/32"]}
+
+
+def test_the_operators_network_policy_is_off_by_default(helm_bin: Path) -> None:
+    assert not render(helm_bin).of_kind("NetworkPolicy")
+    assert not render(helm_bin, NAMESPACED).of_kind("NetworkPolicy")
+
+
+@pytest.mark.parametrize(
+    ("values", "egress", "ingress"),
+    [
+        (
+            {"networkPolicy": API_SERVER},
+            [
+                {
+                    "to": [{"ipBlock": {"cidr": "192.0.2.10/32"}}],
+                    "ports": [{"protocol": "TCP", "port": 443}, {"protocol": "TCP", "port": 6443}],
+                }
+            ],
+            [{"from": [{"namespaceSelector": {}}], "ports": [{"protocol": "TCP", "port": 8080}]}],
+        ),
+        (
+            EVERYTHING,
+            [
+                {
+                    "to": [
+                        {"ipBlock": {"cidr": "10.0.0.10/32"}},
+                        {"ipBlock": {"cidr": "fd00::10/128"}},
+                    ],
+                    "ports": [{"protocol": "TCP", "port": 6443}],
+                }
+            ],
+            [
+                {
+                    "from": EVERYTHING["networkPolicy"]["metricsFrom"],
+                    "ports": [{"protocol": "TCP", "port": 9090}],
+                }
+            ],
+        ),
+        ({"networkPolicy": API_SERVER, "metrics": {"enabled": False}}, None, []),
+        ({"networkPolicy": {**API_SERVER, "metricsFrom": []}}, None, []),
+    ],
+    ids=["defaults", "everything", "metrics-off", "nobody-scrapes"],
+)
+def test_the_operators_network_policy_confines_its_pod(
+    helm_bin: Path, values: Values, egress: list | None, ingress: list
+) -> None:
+    """Egress to the API server's addresses and ports only (no DNS: in-cluster config reaches
+    the API server by IP); ingress to the metrics port only, from the peers named, or none."""
+    rendered = render(helm_bin, values)
+    (policy,) = rendered.of_kind("NetworkPolicy")
+    spec = policy["spec"]
+    pod_labels = rendered.deployment["spec"]["template"]["metadata"]["labels"]
+    assert spec["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert spec["policyTypes"] == ["Ingress", "Egress"]
+    assert spec["ingress"] == ingress
+    if egress is not None:
+        assert spec["egress"] == egress
+    (rule,) = spec["egress"]
+    assert all(set(peer) == {"ipBlock"} for peer in rule["to"])
 
 
 # -- conventions --------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from fedtune_operator import manifests
-from fedtune_operator.validation import parse_spec
+from fedtune_operator.validation import parse_spec, validate_spec
 from fedtune_trainer.task import AggregateTask, ClientTask, parse_task
 
 SPEC: dict[str, Any] = {
@@ -226,3 +226,194 @@ def test_cleanup_job_outlives_the_run_and_expires() -> None:
             "forcePathStyle": True,
         },
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Least privilege: no API token, and a NetworkPolicy around every pod of the run
+# ---------------------------------------------------------------------------------------------
+
+
+def every_job(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """One Job of each kind the run creates, by kind."""
+    parsed = parse_spec(spec)
+    common = {"run": "demo", "namespace": "ns", "uid": "uid-1", "spec": parsed}
+    return {
+        "client": manifests.client_job(**common, round_=1, attempt=0, client="hospital-a"),
+        "aggregate": manifests.aggregate_job(
+            **common, round_=1, attempt=0, clients=["hospital-a", "hospital-b"]
+        ),
+        "evaluate": manifests.evaluate_job(**common, round_=1),
+        "cleanup": manifests.cleanup_job(run="demo", namespace="ns", spec=parsed),
+    }
+
+
+def with_template(**template: Any) -> dict[str, Any]:
+    return {**SPEC, "template": {**SPEC["template"], **template}}
+
+
+def with_client(index: int, **client: Any) -> dict[str, Any]:
+    clients = [dict(c) for c in SPEC["clients"]]
+    clients[index].update(client)
+    return {**SPEC, "clients": clients}
+
+
+@pytest.mark.parametrize(
+    ("spec", "automount"),
+    [
+        (SPEC, False),
+        (with_template(serviceAccountName="trainer"), False),
+        (with_client(0, serviceAccountName="hospital-a-identity"), False),
+        (with_template(serviceAccountName="trainer", automountServiceAccountToken=True), True),
+        (with_template(automountServiceAccountToken=False), False),
+    ],
+    ids=["no-account", "template-account", "client-account", "asked-for", "said-no"],
+)
+def test_no_job_mounts_an_api_token_unless_the_run_asks(
+    spec: dict[str, Any], automount: bool
+) -> None:
+    """The trainer never calls the API server; a service account (workload identity) is no
+    reason to hand its token to the training code. Always explicit: a namespace's default
+    ServiceAccount mounts its token unless the pod says false."""
+    for kind, job in every_job(spec).items():
+        assert job["spec"]["template"]["spec"]["automountServiceAccountToken"] is automount, kind
+
+
+def policy(spec: dict[str, Any], uid: str = "uid-1") -> dict[str, Any]:
+    return manifests.network_policy(run="demo", namespace="ns", uid=uid, spec=parse_spec(spec))
+
+
+DNS_RULE = {
+    "to": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
+    "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
+}
+ANYWHERE = [{"ipBlock": {"cidr": "0.0.0.0/0"}}, {"ipBlock": {"cidr": "::/0"}}]
+IDENTITY = [
+    {"ipBlock": {"cidr": "169.254.169.254/32"}},
+    {"ipBlock": {"cidr": "169.254.170.23/32"}},
+    {"ipBlock": {"cidr": "fd00:ec2::23/128"}},
+]
+MINIO_RULE = {
+    "to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "storage"}}}],
+    "ports": [{"protocol": "TCP", "port": 9000}],
+}
+
+
+def tcp(port: int) -> list[dict[str, Any]]:
+    return [{"protocol": "TCP", "port": port}]
+
+
+def with_storage(**storage: Any) -> dict[str, Any]:
+    return {**SPEC, "storage": {**SPEC["storage"], **storage}}
+
+
+def without_endpoint() -> dict[str, Any]:
+    spec = with_storage()
+    del spec["storage"]["endpoint"]
+    return spec
+
+
+def ambient_identity() -> dict[str, Any]:
+    spec = with_storage()
+    del spec["storage"]["credentialsSecret"]
+    return spec
+
+
+def all_on_volumes() -> dict[str, Any]:
+    spec = {
+        **SPEC,
+        "storage": {"uri": "file:///mnt/runs/demo"},
+        "clients": [{"name": "a", "dataUri": "pvc://a-data/train.jsonl"}],
+    }
+    return spec
+
+
+@pytest.mark.parametrize(
+    ("spec", "egress"),
+    [
+        (SPEC, [{"to": ANYWHERE, "ports": tcp(9000)}]),
+        (
+            with_storage(endpoint="https://10.1.2.3"),
+            [{"to": [{"ipBlock": {"cidr": "10.1.2.3/32"}}], "ports": tcp(443)}],
+        ),
+        (
+            with_storage(endpoint="http://[fd00::5]:9000"),
+            [{"to": [{"ipBlock": {"cidr": "fd00::5/128"}}], "ports": tcp(9000)}],
+        ),
+        (with_storage(endpoint="http://s3.internal"), [{"to": ANYWHERE, "ports": tcp(80)}]),
+        (without_endpoint(), [{"to": ANYWHERE, "ports": tcp(443)}]),
+        (
+            {**SPEC, "baseModel": "Qwen/Qwen2.5-0.5B"},
+            [{"to": ANYWHERE, "ports": tcp(9000)}, {"to": ANYWHERE, "ports": tcp(443)}],
+        ),
+        (
+            ambient_identity(),
+            [{"to": ANYWHERE, "ports": tcp(9000)}, {"to": IDENTITY, "ports": tcp(80)}],
+        ),
+        (all_on_volumes(), []),
+        ({**SPEC, "networkPolicy": {"egress": [MINIO_RULE]}}, [MINIO_RULE]),
+        (
+            {**SPEC, "baseModel": "Qwen/Qwen2.5-0.5B", "networkPolicy": {"egress": [MINIO_RULE]}},
+            [MINIO_RULE],
+        ),
+    ],
+    ids=[
+        "endpoint-host-name",
+        "endpoint-ipv4",
+        "endpoint-ipv6",
+        "endpoint-http-default-port",
+        "aws-s3",
+        "hub-model",
+        "ambient-identity",
+        "volumes-only",
+        "explicit-egress",
+        "explicit-egress-replaces-hub",
+    ],
+)
+def test_egress_is_dns_plus_what_the_run_needs(
+    spec: dict[str, Any], egress: list[dict[str, Any]]
+) -> None:
+    """A NetworkPolicy matches addresses, not names: a host-name endpoint can only be confined
+    to its port; an IP literal, or spec.networkPolicy.egress, confines it to its address."""
+    assert policy(spec)["spec"]["egress"] == [DNS_RULE, *egress]
+
+
+def test_dns_servers_can_be_named() -> None:
+    node_local = {"ipBlock": {"cidr": "169.254.20.10/32"}}
+    (dns, *_) = policy({**SPEC, "networkPolicy": {"dns": [node_local]}})["spec"]["egress"]
+    assert dns["to"] == [node_local]
+    assert dns["ports"] == DNS_RULE["ports"]
+
+
+def test_the_policy_denies_ingress_is_owned_by_the_run_and_selects_every_pod() -> None:
+    np = policy(SPEC)
+    assert np["apiVersion"] == "networking.k8s.io/v1"
+    assert np["metadata"]["name"] == manifests.network_policy_name("demo") == "demo-pods"
+    assert np["metadata"]["namespace"] == "ns"
+    assert np["metadata"]["ownerReferences"] == [manifests.owner_reference("demo", "uid-1")]
+    assert np["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert np["spec"]["ingress"] == []
+    selector = np["spec"]["podSelector"]["matchLabels"]
+    for kind, job in every_job(SPEC).items():
+        labels = job["spec"]["template"]["metadata"]["labels"]
+        assert selector.items() <= labels.items(), kind
+    # Another run's pods are not selected.
+    other = manifests.client_job(
+        run="other",
+        namespace="ns",
+        uid="u",
+        spec=parse_spec(SPEC),
+        round_=1,
+        attempt=0,
+        client="hospital-a",
+    )
+    assert not selector.items() <= other["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_a_spec_cannot_label_its_pods_out_of_the_policy() -> None:
+    """The selector label is reserved (validate_spec and the CRD refuse it), and even a spec that
+    got past both cannot move a pod out of its run's policy: the operator's labels win."""
+    spec = with_template(labels={"fedtune.dev/run": "other"})
+    assert any("reserved" in p for p in validate_spec(parse_spec(spec)))
+    selector = policy(spec)["spec"]["podSelector"]["matchLabels"]
+    for kind, job in every_job(spec).items():
+        assert selector.items() <= job["spec"]["template"]["metadata"]["labels"].items(), kind

@@ -97,7 +97,10 @@ their credentials through secretKeyRef, which the kubelet resolves, never the op
 - jobs: the client, aggregator and cleanup Jobs, created, watched (kopf), patched (suspend and
   resume) and deleted (superseded attempts, finished runs);
 - pods: list, for the termination message (the summary) of a finished Job's pod;
-- events: create, the run's events (`kubectl describe fft`).
+- events: create, the run's events (`kubectl describe fft`);
+- networkpolicies: create, and patch to bring an existing one up to date, the NetworkPolicy of a
+  run's pods (spec.networkPolicy). Nothing to read or delete: the policy is owned by its run and
+  the garbage collector deletes it with the run.
 */}}
 {{- define "fedtune-operator.rules" -}}
 - apiGroups: ["fedtune.dev"]
@@ -115,6 +118,9 @@ their credentials through secretKeyRef, which the kubelet resolves, never the op
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["create", "patch"]
 {{- end }}
 
 {{/*
