@@ -142,9 +142,10 @@ def prepare(root: Path, sizes: Sizes) -> None:
 
 
 def load_everything(task: AggregateTask, store: Any, log: Any) -> Any:
-    """The load-everything baseline: the same fetch, verification and checks (the aggregator's
-    own collect step) and the same server step, but every client's decoded delta is held in
-    memory before the weighted mean is taken tensor by tensor (torch.stack over clients)."""
+    """The load-everything baseline: the aggregator's own collect and weigh steps (the same
+    fetch, verification, checks and weights) and the same server step, but every client's decoded
+    delta is held in memory before the weighted mean is taken tensor by tensor (torch.stack over
+    clients)."""
     import torch
 
     from fedtune_trainer import aggregate, lora, merge
@@ -152,13 +153,13 @@ def load_everything(task: AggregateTask, store: Any, log: Any) -> Any:
     global_tensors, config = aggregate.read_global(store, task.round - 1)
     names = lora.trainable_names(list(global_tensors), task.adapter)
     expected = {n: tuple(global_tensors[n].shape) for n in names}
-    deltas: list[Any] = []
     with tempfile.TemporaryDirectory(prefix="fedtune-bench-baseline-") as tmp:
-
-        def keep(_: Any, delta: Any) -> None:
-            deltas.append(dict(delta))
-
-        accepted, rejected = aggregate.collect(task, store, expected, Path(tmp), log, keep)
+        accepted, rejected = aggregate.collect(task, store, expected, Path(tmp), log)
+        accepted, weighing = aggregate.weigh(task, accepted, log)
+        deltas = []
+        for a in accepted:
+            tensor = a.tensors()
+            deltas.append({name: tensor(name) for name in names})
     w = torch.tensor([a.weight for a in accepted], dtype=torch.float64)
     update = {}
     for name in names:
@@ -166,7 +167,7 @@ def load_everything(task: AggregateTask, store: Any, log: Any) -> Any:
         update[name] = (torch.tensordot(w, stack, dims=1) / w.sum()).float()
         del stack
     new_global, _ = merge.server_step(task.aggregation, global_tensors, update, None)
-    record = aggregate.round_record(task, accepted, rejected)
+    record = aggregate.round_record(task, accepted, rejected, weighing)
     return aggregate.Merged(record, new_global, config)
 
 

@@ -38,11 +38,8 @@ pytestmark = [
 
 ROUNDS = 3
 CLIENTS = ["client-0", "client-1", "client-2"]
-COMMON = {
-    "run": "e2e",
-    "adapter": {"r": 8, "alpha": 16, "dropout": 0.0},
-    "data": {"format": "chat"},
-}
+COMMON = {"run": "e2e", "adapter": {"r": 8, "alpha": 16, "dropout": 0.0}}
+DATA = {"format": "chat"}
 TRAINING = {"localSteps": 8, "batchSize": 8, "learningRate": 0.01, "seed": 3}
 DELTA = {"dtype": "bf16", "topK": 0.25, "quantization": {"bits": 8}, "errorFeedback": True}
 
@@ -107,7 +104,7 @@ def test_three_clients_three_rounds(
     def evaluate_task(r: int) -> EvaluateTask:
         return EvaluateTask.model_validate({
             **COMMON, "round": r, "baseModel": assets["model"], "storage": location,
-            "evaluation": {"dataUri": assets["eval"]},
+            "data": DATA, "evaluation": {"dataUri": assets["eval"]},
         })  # fmt: skip
 
     def evaluate(r: int) -> float:
@@ -121,6 +118,7 @@ def test_three_clients_three_rounds(
     def client_task(r: int, c: str) -> ClientTask:
         return ClientTask.model_validate({
             **COMMON, "round": r, "client": c, "baseModel": assets["model"], "storage": location,
+            "data": DATA,
             "dataUri": assets[c], "training": TRAINING, "delta": DELTA,
         })  # fmt: skip
 
