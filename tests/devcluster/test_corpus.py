@@ -3,6 +3,7 @@ every record one the trainer's data loader takes with the real tokenizer."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import random
 from pathlib import Path
@@ -151,6 +152,10 @@ def test_sources_pick_and_order_the_clients(tmp_path: Path) -> None:
     )
     assert [c["source"] for c in layout["clients"].values()] == ["licenses", "langref"]
     assert [c["records"] for c in layout["clients"].values()] == [3, 3]
+    # The licenses depend on the installed distributions: their versions are recorded.
+    assert layout["distributions"]["torch"] == importlib.metadata.version("torch")
+    only_python = corpus.build_corpus(tmp_path / "py", clients=1, records=3, eval_records=2)
+    assert "distributions" not in only_python
 
 
 def test_cli_writes_the_corpus(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

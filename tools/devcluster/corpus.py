@@ -433,6 +433,9 @@ def build_corpus(
         "python": sys.version.split()[0],
         "clients": {},
     }
+    if {"packages", "licenses"} & set(names):
+        # What those sources were read from: the same versions give the same bytes.
+        layout["distributions"] = {d.metadata["Name"]: d.version for d in _distributions()}
     held: list[list[Chunk]] = []
     per_source = [eval_records // clients + (i < eval_records % clients) for i in range(clients)]
     for i, source in enumerate(names):
