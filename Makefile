@@ -8,7 +8,7 @@ DEPS_BIN  := .venv/deps/bin
 CLUSTER   := $(PY) -m devcluster.cli
 PYTEST_ARGS ?=
 
-.PHONY: help install binaries test test-unit lint fmt crds demo bench cluster-up cluster-down \
+.PHONY: help install model binaries test test-unit lint fmt crds demo bench cluster-up cluster-down \
         cluster-status cluster-logs cluster-env images
 CHART     := charts/fedtune-operator
 HELM       = $$(tools/build-binaries.sh 2>/dev/null)/helm
@@ -23,10 +23,13 @@ install:  ## Python environment (deps cached outside the clone) and the devclust
 	@tools/setup-python.sh
 	@tools/build-binaries.sh >/dev/null
 
+model: install  ## the pretrained SmolLM2-135M-Instruct as a Hugging Face directory (cached; prints it)
+	@$(PY) -m devcluster.pretrained
+
 binaries:  ## build kube-apiserver, kube-controller-manager, kubectl, etcd, helm, versitygw
 	@tools/build-binaries.sh
 
-test: install  ## the whole suite: unit, integration (real S3, real training), e2e (devcluster)
+test: install model  ## the whole suite: unit, integration (real S3, real training), e2e (devcluster)
 	@set +e; OMP_NUM_THREADS=1 $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; set -e; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests: failing on purpose" >&2; exit 1; fi; \
 	exit $$rc
@@ -65,10 +68,10 @@ cluster-logs:  ## the tail of every component and pod log
 cluster-env:  ## shell exports for the devcluster: eval $$(make -s cluster-env)
 	@$(CLUSTER) env
 
-demo: install  ## a whole federated fine-tune on the devcluster, start to finish
+demo: install model  ## a whole federated fine-tune on the devcluster, start to finish
 	@$(PY) -m devcluster.demo
 
-bench: install  ## benchmarks: tables on stdout, JSON in bench/results/
+bench: install model  ## benchmarks: tables on stdout, JSON in bench/results/
 	@OMP_NUM_THREADS=2 $(PY) -m bench
 
 images:  ## container images (needs a Docker engine)

@@ -1,4 +1,5 @@
-"""Session fixtures shared by every test package: the devcluster and a standalone S3 server."""
+"""Session fixtures shared by every test package: the devcluster, a standalone S3 server and the
+real pretrained model."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 
 from devcluster.cluster import REPO_ROOT, Cluster, build_binaries
 from devcluster.net import free_port
+from devcluster.pretrained import ensure_model
 from devcluster.s3 import S3Account, S3Server
 from devcluster.testing import DevCluster
 
@@ -23,6 +25,14 @@ TEST_CLUSTER_DIR = Path(
 @pytest.fixture(scope="session")
 def binaries() -> Path:
     return build_binaries()
+
+
+@pytest.fixture(scope="session")
+def real_model() -> Path:
+    """The pretrained SmolLM2-135M-Instruct as a Hugging Face directory (read-only: it is the
+    machine's shared cache). `make test` converts it beforehand; a plain pytest run converts it
+    here on first use (about a minute, once per machine)."""
+    return ensure_model()
 
 
 @pytest.fixture(scope="session")
