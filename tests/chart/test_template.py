@@ -36,6 +36,8 @@ OPERATOR_GRANTS = {
     ("fedtune.dev", "federatedfinetunes/status", "update"),
     *{("batch", "jobs", v) for v in ("get", "list", "watch", "create", "patch", "delete")},
     ("", "pods", "list"),
+    ("", "persistentvolumeclaims", "create"),
+    ("", "persistentvolumeclaims", "get"),
     ("", "events", "create"),
 }
 """Everything the operator does in a namespace it watches (see the rules in _helpers.tpl)."""
