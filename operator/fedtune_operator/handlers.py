@@ -229,7 +229,7 @@ async def reconcile(namespace: str, name: str, jobs: list[dict[str, Any]]) -> Ou
     except SpecError as e:
         problems = e.problems
     if problems or spec is None:
-        decision = engine.invalid_spec(status, problems, meta.get("generation", 0), now)
+        decided = engine.invalid_spec(status, problems, meta.get("generation", 0), now)
     else:
         needed = jobs_needing_pods(meta["uid"], status, jobs)
         pods = await asyncio.to_thread(k.job_pods, namespace, needed) if needed else []
@@ -240,22 +240,22 @@ async def reconcile(namespace: str, name: str, jobs: list[dict[str, Any]]) -> Ou
             generation=meta.get("generation", 0),
             spec=spec,
         )
-        decision = engine.decide(run, status, observe_jobs(meta["uid"], jobs, pods), now)
+        decided = engine.decide(run, status, observe_jobs(meta["uid"], jobs, pods), now)
 
-    if _status_json(decision.status) != _status_json(status):
+    if _status_json(decided.status) != _status_json(status):
         try:
-            await asyncio.to_thread(k.write_status, obj, _status_json(decision.status))
+            await asyncio.to_thread(k.write_status, obj, _status_json(decided.status))
         except Conflict:
             return "again"
-        _count(namespace, name, decision.facts)
+        _count(namespace, name, decided.facts)
 
     try:
-        for action in decision.actions:
+        for action in decided.actions:
             await asyncio.to_thread(_apply, k, obj, spec, action)
     except NamespaceTerminating:
         log.info("namespace %s is being deleted: not acting on run %s", namespace, name)
         return "gone"
-    for event in decision.events:
+    for event in decided.events:
         kopf.event(obj, type=event.type, reason=event.reason, message=event.message)
     return "wait"
 
