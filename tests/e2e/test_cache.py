@@ -48,11 +48,12 @@ def access_log_until_marker(dc: DevCluster) -> str:
     s3 = dc.s3.client()
     s3.put_object(Bucket=BUCKET, Key=marker, Body=b"")
     path = dc.cluster.s3_access_log
-    return wait_for(
-        lambda: (text := path.read_text()) if marker in text else None,
-        timeout=30,
-        what="the S3 access log to record the marker request",
-    )
+
+    def logged() -> str | None:
+        text = path.read_text()
+        return text if marker in text else None
+
+    return wait_for(logged, timeout=30, what="the S3 access log to record the marker request")
 
 
 def served_for(log: str, objects: dict[str, int]) -> tuple[int, Counter[str]]:
@@ -60,10 +61,10 @@ def served_for(log: str, objects: dict[str, int]) -> tuple[int, Counter[str]]:
     gets: Counter[str] = Counter()
     served = 0
     for r in parse_access_log(log):
-        if r.bucket == BUCKET and r.operation == "s3_GetObject" and r.key in objects:
-            if 200 <= r.status < 300:
-                gets[r.key] += 1
-                served += r.bytes_sent or objects[r.key]
+        ok = 200 <= r.status < 300
+        if ok and r.bucket == BUCKET and r.operation == "s3_GetObject" and r.key in objects:
+            gets[r.key] += 1
+            served += r.bytes_sent or objects[r.key]
     return served, gets
 
 
