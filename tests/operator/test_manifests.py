@@ -276,7 +276,9 @@ CACHE_CASES = [
 
 
 def _job_for(cache: dict[str, Any], client: str | None) -> dict[str, Any]:
-    spec = parse_spec({**SPEC, "modelCache": cache, "evaluation": {"dataUri": "s3://eval-data/x.jsonl"}})
+    spec = parse_spec(
+        {**SPEC, "modelCache": cache, "evaluation": {"dataUri": "s3://eval-data/x.jsonl"}}
+    )
     if client is None:
         return manifests.evaluate_job(run="demo", namespace="ns", uid="uid-1", spec=spec, round_=2)
     return manifests.client_job(

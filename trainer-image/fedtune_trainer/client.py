@@ -17,10 +17,10 @@ from collections.abc import Callable
 
 import torch
 
-from . import cache
 from . import delta as codec
 from . import lora
 from . import store as st
+from .cache import bytes_downloaded
 from .data import load_examples
 from .results import ClientSummary
 from .runtime import (
@@ -134,5 +134,5 @@ def run(task: ClientTask, store: st.Store | None = None, log: Log = _stderr) -> 
         full_model_bytes=full_model_bytes,
         sha256=meta["sha256"],
         seconds=round(time.perf_counter() - start, 3),
-        base_model_bytes_downloaded=cache.bytes_downloaded(task.base_model),
+        base_model_bytes_downloaded=bytes_downloaded(task.base_model),
     )
