@@ -1,5 +1,6 @@
 """The model cache measured end to end: what the S3 server served for the base model in a 3-round
-run of 3 clients, with a cache claim per client (spec.modelCache.mode perClient) and without.
+run of 3 clients, with a cache claim per client (spec.modelCache.mode perClient), with an
+ephemeral volume per pod, and without.
 
 The bytes come from versitygw's server access log (.devcluster/logs/s3-access.log), which the
 trainer cannot influence: every GetObject of a key under the base model's prefix counts that
@@ -121,7 +122,7 @@ def run_and_measure(
     return name, served, gets, size
 
 
-@pytest.mark.parametrize("mode", ["perClient", "none"])
+@pytest.mark.parametrize("mode", ["perClient", "ephemeral", "none"])
 def test_the_base_model_is_downloaded_once_per_client_per_run(
     devcluster: DevCluster,
     operator: Operator,
@@ -168,9 +169,53 @@ def test_the_base_model_is_downloaded_once_per_client_per_run(
             what="the run's cache claims to be garbage-collected",
         )
     else:
-        # Without a cache volume every client Job downloads it, in every round.
+        # Without a volume that outlives the pod every client Job downloads it, in every round.
         for r in range(1, ROUNDS + 1):
             assert by_round[r] == [size] * len(CLIENTS)
         assert served >= (ROUNDS * len(CLIENTS) + 2) * size, (served, gets)
-        assert not claims_of(devcluster, namespace, name)
+        claims = claims_of(devcluster, namespace, name)
+        if mode == "none":
+            assert not claims
+        else:
+            # ephemeral: the ephemeral volume controller made one claim per client and
+            # evaluation pod from the template (its labels), each owned by its pod.
+            assert len(claims) == ROUNDS * len(CLIENTS) + evaluations
+            for claim in claims:
+                assert claim["metadata"]["name"].endswith("-model-cache")
+                assert [o["kind"] for o in claim["metadata"]["ownerReferences"]] == ["Pod"]
         devcluster.kubectl("delete", "fft", name, "-n", namespace, "--wait=true", "--timeout=60s")
+
+
+def test_a_cache_claim_is_created_once_and_never_taken_from_another_owner(
+    devcluster: DevCluster, namespace: str
+) -> None:
+    """kube.create_claim against the real API server: created, then AlreadyExists is success for
+    the run's own claim; a claim of the same name that the run does not own (left by a deleted
+    run of the same name, or anyone's) is ClaimNotReady, so the Job waits instead of mounting
+    it."""
+    from fedtune_operator.kube import ClaimNotReady, Kube
+
+    k = Kube(devcluster.api())
+    name = f"stranger-{uuid.uuid4().hex[:6]}-cache-alice"
+    claim: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+    }
+    try:
+        assert k.create_claim(claim) is True
+        assert k.create_claim(claim) is False
+        ours = json.loads(json.dumps(claim))
+        ours["metadata"]["ownerReferences"] = [
+            {
+                "apiVersion": "fedtune.dev/v1alpha1",
+                "kind": "FederatedFineTune",
+                "name": "stranger",
+                "uid": str(uuid.uuid4()),
+            }
+        ]
+        with pytest.raises(ClaimNotReady, match="belongs to another object"):
+            k.create_claim(ours)
+    finally:
+        devcluster.kubectl("delete", "pvc", name, "-n", namespace, "--ignore-not-found")
