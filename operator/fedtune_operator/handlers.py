@@ -299,6 +299,7 @@ def _apply(
     ns, run, uid = meta["namespace"], meta["name"], meta["uid"]
     match action:
         case decision.CreateClientJob(round=r, attempt=a, client=c) if spec is not None:
+            _create_cache_claim(k, obj, spec, c)
             k.create_job(
                 manifests.client_job(
                     run=run, namespace=ns, uid=uid, spec=spec, round_=r, attempt=a, client=c
@@ -317,6 +318,7 @@ def _apply(
                 )
             )
         case decision.CreateEvaluateJob(round=r) if spec is not None:
+            _create_cache_claim(k, obj, spec, None)
             k.create_job(
                 manifests.evaluate_job(run=run, namespace=ns, uid=uid, spec=spec, round_=r)
             )
@@ -328,6 +330,21 @@ def _apply(
             k.delete_run(ns, run)
         case _:
             raise AssertionError(f"cannot apply {action!r}")
+
+
+def _create_cache_claim(
+    k: Kube, obj: dict[str, Any], spec: FederatedFineTuneSpec, client: str | None
+) -> None:
+    """The model cache claim a client's (or the evaluation) Job mounts, before the Job: a pod
+    whose claim does not exist yet would wait Pending for it. Not an engine action: the claim
+    holds no state the engine reads, outlives rounds and attempts, and creating one that
+    exists is a no-op, so it is part of creating the Job, like the Job's manifest."""
+    meta = obj["metadata"]
+    claim = manifests.cache_claim(
+        run=meta["name"], namespace=meta["namespace"], uid=meta["uid"], spec=spec, client=client
+    )
+    if claim is not None and k.create_claim(claim):
+        log.info("created model cache claim %s/%s", meta["namespace"], claim["metadata"]["name"])
 
 
 def _count(namespace: str, name: str, facts: list[decision.Fact]) -> None:

@@ -23,6 +23,10 @@ class NamespaceTerminating(Exception):
     """The namespace is being deleted: nothing new can be created in it, and nothing needs to."""
 
 
+class ClaimNotReady(Exception):
+    """A claim of the wanted name exists but is not this run's (or is going): retry later."""
+
+
 def _terminating(e: ApiException) -> bool:
     return e.status == 403 and "NamespaceTerminating" in str(e.body or "")
 
@@ -119,6 +123,39 @@ class Kube:
             {"metadata": {"labels": meta.get("labels")}, "spec": manifest["spec"]},
             _content_type="application/merge-patch+json",
         )
+
+    def create_claim(self, manifest: dict[str, Any]) -> bool:
+        """Create a PersistentVolumeClaim the operator owns: True when created, False when this
+        run's claim exists already.
+
+        A claim of the same name that another object owns (a deleted run of the same name,
+        whose claim the garbage collector has yet to remove) or that is being deleted would
+        leave the Job's pod Pending on it: ClaimNotReady, so that the reconcile retries (after
+        a backoff) and creates the Job only once a claim of this run is in place.
+        """
+        meta = manifest["metadata"]
+        try:
+            self.core.create_namespaced_persistent_volume_claim(meta["namespace"], manifest)
+        except ApiException as e:
+            if _terminating(e):
+                raise NamespaceTerminating(meta["namespace"]) from None
+            if e.status != 409:
+                raise
+        else:
+            return True
+        existing = self._json(
+            self.core.read_namespaced_persistent_volume_claim(
+                meta["name"], meta["namespace"], _preload_content=False
+            )
+        )["metadata"]
+        owners = {ref.get("uid") for ref in existing.get("ownerReferences") or []}
+        wanted = {ref["uid"] for ref in meta.get("ownerReferences") or []}
+        if existing.get("deletionTimestamp") or not wanted <= owners:
+            raise ClaimNotReady(
+                f"persistentvolumeclaim {meta['namespace']}/{meta['name']} belongs to another "
+                "object or is being deleted; waiting for it to go"
+            )
+        return False
 
     def job_state(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:

@@ -23,6 +23,7 @@ from fedtune_operator.api import (
     API_VERSION,
     KIND,
     FederatedFineTuneSpec,
+    ModelCache,
     PodSettings,
     Resources,
     S3Credentials,
@@ -32,6 +33,7 @@ from fedtune_trainer.contract import (
     AWS_CREDENTIAL_ENV,
     AWS_ENDPOINT_ENV,
     AWS_REGION_ENV,
+    CACHE_DIR_ENV,
     COMMAND,
     CONTAINER,
     DATA_CREDENTIALS_PREFIX,
@@ -52,6 +54,12 @@ from fedtune_trainer.contract import (
 from fedtune_trainer.task import AggregateTask, CleanupTask, ClientTask, EvaluateTask
 
 PVC_ROOT = "/mnt/pvc"
+CACHE_MOUNT = "/var/cache/fedtune"
+"""Where a Job's model cache volume is mounted (FEDTUNE_CACHE_DIR points here)."""
+HF_CACHE = f"{CACHE_MOUNT}/hf"
+CACHE_VOLUME = "model-cache"
+EVALUATE_CACHE = "evaluate"
+"""The cache claim of the evaluation Jobs is `<run>-cache-evaluate`."""
 
 
 def job_name(run: str, round_: int | None, suffix: str) -> str:
@@ -119,6 +127,89 @@ def pvc_volumes(*uris: str | None) -> tuple[list[dict[str, Any]], list[dict[str,
         for i, c in enumerate(claims)
     ]
     return volumes, mounts
+
+
+# ---------------------------------------------------------------------------------------------
+# The model cache (spec.modelCache)
+# ---------------------------------------------------------------------------------------------
+
+
+def cache_claim_name(run: str, owner: str) -> str:
+    """`<run>-cache-<client>`, or `<run>-cache-evaluate` for the evaluation Jobs (a DNS
+    subdomain of at most 104 characters: a run name is a DNS label, a client name 40)."""
+    return f"{run}-cache-{owner}"
+
+
+def _cache_labels(run: str, client: str | None) -> dict[str, str]:
+    if client is None:
+        return {LABEL_RUN: run, LABEL_ROLE: ROLE_EVALUATOR}
+    return {LABEL_RUN: run, LABEL_ROLE: ROLE_CLIENT, LABEL_CLIENT: client}
+
+
+def _claim_spec(cache: ModelCache) -> dict[str, Any]:
+    return _drop_none(
+        {
+            "accessModes": ["ReadWriteOnce"],
+            "resources": {"requests": {"storage": str(cache.size)}},
+            "storageClassName": cache.storage_class_name,
+        }
+    )
+
+
+def cache_claim(
+    *, run: str, namespace: str, uid: str, spec: FederatedFineTuneSpec, client: str | None
+) -> dict[str, Any] | None:
+    """The PersistentVolumeClaim that caches the base model for one client (or, with `client`
+    None, for the evaluation Jobs) across the run's rounds; None unless modelCache is perClient.
+
+    Owned by the run, so the garbage collector deletes it with the run. ReadWriteOnce: one
+    client's Jobs run one after another, and a superseded pod that still holds the volume only
+    delays its successor's start on another node until it has gone.
+    """
+    if spec.model_cache.mode != "perClient":
+        return None
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _drop_none(
+            {
+                "name": cache_claim_name(run, client or EVALUATE_CACHE),
+                "namespace": namespace,
+                "labels": _cache_labels(run, client),
+                "ownerReferences": [owner_reference(run, uid)] if uid else None,
+            }
+        ),
+        "spec": _claim_spec(spec.model_cache),
+    }
+
+
+def cache_volume(
+    run: str, spec: FederatedFineTuneSpec, client: str | None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """The cache volume, its mount and FEDTUNE_CACHE_DIR of a client's (or, with `client` None,
+    an evaluation) Job's pod; nothing for mode none (the trainer then caches under /tmp)."""
+    cache = spec.model_cache
+    if cache.mode == "perClient":
+        source: dict[str, Any] = {
+            "persistentVolumeClaim": {"claimName": cache_claim_name(run, client or EVALUATE_CACHE)}
+        }
+    elif cache.mode == "ephemeral":
+        source = {
+            "ephemeral": {
+                "volumeClaimTemplate": {
+                    "metadata": {"labels": _cache_labels(run, client)},
+                    "spec": _claim_spec(cache),
+                }
+            }
+        }
+    else:
+        return [], [], []
+    return (
+        [{"name": CACHE_VOLUME, **source}],
+        [{"name": CACHE_VOLUME, "mountPath": CACHE_MOUNT}],
+        # The hub's own cache too, for a baseModel given as a hub id.
+        [{"name": CACHE_DIR_ENV, "value": CACHE_MOUNT}, {"name": "HF_HOME", "value": HF_CACHE}],
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,11 +372,13 @@ def _job(
     extra_env: list[dict[str, Any]],
     uris: tuple[str | None, ...],
     backoff_limit: int,
+    cache: tuple[list[dict[str, Any]], ...] = ([], [], []),
 ) -> dict[str, Any]:
     template = spec.template
     all_labels = {**(template.labels or {}), **labels}
     pod_sc, container_sc = security_context()
     pvc_vols, pvc_mounts = pvc_volumes(*uris)
+    cache_vols, cache_mounts, cache_env = cache
     storage = spec.storage
     env: list[dict[str, Any]] = [
         {"name": TASK_ENV, "value": task_json},
@@ -298,7 +391,8 @@ def _job(
         env.append({"name": AWS_ENDPOINT_ENV, "value": storage.endpoint})
     if storage.region:
         env.append({"name": AWS_REGION_ENV, "value": storage.region})
-    env += extra_env
+    overridden = {e["name"] for e in cache_env}
+    env = [e for e in env if e["name"] not in overridden] + extra_env + cache_env
     env += [e.model_dump(mode="json", by_alias=True, exclude_none=True) for e in settings.env or []]
     resources = (
         settings.resources.model_dump(mode="json", by_alias=True, exclude_none=True)
@@ -316,7 +410,7 @@ def _job(
             "securityContext": container_sc,
             "terminationMessagePath": TERMINATION_LOG,
             "terminationMessagePolicy": "FallbackToLogsOnError",
-            "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, *pvc_mounts],
+            "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, *pvc_mounts, *cache_mounts],
         }
     )
     pod_spec = _drop_none(
@@ -327,7 +421,7 @@ def _job(
             "automountServiceAccountToken": template.automount_service_account_token,
             "securityContext": pod_sc,
             "containers": [container],
-            "volumes": [{"name": "tmp", "emptyDir": {}}, *pvc_vols],
+            "volumes": [{"name": "tmp", "emptyDir": {}}, *pvc_vols, *cache_vols],
             "nodeSelector": settings.node_selector,
             "tolerations": [
                 t.model_dump(mode="json", by_alias=True, exclude_none=True)
@@ -419,6 +513,7 @@ def client_job(
         extra_env=_secret_env(DATA_CREDENTIALS_PREFIX, data_creds),
         uris=(spec.base_model, spec.tokenizer, entry.data_uri),
         backoff_limit=spec.backoff_limit,
+        cache=cache_volume(run, spec, client),
     )
 
 
@@ -467,6 +562,7 @@ def evaluate_job(
         extra_env=[],
         uris=(spec.base_model, spec.tokenizer, spec.evaluation.data_uri),
         backoff_limit=spec.backoff_limit,
+        cache=cache_volume(run, spec, None),
     )
 
 

@@ -237,6 +237,8 @@ OPERATOR_PERMISSIONS = [
     (("list", "pods", "-n", RUNS), True, True),
     (("get", "jobs.batch", "-n", RUNS), True, True),
     (("create", "events", "-n", RUNS), True, True),
+    (("create", "persistentvolumeclaims", "-n", RUNS), True, True),
+    (("get", "persistentvolumeclaims", "-n", RUNS), True, True),
     (("get", "federatedfinetunes.fedtune.dev", "-n", RUNS), True, True),
     (("watch", "federatedfinetunes.fedtune.dev", "-n", RUNS), True, True),
     (("patch", "federatedfinetunes.fedtune.dev", "-n", RUNS), True, True),
@@ -263,6 +265,13 @@ OPERATOR_PERMISSIONS = [
     (("patch", "federatedfinetunes.fedtune.dev", "--subresource=status", "-n", RUNS), False, False),
     (("create", "deployments.apps", "-n", SYSTEM), False, False),
     (("get", "configmaps", "-n", RUNS), False, False),
+    # Model cache claims: created, never listed, changed or deleted (the garbage collector
+    # removes them with their run), and no PersistentVolumes (cluster-scoped storage).
+    (("delete", "persistentvolumeclaims", "-n", RUNS), False, False),
+    (("patch", "persistentvolumeclaims", "-n", RUNS), False, False),
+    (("list", "persistentvolumeclaims", "-n", RUNS), False, False),
+    (("create", "persistentvolumeclaims", "-n", ELSEWHERE), True, False),
+    (("get", "persistentvolumes"), False, False),
     (("create", "customresourcedefinitions.apiextensions.k8s.io"), False, False),
     (("create", "clusterrolebindings.rbac.authorization.k8s.io"), False, False),
     (("impersonate", "users"), False, False),

@@ -36,6 +36,8 @@ OPERATOR_GRANTS = {
     ("fedtune.dev", "federatedfinetunes/status", "update"),
     *{("batch", "jobs", v) for v in ("get", "list", "watch", "create", "patch", "delete")},
     ("", "pods", "list"),
+    ("", "persistentvolumeclaims", "create"),
+    ("", "persistentvolumeclaims", "get"),
     ("", "events", "create"),
     *{("networking.k8s.io", "networkpolicies", v) for v in ("create", "patch")},
 }

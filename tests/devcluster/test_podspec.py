@@ -248,3 +248,82 @@ def test_a_mount_never_hides_the_host_paths_the_pod_runs_from(target: str, hidde
     from devcluster.podexec import hides
 
     assert hides(Path(target), ["/tmp/ci/repo", "/usr/lib/python3"]) is hidden
+
+
+# -- PersistentVolumeClaims ---------------------------------------------------------------------
+
+CLAIMS = {
+    ("ns", "cache"): {"name": "cache", "uid": "c-1"},
+    ("ns", "going"): {"name": "going", "uid": "c-2", "deletionTimestamp": "2026-01-01T00:00:00Z"},
+    ("ns", "p-scratch"): {"name": "p-scratch", "uid": "c-3", "ownerReferences": [{"uid": "u-1"}]},
+    ("ns", "p-stolen"): {"name": "p-stolen", "uid": "c-4", "ownerReferences": [{"uid": "other"}]},
+}
+
+
+def claims(ns: str, name: str) -> dict | None:
+    return CLAIMS.get((ns, name))
+
+
+TEMPLATE = {"volumeClaimTemplate": {"spec": {"accessModes": ["ReadWriteOnce"]}}}
+
+
+@pytest.mark.parametrize(
+    ("volume", "claim", "read_only"),
+    [
+        (
+            {"name": "v", "persistentVolumeClaim": {"claimName": "cache"}},
+            "claims/ns/cache/c-1",
+            False,
+        ),
+        (
+            {"name": "v", "persistentVolumeClaim": {"claimName": "cache", "readOnly": True}},
+            "claims/ns/cache/c-1",
+            True,
+        ),
+        ({"name": "scratch", "ephemeral": TEMPLATE}, "claims/ns/p-scratch/c-3", False),
+    ],
+)
+def test_claims_map_to_one_shared_directory(volume: dict, claim: str, read_only: bool) -> None:
+    files = podspec.volume_files(
+        POD,
+        volume,
+        secrets=secrets,
+        config_maps=config_maps,
+        token=lambda a, s: "",
+        node_name="n",
+        claims=claims,
+    )
+    assert (files.claim, files.read_only, files.writable, files.files) == (
+        claim,
+        read_only,
+        True,
+        {},
+    )
+
+
+@pytest.mark.parametrize(
+    ("volume", "message"),
+    [
+        (
+            {"name": "v", "persistentVolumeClaim": {"claimName": "nope"}},
+            'persistentvolumeclaim "nope" not found',
+        ),
+        (
+            {"name": "v", "persistentVolumeClaim": {"claimName": "going"}},
+            'persistentvolumeclaim "going" is being deleted',
+        ),
+        ({"name": "later", "ephemeral": TEMPLATE}, "waiting for the ephemeral volume controller"),
+        ({"name": "stolen", "ephemeral": TEMPLATE}, "was not created for the pod"),
+    ],
+)
+def test_a_claim_that_is_not_there_is_a_config_error(volume: dict, message: str) -> None:
+    with pytest.raises(ContainerConfigError, match=message):
+        podspec.volume_files(
+            POD,
+            volume,
+            secrets=secrets,
+            config_maps=config_maps,
+            token=lambda a, s: "",
+            node_name="n",
+            claims=claims,
+        )

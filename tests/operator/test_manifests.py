@@ -417,3 +417,138 @@ def test_a_spec_cannot_label_its_pods_out_of_the_policy() -> None:
     selector = policy(spec)["spec"]["podSelector"]["matchLabels"]
     for kind, job in every_job(spec).items():
         assert selector.items() <= job["spec"]["template"]["metadata"]["labels"].items(), kind
+
+
+# -- the model cache ------------------------------------------------------------------------------
+
+CACHE_CASES = [
+    # (modelCache, client or None for the evaluation Job, the claim the operator creates,
+    #  the pod's cache volume source, FEDTUNE_CACHE_DIR)
+    ({}, "hospital-a", None, None, None),
+    ({"mode": "none"}, None, None, None, None),
+    (
+        {"mode": "perClient"},
+        "hospital-a",
+        "demo-cache-hospital-a",
+        {"persistentVolumeClaim": {"claimName": "demo-cache-hospital-a"}},
+        "/var/cache/fedtune",
+    ),
+    (
+        {"mode": "perClient", "size": "200Gi", "storageClassName": "fast-ssd"},
+        None,
+        "demo-cache-evaluate",
+        {"persistentVolumeClaim": {"claimName": "demo-cache-evaluate"}},
+        "/var/cache/fedtune",
+    ),
+    (
+        {"mode": "ephemeral", "size": "100Gi"},
+        "hospital-b",
+        None,
+        {
+            "ephemeral": {
+                "volumeClaimTemplate": {
+                    "metadata": {
+                        "labels": {
+                            "fedtune.dev/run": "demo",
+                            "fedtune.dev/role": "client",
+                            "fedtune.dev/client": "hospital-b",
+                        }
+                    },
+                    "spec": {
+                        "accessModes": ["ReadWriteOnce"],
+                        "resources": {"requests": {"storage": "100Gi"}},
+                    },
+                }
+            }
+        },
+        "/var/cache/fedtune",
+    ),
+]
+
+
+def _job_for(cache: dict[str, Any], client: str | None) -> dict[str, Any]:
+    spec = parse_spec(
+        {**SPEC, "modelCache": cache, "evaluation": {"dataUri": "s3://eval-data/x.jsonl"}}
+    )
+    if client is None:
+        return manifests.evaluate_job(run="demo", namespace="ns", uid="uid-1", spec=spec, round_=2)
+    return manifests.client_job(
+        run="demo", namespace="ns", uid="uid-1", spec=spec, round_=2, attempt=0, client=client
+    )
+
+
+@pytest.mark.parametrize(("cache", "client", "claim", "source", "cache_dir"), CACHE_CASES)
+def test_the_model_cache_volume_of_each_mode(
+    cache: dict[str, Any],
+    client: str | None,
+    claim: str | None,
+    source: dict[str, Any] | None,
+    cache_dir: str | None,
+) -> None:
+    spec = parse_spec({**SPEC, "modelCache": cache})
+    built = manifests.cache_claim(run="demo", namespace="ns", uid="uid-1", spec=spec, client=client)
+    assert (built and built["metadata"]["name"]) == claim
+    job = _job_for(cache, client)
+    pod = job["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    env = env_of(job)
+    names = [e["name"] for e in pod["containers"][0]["env"]]
+    assert len(names) == len(set(names))  # HF_HOME moves, it is not set twice
+    if source is None:
+        assert "model-cache" not in volumes
+        assert "model-cache" not in mounts
+        assert "FEDTUNE_CACHE_DIR" not in env
+        assert env["HF_HOME"] == "/tmp/hf"
+        return
+    assert volumes["model-cache"] == {"name": "model-cache", **source}
+    assert mounts["model-cache"] == {"name": "model-cache", "mountPath": cache_dir}
+    assert env["FEDTUNE_CACHE_DIR"] == cache_dir
+    assert env["HF_HOME"] == f"{cache_dir}/hf"
+
+
+def test_a_cache_claim_is_owned_by_the_run_and_labelled() -> None:
+    spec = parse_spec(
+        {**SPEC, "modelCache": {"mode": "perClient", "size": "80Gi", "storageClassName": "ssd"}}
+    )
+    claim = manifests.cache_claim(
+        run="demo", namespace="ns", uid="uid-1", spec=spec, client="hospital-a"
+    )
+    assert claim == {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {
+            "name": "demo-cache-hospital-a",
+            "namespace": "ns",
+            "labels": {
+                "fedtune.dev/run": "demo",
+                "fedtune.dev/role": "client",
+                "fedtune.dev/client": "hospital-a",
+            },
+            "ownerReferences": [manifests.owner_reference("demo", "uid-1")],
+        },
+        "spec": {
+            "accessModes": ["ReadWriteOnce"],
+            "resources": {"requests": {"storage": "80Gi"}},
+            "storageClassName": "ssd",
+        },
+    }
+    evaluate = manifests.cache_claim(
+        run="demo", namespace="ns", uid="uid-1", spec=spec, client=None
+    )
+    assert evaluate is not None
+    assert evaluate["metadata"]["labels"] == {
+        "fedtune.dev/run": "demo",
+        "fedtune.dev/role": "evaluator",
+    }
+
+
+def test_the_aggregator_and_cleanup_jobs_get_no_cache() -> None:
+    spec = parse_spec({**SPEC, "modelCache": {"mode": "perClient"}})
+    aggregate = manifests.aggregate_job(
+        run="demo", namespace="ns", uid="u", spec=spec, round_=1, attempt=0, clients=["hospital-a"]
+    )
+    cleanup = manifests.cleanup_job(run="demo", namespace="ns", spec=spec)
+    for job in (aggregate, cleanup):
+        assert "FEDTUNE_CACHE_DIR" not in env_of(job)
+        assert all(v["name"] != "model-cache" for v in job["spec"]["template"]["spec"]["volumes"])

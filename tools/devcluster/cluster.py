@@ -108,6 +108,8 @@ class Cluster:
         self.dir = directory.resolve()
         self.pki_dir = self.dir / "pki"
         self.log_dir = self.dir / "logs"
+        self.s3_access_log = self.log_dir / "s3-access.log"
+        """One line per S3 request (versitygw's server access log, S3's format)."""
         self.pid_dir = self.dir / "pids"
         self.kubeconfig = self.dir / "kubeconfig"
 
@@ -262,7 +264,7 @@ class Cluster:
         s3_dir.mkdir(exist_ok=True)
         self._spawn(
             "s3",
-            s3.server_argv(b, state.s3_port, s3_dir),
+            s3.server_argv(b, state.s3_port, s3_dir, access_log=self.s3_access_log),
             env=s3.server_env(state.s3_access_key, state.s3_secret_key),
         )
         etcd_data = self.dir / "etcd-data"

@@ -54,6 +54,7 @@ class PodWorker(threading.Thread):
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.pod_dir = kubelet.state_dir / "pods" / self.uid
         self.start_time = now()
+        self.read_only_volumes: set[str] = set()
 
     # -- lookups handed to the pure core -------------------------------------------------------
 
@@ -74,6 +75,17 @@ class PodWorker(threading.Thread):
                 return None
             raise
         return dict(obj.data or {})
+
+    def _claim(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            response = self.kubelet.core.read_namespaced_persistent_volume_claim(
+                name, namespace, _preload_content=False
+            )
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        return json.loads(response.data)["metadata"]
 
     def _token(self, audience: str | None, seconds: int) -> str:
         spec: dict[str, Any] = {
@@ -105,7 +117,16 @@ class PodWorker(threading.Thread):
                 config_maps=self._config_map,
                 token=self._token,
                 node_name=self.kubelet.node_name,
+                claims=self._claim,
             )
+            if files.claim is not None:
+                # One directory per claim, shared by every pod that mounts it.
+                root = self.kubelet.state_dir / files.claim
+                root.mkdir(parents=True, exist_ok=True)
+                if files.read_only:
+                    self.read_only_volumes.add(volume["name"])
+                paths[volume["name"]] = root
+                continue
             root = self.pod_dir / "volumes" / volume["name"]
             if not files.writable and root.exists():
                 shutil.rmtree(root)
@@ -149,7 +170,7 @@ class PodWorker(threading.Thread):
                 {
                     "source": str(source),
                     "target": vm["mountPath"],
-                    "readOnly": bool(vm.get("readOnly")),
+                    "readOnly": bool(vm.get("readOnly")) or vm["name"] in self.read_only_volumes,
                 }
             )
         term_file = self.pod_dir / container["name"] / "termination-log"

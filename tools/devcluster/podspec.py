@@ -16,6 +16,13 @@ from typing import Any
 Pod = Mapping[str, Any]
 Lookup = Callable[[str, str], Mapping[str, str] | None]
 """(namespace, name) -> the object's data (already decoded), or None when it does not exist."""
+ObjectLookup = Callable[[str, str], Mapping[str, Any] | None]
+"""(namespace, name) -> the object's metadata (a PersistentVolumeClaim's), or None."""
+
+
+def _no_claims(namespace: str, name: str) -> None:
+    return None
+
 
 TERMINATION_MESSAGE_LIMIT = 4096
 DEFAULT_TERMINATION_PATH = "/dev/termination-log"
@@ -150,6 +157,12 @@ class VolumeFiles:
     files: dict[str, bytes] = field(default_factory=dict)
     mode: int = 0o644
     writable: bool = False
+    claim: str | None = None
+    """For a claim's volume: its directory under the kubelet's state dir, shared by every pod
+    that mounts the claim (`claims/<namespace>/<name>/<uid>`: a claim deleted and made again is
+    a new, empty volume, as a dynamically provisioned one would be)."""
+    read_only: bool = False
+    """The volume source says readOnly: every mount of it is read-only."""
 
 
 def _items(data: Mapping[str, bytes], items: list[Mapping[str, Any]] | None) -> dict[str, bytes]:
@@ -166,8 +179,10 @@ def volume_files(
     config_maps: Lookup,
     token: Callable[[str | None, int], str],
     node_name: str,
+    claims: ObjectLookup = _no_claims,
 ) -> VolumeFiles:
-    """Materialise one pod volume as files. `token(audience, seconds)` asks for a bound SA token."""
+    """Materialise one pod volume as files. `token(audience, seconds)` asks for a bound SA token;
+    `claims` looks up PersistentVolumeClaims (persistentVolumeClaim and ephemeral volumes)."""
     namespace = pod["metadata"]["namespace"]
 
     def raw(kind: str, lookup: Lookup, name: str, optional: bool) -> dict[str, bytes] | None:
@@ -218,8 +233,43 @@ def volume_files(
             else:
                 raise ContainerConfigError(f"unsupported projected source {sorted(source)}")
         return VolumeFiles(files, src.get("defaultMode", 0o644))
+    if "persistentVolumeClaim" in volume:
+        src = volume["persistentVolumeClaim"]
+        claim = _claim(namespace, src["claimName"], claims(namespace, src["claimName"]))
+        return VolumeFiles(writable=True, claim=claim, read_only=bool(src.get("readOnly")))
+    if "ephemeral" in volume:
+        return VolumeFiles(writable=True, claim=_ephemeral_claim(pod, volume, claims))
     kinds = sorted(k for k in volume if k != "name")
     raise ContainerConfigError(f"volume {volume['name']}: unsupported type {kinds}")
+
+
+def _claim(namespace: str, name: str, meta: Mapping[str, Any] | None) -> str:
+    """The claim's directory; a missing claim, or one being deleted, is what keeps a real pod
+    from starting (the scheduler refuses it), here a configuration error retried until the
+    claim exists. Binding is not modelled: the claim may stay Pending in the API."""
+    if meta is None:
+        raise ContainerConfigError(f'persistentvolumeclaim "{name}" not found')
+    if meta.get("deletionTimestamp"):
+        raise ContainerConfigError(f'persistentvolumeclaim "{name}" is being deleted')
+    return f"claims/{namespace}/{name}/{meta['uid']}"
+
+
+def _ephemeral_claim(pod: Pod, volume: Mapping[str, Any], claims: ObjectLookup) -> str:
+    """A generic ephemeral volume is the claim `<pod>-<volume>` that kube-controller-manager's
+    ephemeral volume controller creates from the template, owned by the pod; until it exists,
+    and if another object owns it, the pod waits (the kubelet's checks)."""
+    meta = pod["metadata"]
+    name = f"{meta['name']}-{volume['name']}"
+    claim = claims(meta["namespace"], name)
+    if claim is None:
+        raise ContainerConfigError(
+            f'waiting for the ephemeral volume controller to create persistentvolumeclaim "{name}"'
+        )
+    if not any(ref.get("uid") == meta["uid"] for ref in claim.get("ownerReferences") or []):
+        raise ContainerConfigError(
+            f"persistentvolumeclaim {meta['namespace']}/{name} was not created for the pod"
+        )
+    return _claim(meta["namespace"], name, claim)
 
 
 def decode_secret(data: Mapping[str, str] | None) -> dict[str, str] | None:

@@ -6,11 +6,13 @@ takes about a second.
 
 from __future__ import annotations
 
+import re
 import secrets
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import unquote
 
 import boto3
 from botocore.config import Config
@@ -21,16 +23,70 @@ from devcluster import net
 REGION = "us-east-1"
 
 
-def server_argv(bin_dir: Path, port: int, data_dir: Path) -> list[str]:
+def server_argv(
+    bin_dir: Path, port: int, data_dir: Path, access_log: Path | None = None
+) -> list[str]:
+    log = ["--access-log", str(access_log)] if access_log is not None else []
     return [
         str(bin_dir / "versitygw"),
         "--port",
         f"127.0.0.1:{port}",
         "--health",
         "/health",
+        *log,
         "posix",
         str(data_dir),
     ]
+
+
+# owner bucket [time] ip requester request-id operation key request-uri status error
+# bytes-sent object-size total-ms turnaround-ms ... (S3's server access log format)
+_ACCESS_LINE = re.compile(
+    r"^(?P<owner>\S+) (?P<bucket>\S+) \[(?P<time>[^\]]*)\] (?P<ip>\S+) (?P<requester>\S+) "
+    r"(?P<request_id>\S+) (?P<operation>\S+) (?P<key>\S+) (?P<uri>\S+) (?P<status>\S+) "
+    r"(?P<error>\S+) (?P<bytes_sent>\S+) (?P<object_size>\S+) "
+)
+
+
+@dataclass(frozen=True)
+class AccessRecord:
+    """One request from the server access log."""
+
+    bucket: str
+    operation: str
+    key: str
+    status: int
+    bytes_sent: int
+    object_size: int
+
+
+def parse_access_log(text: str) -> list[AccessRecord]:
+    """The requests of a versitygw access log (lines that are not requests are skipped).
+
+    versitygw 1.8 logs 0 in bytes-sent and object-size for GetObject (it streams the body after
+    the log entry is made); a reader that needs the bytes a GET served takes the object's size
+    from elsewhere.
+    """
+
+    def number(value: str) -> int:
+        return int(value) if value.isdigit() else 0
+
+    records = []
+    for line in text.splitlines():
+        m = _ACCESS_LINE.match(line)
+        if m is None:
+            continue
+        records.append(
+            AccessRecord(
+                bucket=m["bucket"],
+                operation=m["operation"],
+                key=unquote(m["key"]) if m["key"] != "-" else "",
+                status=number(m["status"]),
+                bytes_sent=number(m["bytes_sent"]),
+                object_size=number(m["object_size"]),
+            )
+        )
+    return records
 
 
 def server_env(access_key: str, secret_key: str) -> dict[str, str]:

@@ -20,6 +20,7 @@ import torch
 from . import delta as codec
 from . import lora
 from . import store as st
+from .cache import bytes_downloaded
 from .data import load_examples
 from .results import ClientSummary
 from .runtime import (
@@ -133,4 +134,5 @@ def run(task: ClientTask, store: st.Store | None = None, log: Log = _stderr) -> 
         full_model_bytes=full_model_bytes,
         sha256=meta["sha256"],
         seconds=round(time.perf_counter() - start, 3),
+        base_model_bytes_downloaded=bytes_downloaded(task.base_model),
     )

@@ -38,6 +38,12 @@ class ClientSummary(Model):
     full_model_bytes: int = Field(description="The whole model as fp32: what FedAvg would send.")
     sha256: str
     seconds: float
+    base_model_bytes_downloaded: int = Field(
+        0,
+        ge=0,
+        description="Bytes of the base model this Job downloaded: all of it without a cache "
+        "volume or in the client's first round, none once its cache holds it (spec.modelCache).",
+    )
 
 
 class Rejection(Model):

@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
@@ -32,7 +31,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from .contract import CACHE_DIR_ENV
 from .task import StorageLocation
 
 MANIFEST = "manifest.json"
@@ -612,54 +610,13 @@ def prune_versions_before(store: Store, prefix: str, round_: int) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get(CACHE_DIR_ENV) or Path(tempfile.gettempdir()) / "fedtune-cache")
-
-
 def fetch(uri: str, settings: S3Settings | None = None) -> Path:
     """A local path for a file or directory named by a local path, file:// or s3:// URI.
 
-    s3 objects are downloaded once into the cache (FEDTUNE_CACHE_DIR); a URI ending in '/' or
-    naming no single object is treated as a directory prefix. Each download goes to a private
-    temporary directory that is renamed into place when complete, so concurrent Jobs sharing a
-    cache never see (or clobber) each other's half-written files.
+    s3 objects go through the download cache (`cache.py`: keyed by the objects' ETags and sizes,
+    filled atomically, shared safely by concurrent Jobs); a URI ending in '/' or naming no single
+    object is treated as a directory prefix.
     """
-    path = local_path(uri)
-    if path is not None:
-        if not path.exists():
-            raise FileNotFoundError(f"{uri}: no such file or directory")
-        return path
-    if not uri.startswith("s3://"):
-        raise ValueError(f"unsupported URI {uri!r} (use a path, file:// or s3://)")
-    dest = cache_root() / hashlib.sha256(uri.encode()).hexdigest()[:20]
-    if not dest.is_dir():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-        try:
-            _download(uri, tmp, settings or S3Settings())
-            try:
-                os.rename(tmp, dest)
-                print(f"fetched {uri}", file=sys.stderr)
-            except OSError:
-                if not dest.is_dir():  # not a lost race: a real failure
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    if (dest / "dir").is_dir():
-        return dest / "dir"
-    return next((dest / "object").iterdir())
+    from .cache import fetch as cached  # cache.py builds on this module
 
-
-def _download(uri: str, into: Path, settings: S3Settings) -> None:
-    """One object into `into/object/<name>`, or every object under the prefix into `into/dir/`."""
-    bucket, key = split_s3(uri)
-    store = S3Store(bucket, "", settings)
-    if key and not uri.endswith("/") and store.exists(key):
-        store.get_file(key, into / "object" / Path(key).name)
-        return
-    prefix = key.rstrip("/") + "/" if key else ""
-    keys = store.list(prefix)
-    if not keys:
-        raise FileNotFoundError(f"{uri}: no objects")
-    for k in keys:
-        store.get_file(k, into / "dir" / k[len(prefix) :])
+    return cached(uri, settings).path

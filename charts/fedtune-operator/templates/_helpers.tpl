@@ -97,6 +97,9 @@ their credentials through secretKeyRef, which the kubelet resolves, never the op
 - jobs: the client, aggregator and cleanup Jobs, created, watched (kopf), patched (suspend and
   resume) and deleted (superseded attempts, finished runs);
 - pods: list, for the termination message (the summary) of a finished Job's pod;
+- persistentvolumeclaims: create, the model cache claims of spec.modelCache.mode perClient
+  (owned by the run, so the garbage collector deletes them; the operator never does), and get,
+  to tell this run's existing claim from one a deleted run of the same name left behind;
 - events: create, the run's events (`kubectl describe fft`);
 - networkpolicies: create, and patch to bring an existing one up to date, the NetworkPolicy of a
   run's pods (spec.networkPolicy). Nothing to read or delete: the policy is owned by its run and
@@ -115,6 +118,9 @@ their credentials through secretKeyRef, which the kubelet resolves, never the op
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list"]
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
+  verbs: ["create", "get"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]

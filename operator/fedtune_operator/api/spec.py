@@ -316,6 +316,34 @@ class Evaluation(PodSettings, _EvaluationData):
         )
 
 
+class ModelCache(Model):
+    """Where client and evaluation Jobs keep the base model (and data) they download from s3://.
+
+    Without a cache each Job downloads the whole base model into its pod's /tmp, once per client
+    per round. The trainer's cache is keyed by the objects' ETags and sizes and filled
+    atomically, so a volume that outlives the pod is reused safely.
+    """
+
+    mode: Literal["none", "perClient", "ephemeral"] = Field(
+        "none",
+        description="none: each pod downloads into its own /tmp. perClient: one "
+        "PersistentVolumeClaim per client (<run>-cache-<client>) and one for the evaluation Jobs "
+        "(<run>-cache-evaluate), created by the operator, deleted with the run; each client "
+        "downloads the base model once per run. ephemeral: a generic ephemeral volume per pod, "
+        "for disk space outside the node's ephemeral storage; nothing is reused across rounds. "
+        "perClient and ephemeral need a StorageClass (storageClassName or the cluster's default); "
+        "without one the pods stay Pending.",
+    )
+    size: Quantity = Field(
+        "64Gi",
+        description="Capacity of each volume: the base model plus the client's data, with "
+        "room for a second version of the model while it changes. Claims that exist keep theirs.",
+    )
+    storage_class_name: ObjectName | None = Field(
+        None, description="StorageClass of the volumes; the cluster's default when unset."
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Network policy
 # --------------------------------------------------------------------------------------------
@@ -518,6 +546,7 @@ class FederatedFineTuneSpec(Model):
         ),
     )
     evaluation: Evaluation = Field(default_factory=Evaluation)
+    model_cache: ModelCache = Field(default_factory=ModelCache)
     storage: StorageSpec
     template: PodTemplate = Field(default_factory=PodTemplate)
     aggregator: PodSettings | None = Field(
