@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from fedtune_operator.api import (
     API_VERSION,
     KIND,
+    RESERVED_CLIENT_NAMES,
     FederatedFineTuneSpec,
     ModelCache,
     PodSettings,
@@ -58,7 +59,8 @@ CACHE_MOUNT = "/var/cache/fedtune"
 """Where a Job's model cache volume is mounted (FEDTUNE_CACHE_DIR points here)."""
 HF_CACHE = f"{CACHE_MOUNT}/hf"
 CACHE_VOLUME = "model-cache"
-EVALUATE_CACHE = "evaluate"
+AGGREGATE_SUFFIX, EVALUATE_SUFFIX = RESERVED_CLIENT_NAMES
+EVALUATE_CACHE = EVALUATE_SUFFIX
 """The cache claim of the evaluation Jobs is `<run>-cache-evaluate`."""
 
 
@@ -76,11 +78,11 @@ def client_job_name(run: str, round_: int, client: str) -> str:
 
 
 def aggregate_job_name(run: str, round_: int) -> str:
-    return job_name(run, round_, "aggregate")
+    return job_name(run, round_, AGGREGATE_SUFFIX)
 
 
 def evaluate_job_name(run: str, round_: int) -> str:
-    return job_name(run, round_, "evaluate")
+    return job_name(run, round_, EVALUATE_SUFFIX)
 
 
 def cleanup_job_name(run: str) -> str:

@@ -18,7 +18,12 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
-from fedtune_operator.api.schema import PATTERN_HINTS, RUN_NAME_MAX, RUN_NAME_PATTERN
+from fedtune_operator.api.schema import (
+    PATTERN_HINTS,
+    RESERVED_CLIENT_NAMES,
+    RUN_NAME_MAX,
+    RUN_NAME_PATTERN,
+)
 from fedtune_operator.api.spec import FederatedFineTuneSpec, PodSettings, PodTemplate
 from fedtune_operator.api.status import FederatedFineTuneStatus
 from fedtune_operator.rounds import clients_per_round
@@ -187,6 +192,11 @@ def validate_spec(spec: FederatedFineTuneSpec, *, name: str | None = None) -> li
                 f"(also spec.clients[{first[client.name]}])"
             )
         first.setdefault(client.name, i)
+        if client.name in RESERVED_CLIENT_NAMES:
+            problems.append(
+                f"spec.clients[{i}].name: {client.name!r} is reserved for the "
+                f"{'aggregator' if client.name == 'aggregate' else 'evaluation'} Jobs"
+            )
 
     n = len(spec.clients)
     agg = spec.aggregation

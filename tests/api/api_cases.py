@@ -116,6 +116,9 @@ INVALID: tuple[Invalid, ...] = (
         model_field="spec.clients[1].name",
     ),
     Invalid("client-name-not-dns", _client(0, name="Hospital_A"), "spec.clients[0].name"),
+    Invalid(
+        "client-name-reserved", _client(1, name="evaluate"), "spec.clients", "spec.clients[1].name"
+    ),
     Invalid("client-name-too-long", _client(0, name="h" * 41), "spec.clients[0].name"),
     Invalid("client-name-with-slash", _client(0, name="a/b"), "spec.clients[0].name"),
     Invalid("client-weight-zero", _client(0, weight=0), "spec.clients[0].weight"),

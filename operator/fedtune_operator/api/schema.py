@@ -39,6 +39,11 @@ TRAINER_VERSION = "0.1.0"
 """The trainer image tag the operator defaults to; a test keeps it equal to the package version."""
 DEFAULT_IMAGE = f"ghcr.io/fedtune/trainer:{TRAINER_VERSION}"
 
+RESERVED_CLIENT_NAMES = ("aggregate", "evaluate")
+"""The suffixes of the aggregator's and the evaluation's Job names (`<run>-r<round>-aggregate`)
+and of the evaluation's cache claim (`<run>-cache-evaluate`): a client of either name would
+collide with them (its Job is `<run>-r<round>-<client>`)."""
+
 HISTORY_LIMIT = 50
 """Rounds kept in `status.history`: the oldest go first; the full record is the run report."""
 

@@ -22,6 +22,7 @@ from fedtune_operator.api.schema import (
     DEFAULT_IMAGE,
     MAX_CLIENTS,
     MAX_ROUNDS,
+    RESERVED_CLIENT_NAMES,
     AnnotationValue,
     DataUri,
     EndpointUri,
@@ -520,7 +521,18 @@ class FederatedFineTuneSpec(Model):
         min_length=1,
         max_length=MAX_CLIENTS,
         description="The clients; the set of names is immutable once started.",
-        json_schema_extra=map_list("name"),
+        json_schema_extra=map_list(
+            "name",
+            cel(
+                "self.all(c, !(c.name in ["
+                + ", ".join(f"'{n}'" for n in RESERVED_CLIENT_NAMES)
+                + "]))",
+                "client names "
+                + " and ".join(RESERVED_CLIENT_NAMES)
+                + " are reserved for the aggregator's and the evaluation's Jobs",
+                reason="FieldValueForbidden",
+            ),
+        ),
     )
     aggregation: AggregationSpec = Field(
         default_factory=AggregationSpec,
