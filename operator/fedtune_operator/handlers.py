@@ -28,7 +28,7 @@ from typing import Any, Literal
 import kopf
 from kubernetes.client.rest import ApiException
 
-from fedtune_operator import decision, engine, manifests, metrics
+from fedtune_operator import decision, engine, manifests, metrics, network_policy, objects, volumes
 from fedtune_operator.api import (
     GROUP,
     PLURAL,
@@ -276,7 +276,7 @@ async def _ensure_network_policy(
     if not spec.network_policy.enabled:
         return
     meta = obj["metadata"]
-    manifest = manifests.network_policy(
+    manifest = network_policy.network_policy(
         run=meta["name"], namespace=meta["namespace"], uid=meta["uid"], spec=spec
     )
     try:
@@ -340,7 +340,7 @@ def _create_cache_claim(
     holds no state the engine reads, outlives rounds and attempts, and creating one that
     exists is a no-op, so it is part of creating the Job, like the Job's manifest."""
     meta = obj["metadata"]
-    claim = manifests.cache_claim(
+    claim = volumes.cache_claim(
         run=meta["name"], namespace=meta["namespace"], uid=meta["uid"], spec=spec, client=client
     )
     if claim is not None and k.create_claim(claim):
@@ -382,7 +382,7 @@ async def cleanup_storage(name: str, namespace: str, body: kopf.Body, **_: Any) 
         kopf.warn(body, reason="StorageCleanupSkipped", message=f"invalid spec: {e}"[:250])
         return
     k = kube()
-    job_name = manifests.cleanup_job_name(name)
+    job_name = objects.cleanup_job_name(name)
     job = await asyncio.to_thread(k.job_state, namespace, job_name)
     if job is None:
         manifest = manifests.cleanup_job(run=name, namespace=namespace, spec=spec)

@@ -13,28 +13,29 @@ their storage (docs/install.md, "Network policy").
 
 from __future__ import annotations
 
-import hashlib
-import ipaddress
 import json
 from typing import Any
-from urllib.parse import urlsplit
 
 from fedtune_operator.api import (
-    API_VERSION,
-    KIND,
-    RESERVED_CLIENT_NAMES,
     FederatedFineTuneSpec,
-    ModelCache,
     PodSettings,
     Resources,
     S3Credentials,
 )
+from fedtune_operator.objects import (
+    aggregate_job_name,
+    cleanup_job_name,
+    client_job_name,
+    drop_empty,
+    evaluate_job_name,
+    owner_reference,
+)
 from fedtune_operator.rounds import quorum
+from fedtune_operator.volumes import all_local, cache_volume, local_uri, pvc_volumes
 from fedtune_trainer.contract import (
     AWS_CREDENTIAL_ENV,
     AWS_ENDPOINT_ENV,
     AWS_REGION_ENV,
-    CACHE_DIR_ENV,
     COMMAND,
     CONTAINER,
     DATA_CREDENTIALS_PREFIX,
@@ -53,166 +54,6 @@ from fedtune_trainer.contract import (
     USER_ID,
 )
 from fedtune_trainer.task import AggregateTask, CleanupTask, ClientTask, EvaluateTask
-
-PVC_ROOT = "/mnt/pvc"
-CACHE_MOUNT = "/var/cache/fedtune"
-"""Where a Job's model cache volume is mounted (FEDTUNE_CACHE_DIR points here)."""
-HF_CACHE = f"{CACHE_MOUNT}/hf"
-CACHE_VOLUME = "model-cache"
-AGGREGATE_SUFFIX, EVALUATE_SUFFIX = RESERVED_CLIENT_NAMES
-EVALUATE_CACHE = EVALUATE_SUFFIX
-"""The cache claim of the evaluation Jobs is `<run>-cache-evaluate`."""
-
-
-def job_name(run: str, round_: int | None, suffix: str) -> str:
-    """`<run>-r<round>-<suffix>`, shortened with a stable hash when over 63 characters."""
-    name = f"{run}-r{round_}-{suffix}" if round_ is not None else f"{run}-{suffix}"
-    if len(name) <= 63:
-        return name
-    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
-    return f"{name[:54].rstrip('-')}-{digest}"
-
-
-def client_job_name(run: str, round_: int, client: str) -> str:
-    return job_name(run, round_, client)
-
-
-def aggregate_job_name(run: str, round_: int) -> str:
-    return job_name(run, round_, AGGREGATE_SUFFIX)
-
-
-def evaluate_job_name(run: str, round_: int) -> str:
-    return job_name(run, round_, EVALUATE_SUFFIX)
-
-
-def cleanup_job_name(run: str) -> str:
-    return job_name(run, None, "cleanup")
-
-
-def owner_reference(name: str, uid: str) -> dict[str, Any]:
-    return {
-        "apiVersion": API_VERSION,
-        "kind": KIND,
-        "name": name,
-        "uid": uid,
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# URIs on persistent volume claims
-# ---------------------------------------------------------------------------------------------
-
-
-def pvc_claim(uri: str | None) -> str | None:
-    if uri and uri.startswith("pvc://"):
-        return uri.removeprefix("pvc://").split("/", 1)[0]
-    return None
-
-
-def local_uri(uri: str) -> str:
-    """pvc://<claim>/<path> -> file:///mnt/pvc/<claim>/<path>; other URIs unchanged."""
-    if not uri.startswith("pvc://"):
-        return uri
-    return f"file://{PVC_ROOT}/{uri.removeprefix('pvc://')}"
-
-
-def pvc_volumes(*uris: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    claims = sorted({c for c in (pvc_claim(u) for u in uris) if c})
-    volumes = [
-        {"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": c, "readOnly": True}}
-        for i, c in enumerate(claims)
-    ]
-    mounts = [
-        {"name": f"pvc-{i}", "mountPath": f"{PVC_ROOT}/{c}", "readOnly": True}
-        for i, c in enumerate(claims)
-    ]
-    return volumes, mounts
-
-
-# ---------------------------------------------------------------------------------------------
-# The model cache (spec.modelCache)
-# ---------------------------------------------------------------------------------------------
-
-
-def cache_claim_name(run: str, owner: str) -> str:
-    """`<run>-cache-<client>`, or `<run>-cache-evaluate` for the evaluation Jobs (a DNS
-    subdomain of at most 104 characters: a run name is a DNS label, a client name 40)."""
-    return f"{run}-cache-{owner}"
-
-
-def _cache_labels(run: str, client: str | None) -> dict[str, str]:
-    if client is None:
-        return {LABEL_RUN: run, LABEL_ROLE: ROLE_EVALUATOR}
-    return {LABEL_RUN: run, LABEL_ROLE: ROLE_CLIENT, LABEL_CLIENT: client}
-
-
-def _claim_spec(cache: ModelCache) -> dict[str, Any]:
-    return _drop_none(
-        {
-            "accessModes": ["ReadWriteOnce"],
-            "resources": {"requests": {"storage": str(cache.size)}},
-            "storageClassName": cache.storage_class_name,
-        }
-    )
-
-
-def cache_claim(
-    *, run: str, namespace: str, uid: str, spec: FederatedFineTuneSpec, client: str | None
-) -> dict[str, Any] | None:
-    """The PersistentVolumeClaim that caches the base model for one client (or, with `client`
-    None, for the evaluation Jobs) across the run's rounds; None unless modelCache is perClient.
-
-    Owned by the run, so the garbage collector deletes it with the run. ReadWriteOnce: one
-    client's Jobs run one after another, and a superseded pod that still holds the volume only
-    delays its successor's start on another node until it has gone.
-    """
-    if spec.model_cache.mode != "perClient":
-        return None
-    return {
-        "apiVersion": "v1",
-        "kind": "PersistentVolumeClaim",
-        "metadata": _drop_none(
-            {
-                "name": cache_claim_name(run, client or EVALUATE_CACHE),
-                "namespace": namespace,
-                "labels": _cache_labels(run, client),
-                "ownerReferences": [owner_reference(run, uid)] if uid else None,
-            }
-        ),
-        "spec": _claim_spec(spec.model_cache),
-    }
-
-
-def cache_volume(
-    run: str, spec: FederatedFineTuneSpec, client: str | None
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
-    """The cache volume, its mount and FEDTUNE_CACHE_DIR of a client's (or, with `client` None,
-    an evaluation) Job's pod; nothing for mode none (the trainer then caches under /tmp)."""
-    cache = spec.model_cache
-    if cache.mode == "perClient":
-        source: dict[str, Any] = {
-            "persistentVolumeClaim": {"claimName": cache_claim_name(run, client or EVALUATE_CACHE)}
-        }
-    elif cache.mode == "ephemeral":
-        source = {
-            "ephemeral": {
-                "volumeClaimTemplate": {
-                    "metadata": {"labels": _cache_labels(run, client)},
-                    "spec": _claim_spec(cache),
-                }
-            }
-        }
-    else:
-        return [], [], []
-    return (
-        [{"name": CACHE_VOLUME, **source}],
-        [{"name": CACHE_VOLUME, "mountPath": CACHE_MOUNT}],
-        # The hub's own cache too, for a baseModel given as a hub id.
-        [{"name": CACHE_DIR_ENV, "value": CACHE_MOUNT}, {"name": "HF_HOME", "value": HF_CACHE}],
-    )
-
 
 # ---------------------------------------------------------------------------------------------
 # Pod settings merge
@@ -337,10 +178,6 @@ def _secret_env(prefix: str, creds: S3Credentials | None) -> list[dict[str, Any]
     ]
 
 
-def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in d.items() if v is not None and v != {} and v != []}
-
-
 def security_context() -> tuple[dict[str, Any], dict[str, Any]]:
     """Pod and container security contexts that meet the `restricted` Pod Security Standard."""
     pod = {
@@ -386,7 +223,7 @@ def _job(
         {"name": TASK_ENV, "value": task_json},
         {"name": "HOME", "value": "/tmp/home"},
         {"name": "HF_HOME", "value": "/tmp/hf"},
-        {"name": "HF_HUB_OFFLINE", "value": "1" if _all_local(uris) else "0"},
+        {"name": "HF_HUB_OFFLINE", "value": "1" if all_local(uris) else "0"},
         *_secret_env("", storage.credentials_secret),
     ]
     if storage.endpoint:
@@ -401,7 +238,7 @@ def _job(
         if settings.resources
         else None
     )
-    container = _drop_none(
+    container = drop_empty(
         {
             "name": CONTAINER,
             "image": template.image,
@@ -415,7 +252,7 @@ def _job(
             "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, *pvc_mounts, *cache_mounts],
         }
     )
-    pod_spec = _drop_none(
+    pod_spec = drop_empty(
         {
             "restartPolicy": "Never",
             "serviceAccountName": settings.service_account_name,
@@ -439,7 +276,7 @@ def _job(
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": _drop_none(
+        "metadata": drop_empty(
             {
                 "name": name,
                 "namespace": namespace,
@@ -448,7 +285,7 @@ def _job(
                 "ownerReferences": [owner_reference(run, uid)] if uid else None,
             }
         ),
-        "spec": _drop_none(
+        "spec": drop_empty(
             {
                 "backoffLimit": backoff_limit,
                 "activeDeadlineSeconds": spec.active_deadline_seconds,
@@ -470,7 +307,7 @@ def _job(
                     ]
                 },
                 "template": {
-                    "metadata": _drop_none(
+                    "metadata": drop_empty(
                         {"labels": all_labels, "annotations": template.annotations}
                     ),
                     "spec": pod_spec,
@@ -478,11 +315,6 @@ def _job(
             }
         ),
     }
-
-
-def _all_local(uris: tuple[str | None, ...]) -> bool:
-    """Hub ids are the only URIs that need the network; without one, stay offline."""
-    return all(u is None or "://" in u for u in uris)
 
 
 def base_labels(run: str, round_: int, role: str, attempt: int) -> dict[str, str]:
@@ -588,139 +420,3 @@ def cleanup_job(*, run: str, namespace: str, spec: FederatedFineTuneSpec) -> dic
     )
     job["spec"]["ttlSecondsAfterFinished"] = 60
     return job
-
-
-# ---------------------------------------------------------------------------------------------
-# The run's NetworkPolicy
-# ---------------------------------------------------------------------------------------------
-
-ANY_ADDRESS: tuple[dict[str, Any], ...] = (
-    {"ipBlock": {"cidr": "0.0.0.0/0"}},
-    {"ipBlock": {"cidr": "::/0"}},
-)
-"""What a rule must say when the destination is a host name: a NetworkPolicy matches addresses."""
-
-DEFAULT_DNS_PEERS: tuple[dict[str, Any], ...] = (
-    {"namespaceSelector": {}, "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}},
-)
-"""CoreDNS and kube-dns carry k8s-app=kube-dns on kubeadm, EKS, GKE and AKS alike."""
-
-IDENTITY_ENDPOINTS: tuple[dict[str, Any], ...] = (
-    {"ipBlock": {"cidr": "169.254.169.254/32"}},  # GKE metadata server, EC2/Azure IMDS
-    {"ipBlock": {"cidr": "169.254.170.23/32"}},  # EKS Pod Identity agent
-    {"ipBlock": {"cidr": "fd00:ec2::23/128"}},  # the same, IPv6
-)
-"""Where a pod without a credentials Secret gets its ambient cloud identity (port 80)."""
-
-HUB_PORT = 443
-
-
-def network_policy_name(run: str) -> str:
-    return job_name(run, None, "pods")
-
-
-def _tcp(port: int) -> list[dict[str, Any]]:
-    return [{"protocol": "TCP", "port": port}]
-
-
-def storage_port(endpoint: str | None) -> int:
-    """The port the S3 client connects to: the endpoint's, else its scheme's (AWS S3: 443)."""
-    if endpoint is None:
-        return 443
-    parts = urlsplit(endpoint)
-    return parts.port or (443 if parts.scheme == "https" else 80)
-
-
-def storage_peers(endpoint: str | None) -> list[dict[str, Any]]:
-    """An endpoint written as an IP address is that address alone; a host name could resolve to
-    anything, so it can only be any address (on the storage port)."""
-    host = urlsplit(endpoint).hostname if endpoint else None
-    try:
-        address = ipaddress.ip_address(host or "")
-    except ValueError:
-        return [dict(p) for p in ANY_ADDRESS]
-    return [{"ipBlock": {"cidr": f"{address}/{address.max_prefixlen}"}}]
-
-
-def _uses_s3(spec: FederatedFineTuneSpec) -> bool:
-    uris = [
-        spec.storage.uri,
-        spec.base_model,
-        spec.tokenizer,
-        spec.evaluation.data_uri,
-        *(c.data_uri for c in spec.clients),
-    ]
-    return any(u and u.startswith("s3://") for u in uris)
-
-
-def _uses_hub(spec: FederatedFineTuneSpec) -> bool:
-    return not _all_local((spec.base_model, spec.tokenizer))
-
-
-def _uses_ambient_identity(spec: FederatedFineTuneSpec) -> bool:
-    """A client without a data Secret falls back to the storage Secret; only when that is
-    missing too does a pod need the cloud's identity endpoint."""
-    return _uses_s3(spec) and spec.storage.credentials_secret is None
-
-
-def derived_egress(spec: FederatedFineTuneSpec) -> list[dict[str, Any]]:
-    """The destinations a run needs, from its URIs, endpoint and credentials; spec.networkPolicy.
-    egress replaces them. Every S3 URI (model, data, storage) is read through one endpoint."""
-    rules: list[dict[str, Any]] = []
-    if _uses_s3(spec):
-        rules.append(
-            {
-                "to": storage_peers(spec.storage.endpoint),
-                "ports": _tcp(storage_port(spec.storage.endpoint)),
-            }
-        )
-    if _uses_hub(spec):
-        rules.append({"to": [dict(p) for p in ANY_ADDRESS], "ports": _tcp(HUB_PORT)})
-    if _uses_ambient_identity(spec):
-        rules.append({"to": [dict(p) for p in IDENTITY_ENDPOINTS], "ports": _tcp(80)})
-    return rules
-
-
-def network_policy(*, run: str, namespace: str, uid: str, spec: FederatedFineTuneSpec) -> dict:
-    """The NetworkPolicy of every pod of the run (they all carry LABEL_RUN, which a spec cannot
-    set: its labels may not use the fedtune.dev/ prefix): no ingress, and egress to DNS plus
-    `derived_egress` or spec.networkPolicy.egress.
-
-    Owned by the run, so the garbage collector deletes it with the run. The cleanup Job runs
-    while the run's finalizer holds the run, so with the default (background) deletion the
-    policy still covers it; the operator applies it again before creating that Job.
-    """
-    settings = spec.network_policy
-    dns = (
-        [p.model_dump(mode="json", by_alias=True, exclude_none=True) for p in settings.dns]
-        if settings.dns is not None
-        else [dict(p) for p in DEFAULT_DNS_PEERS]
-    )
-    egress = [
-        {"to": dns, "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}
-    ]
-    if settings.egress is not None:
-        egress += [
-            r.model_dump(mode="json", by_alias=True, exclude_none=True) for r in settings.egress
-        ]
-    else:
-        egress += derived_egress(spec)
-    return {
-        "apiVersion": "networking.k8s.io/v1",
-        "kind": "NetworkPolicy",
-        "metadata": _drop_none(
-            {
-                "name": network_policy_name(run),
-                "namespace": namespace,
-                "labels": {LABEL_RUN: run},
-                "ownerReferences": [owner_reference(run, uid)] if uid else None,
-            }
-        ),
-        "spec": {
-            "podSelector": {"matchLabels": {LABEL_RUN: run}},
-            # Ingress listed with no rules: nothing may connect to the pods.
-            "policyTypes": ["Ingress", "Egress"],
-            "ingress": [],
-            "egress": egress,
-        },
-    }

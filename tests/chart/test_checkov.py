@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from devcluster.cluster import REPO_ROOT
-from fedtune_operator import manifests
+from fedtune_operator import manifests, network_policy
 from fedtune_operator.validation import parse_spec
 from tests.chart.support import Values, template
 
@@ -109,7 +109,7 @@ def run_objects(overrides: dict[str, Any], ns: str) -> list[dict[str, Any]]:
     common = {"run": run, "namespace": ns, "uid": uid, "spec": spec}
     clients = [c.name for c in spec.clients]
     return [
-        manifests.network_policy(**common),
+        network_policy.network_policy(**common),
         *(manifests.client_job(**common, round_=1, attempt=0, client=c) for c in clients),
         manifests.aggregate_job(**common, round_=1, attempt=0, clients=clients),
         manifests.evaluate_job(**common, round_=1),

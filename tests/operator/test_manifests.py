@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from fedtune_operator import manifests
+from fedtune_operator import manifests, network_policy, objects, volumes
 from fedtune_operator.validation import parse_spec, validate_spec
 from fedtune_trainer.task import AggregateTask, ClientTask, parse_task
 
@@ -78,13 +78,13 @@ def env_of(job: dict[str, Any]) -> dict[str, Any]:
 def test_job_names_are_deterministic_and_at_most_63_characters(
     run: str, round_: int, suffix: str, expected: str | None
 ) -> None:
-    name = manifests.job_name(run, round_, suffix)
-    assert name == manifests.job_name(run, round_, suffix)
+    name = objects.job_name(run, round_, suffix)
+    assert name == objects.job_name(run, round_, suffix)
     assert len(name) <= 63
     if expected:
         assert name == expected
     else:
-        assert name != manifests.job_name(run, round_ + 1, suffix)
+        assert name != objects.job_name(run, round_ + 1, suffix)
 
 
 def test_client_job_labels_owner_and_queue_label() -> None:
@@ -279,7 +279,7 @@ def test_no_job_mounts_an_api_token_unless_the_run_asks(
 
 
 def policy(spec: dict[str, Any], uid: str = "uid-1") -> dict[str, Any]:
-    return manifests.network_policy(run="demo", namespace="ns", uid=uid, spec=parse_spec(spec))
+    return network_policy.network_policy(run="demo", namespace="ns", uid=uid, spec=parse_spec(spec))
 
 
 DNS_RULE = {
@@ -387,9 +387,9 @@ def test_dns_servers_can_be_named() -> None:
 def test_the_policy_denies_ingress_is_owned_by_the_run_and_selects_every_pod() -> None:
     np = policy(SPEC)
     assert np["apiVersion"] == "networking.k8s.io/v1"
-    assert np["metadata"]["name"] == manifests.network_policy_name("demo") == "demo-pods"
+    assert np["metadata"]["name"] == network_policy.network_policy_name("demo") == "demo-pods"
     assert np["metadata"]["namespace"] == "ns"
-    assert np["metadata"]["ownerReferences"] == [manifests.owner_reference("demo", "uid-1")]
+    assert np["metadata"]["ownerReferences"] == [objects.owner_reference("demo", "uid-1")]
     assert np["spec"]["policyTypes"] == ["Ingress", "Egress"]
     assert np["spec"]["ingress"] == []
     selector = np["spec"]["podSelector"]["matchLabels"]
@@ -486,22 +486,22 @@ def test_the_model_cache_volume_of_each_mode(
     cache_dir: str | None,
 ) -> None:
     spec = parse_spec({**SPEC, "modelCache": cache})
-    built = manifests.cache_claim(run="demo", namespace="ns", uid="uid-1", spec=spec, client=client)
+    built = volumes.cache_claim(run="demo", namespace="ns", uid="uid-1", spec=spec, client=client)
     assert (built and built["metadata"]["name"]) == claim
     job = _job_for(cache, client)
     pod = job["spec"]["template"]["spec"]
-    volumes = {v["name"]: v for v in pod["volumes"]}
+    pod_volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
     env = env_of(job)
     names = [e["name"] for e in pod["containers"][0]["env"]]
     assert len(names) == len(set(names))  # HF_HOME moves, it is not set twice
     if source is None:
-        assert "model-cache" not in volumes
+        assert "model-cache" not in pod_volumes
         assert "model-cache" not in mounts
         assert "FEDTUNE_CACHE_DIR" not in env
         assert env["HF_HOME"] == "/tmp/hf"
         return
-    assert volumes["model-cache"] == {"name": "model-cache", **source}
+    assert pod_volumes["model-cache"] == {"name": "model-cache", **source}
     assert mounts["model-cache"] == {"name": "model-cache", "mountPath": cache_dir}
     assert env["FEDTUNE_CACHE_DIR"] == cache_dir
     assert env["HF_HOME"] == f"{cache_dir}/hf"
@@ -511,7 +511,7 @@ def test_a_cache_claim_is_owned_by_the_run_and_labelled() -> None:
     spec = parse_spec(
         {**SPEC, "modelCache": {"mode": "perClient", "size": "80Gi", "storageClassName": "ssd"}}
     )
-    claim = manifests.cache_claim(
+    claim = volumes.cache_claim(
         run="demo", namespace="ns", uid="uid-1", spec=spec, client="hospital-a"
     )
     assert claim == {
@@ -525,7 +525,7 @@ def test_a_cache_claim_is_owned_by_the_run_and_labelled() -> None:
                 "fedtune.dev/role": "client",
                 "fedtune.dev/client": "hospital-a",
             },
-            "ownerReferences": [manifests.owner_reference("demo", "uid-1")],
+            "ownerReferences": [objects.owner_reference("demo", "uid-1")],
         },
         "spec": {
             "accessModes": ["ReadWriteOnce"],
@@ -533,9 +533,7 @@ def test_a_cache_claim_is_owned_by_the_run_and_labelled() -> None:
             "storageClassName": "ssd",
         },
     }
-    evaluate = manifests.cache_claim(
-        run="demo", namespace="ns", uid="uid-1", spec=spec, client=None
-    )
+    evaluate = volumes.cache_claim(run="demo", namespace="ns", uid="uid-1", spec=spec, client=None)
     assert evaluate is not None
     assert evaluate["metadata"]["labels"] == {
         "fedtune.dev/run": "demo",

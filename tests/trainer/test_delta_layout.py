@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as stg
 
 from fedtune_trainer import delta as codec
+from fedtune_trainer import delta_check
 from fedtune_trainer.task import DeltaSpec, QuantizationSpec
 from tests.trainer.hostile_support import RawDelta, RawPart, zstd_bomb
 
@@ -74,12 +75,12 @@ def test_every_legitimate_delta_fits_the_bound_and_passes_the_layout_check(
     shapes: dict[str, tuple[int, ...]], spec: DeltaSpec, seed: int, kind: str
 ) -> None:
     blob = codec.encode(values(shapes, seed, kind), spec).blob
-    expected = codec.ExpectedLayout(shapes, spec)
-    bound = codec.max_encoded_size(shapes, spec)
+    expected = delta_check.ExpectedLayout(shapes, spec)
+    bound = delta_check.max_encoded_size(shapes, spec)
     assert len(blob) <= bound
     (header,) = struct.unpack("<Q", blob[:8])
     assert header <= expected.max_header()
-    layout = codec.check_file_layout(blob, expected, len(blob))
+    layout = delta_check.check_file_layout(blob, expected, len(blob))
     assert layout.shapes == shapes
 
 
@@ -90,7 +91,7 @@ def test_the_bound_is_tight(shapes: dict[str, tuple[int, ...]], spec: DeltaSpec,
     even 10% larger, beyond a few hundred bytes) never fits."""
     plain = spec.model_copy(update={"compression": "none", "error_feedback": False})
     largest = len(codec.encode(values(shapes, seed, "randn"), plain).blob)
-    bound = codec.max_encoded_size(shapes, spec)
+    bound = delta_check.max_encoded_size(shapes, spec)
     assert largest <= bound
     assert bound - largest <= 128 + 16 * len(shapes)
     assert 10 * largest > bound
@@ -181,15 +182,15 @@ def test_each_lie_in_a_header_is_caught_before_any_tensor_is_read(
     change: Callable[[RawDelta], None], reason: str
 ) -> None:
     blob = _edit(change)
-    expected = codec.ExpectedLayout(SHAPES, RUN)
+    expected = delta_check.ExpectedLayout(SHAPES, RUN)
     (size,) = struct.unpack("<Q", blob[:8])
     head = blob[: 8 + size]  # only the header is handed over: nothing past it could be read
     with pytest.raises(codec.DeltaFormatError, match=reason):
-        codec.check_file_layout(head, expected, len(blob))
+        delta_check.check_file_layout(head, expected, len(blob))
 
 
 def test_duplicate_keys_and_overlapping_parts_are_refused() -> None:
-    expected = codec.ExpectedLayout(SHAPES, RUN)
+    expected = delta_check.ExpectedLayout(SHAPES, RUN)
     blob = legit().build()
     (size,) = struct.unpack("<Q", blob[:8])
     header = json.loads(blob[8 : 8 + size])
@@ -198,7 +199,7 @@ def test_duplicate_keys_and_overlapping_parts_are_refused() -> None:
     text = json.dumps(header, separators=(",", ":"))
     doubled = text[:-1] + ',"0.v":' + json.dumps(header["0.v"]) + "}"
     with pytest.raises(codec.DeltaFormatError, match=r"duplicate key '0\.v'"):
-        codec.check_header(doubled.encode(), expected, body_size)
+        delta_check.check_header(doubled.encode(), expected, body_size)
     # Two parts over the same bytes.
     first, second = sorted(
         (k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0]
@@ -210,7 +211,7 @@ def test_duplicate_keys_and_overlapping_parts_are_refused() -> None:
         - header[second]["data_offsets"][0],
     ]
     with pytest.raises(codec.DeltaFormatError, match="do not tile"):
-        codec.check_header(json.dumps(header).encode(), expected, body_size)
+        delta_check.check_header(json.dumps(header).encode(), expected, body_size)
 
 
 @pytest.mark.parametrize(
@@ -225,7 +226,7 @@ def test_a_header_length_is_checked_before_the_header_is_read(
     header_bytes: bytes, file_size: int, reason: str
 ) -> None:
     with pytest.raises(codec.DeltaFormatError, match=reason):
-        codec.header_size(header_bytes, codec.ExpectedLayout(SHAPES, RUN), file_size)
+        delta_check.header_size(header_bytes, delta_check.ExpectedLayout(SHAPES, RUN), file_size)
 
 
 @pytest.mark.parametrize(

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from . import delta as codec
-from . import lora, merge
+from . import delta_check, lora, merge
 from . import store as st
 from .results import AggregateSummary, Contribution, Rejection, RoundRecord, initial_record
 from .runtime import derive_seed, pick_runtime, seed_everything
@@ -191,7 +191,7 @@ def fetch_client(
     task: AggregateTask,
     client: str,
     workdir: Path,
-    expected: codec.ExpectedLayout,
+    expected: delta_check.ExpectedLayout,
 ) -> tuple[dict[str, Any], Path, codec.Layout]:
     """The client's manifest, its delta file on local disk and the file's checked layout.
 
@@ -209,7 +209,7 @@ def fetch_client(
     _, size = check_manifest(manifest, task, client, expected.max_size())
     key = st.join(prefix, codec.DELTA_FILE)
     head_size = 8 + expected.max_header()
-    codec.check_file_layout(store.get_range(key, 0, head_size), expected, size)
+    delta_check.check_file_layout(store.get_range(key, 0, head_size), expected, size)
     path = workdir / client / codec.DELTA_FILE
     try:
         store.get_file(key, path, max_bytes=size)
@@ -217,7 +217,7 @@ def fetch_client(
         raise st.IntegrityError(f"{codec.DELTA_FILE}: listed in the manifest but missing") from e
     st.verify_entry(manifest, codec.DELTA_FILE, path.stat().st_size, st.sha256_file(path))
     with open(path, "rb") as f:
-        layout = codec.check_file_layout(f.read(head_size), expected, size)
+        layout = delta_check.check_file_layout(f.read(head_size), expected, size)
     return manifest, path, layout
 
 
@@ -281,7 +281,7 @@ def collect(
     `workdir` for the reduce step, which decodes it again (one client in memory at a time).
     """
     clients = list(dict.fromkeys(task.clients)) or discover_clients(store, task.round)
-    expected = codec.ExpectedLayout(shapes, task.delta)
+    expected = delta_check.ExpectedLayout(shapes, task.delta)
     accepted: list[Accepted] = []
     rejected: list[Rejection] = []
     for client in clients:
