@@ -8,6 +8,23 @@ Parsing and validation are in `fedtune_operator.validation`; the round rules in
 
 from __future__ import annotations
 
+from fedtune_operator.api.network import (
+    CIDR_PATTERN,
+    Cidr,
+    EgressRule,
+    IPBlock,
+    NetworkPolicyPeer,
+    NetworkPolicyPort,
+    NetworkPolicySpec,
+)
+from fedtune_operator.api.pod import (
+    EnvVar,
+    LocalObjectReference,
+    PodSettings,
+    PodTemplate,
+    Resources,
+    Toleration,
+)
 from fedtune_operator.api.schema import (
     API_VERSION,
     CATEGORIES,
@@ -64,22 +81,11 @@ from fedtune_operator.api.spec import (
     ROOT_RULES,
     STARTED_CEL,
     ClientSpec,
-    EgressRule,
-    EnvVar,
     Evaluation,
     FederatedFineTuneSpec,
-    IPBlock,
-    LocalObjectReference,
     ModelCache,
-    NetworkPolicyPeer,
-    NetworkPolicyPort,
-    NetworkPolicySpec,
-    PodSettings,
-    PodTemplate,
-    Resources,
     S3Credentials,
     StorageSpec,
-    Toleration,
 )
 from fedtune_operator.api.status import (
     CONDITION_TYPES,
@@ -103,6 +109,7 @@ from fedtune_trainer.contract import GROUP
 __all__ = [
     "API_VERSION",
     "CATEGORIES",
+    "CIDR_PATTERN",
     "CONDITION_TYPES",
     "CONDITION_TYPE_PATTERN",
     "DATA_URI_PATTERN",
@@ -142,6 +149,7 @@ __all__ = [
     "TRAINER_VERSION",
     "VERSION",
     "AnnotationValue",
+    "Cidr",
     "ClientPhase",
     "ClientSpec",
     "ClientStatus",

@@ -13,34 +13,27 @@ the operator).
 
 from __future__ import annotations
 
-import ipaddress
-from typing import Annotated, Any, Literal
+from typing import Literal
 
-from pydantic import AfterValidator, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field
 
+from fedtune_operator.api.network import NetworkPolicySpec
+from fedtune_operator.api.pod import PodSettings, PodTemplate
 from fedtune_operator.api.schema import (
-    DEFAULT_IMAGE,
     MAX_CLIENTS,
     MAX_ROUNDS,
     RESERVED_CLIENT_NAMES,
-    AnnotationValue,
     DataUri,
     EndpointUri,
-    EnvName,
-    Image,
-    LabelValue,
     ModelUri,
     ObjectName,
-    QualifiedName,
     Quantity,
     SecretKey,
     StorageUri,
-    bounded_str,
     cel,
     k8s_extensions,
     map_list,
 )
-from fedtune_trainer.contract import RESERVED_ENV_PREFIX, RESERVED_PREFIX
 from fedtune_trainer.task import (
     AdapterSpec,
     AggregationSpec,
@@ -53,153 +46,6 @@ from fedtune_trainer.task import (
     StorageLocation,
     TrainingSpec,
 )
-
-# --------------------------------------------------------------------------------------------
-# Pod settings
-# --------------------------------------------------------------------------------------------
-
-
-class Resources(Model):
-    """Compute resources of the trainer container, as in a Pod (`nvidia.com/gpu: 1` asks a GPU)."""
-
-    limits: dict[QualifiedName, Quantity] | None = Field(
-        None, max_length=32, description="Most the container may use, by resource name."
-    )
-    requests: dict[QualifiedName, Quantity] | None = Field(
-        None, max_length=32, description="What the scheduler reserves, by resource name."
-    )
-
-
-class Toleration(Model):
-    """A Pod toleration (core/v1 Toleration)."""
-
-    key: QualifiedName | None = Field(None, description="Taint key; empty with Exists matches all.")
-    operator: Literal["Exists", "Equal"] | None = Field(
-        None, description="Equal (the Kubernetes default) or Exists."
-    )
-    value: LabelValue | None = Field(None, description="Taint value, for Equal.")
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
-        None, description="Empty matches every effect."
-    )
-    toleration_seconds: int | None = Field(
-        None, ge=0, le=2**31 - 1, description="How long a NoExecute taint is tolerated."
-    )
-
-
-class EnvVar(Model):
-    """An environment variable of the trainer container (core/v1 EnvVar)."""
-
-    name: EnvName = Field(description="Variable name.")
-    value: Annotated[str, bounded_str(None, 32768, min_length=0)] | None = Field(
-        None, description="Literal value."
-    )
-    value_from: dict[str, Any] | None = Field(
-        None,
-        description="A core/v1 EnvVarSource (secretKeyRef, configMapKeyRef, fieldRef, ...), "
-        "checked by the API server when the Job is created.",
-    )
-
-    model_config = ConfigDict(
-        json_schema_extra=k8s_extensions(
-            cel(
-                "!(has(self.value) && has(self.valueFrom))",
-                "set value or valueFrom, not both",
-                field_path=".valueFrom",
-            )
-        )
-    )
-
-
-class LocalObjectReference(Model):
-    """A reference by name to an object in the run's namespace."""
-
-    name: ObjectName = Field(description="Name of the object.")
-
-
-_ENV_RULE = cel(
-    f"self.all(e, !e.name.startsWith('{RESERVED_ENV_PREFIX}'))",
-    f"names starting with {RESERVED_ENV_PREFIX} are reserved for the operator",
-    reason="FieldValueForbidden",
-)
-_RESERVED_KEYS_RULE = cel(
-    f"self.all(k, !k.startsWith('{RESERVED_PREFIX}'))",
-    f"keys under {RESERVED_PREFIX} are reserved for the operator",
-    reason="FieldValueForbidden",
-)
-
-
-class PodSettings(Model):
-    """Pod settings that a client or the aggregator may override.
-
-    A client's settings (and `spec.aggregator`'s) are merged over `spec.template`
-    (see `merge_pod_settings`): `resources.limits`, `resources.requests` and `nodeSelector`
-    key by key, `env` by name, `tolerations` appended; `affinity` and `serviceAccountName`
-    replace the template's. Affinity and `env[].valueFrom` are kept as given
-    (x-kubernetes-preserve-unknown-fields) and checked by the API server when the Job is created;
-    the rest is a bounded subset of the core/v1 shapes, checked at admission.
-    """
-
-    resources: Resources | None = None
-    node_selector: dict[QualifiedName, LabelValue] | None = Field(
-        None, max_length=64, description="Node labels the pods must match."
-    )
-    tolerations: list[Toleration] | None = Field(
-        None,
-        max_length=32,
-        description="Taints the pods tolerate.",
-        json_schema_extra=k8s_extensions(list_type="atomic"),
-    )
-    affinity: dict[str, Any] | None = Field(
-        None, description="A core/v1 Affinity (node, pod and anti-affinity)."
-    )
-    env: list[EnvVar] | None = Field(
-        None,
-        max_length=128,
-        description="Extra environment variables of the trainer container.",
-        json_schema_extra=map_list("name", _ENV_RULE),
-    )
-    service_account_name: ObjectName | None = Field(
-        None, description="Service account of the Job's pods (e.g. for workload identity)."
-    )
-
-
-class PodTemplate(PodSettings):
-    """The pod template shared by every Job of the run (clients and aggregator)."""
-
-    image: Image = Field(DEFAULT_IMAGE, description="Trainer image; pin it by tag or digest.")
-    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
-        "IfNotPresent", description="When the kubelet pulls the image."
-    )
-    image_pull_secrets: list[LocalObjectReference] | None = Field(
-        None,
-        max_length=16,
-        description="Secrets for pulling the image from a private registry.",
-        json_schema_extra=map_list("name"),
-    )
-    priority_class_name: ObjectName | None = Field(
-        None, description="PriorityClass of the pods (preemption order on a busy cluster)."
-    )
-    labels: dict[QualifiedName, LabelValue] | None = Field(
-        None,
-        max_length=64,
-        description="Copied to every Job and its pods, e.g. kueue.x-k8s.io/queue-name.",
-        json_schema_extra=k8s_extensions(_RESERVED_KEYS_RULE),
-    )
-    annotations: dict[QualifiedName, AnnotationValue] | None = Field(
-        None,
-        max_length=64,
-        description="Copied to every Job and its pods.",
-        json_schema_extra=k8s_extensions(_RESERVED_KEYS_RULE),
-    )
-    automount_service_account_token: bool = Field(
-        False,
-        description="Mount the service account's API token into the pods. The trainer never "
-        "talks to the Kubernetes API, so the default keeps the token out of reach of the "
-        "training code. Turn it on only for a workload identity that reads that very token "
-        "(e.g. a cloud SDK exchanging the standard token); EKS IRSA, GKE and Azure Workload "
-        "Identity inject projected tokens of their own and need no mount.",
-    )
-
 
 # --------------------------------------------------------------------------------------------
 # Storage, clients, evaluation
@@ -342,147 +188,6 @@ class ModelCache(Model):
     )
     storage_class_name: ObjectName | None = Field(
         None, description="StorageClass of the volumes; the cluster's default when unset."
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Network policy
-# --------------------------------------------------------------------------------------------
-
-
-def _cidr(value: str) -> str:
-    ipaddress.ip_network(value, strict=False)
-    return value
-
-
-_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
-CIDR_PATTERN = (
-    rf"^({_OCTET}\.){{3}}{_OCTET}/(3[0-2]|[12]?[0-9])$"
-    r"|^[0-9A-Fa-f:]*:[0-9A-Fa-f:.]*/(12[0-8]|1[01][0-9]|[1-9]?[0-9])$"
-)
-"""An IPv4 CIDR exactly; an IPv6 one roughly (the operator parses it fully, since Kubernetes 1.29
-CEL has no isCIDR)."""
-Cidr = Annotated[str, bounded_str(CIDR_PATTERN, 64), AfterValidator(_cidr)]
-
-
-class IPBlock(Model):
-    """A range of addresses (networking/v1 IPBlock)."""
-
-    cidr: Cidr = Field(description="The range, e.g. 10.20.0.0/16 or 2001:db8::/64.")
-
-
-class NetworkPolicyPeer(Model):
-    """Where pods may connect to (networking/v1 NetworkPolicyPeer): an address range, or pods
-    chosen by namespace and pod labels. A NetworkPolicy cannot name a host: an S3 endpoint
-    outside the cluster is an ipBlock, an in-cluster one (MinIO) is best given by selectors."""
-
-    ip_block: IPBlock | None = Field(None, description="An address range.")
-    namespace_selector: dict[str, Any] | None = Field(
-        None,
-        description="A metav1 LabelSelector over namespaces ({} matches all); checked by the "
-        "API server when the NetworkPolicy is created.",
-    )
-    pod_selector: dict[str, Any] | None = Field(
-        None,
-        description="A metav1 LabelSelector over pods (in the run's namespace unless "
-        "namespaceSelector is set).",
-    )
-
-    model_config = ConfigDict(
-        json_schema_extra=k8s_extensions(
-            cel(
-                "has(self.ipBlock) != (has(self.namespaceSelector) || has(self.podSelector))",
-                "set ipBlock, or namespaceSelector and/or podSelector",
-            )
-        )
-    )
-
-    @model_validator(mode="after")
-    def _one_kind(self) -> NetworkPolicyPeer:
-        """The CEL rule again, for a CRD older than the operator."""
-        if (self.ip_block is not None) == (
-            self.namespace_selector is not None or self.pod_selector is not None
-        ):
-            raise ValueError("set ipBlock, or namespaceSelector and/or podSelector")
-        return self
-
-
-class NetworkPolicyPort(Model):
-    """A port, or a range of ports, of one protocol (networking/v1 NetworkPolicyPort)."""
-
-    protocol: Literal["TCP", "UDP", "SCTP"] = Field("TCP", description="The protocol.")
-    port: int = Field(ge=1, le=65535, description="The port (the pod's port, not a Service's).")
-    end_port: int | None = Field(
-        None, ge=1, le=65535, description="Last port of a range starting at port."
-    )
-
-    model_config = ConfigDict(
-        json_schema_extra=k8s_extensions(
-            cel(
-                "!has(self.endPort) || self.endPort >= self.port",
-                "endPort must not be below port",
-                field_path=".endPort",
-            )
-        )
-    )
-
-    @model_validator(mode="after")
-    def _range(self) -> NetworkPolicyPort:
-        """The CEL rule again, for a CRD older than the operator."""
-        if self.end_port is not None and self.end_port < self.port:
-            raise ValueError("endPort must not be below port")
-        return self
-
-
-class EgressRule(Model):
-    """Connections the run's pods may open: to any of `to`, on any of `ports`."""
-
-    to: list[NetworkPolicyPeer] = Field(
-        min_length=1,
-        max_length=32,
-        description="Destinations; required, so that a rule never opens every address by "
-        "omission (write ipBlock 0.0.0.0/0 to mean anywhere).",
-        json_schema_extra=k8s_extensions(list_type="atomic"),
-    )
-    ports: list[NetworkPolicyPort] = Field(
-        min_length=1,
-        max_length=32,
-        description="Destination ports; required for the same reason.",
-        json_schema_extra=k8s_extensions(list_type="atomic"),
-    )
-
-
-class NetworkPolicySpec(Model):
-    """The NetworkPolicy the operator creates for the run's pods (docs/install.md, "Network
-    policy"): no ingress at all, and egress only to DNS and to where the run's data and
-    artifacts live, so that training code cannot send a data owner's data anywhere else. It is
-    enforced only where the cluster's network plugin enforces NetworkPolicies; elsewhere it is
-    created and has no effect.
-    """
-
-    enabled: bool = Field(
-        True,
-        description="Create the NetworkPolicy (owned by the run, deleted with it). Turning it "
-        "off after the run started leaves the existing one in place.",
-    )
-    dns: list[NetworkPolicyPeer] | None = Field(
-        None,
-        max_length=32,
-        description="Where the DNS servers are (port 53, UDP and TCP); default: pods labelled "
-        "k8s-app=kube-dns in any namespace (CoreDNS and kube-dns). NodeLocal DNSCache needs its "
-        "link-local address here as an ipBlock.",
-        json_schema_extra=k8s_extensions(list_type="atomic"),
-    )
-    egress: list[EgressRule] | None = Field(
-        None,
-        max_length=32,
-        description="Every other destination of the run's pods, replacing the derived ones: by "
-        "default the storage endpoint's port (an IP literal endpoint: that address only; a host "
-        "name or AWS S3: any address, since a NetworkPolicy cannot name a host), TCP 443 to any "
-        "address when a model is a hub id, and the cloud identity endpoints when no "
-        "credentials Secret is given. Set it to confine storage to its real addresses or "
-        "selectors (e.g. in-cluster MinIO).",
-        json_schema_extra=k8s_extensions(list_type="atomic"),
     )
 
 
