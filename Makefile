@@ -50,7 +50,7 @@ fmt: install  ## ruff format and autofix
 crds: install  ## regenerate the CRD (and the chart's copy), docs/api.md and the chart's values schema
 	@$(PY) -m fedtune_operator.crd > crds/fedtune.dev_federatedfinetunes.yaml
 	@cp crds/fedtune.dev_federatedfinetunes.yaml $(CHART)/crds/
-	@$(PY) -m fedtune_operator.crd --docs > docs/api.md
+	@$(PY) -m fedtune_operator.crd_docs > docs/api.md
 	@$(PY) -m fedtune_operator.chart_values > $(CHART)/values.schema.json
 
 cluster-up: install  ## start the devcluster; kubeconfig at .devcluster/kubeconfig

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from devcluster.s3 import S3Account
-from fedtune_trainer import cache
+from fedtune_trainer import cache, store_s3
 from fedtune_trainer import store as st
 
 pytestmark = pytest.mark.integration
@@ -25,12 +25,12 @@ MODEL = {
 
 
 @pytest.fixture
-def bucket(s3: S3Account, monkeypatch: pytest.MonkeyPatch) -> st.S3Store:
+def bucket(s3: S3Account, monkeypatch: pytest.MonkeyPatch) -> store_s3.S3Store:
     """A fresh bucket holding MODEL under models/m/, with AWS_* set as in a Job."""
     name = s3.bucket(f"cache-{uuid.uuid4().hex[:12]}").removeprefix("s3://")
     for key, value in s3.env().items():
         monkeypatch.setenv(key, value)
-    store = st.S3Store(name, "", st.S3Settings())
+    store = store_s3.S3Store(name, "", st.S3Settings())
     for key, data in MODEL.items():
         store.put_bytes(f"models/m/{key}", data)
     return store
@@ -41,7 +41,7 @@ def root(tmp_path: Path) -> Path:
     return tmp_path / "cache"
 
 
-def uri(store: st.S3Store, key: str = "models/m/") -> str:
+def uri(store: store_s3.S3Store, key: str = "models/m/") -> str:
     return f"s3://{store.bucket}/{key}"
 
 
@@ -60,7 +60,7 @@ SIZE = sum(len(v) for v in MODEL.values())
 
 
 def test_a_second_fetch_downloads_nothing(
-    bucket: st.S3Store, root: Path, monkeypatch: pytest.MonkeyPatch
+    bucket: store_s3.S3Store, root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     first = cache.fetch_s3(uri(bucket), root=root)
     assert (first.downloaded, first.reused) == (SIZE, 0)
@@ -69,18 +69,20 @@ def test_a_second_fetch_downloads_nothing(
     def no_download(*_: object, **__: object) -> None:
         raise AssertionError("a valid cache must not download")
 
-    monkeypatch.setattr(st.S3Store, "get_file", no_download)
+    monkeypatch.setattr(store_s3.S3Store, "get_file", no_download)
     second = cache.fetch_s3(uri(bucket), root=root)
     assert (second.path, second.downloaded, second.reused) == (first.path, 0, SIZE)
     assert len(versions(root)) == 1
 
 
-def _overwrite_same_size(s: st.S3Store) -> None:
+def _overwrite_same_size(s: store_s3.S3Store) -> None:
     data = MODEL["model.safetensors"]
     s.put_bytes("models/m/model.safetensors", bytes(reversed(data)))
 
 
-CHANGES: list[tuple[str, Callable[[st.S3Store], None], Callable[[dict[str, bytes]], None]]] = [
+CHANGES: list[
+    tuple[str, Callable[[store_s3.S3Store], None], Callable[[dict[str, bytes]], None]]
+] = [
     (
         "same size, new content (only the ETag tells)",
         _overwrite_same_size,
@@ -108,9 +110,9 @@ CHANGES: list[tuple[str, Callable[[st.S3Store], None], Callable[[dict[str, bytes
     ("change", "expect"), [c[1:] for c in CHANGES], ids=[c[0] for c in CHANGES]
 )
 def test_a_changed_model_is_downloaded_again_and_the_old_version_removed(
-    bucket: st.S3Store,
+    bucket: store_s3.S3Store,
     root: Path,
-    change: Callable[[st.S3Store], None],
+    change: Callable[[store_s3.S3Store], None],
     expect: Callable[[dict[str, bytes]], None],
 ) -> None:
     old = cache.fetch_s3(uri(bucket), root=root)
@@ -125,7 +127,7 @@ def test_a_changed_model_is_downloaded_again_and_the_old_version_removed(
     assert len(versions(root)) == 1
 
 
-def test_a_damaged_copy_is_replaced(bucket: st.S3Store, root: Path) -> None:
+def test_a_damaged_copy_is_replaced(bucket: store_s3.S3Store, root: Path) -> None:
     first = cache.fetch_s3(uri(bucket), root=root)
     (first.path / "model.safetensors").write_bytes(b"truncated")
     second = cache.fetch_s3(uri(bucket), root=root)
@@ -133,7 +135,7 @@ def test_a_damaged_copy_is_replaced(bucket: st.S3Store, root: Path) -> None:
     assert content(second.path) == MODEL
 
 
-def test_a_single_object_is_cached_by_its_own_etag(bucket: st.S3Store, root: Path) -> None:
+def test_a_single_object_is_cached_by_its_own_etag(bucket: store_s3.S3Store, root: Path) -> None:
     key = "models/m/config.json"
     first = cache.fetch_s3(uri(bucket, key), root=root)
     assert first.path.name == "config.json"
@@ -145,18 +147,20 @@ def test_a_single_object_is_cached_by_its_own_etag(bucket: st.S3Store, root: Pat
 
 
 def test_an_object_replaced_mid_download_is_not_cached_under_the_old_etag(
-    bucket: st.S3Store, root: Path, monkeypatch: pytest.MonkeyPatch
+    bucket: store_s3.S3Store, root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = st.S3Store.get_file
+    real = store_s3.S3Store.get_file
     replaced = threading.Event()
 
-    def get_then_replace(self: st.S3Store, key: str, path: Path, *a: object, **kw: object) -> None:
+    def get_then_replace(
+        self: store_s3.S3Store, key: str, path: Path, *a: object, **kw: object
+    ) -> None:
         real(self, key, path, *a, **kw)
         if not replaced.is_set():
             replaced.set()
             self.put_bytes("models/m/config.json", b'{"replaced": true}')
 
-    monkeypatch.setattr(st.S3Store, "get_file", get_then_replace)
+    monkeypatch.setattr(store_s3.S3Store, "get_file", get_then_replace)
     got = cache.fetch_s3(uri(bucket), root=root)
     assert content(got.path)["config.json"] == b'{"replaced": true}'
     assert len(versions(root)) == 1
@@ -164,7 +168,7 @@ def test_an_object_replaced_mid_download_is_not_cached_under_the_old_etag(
 
 @pytest.mark.parametrize("flock", [True, False], ids=["with flock", "without flock"])
 def test_concurrent_fetches_end_with_one_valid_copy(
-    bucket: st.S3Store, root: Path, monkeypatch: pytest.MonkeyPatch, flock: bool
+    bucket: store_s3.S3Store, root: Path, monkeypatch: pytest.MonkeyPatch, flock: bool
 ) -> None:
     """Jobs sharing a volume start together. With flock one downloads and the others wait and
     reuse; without it (a filesystem that has none) each may download, the rename picks one copy
@@ -196,7 +200,7 @@ def test_concurrent_fetches_end_with_one_valid_copy(
 
 
 def test_partials_of_crashed_jobs_are_removed_under_the_lock(
-    bucket: st.S3Store, root: Path
+    bucket: store_s3.S3Store, root: Path
 ) -> None:
     first = cache.fetch_s3(uri(bucket), root=root)
     crashed = first.path.parent.parent / f"{cache.PARTIAL}dead"
@@ -206,7 +210,7 @@ def test_partials_of_crashed_jobs_are_removed_under_the_lock(
     assert not crashed.exists()
 
 
-def test_the_ledger_counts_per_uri(bucket: st.S3Store, root: Path) -> None:
+def test_the_ledger_counts_per_uri(bucket: store_s3.S3Store, root: Path) -> None:
     u = uri(bucket)
     before = cache.bytes_downloaded(u), cache.bytes_reused(u)
     cache.fetch_s3(u, root=root)
@@ -215,6 +219,6 @@ def test_the_ledger_counts_per_uri(bucket: st.S3Store, root: Path) -> None:
     assert cache.bytes_reused(u.rstrip("/")) - before[1] == SIZE
 
 
-def test_missing_objects_are_an_error(bucket: st.S3Store, root: Path) -> None:
+def test_missing_objects_are_an_error(bucket: store_s3.S3Store, root: Path) -> None:
     with pytest.raises(FileNotFoundError):
         cache.fetch_s3(uri(bucket, "models/none/"), root=root)

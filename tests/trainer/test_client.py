@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fedtune_trainer import aggregate, client, lora
+from fedtune_trainer import aggregate, client, lora, store_s3
 from fedtune_trainer import delta as codec
 from fedtune_trainer import store as st
 from fedtune_trainer.data import load_examples
@@ -240,8 +240,8 @@ def test_cleanup_deletes_the_run_and_nothing_else(
     for key in ("rounds/000000/global/manifest.json", "state/server/000001/x", "final/a"):
         s.put_bytes(key, b"x")
     if storage.uri.startswith("s3://"):
-        bucket, _ = st.split_s3(storage.uri)
-        outside = st.S3Store(bucket, "runs/test-other", st.S3Settings())
+        bucket, _ = store_s3.split_s3(storage.uri)
+        outside = store_s3.S3Store(bucket, "runs/test-other", st.S3Settings())
     else:
         outside = st.FileStore(tmp_path / "store-other")
     outside.put_bytes("keep.bin", b"k")

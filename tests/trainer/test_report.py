@@ -16,7 +16,7 @@ import torch
 
 from devcluster.testing import DevCluster
 from fedtune_operator import cli
-from fedtune_trainer import aggregate, report
+from fedtune_trainer import aggregate, report, store_s3
 from fedtune_trainer import store as st
 from fedtune_trainer.results import RoundRecord
 from fedtune_trainer.task import REPORT_PREFIX, StorageLocation, round_prefix
@@ -242,7 +242,7 @@ def test_fedtune_report_command_on_the_devcluster(devcluster: DevCluster, tmp_pa
     s3 = devcluster.s3
     s3.bucket(bucket)
     uri = f"s3://{bucket}/runs/{name}"
-    store = st.S3Store(
+    store = store_s3.S3Store(
         bucket,
         f"runs/{name}",
         st.S3Settings(

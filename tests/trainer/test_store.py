@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedtune_trainer import store as st
+from fedtune_trainer import store_s3
 from fedtune_trainer.task import StorageLocation
 from tests.trainer.support import Storage
 
@@ -48,8 +49,8 @@ def test_put_get_list_delete(storage: Storage, tmp_path: Path) -> None:
 def test_s3_multipart_upload_round_trips(storage: Storage, tmp_path: Path) -> None:
     """Above the threshold boto3 switches to a multipart upload (file:// just copies)."""
     if storage.uri.startswith("s3://"):
-        bucket, prefix = st.split_s3(storage.uri)
-        s = st.S3Store(
+        bucket, prefix = store_s3.split_s3(storage.uri)
+        s = store_s3.S3Store(
             bucket, prefix, st.S3Settings(multipart_threshold=5 << 20, multipart_chunksize=5 << 20)
         )
     else:
@@ -149,8 +150,8 @@ def test_versioned_state_reads_the_newest_before_a_round(storage: Storage) -> No
     [
         ("file:///tmp/run", st.FileStore, "file:///tmp/run"),
         ("/tmp/run", st.FileStore, "file:///tmp/run"),
-        ("s3://bucket/runs/a/", st.S3Store, "s3://bucket/runs/a"),
-        ("s3://bucket", st.S3Store, "s3://bucket"),
+        ("s3://bucket/runs/a/", store_s3.S3Store, "s3://bucket/runs/a"),
+        ("s3://bucket", store_s3.S3Store, "s3://bucket"),
     ],
 )
 def test_open_store_picks_the_backend(uri: str, kind: type, expected: str) -> None:
@@ -171,7 +172,7 @@ def test_s3_store_takes_endpoint_and_addressing_from_the_location(
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     loc = StorageLocation(uri="s3://b/p", endpoint="http://127.0.0.1:9", region="eu-west-3")
     s = st.open_store(loc)
-    assert isinstance(s, st.S3Store)
+    assert isinstance(s, store_s3.S3Store)
     assert s.client.meta.endpoint_url == "http://127.0.0.1:9"
     assert s.client.meta.region_name == "eu-west-3"
     assert s.client.meta.config.s3["addressing_style"] == "path"

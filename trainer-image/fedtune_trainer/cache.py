@@ -45,7 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .contract import CACHE_DIR_ENV
-from .store import S3Settings, S3Store, local_path, split_s3
+from .store import S3Settings, local_path
+from .store_s3 import S3Store, split_s3
 
 PARTIAL = ".partial-"
 TRASH = ".trash-"

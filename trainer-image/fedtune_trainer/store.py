@@ -25,7 +25,7 @@ import re
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,11 +170,11 @@ class FileStore(Store):
 
     def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
         with self._open(key) as f:
-            return _read_limited(f, max_bytes, self.url(key))
+            return read_limited(f, max_bytes, self.url(key))
 
     def get_file(self, key: str, path: Path, max_bytes: int | None = None) -> None:
         with self._open(key) as src:
-            _copy_limited(src, path, max_bytes, self.url(key))
+            copy_limited(src, path, max_bytes, self.url(key))
 
     def get_range(self, key: str, start: int, length: int) -> bytes:
         with self._open(key) as f:
@@ -231,175 +231,7 @@ class S3Settings:
     secret_access_key: str | None = field(default=None, repr=False)
 
 
-class S3Store(Store):
-    """`s3://bucket/prefix` through boto3."""
-
-    def __init__(self, bucket: str, prefix: str, settings: S3Settings) -> None:
-        import boto3
-        from boto3.s3.transfer import TransferConfig
-        from botocore.config import Config
-
-        self.bucket = bucket
-        self.prefix = prefix.strip("/")
-        self.uri = f"s3://{bucket}" + (f"/{self.prefix}" if self.prefix else "")
-        endpoint = settings.endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
-        region = (
-            settings.region
-            or os.environ.get("AWS_REGION")
-            or os.environ.get("AWS_DEFAULT_REGION")
-            or "us-east-1"
-        )
-        config = Config(
-            s3={"addressing_style": "path" if settings.force_path_style else "auto"},
-            # "standard" mode: exponential backoff with jitter on throttling and 5xx.
-            retries={"max_attempts": settings.max_attempts, "mode": "standard"},
-            connect_timeout=10,
-            read_timeout=120,
-            # Many S3-compatible servers reject the newer default CRC trailers.
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        )
-        self.client = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            region_name=region,
-            config=config,
-            aws_access_key_id=settings.access_key_id,
-            aws_secret_access_key=settings.secret_access_key,
-        )
-        self.transfer = TransferConfig(
-            multipart_threshold=settings.multipart_threshold,
-            multipart_chunksize=settings.multipart_chunksize,
-            max_concurrency=4,
-        )
-
-    def _key(self, key: str) -> str:
-        key = key.strip("/")
-        if not key:
-            raise ValueError("empty key")
-        return join(self.prefix, key)
-
-    def _not_found(self, error: Exception) -> bool:
-        from botocore.exceptions import ClientError
-
-        if not isinstance(error, ClientError):
-            return False
-        code = str(error.response.get("Error", {}).get("Code", ""))
-        return code in ("404", "NoSuchKey", "NotFound")
-
-    def put_bytes(self, key: str, data: bytes) -> None:
-        self.client.upload_fileobj(
-            io.BytesIO(data), self.bucket, self._key(key), Config=self.transfer
-        )
-
-    def put_file(self, key: str, path: Path) -> None:
-        self.client.upload_file(str(path), self.bucket, self._key(key), Config=self.transfer)
-
-    def _get_object(self, key: str, **kw: Any) -> Any:
-        """A GetObject response (its Body streams); ObjectNotFound for a missing key."""
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(key), **kw)
-        except Exception as e:
-            if self._not_found(e):
-                raise ObjectNotFound(self.url(key)) from e
-            raise
-
-    def _limited(self, key: str, max_bytes: int, read: Callable[[Any], Any]) -> Any:
-        """Run `read` over a GetObject body, refusing an announced length over `max_bytes`.
-
-        One GET streamed (not a multipart transfer, whose parts are sized from a HEAD the object
-        may no longer match); a transfer error mid-body restarts it, like botocore's retries.
-        """
-        from botocore.exceptions import ConnectionError as BotoConnectionError
-        from botocore.exceptions import IncompleteReadError, ReadTimeoutError
-
-        for attempt in range(3):
-            response = self._get_object(key)
-            body = response["Body"]
-            try:
-                if int(response.get("ContentLength") or 0) > max_bytes:
-                    raise ObjectTooLarge(self.url(key), max_bytes)
-                return read(body)
-            except (BotoConnectionError, IncompleteReadError, ReadTimeoutError):
-                if attempt == 2:
-                    raise
-            finally:
-                body.close()
-        raise AssertionError("unreachable")
-
-    def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
-        if max_bytes is not None:
-            return self._limited(
-                key, max_bytes, lambda body: _read_limited(body, max_bytes, self.url(key))
-            )
-        buf = io.BytesIO()
-        try:
-            self.client.download_fileobj(self.bucket, self._key(key), buf, Config=self.transfer)
-        except Exception as e:
-            if self._not_found(e):
-                raise ObjectNotFound(self.url(key)) from e
-            raise
-        return buf.getvalue()
-
-    def get_file(self, key: str, path: Path, max_bytes: int | None = None) -> None:
-        if max_bytes is not None:
-            self._limited(
-                key, max_bytes, lambda body: _copy_limited(body, path, max_bytes, self.url(key))
-            )
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.client.download_file(self.bucket, self._key(key), str(path), Config=self.transfer)
-        except Exception as e:
-            if self._not_found(e):
-                raise ObjectNotFound(self.url(key)) from e
-            raise
-
-    def get_range(self, key: str, start: int, length: int) -> bytes:
-        if length <= 0:
-            return b""
-        try:
-            response = self._get_object(key, Range=f"bytes={start}-{start + length - 1}")
-        except Exception as e:
-            # A range that starts past the end: the object is shorter, so there is nothing.
-            if "InvalidRange" in str(e) or "416" in str(e):
-                return b""
-            raise
-        with response["Body"] as body:
-            return _read_limited(body, length, self.url(key))
-
-    def exists(self, key: str) -> bool:
-        try:
-            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
-        except Exception as e:
-            if self._not_found(e):
-                return False
-            raise
-        return True
-
-    def _iter_keys(self, prefix: str) -> Iterator[str]:
-        full = (self.prefix + "/" if self.prefix else "") + prefix.lstrip("/")
-        strip = len(self.prefix) + 1 if self.prefix else 0
-        paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
-            for obj in page.get("Contents", []):
-                yield obj["Key"][strip:]
-
-    def list(self, prefix: str = "") -> list[str]:
-        return sorted(self._iter_keys(prefix))
-
-    def delete(self, key: str) -> None:
-        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
-
-    def delete_prefix(self, prefix: str) -> int:
-        keys = self.list(prefix)
-        for i in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
-            batch = [{"Key": self._key(k)} for k in keys[i : i + 1000]]
-            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
-        return len(keys)
-
-
-def _read_limited(stream: Any, max_bytes: int | None, what: str) -> bytes:
+def read_limited(stream: Any, max_bytes: int | None, what: str) -> bytes:
     """Everything `stream` holds, reading at most max_bytes + 1 bytes (then ObjectTooLarge)."""
     if max_bytes is None:
         return stream.read()
@@ -412,7 +244,7 @@ def _read_limited(stream: Any, max_bytes: int | None, what: str) -> bytes:
     raise ObjectTooLarge(what, max_bytes)
 
 
-def _copy_limited(stream: Any, path: Path, max_bytes: int | None, what: str) -> None:
+def copy_limited(stream: Any, path: Path, max_bytes: int | None, what: str) -> None:
     """Stream into `path` chunk by chunk; past `max_bytes`, stop, remove it, ObjectTooLarge."""
     path.parent.mkdir(parents=True, exist_ok=True)
     written = 0
@@ -426,14 +258,6 @@ def _copy_limited(stream: Any, path: Path, max_bytes: int | None, what: str) -> 
     except BaseException:
         path.unlink(missing_ok=True)
         raise
-
-
-def split_s3(uri: str) -> tuple[str, str]:
-    """`s3://bucket/a/b` -> ("bucket", "a/b")."""
-    parsed = urlparse(uri)
-    if parsed.scheme != "s3" or not parsed.netloc:
-        raise ValueError(f"not an s3 URI: {uri!r}")
-    return parsed.netloc, parsed.path.strip("/")
 
 
 def local_path(uri: str) -> Path | None:
@@ -458,6 +282,8 @@ def open_store(where: StorageLocation | str, settings: S3Settings | None = None)
     else:
         uri = where
     if uri.startswith("s3://"):
+        from .store_s3 import S3Store, split_s3  # boto3 only where s3:// is used
+
         bucket, prefix = split_s3(uri)
         return S3Store(bucket, prefix, settings or S3Settings())
     path = local_path(uri)

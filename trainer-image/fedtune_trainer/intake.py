@@ -1,0 +1,179 @@
+"""The aggregator's intake: one client's committed delta, fetched and verified before anything
+is spent on it, and kept on local disk as an `Accepted` delta for the merge.
+
+Validate before spending (trainer-image/README.md): the manifest first, then the declared size
+against what this adapter and codec can produce, then the header alone (a ranged read), and only
+then the body, streamed and cut off past the declared size, its SHA-256, the header again from
+the verified bytes, and the decode. Every failure is the client's own Rejection, never the round's.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import delta as codec
+from . import delta_check, merge
+from . import store as st
+from .results import Contribution
+from .task import AggregateTask, client_prefix
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A verified client delta, kept on local disk (never all of them in memory).
+
+    `collect` fills in what the client's files say; `weigh` then sets how it enters the merge
+    (weight after the share cap, clip scale, Krum's selection).
+    """
+
+    client: str
+    path: Path
+    layout: codec.Layout
+    """Its layout, checked against the adapter: what decoding it again may read."""
+    samples: int
+    weight: float
+    train_loss: float | None
+    encoded_bytes: int
+    raw_bytes: int
+    norm: float
+    scale: float = 1.0
+    """The factor its delta is scaled by: the smaller of the DP clip and the outlier clip."""
+    capped: bool = False
+    outlier: bool = False
+    selected: bool | None = None
+    share: float = 0.0
+
+    def contribution(self) -> Contribution:
+        return Contribution(
+            client=self.client,
+            samples=self.samples,
+            weight=self.weight,
+            share=self.share,
+            capped=self.capped,
+            scale=self.scale,
+            outlier=self.outlier,
+            selected=self.selected,
+            train_loss=self.train_loss,
+            encoded_bytes=self.encoded_bytes,
+            raw_bytes=self.raw_bytes,
+            norm=self.norm,
+        )
+
+    def tensors(self) -> Callable[[str], torch.Tensor]:
+        """A lazy decoder of its tensors, already scaled by `scale` (float32)."""
+        decode = decode_file(self.path, self.layout)
+        return lambda name: decode(name) * self.scale
+
+
+# --------------------------------------------------------------------------------------------
+# Reading one client's delta: validate before spending
+# --------------------------------------------------------------------------------------------
+
+
+def decode_file(path: Path, layout: codec.Layout) -> Callable[[str], torch.Tensor]:
+    """A lazy decoder of the tensors of a delta file whose `layout` was checked (mmapped parts)."""
+    from safetensors import safe_open
+
+    handle = safe_open(str(path), framework="pt")
+    keys = set(handle.keys())
+
+    def get(key: str) -> torch.Tensor:
+        if key not in keys:
+            raise codec.DeltaFormatError(f"missing part {key!r}")
+        return handle.get_tensor(key)
+
+    return lambda name: codec.decode_one(layout, name, get)
+
+
+def load_delta(path: Path, layout: codec.Layout) -> dict[str, torch.Tensor]:
+    """Every tensor of a checked delta file, dense fp32."""
+    try:
+        tensor = decode_file(path, layout)
+        return {name: tensor(name) for name in sorted(layout.tensors)}
+    except Exception as e:  # safetensors and torch raise many types for corrupt bytes
+        raise codec.DeltaFormatError(f"undecodable delta: {reason_of(e)}") from e
+
+
+def check_manifest(
+    manifest: Mapping[str, Any], task: AggregateTask, client: str, limit: int
+) -> tuple[int, int]:
+    """The manifest's sample count and declared file size, or the reason it is refused.
+
+    Every number is checked as the type it must be before any arithmetic: a JSON int may have
+    309 digits, and `true` is an int to Python.
+    """
+    if manifest.get("round") != task.round or manifest.get("client") != client:
+        raise ValueError(
+            f"manifest names round {str(manifest.get('round'))[:12]} "
+            f"client {str(manifest.get('client'))[:40]!r}"
+        )
+    samples = merge.sample_count(manifest.get("samples"))
+    loss = manifest.get("train_loss")
+    if loss is not None and not (type(loss) in (int, float) and math.isfinite(loss)):
+        raise ValueError(f"bad train loss {str(loss)[:40]!r}")
+    raw = manifest.get("raw_bytes", 0)
+    if type(raw) is not int or not 0 <= raw <= 1 << 50:
+        raise ValueError(f"bad raw byte count {str(raw)[:40]!r}")
+    entry = manifest["files"].get(codec.DELTA_FILE)
+    if not isinstance(entry, dict):
+        raise st.IntegrityError(f"{codec.DELTA_FILE}: not listed in the manifest")
+    size, digest = entry.get("bytes"), entry.get("sha256")
+    if type(size) is not int or not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+        raise st.IntegrityError(f"{codec.DELTA_FILE}: bad size or checksum in the manifest")
+    if size > limit:
+        raise st.IntegrityError(
+            f"{codec.DELTA_FILE}: oversized, declares {size} bytes where a delta of this "
+            f"adapter is at most {limit}"
+        )
+    return samples, size
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def fetch_client(
+    store: st.Store,
+    task: AggregateTask,
+    client: str,
+    workdir: Path,
+    expected: delta_check.ExpectedLayout,
+) -> tuple[dict[str, Any], Path, codec.Layout]:
+    """The client's manifest, its delta file on local disk and the file's checked layout.
+
+    In the order that spends least on a bad delta: the manifest (at most 1 MiB) and its fields;
+    the declared size against the largest delta of this adapter; the file's header alone (a
+    ranged read) against the layout the adapter and the run's codec settings prescribe; only
+    then the file, streamed and abandoned as soon as it passes its declared size; then size and
+    SHA-256; then the header again from the verified bytes (authoritative). Raises with the
+    reason.
+    """
+    prefix = client_prefix(task.round, client)
+    manifest = st.read_manifest(store, prefix)
+    if manifest is None:
+        raise LookupError("no committed delta (manifest.json missing)")
+    _, size = check_manifest(manifest, task, client, expected.max_size())
+    key = st.join(prefix, codec.DELTA_FILE)
+    head_size = 8 + expected.max_header()
+    delta_check.check_file_layout(store.get_range(key, 0, head_size), expected, size)
+    path = workdir / client / codec.DELTA_FILE
+    try:
+        store.get_file(key, path, max_bytes=size)
+    except st.ObjectNotFound as e:
+        raise st.IntegrityError(f"{codec.DELTA_FILE}: listed in the manifest but missing") from e
+    st.verify_entry(manifest, codec.DELTA_FILE, path.stat().st_size, st.sha256_file(path))
+    with open(path, "rb") as f:
+        layout = delta_check.check_file_layout(f.read(head_size), expected, size)
+    return manifest, path, layout
+
+
+def reason_of(error: BaseException) -> str:
+    """A one-line reason of at most 200 characters (task.Rejection's bound)."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text[:200]
