@@ -8,7 +8,7 @@ DEPS_BIN  := .venv/deps/bin
 CLUSTER   := $(PY) -m devcluster.cli
 PYTEST_ARGS ?=
 
-.PHONY: help install binaries test test-unit lint fmt crds demo bench cluster-up cluster-down \
+.PHONY: help install lock binaries test test-unit lint fmt crds demo bench cluster-up cluster-down \
         cluster-status cluster-logs cluster-env images
 CHART     := charts/fedtune-operator
 HELM       = $$(tools/build-binaries.sh 2>/dev/null)/helm
@@ -16,9 +16,12 @@ HELM       = $$(tools/build-binaries.sh 2>/dev/null)/helm
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
-install:  ## Python environment (deps cached outside the clone) and the devcluster binaries
+install:  ## Python environment from uv.lock (cached outside the clone) and the devcluster binaries
 	@tools/setup-python.sh
 	@tools/build-binaries.sh >/dev/null
+
+lock:  ## re-resolve uv.lock (every Python dependency, hashed) and requirements/*.txt from it
+	@tools/setup-python.sh --lock
 
 binaries:  ## build kube-apiserver, kube-controller-manager, kubectl, etcd, helm, versitygw
 	@tools/build-binaries.sh
