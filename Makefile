@@ -69,8 +69,5 @@ demo: install  ## a whole federated fine-tune on the devcluster, start to finish
 bench: install  ## benchmarks: tables on stdout, JSON in bench/results/
 	@OMP_NUM_THREADS=2 $(PY) -m bench
 
-images:  ## container images (needs a Docker engine)
-	@if docker info >/dev/null 2>&1; then \
-	  docker build -t fedtune/operator:dev -f operator/Dockerfile . && \
-	  docker build -t fedtune/trainer:dev -f trainer-image/Dockerfile . ; \
-	else echo "make images: skipped: no Docker engine reachable here" >&2; fi
+images:  ## build the operator and trainer images with podman (no Docker engine; base from Debian)
+	@tools/build-images.sh
