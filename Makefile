@@ -7,6 +7,7 @@ PY        := .venv/bin/python
 DEPS_BIN  := .venv/deps/bin
 CLUSTER   := $(PY) -m devcluster.cli
 PYTEST_ARGS ?=
+NODE      ?= process
 
 .PHONY: help install lock binaries test test-unit lint fmt crds demo bench cluster-up cluster-down \
         cluster-status cluster-logs cluster-env images
@@ -48,8 +49,8 @@ crds: install  ## regenerate the CRD (and the chart's copy) and docs/api.md from
 	@cp crds/fedtune.dev_federatedfinetunes.yaml $(CHART)/crds/
 	@$(PY) -m fedtune_operator.crd --docs > docs/api.md
 
-cluster-up: install  ## start the devcluster; kubeconfig at .devcluster/kubeconfig
-	@$(CLUSTER) up
+cluster-up: install  ## start the devcluster (NODE=real: kubelet+containerd); .devcluster/kubeconfig
+	@$(CLUSTER) up --node $(NODE)
 
 cluster-down:  ## stop the devcluster and every pod process
 	@if [ -x $(PY) ]; then $(CLUSTER) down; fi
@@ -69,5 +70,6 @@ demo: install  ## a whole federated fine-tune on the devcluster, start to finish
 bench: install  ## benchmarks: tables on stdout, JSON in bench/results/
 	@OMP_NUM_THREADS=2 $(PY) -m bench
 
-images:  ## build the operator and trainer images with podman (no Docker engine; base from Debian)
-	@tools/build-images.sh
+images: install  ## build both images with podman (no Docker engine); push to a real-node registry
+	@if registry=$$($(CLUSTER) registry 2>/dev/null); then tools/build-images.sh --push $$registry; \
+	else tools/build-images.sh; fi

@@ -31,16 +31,19 @@ version=$(awk -F'"' '/^appVersion:/ {print $2}' "$root/charts/fedtune-operator/C
 OPERATOR_IMAGE=${OPERATOR_IMAGE:-ghcr.io/fedtune/operator:$version}
 TRAINER_IMAGE=${TRAINER_IMAGE:-ghcr.io/fedtune/trainer:$version}
 
-"$root/tools/apt-ensure.sh" podman runc mmdebstrap uidmap
+"$root/tools/apt-ensure.sh" podman runc mmdebstrap
 
 # podman's settings and storage are the project's own (no file under /etc is changed): runc (crun
 # cannot run on a hybrid cgroup v1 layout), cgroupfs (PID 1 need not be systemd), ulimits a
-# process without CAP_SYS_RESOURCE may set, host networking for the build's downloads.
+# process without CAP_SYS_RESOURCE may set.
 conf_dir="$cache_root/containers"
 mkdir -p "$conf_dir/storage" "$conf_dir/run"
+# No network by default: a `podman run` by hand then creates no bridge or iptables chain on the
+# host; the builds pass --network host for their downloads.
 cat > "$conf_dir/containers.conf" <<EOF
 [containers]
 default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
+netns = "none"
 [engine]
 runtime = "runc"
 cgroup_manager = "cgroupfs"

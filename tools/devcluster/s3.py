@@ -21,11 +21,11 @@ from devcluster import net
 REGION = "us-east-1"
 
 
-def server_argv(bin_dir: Path, port: int, data_dir: Path) -> list[str]:
+def server_argv(bin_dir: Path, port: int, data_dir: Path, host: str = "127.0.0.1") -> list[str]:
     return [
         str(bin_dir / "versitygw"),
         "--port",
-        f"127.0.0.1:{port}",
+        f"{host}:{port}",
         "--health",
         "/health",
         "posix",
