@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "up":
         try:
             state = cluster.up(pod_env=dict(kv.split("=", 1) for kv in args.pod_env))
-        except StartupError as e:
+        except (StartupError, subprocess.CalledProcessError, OSError) as e:
             print(f"devcluster: {e}", file=sys.stderr)
             cluster.down(quiet=True)
             return 1
