@@ -26,6 +26,30 @@ REAL_CLUSTER_DIR = Path(
 )
 BUILD_IMAGES = REPO_ROOT / "tools" / "build-images.sh"
 BUCKET = "fedtune-real"
+# Host sysctls the kubelet, kube-proxy or the CNI plugins would set if they ran on the host.
+WATCHED_SYSCTLS = (
+    "vm/overcommit_memory",
+    "vm/panic_on_oom",
+    "kernel/panic",
+    "kernel/panic_on_oops",
+    "kernel/keys/root_maxkeys",
+    "kernel/keys/root_maxbytes",
+    "net/ipv4/ip_forward",
+    "net/ipv4/conf/all/route_localnet",
+    "net/bridge/bridge-nf-call-iptables",
+    "net/netfilter/nf_conntrack_max",
+    "net/netfilter/nf_conntrack_tcp_timeout_established",
+    "net/netfilter/nf_conntrack_tcp_timeout_close_wait",
+)
+
+
+def host_sysctls() -> dict[str, str]:
+    values = {}
+    for name in WATCHED_SYSCTLS:
+        path = Path("/proc/sys") / name
+        if path.exists():
+            values[name] = path.read_text().strip()
+    return values
 
 
 @dataclass
@@ -36,6 +60,7 @@ class RealCluster:
     model_dir: Path  # the tiny model, also in s3://BUCKET/models/tiny
     data_uris: list[str]
     timings: dict[str, float] = field(default_factory=dict)
+    sysctls_before: dict[str, str] = field(default_factory=dict)
 
     @property
     def cluster(self) -> Cluster:
@@ -143,6 +168,7 @@ def _assets(work: Path, dc: DevCluster) -> tuple[Path, list[str]]:
 
 @pytest.fixture(scope="session")
 def realnode(binaries: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealCluster]:
+    sysctls_before = host_sysctls()
     timings = {"images": _build_images()}
     if REAL_CLUSTER_DIR.exists():
         Cluster(REAL_CLUSTER_DIR).down(quiet=True)
@@ -165,6 +191,7 @@ def realnode(binaries: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             model_dir=model,
             data_uris=data_uris,
             timings=timings,
+            sysctls_before=sysctls_before,
         )
     finally:
         cluster.down(quiet=True)
