@@ -13,6 +13,9 @@ NODE      ?= process
         cluster-status cluster-logs cluster-env images
 CHART     := charts/fedtune-operator
 HELM       = $$(tools/build-binaries.sh 2>/dev/null)/helm
+# lint-imports run by the project's interpreter, the one that sees the fedtune packages (the
+# console script sits in the dependency venv, which does not).
+LINT_IMPORTS := $(PY) -c 'from importlinter.cli import lint_imports_command; lint_imports_command()'
 
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -35,19 +38,21 @@ test: install  ## the whole suite: unit, integration (real S3, real training), e
 test-unit: install  ## only the tests that need no devcluster
 	@OMP_NUM_THREADS=1 $(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)
 
-lint: install  ## ruff check and format check, helm lint of the chart
+lint: install  ## ruff check and format check, the import contracts (pyproject.toml), helm lint
 	@$(DEPS_BIN)/ruff check .
 	@$(DEPS_BIN)/ruff format --check .
+	@$(LINT_IMPORTS) --no-cache
 	@$(HELM) lint --strict $(CHART)
 
 fmt: install  ## ruff format and autofix
 	@$(DEPS_BIN)/ruff format .
 	@$(DEPS_BIN)/ruff check --fix .
 
-crds: install  ## regenerate the CRD (and the chart's copy) and docs/api.md from the models
+crds: install  ## regenerate the CRD (and the chart's copy), docs/api.md and the chart's values schema
 	@$(PY) -m fedtune_operator.crd > crds/fedtune.dev_federatedfinetunes.yaml
 	@cp crds/fedtune.dev_federatedfinetunes.yaml $(CHART)/crds/
 	@$(PY) -m fedtune_operator.crd --docs > docs/api.md
+	@$(PY) -m fedtune_operator.chart_values > $(CHART)/values.schema.json
 
 cluster-up: install  ## start the devcluster (NODE=real: kubelet+containerd); .devcluster/kubeconfig
 	@$(CLUSTER) up --node $(NODE)

@@ -141,60 +141,32 @@ def prepare(root: Path, sizes: Sizes) -> None:
 
 
 def load_everything(task: AggregateTask, store: Any, log: Any) -> Any:
-    """The load-everything baseline: the same fetch, verification, checks, server step and
-    publish as the aggregator, but every client's decoded delta is held in memory before the
-    weighted mean is taken tensor by tensor (torch.stack over clients)."""
+    """The load-everything baseline: the same fetch, verification and checks (the aggregator's
+    own collect step) and the same server step, but every client's decoded delta is held in
+    memory before the weighted mean is taken tensor by tensor (torch.stack over clients)."""
     import torch
 
     from fedtune_trainer import aggregate, lora, merge
-    from fedtune_trainer import store as st
-    from fedtune_trainer.task import AggregateSummary, global_prefix
 
-    start = time.perf_counter()
-    r = task.round
-    _, files = st.read_committed(
-        store, global_prefix(r - 1), [lora.ADAPTER_CONFIG, lora.ADAPTER_WEIGHTS]
-    )
-    global_tensors = lora.parse_weights(files[lora.ADAPTER_WEIGHTS])
+    global_tensors, config = aggregate.read_global(store, task.round - 1)
     names = lora.trainable_names(list(global_tensors), task.adapter)
     expected = {n: tuple(global_tensors[n].shape) for n in names}
-    deltas, weights, encoded, metrics = [], [], 0, []
+    deltas: list[Any] = []
     with tempfile.TemporaryDirectory(prefix="fedtune-bench-baseline-") as tmp:
-        for client in task.clients:
-            manifest, path = aggregate.fetch_client(store, task, client, Path(tmp))
-            delta = aggregate.load_delta(path)
-            if reason := merge.check_delta(delta, expected, task.aggregation.max_delta_norm):
-                raise ValueError(f"{client}: {reason}")
-            deltas.append(delta)
-            weights.append(float(manifest["samples"]))
-            encoded += path.stat().st_size
-            metrics.append(
-                {
-                    "client": client,
-                    "samples": manifest["samples"],
-                    "train_loss": manifest.get("train_loss"),
-                    "bytes": path.stat().st_size,
-                    "raw_bytes": manifest.get("raw_bytes", 0),
-                    "norm": merge.l2_norm(delta),
-                }
-            )
-    w = torch.tensor(weights, dtype=torch.float64)
+
+        def keep(_: Any, delta: Any) -> None:
+            deltas.append(dict(delta))
+
+        accepted, rejected = aggregate.collect(task, store, expected, Path(tmp), log, keep)
+    w = torch.tensor([a.weight for a in accepted], dtype=torch.float64)
     update = {}
     for name in names:
         stack = torch.stack([d[name] for d in deltas]).double()
         update[name] = (torch.tensordot(w, stack, dims=1) / w.sum()).float()
         del stack
     new_global, _ = merge.server_step(task.aggregation, global_tensors, update, None)
-    summary = AggregateSummary(
-        round=r,
-        accepted=list(task.clients),
-        global_uri=store.url(global_prefix(r)),
-        train_loss=sum(m["train_loss"] * m["samples"] for m in metrics)
-        / sum(m["samples"] for m in metrics),
-        bytes_received=encoded,
-    )
-    config = files[lora.ADAPTER_CONFIG]
-    return aggregate.publish(task, store, new_global, config, summary, metrics, start, log)
+    record = aggregate.round_record(task, accepted, rejected)
+    return aggregate.Merged(record, new_global, config)
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,11 +193,12 @@ def worker(method: str, root: Path, sizes: Sizes, n: int) -> dict[str, Any]:
     rss = vm_rss_bytes()
     start = time.perf_counter()
     merge = aggregate.merge_round if method == "streaming" else load_everything
-    summary = merge(task, store, lambda _: None)
+    merged = merge(task, store, lambda _: None)
+    summary = aggregate.publish(task, store, merged, start, lambda _: None)
     return {
         "seconds": time.perf_counter() - start,
         "rss_after_import": rss,
-        "accepted": len(summary.accepted),
+        "accepted": summary.record.accepted,
     }
 
 

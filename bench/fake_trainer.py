@@ -15,19 +15,16 @@ import os
 import sys
 from pathlib import Path
 
+from fedtune_trainer.contract import TERMINATION_LOG, TERMINATION_LOG_ENV
+from fedtune_trainer.results import AggregateSummary, ClientSummary, RoundRecord, dump_summary
 from fedtune_trainer.task import (
     FINAL_PREFIX,
-    TERMINATION_LOG,
-    AggregateSummary,
     AggregateTask,
-    ClientSummary,
     ClientTask,
-    dump_summary,
     global_prefix,
     load_task,
 )
 
-TERMINATION_LOG_ENV = "FEDTUNE_TERMINATION_LOG"
 FAKE_SHA256 = "0" * 64
 
 
@@ -50,9 +47,12 @@ def summary_for(task: ClientTask | AggregateTask) -> ClientSummary | AggregateSu
             seconds=0.0,
         )
     last = task.round == task.rounds
+    accepted = len(task.clients) if task.round > 0 else 0
+    record = RoundRecord(
+        run=task.run, round=task.round, algorithm=task.aggregation.algorithm, accepted=accepted
+    )
     return AggregateSummary(
-        round=task.round,
-        accepted=list(task.clients) if task.round > 0 else [],
+        record=record,
         global_uri=f"{root}/{global_prefix(task.round)}",
         final_uri=f"{root}/{FINAL_PREFIX}" if last else None,
     )

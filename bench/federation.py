@@ -3,14 +3,15 @@
 Each round calls exactly what the Jobs call: `client.run` per client (load the global adapter,
 train, encode the delta with error feedback state in storage, commit it) and the aggregator's
 round (`aggregate.initialize` / `aggregate.merge_round`: fetch, verify, decode, check, merge,
-server step, evaluate, commit). Only the Kubernetes part is left out, and the process start of
-each Job: the numbers are the algorithm's, not the orchestration's (the `operator` benchmark
-measures that).
+server step; then `publish`), and the evaluation Job's `evaluate.run` after every round. Only the
+Kubernetes part is left out, and the process start of each Job: the numbers are the algorithm's,
+not the orchestration's (the `operator` benchmark measures that).
 """
 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,12 +81,13 @@ def federate(
     `steps` overrides the local steps per client (the centralized baseline is one client that
     takes every step). With `report`, the aggregator also renders the run report each round.
     """
-    from fedtune_trainer import aggregate, client
+    from fedtune_trainer import aggregate, client, evaluate
     from fedtune_trainer import store as st
     from fedtune_trainer.task import (
         AggregateTask,
         ClientTask,
         DataSpec,
+        EvaluateTask,
         EvaluationSpec,
         StorageLocation,
         TrainingSpec,
@@ -114,20 +116,26 @@ def federate(
             min_clients=len(names),
             aggregation=agg,
             delta=delta,
-            data=data,
-            evaluation=EvaluationSpec(data_uri=str(assets.eval_data), max_samples=None),
-            max_seq_length=recipe.max_seq_length,
             seed=recipe.seed,
         )
+        start = time.perf_counter()
         if r == 0:
-            summary = aggregate.initialize(task, store, quiet)
+            merged = aggregate.initialize(task, store, quiet)
         else:
-            summary = aggregate.merge_round(task, store, quiet)
+            merged = aggregate.merge_round(task, store, quiet)
+        summary = aggregate.publish(task, store, merged, start, quiet)
         if report:
             summary = aggregate.write_report(task, store, summary, quiet)
             result.report_uri = summary.report_uri
-        result.eval_loss.append(summary.eval_loss)
-        result.train_loss.append(summary.train_loss)
+        evaluation = EvaluateTask(
+            **common,
+            round=r,
+            data=data,
+            evaluation=EvaluationSpec(data_uri=str(assets.eval_data), max_samples=None),
+            max_seq_length=recipe.max_seq_length,
+        )
+        result.eval_loss.append(evaluate.run(evaluation, store, quiet).eval_loss)
+        result.train_loss.append(summary.record.train_loss)
 
     aggregate_round(0)
     for r in range(1, recipe.rounds + 1):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,14 +24,17 @@ from typing import Any
 def _operator(args: argparse.Namespace) -> int:
     import kopf
 
-    from fedtune_operator import handlers
+    from fedtune_operator import handlers  # noqa: F401  (registers the kopf handlers)
 
-    if args.metrics_port:
-        os.environ[handlers.METRICS_PORT_ENV] = str(args.metrics_port)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port)
+        logging.getLogger("fedtune.operator").info("metrics on :%s/metrics", args.metrics_port)
     liveness = f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None
     kopf.run(
         standalone=True,  # one replica with strategy Recreate: no peering needed

@@ -16,132 +16,46 @@ should exist and does not is created, and "already exists" counts as success.
 Round 0 is the initialisation round: its only Job is the aggregator, which writes the initial
 adapter. Rounds 1..N each run the selected clients, then the aggregator. A round whose clients or
 aggregator cannot reach the quorum is retried (same round, next attempt, after the old Jobs are
-gone) up to `maxRoundRetries`, then the run fails.
+gone) up to `maxRoundRetries`, then the run fails. After every due round an evaluation Job runs
+beside the next round; the run succeeds once the last round's evaluation is in. The round rules
+themselves (selection, quorum, verdict, retries) are in rounds.py; the vocabulary in decision.py.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass, field
-from typing import Literal
 
-from fedtune_operator.api import (
-    ClientStatus,
-    FederatedFineTuneSpec,
-    FederatedFineTuneStatus,
-    RoundRecord,
+from fedtune_operator import rounds
+from fedtune_operator.api import ClientStatus, FederatedFineTuneStatus, RoundRecord
+from fedtune_operator.decision import (
+    Action,
+    ClientFailed,
+    CreateAggregateJob,
+    CreateClientJob,
+    CreateEvaluateJob,
+    Decision,
+    DeleteJob,
+    DeleteRun,
+    Event,
+    Fact,
+    ObservedJob,
+    RoundCompleted,
+    Run,
+    RunFinished,
+    SuspendJob,
+    human_bytes,
+)
+from fedtune_operator.status_updates import (
     communication_totals,
+    loss_value,
     progress,
-    quorum,
     record_round,
-    select_clients,
     set_client_status,
     set_condition,
     set_outcome,
 )
-from fedtune_trainer.task import AggregateSummary, ClientSummary
-
-Role = Literal["client", "aggregator"]
-JobState = Literal["active", "succeeded", "failed"]
-
-
-# ---------------------------------------------------------------------------------------------
-# Inputs
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Run:
-    """The object being reconciled: identity plus the validated spec."""
-
-    name: str
-    namespace: str
-    uid: str
-    generation: int
-    spec: FederatedFineTuneSpec
-
-
-@dataclass(frozen=True)
-class ObservedJob:
-    """A child Job as the engine needs to see it (built from labels, conditions and the pod)."""
-
-    name: str
-    role: Role
-    round: int
-    attempt: int
-    client: str | None
-    state: JobState
-    suspended: bool = False
-    deleting: bool = False
-    summary: ClientSummary | AggregateSummary | None = None
-    message: str = ""
-
-
-# ---------------------------------------------------------------------------------------------
-# Outputs
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CreateClientJob:
-    round: int
-    attempt: int
-    client: str
-
-
-@dataclass(frozen=True)
-class CreateAggregateJob:
-    round: int
-    attempt: int
-    clients: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class DeleteJob:
-    name: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class SuspendJob:
-    name: str
-    suspend: bool
-
-
-@dataclass(frozen=True)
-class DeleteRun:
-    """ttlSecondsAfterFinished has passed."""
-
-
-Action = CreateClientJob | CreateAggregateJob | DeleteJob | SuspendJob | DeleteRun
-
-
-@dataclass(frozen=True)
-class Event:
-    type: Literal["Normal", "Warning"]
-    reason: str
-    message: str
-
-
-@dataclass
-class Decision:
-    status: FederatedFineTuneStatus
-    actions: list[Action] = field(default_factory=list)
-    events: list[Event] = field(default_factory=list)
-
-
-# ---------------------------------------------------------------------------------------------
-# Pure helpers
-# ---------------------------------------------------------------------------------------------
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
+from fedtune_trainer import results
+from fedtune_trainer.results import AggregateSummary, ClientSummary, EvaluationSummary
 
 # ---------------------------------------------------------------------------------------------
 # The state machine
@@ -159,6 +73,7 @@ class _Step:
         self.status = status
         self.actions: list[Action] = []
         self.events: list[Event] = []
+        self.facts: list[Fact] = []
 
     def set(self, **changes: object) -> None:
         self.status = self.status.model_copy(update=changes)
@@ -213,7 +128,7 @@ class _Step:
     # -- transitions -----------------------------------------------------------------------------
 
     def start_round(self, round_: int) -> None:
-        selected = select_clients(self.spec, round_) if round_ > 0 else []
+        selected = rounds.select_clients(self.spec, round_) if round_ > 0 else []
         self.set(
             current_round=round_,
             round_attempt=0,
@@ -253,7 +168,7 @@ class _Step:
         for j in jobs:
             if j.round == r and not j.deleting and j.state == "active":
                 self.actions.append(DeleteJob(j.name, "round failed"))
-        if a < self.spec.aggregation.max_round_retries:
+        if rounds.may_retry(self.spec, a):
             for j in jobs:
                 if j.round == r and not j.deleting and j.state != "active":
                     self.actions.append(DeleteJob(j.name, "round retried"))
@@ -275,6 +190,7 @@ class _Step:
         self.set(phase="Failed", completion_time=self.now)
         self.outcome("Failed", reason, message)
         self.event("RunFailed", message, warning=True)
+        self.facts.append(RunFinished("Failed"))
 
     def record_clients(self, jobs: list[ObservedJob]) -> None:
         """Copy each finished client's result into the status, once."""
@@ -311,64 +227,121 @@ class _Step:
                 why = "finished without a readable summary"
             self.put_client(j.client, phase="Failed", last_round=r, message=why[:1000])
             self.event("ClientFailed", f"round {r}: client {j.client}: {why}", warning=True)
+            self.facts.append(ClientFailed(r, j.client))
             s = self.status
+
+    def recorded(self, round_: int) -> bool:
+        """Round `round_`'s aggregate is in the history already (a later reconcile of it must not
+        count it again)."""
+        return any(h.round == round_ for h in self.status.history)
 
     def advance(self, summary: AggregateSummary) -> None:
         s = self.status
         r = s.current_round or 0
+        result = summary.record
         self.set(
             global_adapter_uri=summary.global_uri, report_uri=summary.report_uri or s.report_uri
         )
-        if r > 0:
-            for rejection in summary.rejected:
-                self.put_client(rejection.client, phase="Rejected", message=rejection.reason[:1000])
-                self.event(
-                    "DeltaRejected",
-                    f"round {r}: {rejection.client}: {rejection.reason}",
-                    warning=True,
-                )
-            record = RoundRecord(
-                round=r,
-                attempt=s.round_attempt or 0,
-                started_at=s.round_started_at,
-                completed_at=self.now,
-                clients_succeeded=len(summary.accepted),
-                clients_failed=sum(
-                    1 for n in s.selected_clients if self.finished(n, r) == "Failed"
-                ),
-                rejected=len(summary.rejected),
-                train_loss=summary.train_loss,
-                eval_loss=summary.eval_loss,
-                bytes_received=summary.bytes_received,
-            )
-            self.set(
-                history=record_round(s.history, record),
-                last_train_loss=record.train_loss
-                if record.train_loss is not None
-                else s.last_train_loss,
-                last_eval_loss=record.eval_loss
-                if record.eval_loss is not None
-                else s.last_eval_loss,
-            )
-            loss = f", eval loss {summary.eval_loss:.4f}" if summary.eval_loss is not None else ""
-            self.event(
-                "RoundAggregated",
-                f"round {r}/{self.spec.rounds}: merged "
-                f"{len(summary.accepted)} deltas ({human_bytes(summary.bytes_received)})"
-                f"{loss}",
-            )
+        if r > 0 and not self.recorded(r):
+            self.record_aggregate(r, result)
+        if rounds.evaluation_due(self.spec, r) and r not in self.status.evaluating_rounds:
+            self.set(evaluating_rounds=sorted({*self.status.evaluating_rounds, r}))
+            self.actions.append(CreateEvaluateJob(r))
         if r >= self.spec.rounds:
             final = summary.final_uri or summary.global_uri
-            self.set(
-                phase="Succeeded",
-                final_adapter_uri=final,
-                completion_time=self.now,
-                aggregating_clients=[],
-            )
-            self.outcome("Succeeded", "Completed", f"{self.spec.rounds} rounds aggregated")
-            self.event("RunSucceeded", f"{self.spec.rounds} rounds done; adapter at {final}")
+            if self.status.evaluating_rounds:
+                self.set(phase="Evaluating", aggregating_clients=[])
+                self.outcome("Progressing", "Evaluating", f"round {r} aggregated; evaluating")
+                return
+            self.finish_succeeded(final)
             return
         self.start_round(r + 1)
+
+    def record_aggregate(self, r: int, result: results.RoundRecord) -> None:
+        """Round r's aggregate into the history, the events and the facts, once."""
+        s = self.status
+        # The counts are the record's own; the list of rejections may have been cut to fit the
+        # termination message, so it only names whom to mark.
+        for rejection in result.rejections:
+            self.put_client(rejection.client, phase="Rejected", message=rejection.reason[:1000])
+            self.event(
+                "DeltaRejected", f"round {r}: {rejection.client}: {rejection.reason}", warning=True
+            )
+        unnamed = result.rejected - len(result.rejections)
+        if unnamed > 0:
+            self.event(
+                "DeltaRejected",
+                f"round {r}: {unnamed} more deltas rejected (see the run report)",
+                warning=True,
+            )
+        record = RoundRecord(
+            round=r,
+            attempt=s.round_attempt or 0,
+            started_at=s.round_started_at,
+            completed_at=self.now,
+            clients_succeeded=result.accepted,
+            clients_failed=sum(1 for n in s.selected_clients if self.finished(n, r) == "Failed"),
+            rejected=result.rejected,
+            train_loss=result.train_loss,
+            bytes_received=result.bytes_received,
+        )
+        self.facts.append(RoundCompleted(record, result.rejected))
+        self.set(
+            history=record_round(s.history, record),
+            last_train_loss=record.train_loss
+            if record.train_loss is not None
+            else s.last_train_loss,
+        )
+        self.event(
+            "RoundAggregated",
+            f"round {r}/{self.spec.rounds}: merged "
+            f"{result.accepted} deltas ({human_bytes(result.bytes_received)})",
+        )
+
+    def finish_succeeded(self, final: str | None) -> None:
+        self.set(
+            phase="Succeeded",
+            final_adapter_uri=final,
+            completion_time=self.now,
+            aggregating_clients=[],
+        )
+        self.outcome("Succeeded", "Completed", f"{self.spec.rounds} rounds aggregated")
+        self.event("RunSucceeded", f"{self.spec.rounds} rounds done; adapter at {final}")
+        self.facts.append(RunFinished("Succeeded"))
+
+    # -- evaluations -----------------------------------------------------------------------------
+
+    def reconcile_evaluations(self, jobs: list[ObservedJob]) -> None:
+        """Each due round's evaluation Job: created while missing, its loss recorded once it
+        reports, a failure reported (evaluation informs; it never fails the run)."""
+        for r in list(self.status.evaluating_rounds):
+            job = next(
+                (j for j in jobs if j.role == "evaluator" and j.round == r and not j.deleting),
+                None,
+            )
+            if job is None:
+                self.actions.append(CreateEvaluateJob(r))
+                continue
+            if job.state == "active":
+                continue
+            if job.state == "succeeded" and isinstance(job.summary, EvaluationSummary):
+                self.record_evaluation(r, job.summary.eval_loss)
+            else:
+                why = job.message or "finished without a readable summary"
+                self.event("EvaluationFailed", f"round {r}: {why}", warning=True)
+            self.set(evaluating_rounds=[x for x in self.status.evaluating_rounds if x != r])
+
+    def record_evaluation(self, r: int, loss: float) -> None:
+        s = self.status
+        loss = loss_value(loss)
+        newest = max((h.round for h in s.history if h.eval_loss is not None), default=-1)
+        history = [
+            h.model_copy(update={"eval_loss": loss}) if h.round == r else h for h in s.history
+        ]
+        self.set(history=history)
+        if r >= newest:
+            self.set(last_eval_loss=loss)
+        self.event("Evaluated", f"round {r}: eval loss {loss:.4f}")
 
 
 def invalid_spec(
@@ -394,7 +367,8 @@ def invalid_spec(
         for c in status.conditions
     )
     events = [] if already else [Event("Warning", "InvalidSpec", message[:250])]
-    return Decision(new, [], events)
+    facts: list[Fact] = [] if status.phase == "Failed" else [RunFinished("Failed")]
+    return Decision(new, [], events, facts)
 
 
 def decide(
@@ -415,7 +389,7 @@ def decide(
             and step.now >= s.completion_time + dt.timedelta(seconds=ttl)
         ):
             step.actions.append(DeleteRun())
-        return Decision(step.status, step.actions, step.events)
+        return Decision(step.status, step.actions, step.events, step.facts)
 
     if s.start_time is None:
         step.set(start_time=step.now, phase="Pending")
@@ -424,6 +398,8 @@ def decide(
     # Superseded Jobs: rounds behind us, or an older attempt of this round.
     r, a = s.current_round, s.round_attempt or 0
     for j in jobs:
+        if j.role == "evaluator":
+            continue  # evaluations belong to rounds already done; reconcile_evaluations keeps them
         stale = r is not None and (j.round < r or (j.round == r and j.attempt != a))
         if stale and j.state == "active" and not j.deleting:
             step.actions.append(DeleteJob(j.name, "superseded"))
@@ -440,7 +416,7 @@ def decide(
             step.condition("Progressing", False, "Suspended", "the run is suspended")
             step.condition("Suspended", True, "Suspended", "spec.suspend is true")
         step.progress_strings()
-        return Decision(step.status, step.actions, step.events)
+        return Decision(step.status, step.actions, step.events, step.facts)
 
     if s.phase == "Suspended":
         for j in jobs:
@@ -454,12 +430,34 @@ def decide(
         step.condition("Suspended", False, "Resumed", "spec.suspend is false")
         step.outcome("Progressing", "Resumed", "the run was resumed")
 
+    step.reconcile_evaluations(jobs)
     if step.status.current_round is None:
         step.start_round(0)
+    elif step.status.phase == "Evaluating" and step.recorded(step.status.current_round):
+        _await_evaluations(step, jobs)
     else:
         _reconcile_round(step, jobs)
     step.progress_strings()
-    return Decision(step.status, step.actions, step.events)
+    return Decision(step.status, step.actions, step.events, step.facts)
+
+
+def _await_evaluations(step: _Step, jobs: list[ObservedJob]) -> None:
+    """The last round is aggregated; the run succeeds once its evaluations are in. (spec.rounds
+    may have grown meanwhile: then the next round starts instead.)"""
+    s = step.status
+    r = s.current_round or 0
+    if r < step.spec.rounds:
+        step.start_round(r + 1)
+        return
+    if s.evaluating_rounds:
+        return
+    aggregator = next(
+        (j for j in jobs if j.role == "aggregator" and j.round == r and j.state == "succeeded"),
+        None,
+    )
+    summary = aggregator.summary if aggregator is not None else None
+    final = summary.final_uri if isinstance(summary, AggregateSummary) else None
+    step.finish_succeeded(final or s.global_adapter_uri)
 
 
 def _reconcile_round(step: _Step, jobs: list[ObservedJob]) -> None:
@@ -493,39 +491,35 @@ def _reconcile_round(step: _Step, jobs: list[ObservedJob]) -> None:
     done = [n for n in selected if step.finished(n, r) == "Succeeded"]
     failed = [n for n in selected if step.finished(n, r) == "Failed"]
     pending = [n for n in selected if n not in done and n not in failed]
-    need = quorum(step.spec)
-    timeout = step.spec.aggregation.round_timeout_seconds
-    timed_out = (
-        timeout is not None
-        and s.round_started_at is not None
-        and step.now >= s.round_started_at + dt.timedelta(seconds=timeout)
-    )
-
-    if len(done) + len(pending) < need:
-        step.round_failed(
-            "QuorumNotReached",
-            f"round {r}: {len(failed)} of {len(selected)} "
-            f"clients failed, quorum {need} is out of reach",
-            jobs,
-        )
-        return
-    if pending and not (timed_out and len(done) >= need):
-        if timed_out:
+    need = rounds.quorum(step.spec)
+    expired = rounds.timed_out(step.spec, s.round_started_at, step.now)
+    match rounds.verdict(step.spec, len(done), len(pending), expired):
+        case "quorum_lost":
             step.round_failed(
-                "RoundTimedOut",
-                f"round {r}: timed out after {timeout}s with "
-                f"{len(done)} of the {need} clients needed",
+                "QuorumNotReached",
+                f"round {r}: {len(failed)} of {len(selected)} "
+                f"clients failed, quorum {need} is out of reach",
                 jobs,
             )
-            return
-        step.set(phase="Running")
-        step.create_missing(jobs)
-        return
-
-    # The quorum is in: every client finished, or the timeout passed with enough of them.
-    for j in current:
-        if j.role == "client" and j.state == "active" and not j.deleting:
-            step.actions.append(DeleteJob(j.name, "round timed out; aggregating without it"))
-    step.set(aggregating_clients=done, phase="Aggregating")
-    step.event("Aggregating", f"round {r}: aggregating {len(done)} of {len(selected)} clients")
-    step.create_missing(jobs)
+        case "timed_out":
+            step.round_failed(
+                "RoundTimedOut",
+                f"round {r}: timed out after {step.spec.aggregation.round_timeout_seconds}s "
+                f"with {len(done)} of the {need} clients needed",
+                jobs,
+            )
+        case "wait":
+            step.set(phase="Running")
+            step.create_missing(jobs)
+        case "aggregate":
+            # Every client finished, or the timeout passed with the quorum in.
+            for j in current:
+                if j.role == "client" and j.state == "active" and not j.deleting:
+                    step.actions.append(
+                        DeleteJob(j.name, "round timed out; aggregating without it")
+                    )
+            step.set(aggregating_clients=done, phase="Aggregating")
+            step.event(
+                "Aggregating", f"round {r}: aggregating {len(done)} of {len(selected)} clients"
+            )
+            step.create_missing(jobs)

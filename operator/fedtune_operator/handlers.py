@@ -3,7 +3,12 @@
 Each FederatedFineTune gets one reconcile loop (`Loops`), which runs whenever something about the
 run changes (its own watch events and its Jobs' wake it) and at least every RESYNC_SECONDS (which
 is what makes round timeouts fire). One loop per run serialises its reconciles without locks, and
-it holds no memory: a restarted operator resumes every run from its status and Jobs.
+it holds no memory: a restarted operator resumes every run from its status and Jobs. A reconcile
+that raises is retried with exponential backoff (up to MAX_BACKOFF_SECONDS), not at every resync.
+
+The run's Jobs come from a kopf index over the Job watch the operator keeps anyway (no list call
+per reconcile); pods are read only for the Jobs that just finished, whose termination messages
+hold the results the status does not have yet.
 
 The order of a reconcile is fixed: write the status (guarded by resourceVersion; on a conflict,
 re-read and decide again), then create or delete Jobs, then post events. A status that says round r
@@ -17,32 +22,30 @@ import contextlib
 import datetime as dt
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import kopf
-from prometheus_client import start_http_server
 
-from fedtune_operator import engine, manifests, metrics
+from fedtune_operator import decision, engine, manifests, metrics
 from fedtune_operator.api import (
     GROUP,
     PLURAL,
     VERSION,
     FederatedFineTuneSpec,
     FederatedFineTuneStatus,
-    SpecError,
-    parse_spec,
-    parse_status,
-    validate_spec,
 )
 from fedtune_operator.kube import Conflict, Kube, NamespaceTerminating
-from fedtune_operator.observe import observe_jobs
+from fedtune_operator.observe import compact_job, jobs_needing_pods, observe_jobs
+from fedtune_operator.validation import SpecError, parse_spec, parse_status, validate_spec
+from fedtune_trainer.contract import FINALIZER, LABEL_RUN
 
 log = logging.getLogger("fedtune.operator")
 
 RESYNC_SECONDS = float(os.environ.get("FEDTUNE_RESYNC_SECONDS", "15"))
-METRICS_PORT_ENV = "FEDTUNE_METRICS_PORT"
-ANNOTATION_PREFIX = "fedtune.dev"
-FINALIZER = "fedtune.dev/cleanup"
+MAX_BACKOFF_SECONDS = 300.0
+ANNOTATION_PREFIX = GROUP
+"""kopf keeps its own state (progress, last-handled configuration) under this prefix."""
 
 _kube: Kube | None = None
 
@@ -73,10 +76,6 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 30
     settings.posting.level = logging.INFO
-    port = os.environ.get(METRICS_PORT_ENV)
-    if port:
-        start_http_server(int(port))
-        log.info("metrics on :%s/metrics", port)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,6 +95,8 @@ class Loops:
     def __init__(self) -> None:
         self.tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
         self.pokes: dict[tuple[str, str], asyncio.Event] = {}
+        self.jobs: Mapping[tuple[str, str], Any] = {}
+        """kopf's live index of Jobs by (namespace, run), handed over by the first event."""
 
     def wake(self, namespace: str, name: str) -> None:
         key = (namespace, name)
@@ -119,16 +120,29 @@ class Loops:
     async def _loop(self, key: tuple[str, str]) -> None:
         namespace, name = key
         poke = self.pokes.setdefault(key, asyncio.Event())
+        failures = 0
         while True:
             poke.clear()
             try:
-                outcome = await reconcile(namespace, name)
+                outcome = await reconcile(namespace, name, list(self.jobs.get(key, ())))
+                failures = 0
             except asyncio.CancelledError:
                 raise
             except Exception:
+                failures += 1
+                delay = backoff_seconds(failures)
                 metrics.RECONCILE_ERRORS.inc()
-                log.exception("reconcile of %s/%s failed; retrying", namespace, name)
-                outcome = "wait"
+                log.exception(
+                    "reconcile of %s/%s failed (%d in a row); retrying in %.0fs",
+                    namespace,
+                    name,
+                    failures,
+                    delay,
+                )
+                # Wake-ups do not cut a backoff short: a failing API or a bug would otherwise be
+                # hammered at the rate the run's Jobs change.
+                await asyncio.sleep(delay)
+                continue
             if outcome == "gone":
                 self.pokes.pop(key, None)
                 self.tasks.pop(key, None)
@@ -139,24 +153,48 @@ class Loops:
                 await asyncio.wait_for(poke.wait(), RESYNC_SECONDS)
 
 
+def backoff_seconds(failures: int) -> float:
+    """1, 2, 4, ... seconds after 1, 2, 3, ... failures in a row, at most MAX_BACKOFF_SECONDS."""
+    return min(MAX_BACKOFF_SECONDS, 2.0 ** min(failures - 1, 16))
+
+
 loops = Loops()
+
+
+@kopf.index("batch", "v1", "jobs", labels={LABEL_RUN: kopf.PRESENT})
+def run_jobs(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[tuple[str | None, str], dict[str, Any]]:
+    """Every Job of a run, by (namespace, run), as much of it as the engine reads."""
+    return {(namespace, str(labels[LABEL_RUN])): compact_job(body)}
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def run_changed(
-    name: str, namespace: str | None, type: str | None, meta: kopf.Meta, **_: Any
+    name: str,
+    namespace: str | None,
+    type: str | None,
+    meta: kopf.Meta,
+    run_jobs: kopf.Index,
+    **_: Any,
 ) -> None:
+    loops.jobs = run_jobs
     if namespace is None:
         return
     if type == "DELETED" or meta.get("deletionTimestamp"):
         loops.stop(namespace, name)
+        if type == "DELETED":
+            metrics.forget_run(namespace, name)
     else:
         loops.wake(namespace, name)
 
 
-@kopf.on.event("batch", "v1", "jobs", labels={manifests.LABEL_RUN: kopf.PRESENT})
-async def job_changed(labels: kopf.Labels, namespace: str | None, **_: Any) -> None:
-    run = labels.get(manifests.LABEL_RUN)
+@kopf.on.event("batch", "v1", "jobs", labels={LABEL_RUN: kopf.PRESENT})
+async def job_changed(
+    labels: kopf.Labels, namespace: str | None, run_jobs: kopf.Index, **_: Any
+) -> None:
+    loops.jobs = run_jobs
+    run = labels.get(LABEL_RUN)
     if namespace and run and (namespace, run) in loops.tasks:
         loops.wake(namespace, run)
 
@@ -173,9 +211,10 @@ def _status_json(status: FederatedFineTuneStatus) -> dict[str, Any]:
 Outcome = Literal["wait", "again", "gone"]
 
 
-async def reconcile(namespace: str, name: str) -> Outcome:
-    """One observe-decide-act pass: then wait for the next wake-up, go again at once (the run
-    changed under a status write), or stop (the run is gone or going)."""
+async def reconcile(namespace: str, name: str, jobs: list[dict[str, Any]]) -> Outcome:
+    """One observe-decide-act pass over the run and its Jobs (from the index): then wait for the
+    next wake-up, go again at once (the run changed under a status write), or stop (the run is
+    gone or going)."""
     k = kube()
     obj = await asyncio.to_thread(k.get_run, namespace, name)
     if obj is None or obj["metadata"].get("deletionTimestamp"):
@@ -190,49 +229,50 @@ async def reconcile(namespace: str, name: str) -> Outcome:
     except SpecError as e:
         problems = e.problems
     if problems or spec is None:
-        decision = engine.invalid_spec(status, problems, meta.get("generation", 0), now)
+        decided = engine.invalid_spec(status, problems, meta.get("generation", 0), now)
     else:
-        jobs, pods = await asyncio.to_thread(k.children, namespace, name)
-        run = engine.Run(
+        needed = jobs_needing_pods(meta["uid"], status, jobs)
+        pods = await asyncio.to_thread(k.job_pods, namespace, needed) if needed else []
+        run = decision.Run(
             name=name,
             namespace=namespace,
             uid=meta["uid"],
             generation=meta.get("generation", 0),
             spec=spec,
         )
-        decision = engine.decide(run, status, observe_jobs(meta["uid"], jobs, pods), now)
+        decided = engine.decide(run, status, observe_jobs(meta["uid"], jobs, pods), now)
 
-    if _status_json(decision.status) != _status_json(status):
+    if _status_json(decided.status) != _status_json(status):
         try:
-            await asyncio.to_thread(k.write_status, obj, _status_json(decision.status))
+            await asyncio.to_thread(k.write_status, obj, _status_json(decided.status))
         except Conflict:
             return "again"
-        _count(namespace, name, status, decision)
+        _count(namespace, name, decided.facts)
 
     try:
-        for action in decision.actions:
+        for action in decided.actions:
             await asyncio.to_thread(_apply, k, obj, spec, action)
     except NamespaceTerminating:
         log.info("namespace %s is being deleted: not acting on run %s", namespace, name)
         return "gone"
-    for event in decision.events:
+    for event in decided.events:
         kopf.event(obj, type=event.type, reason=event.reason, message=event.message)
     return "wait"
 
 
 def _apply(
-    k: Kube, obj: dict[str, Any], spec: FederatedFineTuneSpec | None, action: engine.Action
+    k: Kube, obj: dict[str, Any], spec: FederatedFineTuneSpec | None, action: decision.Action
 ) -> None:
     meta = obj["metadata"]
     ns, run, uid = meta["namespace"], meta["name"], meta["uid"]
     match action:
-        case engine.CreateClientJob(round=r, attempt=a, client=c) if spec is not None:
+        case decision.CreateClientJob(round=r, attempt=a, client=c) if spec is not None:
             k.create_job(
                 manifests.client_job(
                     run=run, namespace=ns, uid=uid, spec=spec, round_=r, attempt=a, client=c
                 )
             )
-        case engine.CreateAggregateJob(round=r, attempt=a, clients=clients) if spec is not None:
+        case decision.CreateAggregateJob(round=r, attempt=a, clients=clients) if spec is not None:
             k.create_job(
                 manifests.aggregate_job(
                     run=run,
@@ -244,37 +284,36 @@ def _apply(
                     clients=list(clients),
                 )
             )
-        case engine.DeleteJob(name=job):
+        case decision.CreateEvaluateJob(round=r) if spec is not None:
+            k.create_job(
+                manifests.evaluate_job(run=run, namespace=ns, uid=uid, spec=spec, round_=r)
+            )
+        case decision.DeleteJob(name=job):
             k.delete_job(ns, job)
-        case engine.SuspendJob(name=job, suspend=suspend):
+        case decision.SuspendJob(name=job, suspend=suspend):
             k.suspend_job(ns, job, suspend)
-        case engine.DeleteRun():
+        case decision.DeleteRun():
             k.delete_run(ns, run)
         case _:
             raise AssertionError(f"cannot apply {action!r}")
 
 
-def _count(
-    namespace: str, name: str, before: FederatedFineTuneStatus, decision: engine.Decision
-) -> None:
-    """Metrics from what a written status adds: new round records, failures, the outcome."""
-    after = decision.status
-    known = {r.round for r in before.history}
-    for record in after.history:
-        if record.round in known:
-            continue
-        metrics.ROUNDS_COMPLETED.labels(namespace, name).inc()
-        metrics.BYTES_RECEIVED.labels(namespace, name).inc(record.bytes_received)
-        metrics.DELTAS_REJECTED.labels(namespace, name).inc(record.rejected)
-        if record.started_at and record.completed_at:
-            metrics.ROUND_DURATION.observe(
-                (record.completed_at - record.started_at).total_seconds()
-            )
-    for event in decision.events:
-        if event.reason == "ClientFailed":
-            metrics.CLIENT_FAILURES.labels(namespace, name).inc()
-    if after.phase in ("Succeeded", "Failed") and before.phase != after.phase:
-        metrics.RUNS_FINISHED.labels(after.phase).inc()
+def _count(namespace: str, name: str, facts: list[decision.Fact]) -> None:
+    """Metrics from the facts a written decision recorded (each is reported exactly once)."""
+    for fact in facts:
+        match fact:
+            case decision.RoundCompleted(record=record, deltas_rejected=rejected):
+                metrics.ROUNDS_COMPLETED.labels(namespace, name).inc()
+                metrics.BYTES_RECEIVED.labels(namespace, name).inc(record.bytes_received)
+                metrics.DELTAS_REJECTED.labels(namespace, name).inc(rejected)
+                if record.started_at and record.completed_at:
+                    metrics.ROUND_DURATION.observe(
+                        (record.completed_at - record.started_at).total_seconds()
+                    )
+            case decision.ClientFailed():
+                metrics.CLIENT_FAILURES.labels(namespace, name).inc()
+            case decision.RunFinished(outcome=outcome):
+                metrics.RUNS_FINISHED.labels(outcome).inc()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 from fedtune_operator.api import GROUP, PLURAL, VERSION
-from fedtune_operator.manifests import LABEL_RUN
 
 
 class Conflict(Exception):
@@ -55,19 +54,14 @@ class Kube:
                 return None
             raise
 
-    def children(self, namespace: str, run: str) -> tuple[list[dict], list[dict]]:
-        selector = f"{LABEL_RUN}={run}"
-        jobs = self._json(
-            self.batch.list_namespaced_job(
-                namespace, label_selector=selector, _preload_content=False
-            )
-        )["items"]
-        pods = self._json(
+    def job_pods(self, namespace: str, jobs: list[str]) -> list[dict]:
+        """The pods of the named Jobs (by the Job controller's job-name label)."""
+        selector = f"job-name in ({','.join(sorted(jobs))})"
+        return self._json(
             self.core.list_namespaced_pod(
                 namespace, label_selector=selector, _preload_content=False
             )
         )["items"]
-        return jobs, pods
 
     def write_status(self, obj: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
         """Replace the status, guarded by the resourceVersion we read (409 -> Conflict)."""

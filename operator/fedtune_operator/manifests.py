@@ -18,23 +18,34 @@ from fedtune_operator.api import (
     KIND,
     FederatedFineTuneSpec,
     PodSettings,
+    Resources,
     S3Credentials,
-    merge_pod_settings,
-    quorum,
 )
-from fedtune_trainer.task import TASK_ENV, AggregateTask, CleanupTask, ClientTask
+from fedtune_operator.rounds import quorum
+from fedtune_trainer.contract import (
+    AWS_CREDENTIAL_ENV,
+    AWS_ENDPOINT_ENV,
+    AWS_REGION_ENV,
+    COMMAND,
+    CONTAINER,
+    DATA_CREDENTIALS_PREFIX,
+    EXIT_INVALID_INPUT,
+    LABEL_ATTEMPT,
+    LABEL_CLIENT,
+    LABEL_ROLE,
+    LABEL_ROUND,
+    LABEL_RUN,
+    ROLE_AGGREGATOR,
+    ROLE_CLEANUP,
+    ROLE_CLIENT,
+    ROLE_EVALUATOR,
+    TASK_ENV,
+    TERMINATION_LOG,
+    USER_ID,
+)
+from fedtune_trainer.task import AggregateTask, CleanupTask, ClientTask, EvaluateTask
 
-GROUP_PREFIX = "fedtune.dev"
-LABEL_RUN = f"{GROUP_PREFIX}/run"
-LABEL_ROUND = f"{GROUP_PREFIX}/round"
-LABEL_ROLE = f"{GROUP_PREFIX}/role"
-LABEL_CLIENT = f"{GROUP_PREFIX}/client"
-LABEL_ATTEMPT = f"{GROUP_PREFIX}/attempt"
-CONTAINER = "trainer"
 PVC_ROOT = "/mnt/pvc"
-USER_ID = 1000
-EXIT_INVALID_INPUT = 2
-"""The trainer's exit code for input that no retry can fix (bad task, bad data, bad model)."""
 
 
 def job_name(run: str, round_: int | None, suffix: str) -> str:
@@ -52,6 +63,10 @@ def client_job_name(run: str, round_: int, client: str) -> str:
 
 def aggregate_job_name(run: str, round_: int) -> str:
     return job_name(run, round_, "aggregate")
+
+
+def evaluate_job_name(run: str, round_: int) -> str:
+    return job_name(run, round_, "evaluate")
 
 
 def cleanup_job_name(run: str) -> str:
@@ -101,6 +116,47 @@ def pvc_volumes(*uris: str | None) -> tuple[list[dict[str, Any]], list[dict[str,
 
 
 # ---------------------------------------------------------------------------------------------
+# Pod settings merge
+# ---------------------------------------------------------------------------------------------
+
+
+def _merged_map(base: dict | None, over: dict | None) -> dict | None:
+    if base is None and over is None:
+        return None
+    return {**(base or {}), **(over or {})}
+
+
+def merge_pod_settings(base: PodSettings, override: PodSettings | None) -> PodSettings:
+    """The pod settings of one Job: `override` (a client or spec.aggregator) over `base`
+    (spec.template), with the merge rules documented on `PodSettings`."""
+    fields = set(PodSettings.model_fields)
+    if override is None:
+        return PodSettings.model_validate(base.model_dump(include=fields))
+    resources = None
+    if base.resources is not None or override.resources is not None:
+        b, o = base.resources or Resources(), override.resources or Resources()
+        resources = Resources(
+            limits=_merged_map(b.limits, o.limits), requests=_merged_map(b.requests, o.requests)
+        )
+    env = None
+    if base.env is not None or override.env is not None:
+        by_name = {v.name: v for v in base.env or []}
+        by_name.update({v.name: v for v in override.env or []})
+        env = list(by_name.values())
+    tolerations = None
+    if base.tolerations is not None or override.tolerations is not None:
+        tolerations = [*(base.tolerations or []), *(override.tolerations or [])]
+    return PodSettings(
+        resources=resources,
+        node_selector=_merged_map(base.node_selector, override.node_selector),
+        tolerations=tolerations,
+        affinity=override.affinity if override.affinity is not None else base.affinity,
+        env=env,
+        service_account_name=override.service_account_name or base.service_account_name,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # Tasks
 # ---------------------------------------------------------------------------------------------
 
@@ -125,9 +181,6 @@ def client_task(run: str, spec: FederatedFineTuneSpec, round_: int, client: str)
 def aggregate_task(
     run: str, spec: FederatedFineTuneSpec, round_: int, clients: list[str]
 ) -> AggregateTask:
-    evaluation = spec.evaluation
-    if evaluation.data_uri:
-        evaluation = evaluation.model_copy(update={"data_uri": local_uri(evaluation.data_uri)})
     weights = {c.name: c.weight for c in spec.clients if c.name in clients}
     return AggregateTask(
         run=run,
@@ -143,10 +196,24 @@ def aggregate_task(
         aggregation=spec.aggregation,
         privacy=spec.privacy,
         delta=spec.delta,
+        seed=spec.training.seed,
+    )
+
+
+def evaluate_task(run: str, spec: FederatedFineTuneSpec, round_: int) -> EvaluateTask:
+    evaluation = spec.evaluation.settings()
+    if evaluation.data_uri:
+        evaluation = evaluation.model_copy(update={"data_uri": local_uri(evaluation.data_uri)})
+    return EvaluateTask(
+        run=run,
+        round=round_,
+        base_model=local_uri(spec.base_model),
+        tokenizer=local_uri(spec.tokenizer) if spec.tokenizer else None,
+        adapter=spec.adapter,
+        storage=spec.storage.location(),
         data=spec.data,
         evaluation=evaluation,
         max_seq_length=spec.training.max_seq_length,
-        seed=spec.training.seed,
     )
 
 
@@ -158,13 +225,14 @@ def aggregate_task(
 def _secret_env(prefix: str, creds: S3Credentials | None) -> list[dict[str, Any]]:
     if creds is None:
         return []
+    key_id, secret = AWS_CREDENTIAL_ENV
     return [
         {
-            "name": f"{prefix}AWS_ACCESS_KEY_ID",
+            "name": f"{prefix}{key_id}",
             "valueFrom": {"secretKeyRef": {"name": creds.name, "key": creds.access_key_id_key}},
         },
         {
-            "name": f"{prefix}AWS_SECRET_ACCESS_KEY",
+            "name": f"{prefix}{secret}",
             "valueFrom": {"secretKeyRef": {"name": creds.name, "key": creds.secret_access_key_key}},
         },
     ]
@@ -221,9 +289,9 @@ def _job(
         *_secret_env("", storage.credentials_secret),
     ]
     if storage.endpoint:
-        env.append({"name": "AWS_ENDPOINT_URL", "value": storage.endpoint})
+        env.append({"name": AWS_ENDPOINT_ENV, "value": storage.endpoint})
     if storage.region:
-        env.append({"name": "AWS_REGION", "value": storage.region})
+        env.append({"name": AWS_REGION_ENV, "value": storage.region})
     env += extra_env
     env += [e.model_dump(mode="json", by_alias=True, exclude_none=True) for e in settings.env or []]
     resources = (
@@ -236,11 +304,11 @@ def _job(
             "name": CONTAINER,
             "image": template.image,
             "imagePullPolicy": template.image_pull_policy,
-            "command": ["fedtune-trainer", command],
+            "command": [COMMAND, command],
             "env": env,
             "resources": resources,
             "securityContext": container_sc,
-            "terminationMessagePath": "/dev/termination-log",
+            "terminationMessagePath": TERMINATION_LOG,
             "terminationMessagePolicy": "FallbackToLogsOnError",
             "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, *pvc_mounts],
         }
@@ -337,11 +405,11 @@ def client_job(
         run=run,
         uid=uid,
         spec=spec,
-        labels={**base_labels(run, round_, "client", attempt), LABEL_CLIENT: client},
+        labels={**base_labels(run, round_, ROLE_CLIENT, attempt), LABEL_CLIENT: client},
         settings=merge_pod_settings(spec.template, entry),
         command="client",
         task_json=json.dumps(task.wire(), separators=(",", ":")),
-        extra_env=_secret_env("FEDTUNE_DATA_", data_creds),
+        extra_env=_secret_env(DATA_CREDENTIALS_PREFIX, data_creds),
         uris=(spec.base_model, spec.tokenizer, entry.data_uri),
         backoff_limit=spec.backoff_limit,
     )
@@ -364,9 +432,30 @@ def aggregate_job(
         run=run,
         uid=uid,
         spec=spec,
-        labels=base_labels(run, round_, "aggregator", attempt),
+        labels=base_labels(run, round_, ROLE_AGGREGATOR, attempt),
         settings=merge_pod_settings(spec.template, spec.aggregator),
         command="aggregate",
+        task_json=json.dumps(task.wire(), separators=(",", ":")),
+        extra_env=[],
+        uris=(spec.base_model, spec.tokenizer),
+        backoff_limit=spec.backoff_limit,
+    )
+
+
+def evaluate_job(
+    *, run: str, namespace: str, uid: str, spec: FederatedFineTuneSpec, round_: int
+) -> dict[str, Any]:
+    """Evaluates global adapter `round_`; one per due round, whatever the round's attempts."""
+    task = evaluate_task(run, spec, round_)
+    return _job(
+        name=evaluate_job_name(run, round_),
+        namespace=namespace,
+        run=run,
+        uid=uid,
+        spec=spec,
+        labels=base_labels(run, round_, ROLE_EVALUATOR, 0),
+        settings=merge_pod_settings(spec.template, spec.evaluation),
+        command="evaluate",
         task_json=json.dumps(task.wire(), separators=(",", ":")),
         extra_env=[],
         uris=(spec.base_model, spec.tokenizer, spec.evaluation.data_uri),
@@ -384,7 +473,7 @@ def cleanup_job(*, run: str, namespace: str, spec: FederatedFineTuneSpec) -> dic
         run=run,
         uid="",
         spec=spec,
-        labels={LABEL_RUN: run, LABEL_ROLE: "cleanup"},
+        labels={LABEL_RUN: run, LABEL_ROLE: ROLE_CLEANUP},
         settings=merge_pod_settings(spec.template, spec.aggregator),
         command="cleanup",
         task_json=json.dumps(task.wire(), separators=(",", ":")),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import Counter, Histogram
 
 ROUNDS_COMPLETED = Counter(
@@ -27,3 +29,12 @@ RECONCILE_ERRORS = Counter(
     "fedtune_reconcile_errors_total", "Reconciles that raised an unexpected error."
 )
 RUNS_FINISHED = Counter("fedtune_runs_finished_total", "Runs that ended, by outcome.", ["outcome"])
+
+PER_RUN = (ROUNDS_COMPLETED, BYTES_RECEIVED, DELTAS_REJECTED, CLIENT_FAILURES)
+
+
+def forget_run(namespace: str, run: str) -> None:
+    """Drop a deleted run's series, so that the exporter does not grow with every run ever seen."""
+    for metric in PER_RUN:
+        with contextlib.suppress(KeyError):
+            metric.remove(namespace, run)

@@ -1,4 +1,8 @@
-"""Pure translation of the API's Jobs and Pods into what the engine reasons about."""
+"""Pure translation of the API's Jobs and Pods into what the engine reasons about.
+
+Jobs arrive from the operator's index (`compact_job` keeps what is read here); pods are fetched
+only for `jobs_needing_pods`, the finished Jobs whose results the status does not hold yet.
+"""
 
 from __future__ import annotations
 
@@ -7,24 +11,63 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from fedtune_operator.engine import ObservedJob
-from fedtune_operator.manifests import (
+from fedtune_operator.api import FederatedFineTuneStatus
+from fedtune_operator.decision import ObservedJob
+from fedtune_operator.rounds import job_state
+from fedtune_trainer.contract import (
     CONTAINER,
     LABEL_ATTEMPT,
     LABEL_CLIENT,
     LABEL_ROLE,
     LABEL_ROUND,
+    ROLE_AGGREGATOR,
+    ROLE_CLIENT,
+    ROLE_EVALUATOR,
 )
-from fedtune_trainer.task import parse_summary
+from fedtune_trainer.results import parse_summary
 
 Obj = Mapping[str, Any]
 
 
-def _terminal_condition(job: Obj) -> Mapping[str, Any] | None:
-    for cond in (job.get("status") or {}).get("conditions") or []:
-        if cond.get("type") in ("Complete", "Failed") and cond.get("status") == "True":
-            return cond
-    return None
+def compact_job(job: Obj) -> dict[str, Any]:
+    """The parts of a Job that `observe_jobs` reads, as plain data (what the index holds)."""
+    meta = job.get("metadata") or {}
+    status = job.get("status") or {}
+    return {
+        "metadata": {
+            "name": meta.get("name"),
+            "uid": meta.get("uid"),
+            "labels": dict(meta.get("labels") or {}),
+            "ownerReferences": [dict(o) for o in meta.get("ownerReferences") or []],
+            "deletionTimestamp": meta.get("deletionTimestamp"),
+        },
+        "spec": {"suspend": bool((job.get("spec") or {}).get("suspend"))},
+        "status": {"conditions": [dict(c) for c in status.get("conditions") or []]},
+    }
+
+
+def jobs_needing_pods(run_uid: str, status: FederatedFineTuneStatus, jobs: list[Obj]) -> list[str]:
+    """The finished Jobs whose result is not in the status yet: the current round's aggregator
+    (its result ends the round), its clients not yet recorded, and the evaluations still awaited.
+    Their pods' termination messages hold the summaries or the failure reasons."""
+    r, a = status.current_round, status.round_attempt or 0
+    if r is None:
+        return []
+    recorded = {
+        c.name for c in status.clients if c.last_round == r and c.phase in ("Succeeded", "Failed")
+    }
+    names = []
+    for job in observe_jobs(run_uid, jobs, []):
+        if job.state == "active":
+            continue
+        if job.role == "evaluator":
+            wanted = job.round in status.evaluating_rounds
+        else:
+            current = job.round == r and job.attempt == a
+            wanted = current and (job.role == "aggregator" or job.client not in recorded)
+        if wanted:
+            names.append(job.name)
+    return names
 
 
 def _termination(pod: Obj) -> tuple[int | None, str]:
@@ -57,12 +100,9 @@ def observe_jobs(run_uid: str, jobs: list[Obj], pods: list[Obj]) -> list[Observe
             continue
         labels = meta.get("labels") or {}
         role = labels.get(LABEL_ROLE)
-        if role not in ("client", "aggregator"):
+        if role not in (ROLE_CLIENT, ROLE_AGGREGATOR, ROLE_EVALUATOR):
             continue
-        cond = _terminal_condition(job)
-        state = (
-            "active" if cond is None else ("succeeded" if cond["type"] == "Complete" else "failed")
-        )
+        state, cond = job_state(job.get("status"))
         summary, message = None, ""
         job_pods = sorted(
             pods_by_job.get(meta["name"], []),

@@ -15,7 +15,8 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from fedtune_operator import api, crd
+from fedtune_operator import api, crd, validation
+from fedtune_trainer.task import Model
 from tests.api.api_cases import EXAMPLE_NAMES, INVALID, REPO, example
 from tests.api.test_api_status import full_status
 
@@ -125,6 +126,8 @@ def test_free_form_objects_are_only_the_documented_ones() -> None:
         ".spec.aggregator.env[].valueFrom",
         ".spec.clients[].affinity",
         ".spec.clients[].env[].valueFrom",
+        ".spec.evaluation.affinity",
+        ".spec.evaluation.env[].valueFrom",
         ".spec.template.affinity",
         ".spec.template.env[].valueFrom",
     ]
@@ -151,7 +154,7 @@ def test_lists_of_named_entries_are_maps() -> None:
 
 
 def test_generator_refuses_an_unbounded_list() -> None:
-    class Unbounded(api.Model):
+    class Unbounded(Model):
         names: list[str]
 
     with pytest.raises(crd.SchemaError, match="maxItems"):
@@ -236,14 +239,14 @@ def apply_defaults(value: Any, node: dict[str, Any]) -> Any:
 def test_schema_defaults_equal_model_defaults(name: str) -> None:
     raw = example(name)["spec"]
     defaulted = apply_defaults(copy.deepcopy(raw), schema()["properties"]["spec"])
-    assert defaulted == api.parse_spec(raw).wire()
+    assert defaulted == validation.parse_spec(raw).wire()
 
 
 def test_schema_defaults_equal_model_defaults_for_status() -> None:
     raw: dict[str, Any] = {"conditions": [], "clients": [{"name": "a"}], "history": [{"round": 1}]}
     raw["communication"] = {}
     defaulted = apply_defaults(copy.deepcopy(raw), schema()["properties"]["status"])
-    assert defaulted == api.parse_status(raw).wire()
+    assert defaulted == validation.parse_status(raw).wire()
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,10 +347,10 @@ def render(root: str, path: Path) -> str:
 def _field_problems(root: str, doc: Any, path: Path, value: Any) -> list[str]:
     """The problems the models report at `path` (other fields' complaints don't count: an
     at-the-bound value may trip a cross-field rule, which is not what is probed)."""
-    parse = api.parse_spec if root == "spec" else api.parse_status
+    parse = validation.parse_spec if root == "spec" else validation.parse_status
     try:
         parse(put(doc, path, value))
-    except api.SpecError as e:
+    except validation.SpecError as e:
         return [p for p in e.problems if p.split(": ")[0] == render(root, path)]
     return []
 
@@ -366,8 +369,9 @@ ALTERNATIVES = {".spec.aggregation.clientFraction", ".spec.training.localEpochs"
 
 
 def _pod_normalized(path: str) -> str:
-    """Pod settings recur in template, aggregator and clients; showing each once is enough."""
-    for prefix in (".spec.template.", ".spec.aggregator.", ".spec.clients[]."):
+    """Pod settings recur in template, aggregator, evaluation and clients; showing each once is
+    enough."""
+    for prefix in (".spec.template.", ".spec.aggregator.", ".spec.evaluation.", ".spec.clients[]."):
         rest = path.removeprefix(prefix)
         if rest != path and re.split(r"[.\[]", rest)[0] in POD_FIELDS:
             return f"pod.{rest}"

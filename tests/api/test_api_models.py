@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from fedtune_operator import api
+from fedtune_operator import api, manifests, validation
+from fedtune_trainer import contract
 from fedtune_trainer.task import StorageLocation
 from tests.api.api_cases import (
     EXAMPLE_NAMES,
@@ -24,16 +25,16 @@ from tests.api.api_cases import (
 def operator_problems(body: dict[str, Any]) -> list[str]:
     """What the operator reports for a manifest: shape problems, else cross-field problems."""
     try:
-        spec = api.parse_spec(body["spec"])
-    except api.SpecError as e:
+        spec = validation.parse_spec(body["spec"])
+    except validation.SpecError as e:
         return e.problems
-    return api.validate_spec(spec, name=body["metadata"]["name"])
+    return validation.validate_spec(spec, name=body["metadata"]["name"])
 
 
 def spec_with(**changes: Any) -> api.FederatedFineTuneSpec:
     body = base()["spec"]
     body.update(changes)
-    return api.parse_spec(body)
+    return validation.parse_spec(body)
 
 
 def get(wire: dict[str, Any], path: str) -> Any:
@@ -94,21 +95,21 @@ ABSENT_BY_DEFAULT = [
 
 @pytest.mark.parametrize(("path", "expected"), DEFAULTS)
 def test_default(path: str, expected: Any) -> None:
-    assert get(api.parse_spec(base()["spec"]).wire(), path) == expected
+    assert get(validation.parse_spec(base()["spec"]).wire(), path) == expected
 
 
 @pytest.mark.parametrize("path", ABSENT_BY_DEFAULT)
 def test_optional_field_is_absent_by_default(path: str) -> None:
     with pytest.raises(KeyError):
-        get(api.parse_spec(base()["spec"]).wire(), path)
+        get(validation.parse_spec(base()["spec"]).wire(), path)
 
 
 def test_credentials_secret_key_names_default_to_the_aws_variables() -> None:
     body = base()["spec"]
     body["storage"]["credentialsSecret"] = {"name": "s3-creds"}
-    creds = api.parse_spec(body).storage.credentials_secret
+    creds = validation.parse_spec(body).storage.credentials_secret
     assert creds is not None
-    assert (creds.access_key_id_key, creds.secret_access_key_key) == api.AWS_CREDENTIAL_ENV
+    assert (creds.access_key_id_key, creds.secret_access_key_key) == contract.AWS_CREDENTIAL_ENV
 
 
 def test_default_image_is_pinned_to_the_package_version() -> None:
@@ -123,8 +124,8 @@ def test_bounds_reused_from_the_job_contract() -> None:
 
 
 def test_parsing_is_idempotent() -> None:
-    spec = api.parse_spec(example("full")["spec"])
-    assert api.parse_spec(spec.wire()) == spec
+    spec = validation.parse_spec(example("full")["spec"])
+    assert validation.parse_spec(spec.wire()) == spec
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,7 +139,7 @@ def test_example_is_valid(name: str) -> None:
 
 
 def test_demo_example_matches_the_demo_setup() -> None:
-    spec = api.parse_spec(example("demo")["spec"])
+    spec = validation.parse_spec(example("demo")["spec"])
     assert [c.name for c in spec.clients] == ["alice", "bob", "carol"]
     assert all(c.data_uri == f"s3://fedtune-demo/data/{c.name}.jsonl" for c in spec.clients)
     assert spec.base_model == "s3://fedtune-demo/models/tiny"
@@ -176,8 +177,8 @@ def test_every_problem_is_reported_at_once() -> None:
     body = base()["spec"]
     body.update(rounds=0, delta={"topK": 2})
     body["clients"][1]["name"] = "Not_A_Label"
-    with pytest.raises(api.SpecError) as err:
-        api.parse_spec(body)
+    with pytest.raises(validation.SpecError) as err:
+        validation.parse_spec(body)
     paths = sorted(p.partition(":")[0] for p in err.value.problems)
     assert paths == ["spec.clients[1].name", "spec.delta.topK", "spec.rounds"]
     assert isinstance(err.value, ValueError)
@@ -199,16 +200,18 @@ def test_every_problem_is_reported_at_once() -> None:
 def test_message_says_what_is_wrong(change: dict[str, Any], expected: str) -> None:
     body = base()["spec"]
     body["clients"][0].update(change)
-    with pytest.raises(api.SpecError) as err:
-        api.parse_spec(body)
+    with pytest.raises(validation.SpecError) as err:
+        validation.parse_spec(body)
     assert expected in str(err.value)
 
 
 def test_missing_field_is_named() -> None:
     body = base()["spec"]
     del body["clients"][1]["dataUri"]
-    with pytest.raises(api.SpecError, match=r"^spec\.clients\[1\]\.dataUri: Field required$"):
-        api.parse_spec(body)
+    with pytest.raises(
+        validation.SpecError, match=r"^spec\.clients\[1\]\.dataUri: Field required$"
+    ):
+        validation.parse_spec(body)
 
 
 @pytest.mark.parametrize(
@@ -216,7 +219,7 @@ def test_missing_field_is_named() -> None:
     [("rounds", "10"), ("rounds", 10.0), ("rounds", True), ("suspend", "yes"), ("suspend", 1)],
 )
 def test_json_types_are_strict_like_the_api_server(field: str, value: Any) -> None:
-    with pytest.raises(api.SpecError, match=f"^spec.{field}: "):
+    with pytest.raises(validation.SpecError, match=f"^spec.{field}: "):
         spec_with(**{field: value})
 
 
@@ -229,7 +232,7 @@ def test_parse_spec_takes_a_kopf_style_read_only_mapping() -> None:
         return value
 
     raw = example("full")["spec"]
-    assert api.parse_spec(frozen(raw)) == api.parse_spec(raw)
+    assert validation.parse_spec(frozen(raw)) == validation.parse_spec(raw)
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,7 +337,7 @@ def test_cleanup_delete_refuses_data_under_the_storage_root() -> None:
     body["storage"] = {"uri": "s3://bucket/runs/a", "cleanupPolicy": "Delete"}
     body["clients"][1]["dataUri"] = "s3://bucket/runs/a/data/b.jsonl"
     body["baseModel"] = "s3://bucket/runs/a/model"
-    problems = api.validate_spec(api.parse_spec(body))
+    problems = validation.validate_spec(validation.parse_spec(body))
     assert [p.partition(":")[0] for p in problems] == ["spec.baseModel", "spec.clients[1].dataUri"]
     assert "cleanupPolicy Delete" in problems[0]
 
@@ -347,15 +350,15 @@ def test_cleanup_check_only_for_delete_and_only_under_the_root(policy: str, data
     body = base()["spec"]
     body["storage"] = {"uri": "s3://bucket/runs/a", "cleanupPolicy": policy}
     body["clients"][0]["dataUri"] = data_uri
-    assert api.validate_spec(api.parse_spec(body)) == []
+    assert validation.validate_spec(validation.parse_spec(body)) == []
 
 
 def test_aws_env_conflicts_with_the_credentials_secret() -> None:
     body = base()["spec"]
     body["clients"][0]["env"] = [{"name": "AWS_ACCESS_KEY_ID", "value": "x"}]
-    assert api.validate_spec(api.parse_spec(body)) == []
+    assert validation.validate_spec(validation.parse_spec(body)) == []
     body["storage"]["credentialsSecret"] = {"name": "s3"}
-    problems = api.validate_spec(api.parse_spec(body))
+    problems = validation.validate_spec(validation.parse_spec(body))
     assert len(problems) == 1
     assert problems[0].startswith("spec.clients[0].env[0].name: AWS_ACCESS_KEY_ID comes from")
 
@@ -364,14 +367,14 @@ def test_aws_env_conflicts_with_the_credentials_secret() -> None:
 def test_env_rules_hold_for_template_and_aggregator(where: str) -> None:
     body = base()["spec"]
     body[where] = {"env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]}
-    problems = api.validate_spec(api.parse_spec(body))
+    problems = validation.validate_spec(validation.parse_spec(body))
     assert problems == [f"spec.{where}.env[1].name: duplicate name 'A'"]
 
 
 def test_reserved_annotation_prefix() -> None:
     body = base()["spec"]
     body["template"] = {"annotations": {"fedtune.dev/round": "3"}}
-    problems = api.validate_spec(api.parse_spec(body))
+    problems = validation.validate_spec(validation.parse_spec(body))
     assert problems == [
         "spec.template.annotations[fedtune.dev/round]: keys under fedtune.dev/ are reserved "
         "for the operator"
@@ -383,58 +386,7 @@ def test_reserved_annotation_prefix() -> None:
     [("demo", True), ("a" * 63, True), ("a" * 64, False), ("Demo", False), ("a.b", False)],
 )
 def test_run_name(name: str, ok: bool) -> None:
-    assert (api.validate_run_name(name) == []) is ok
-
-
-# --------------------------------------------------------------------------------------------
-# Client selection and quorum
-# --------------------------------------------------------------------------------------------
-
-
-def _spec_with_clients(n: int, **aggregation: Any) -> api.FederatedFineTuneSpec:
-    body = base()["spec"]
-    body["clients"] = [{"name": f"c{i}", "dataUri": f"s3://data/c{i}.jsonl"} for i in range(n)]
-    body["aggregation"] = aggregation
-    return api.parse_spec(body)
-
-
-@pytest.mark.parametrize(
-    ("n", "aggregation", "selected", "quorum"),
-    [
-        (10, {}, 10, 10),
-        (10, {"clientsPerRound": 3}, 3, 3),
-        (10, {"clientsPerRound": 3, "minClients": 2}, 3, 2),
-        (10, {"clientFraction": 0.25}, 3, 3),
-        (30, {"clientFraction": 0.1}, 3, 3),
-        (3, {"clientFraction": 0.01}, 1, 1),
-        (10, {"clientFraction": 1.0, "minClients": 7}, 10, 7),
-    ],
-)
-def test_clients_per_round_and_quorum(
-    n: int, aggregation: dict[str, Any], selected: int, quorum: int
-) -> None:
-    spec = _spec_with_clients(n, **aggregation)
-    assert api.clients_per_round(spec) == selected
-    assert api.quorum(spec) == quorum
-    assert api.validate_spec(spec) == []
-
-
-def test_selection_is_deterministic_sized_and_in_spec_order() -> None:
-    spec = _spec_with_clients(10, clientsPerRound=4, samplingSeed=3)
-    names = [c.name for c in spec.clients]
-    rounds = [api.select_clients(spec, r) for r in range(1, 21)]
-    assert rounds == [api.select_clients(spec, r) for r in range(1, 21)]
-    for chosen in rounds:
-        assert len(chosen) == 4
-        assert chosen == sorted(chosen, key=names.index)
-    assert len({tuple(c) for c in rounds}) > 5
-    other_seed = _spec_with_clients(10, clientsPerRound=4, samplingSeed=4)
-    assert [api.select_clients(other_seed, r) for r in range(1, 21)] != rounds
-
-
-def test_every_client_trains_when_no_sampling_is_asked() -> None:
-    spec = _spec_with_clients(5)
-    assert api.select_clients(spec, 7) == ["c0", "c1", "c2", "c3", "c4"]
+    assert (validation.validate_run_name(name) == []) is ok
 
 
 # --------------------------------------------------------------------------------------------
@@ -457,28 +409,28 @@ STARTED = api.FederatedFineTuneStatus.model_validate(
     ],
 )
 def test_immutable_once_started(change: dict[str, Any], field: str) -> None:
-    old = api.parse_spec(base()["spec"])
+    old = validation.parse_spec(base()["spec"])
     new = spec_with(**change)
-    assert [p.partition(":")[0] for p in api.immutable_changes(old, new, STARTED)] == [field]
+    assert [p.partition(":")[0] for p in validation.immutable_changes(old, new, STARTED)] == [field]
     if field != "spec.rounds":
-        assert api.immutable_changes(old, new, api.FederatedFineTuneStatus()) == []
+        assert validation.immutable_changes(old, new, api.FederatedFineTuneStatus()) == []
 
 
 def test_client_names_immutable_but_their_data_may_change() -> None:
-    old = api.parse_spec(base()["spec"])
+    old = validation.parse_spec(base()["spec"])
     body = base()["spec"]
     body["clients"][0]["dataUri"] = "s3://elsewhere/a.jsonl"
-    assert api.immutable_changes(old, api.parse_spec(body), STARTED) == []
+    assert validation.immutable_changes(old, validation.parse_spec(body), STARTED) == []
     body["clients"][1]["name"] = "renamed"
-    problems = api.immutable_changes(old, api.parse_spec(body), STARTED)
+    problems = validation.immutable_changes(old, validation.parse_spec(body), STARTED)
     assert problems == ["spec.clients: immutable once the run has started"]
 
 
 def test_started_means_start_time_or_past_round_zero() -> None:
-    assert not api.is_started(api.FederatedFineTuneStatus())
-    assert not api.is_started(api.FederatedFineTuneStatus(current_round=0))
-    assert api.is_started(api.FederatedFineTuneStatus(current_round=1))
-    assert api.is_started(STARTED.model_copy(update={"current_round": 0}))
+    assert not validation.is_started(api.FederatedFineTuneStatus())
+    assert not validation.is_started(api.FederatedFineTuneStatus(current_round=0))
+    assert validation.is_started(api.FederatedFineTuneStatus(current_round=1))
+    assert validation.is_started(STARTED.model_copy(update={"current_round": 0}))
 
 
 # --------------------------------------------------------------------------------------------
@@ -487,8 +439,8 @@ def test_started_means_start_time_or_past_round_zero() -> None:
 
 
 def test_client_pod_settings_merge_over_the_template() -> None:
-    spec = api.parse_spec(example("full")["spec"])
-    merged = api.merge_pod_settings(spec.template, spec.clients[0])
+    spec = validation.parse_spec(example("full")["spec"])
+    merged = manifests.merge_pod_settings(spec.template, spec.clients[0])
     assert merged.resources is not None
     assert merged.resources.limits == {"memory": "64Gi", "nvidia.com/gpu": 1}
     assert merged.resources.requests == {"cpu": "8", "memory": "48Gi"}
@@ -511,9 +463,9 @@ def test_client_pod_settings_merge_over_the_template() -> None:
 
 
 def test_client_without_overrides_gets_the_template() -> None:
-    spec = api.parse_spec(example("full")["spec"])
-    merged = api.merge_pod_settings(spec.template, spec.clients[2])
-    expected = api.merge_pod_settings(spec.template, None)
+    spec = validation.parse_spec(example("full")["spec"])
+    merged = manifests.merge_pod_settings(spec.template, spec.clients[2])
+    expected = manifests.merge_pod_settings(spec.template, None)
     assert merged == expected
     assert expected.affinity == spec.template.affinity
     assert isinstance(expected, api.PodSettings)
@@ -525,12 +477,12 @@ def test_env_override_by_name_keeps_the_template_order() -> None:
         env=[api.EnvVar(name="A", value="1"), api.EnvVar(name="B", value="2")]
     )
     client = api.PodSettings(env=[api.EnvVar(name="A", value="9")])
-    merged = api.merge_pod_settings(template, client)
+    merged = manifests.merge_pod_settings(template, client)
     assert [(e.name, e.value) for e in merged.env or []] == [("A", "9"), ("B", "2")]
 
 
 def test_storage_location_for_a_task() -> None:
-    spec = api.parse_spec(example("full")["spec"])
+    spec = validation.parse_spec(example("full")["spec"])
     location = spec.storage.location()
     assert type(location) is StorageLocation
     assert location.wire() == {

@@ -9,14 +9,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedtune_operator import api
+from fedtune_operator import api, status_updates, validation
 
 T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
 T1 = T0 + timedelta(minutes=5)
 
 
 def test_new_condition_is_appended_with_now() -> None:
-    conditions = api.set_condition([], api.PROGRESSING, "True", "RoundStarted", "round 1", T0, 3)
+    conditions = status_updates.set_condition(
+        [], api.PROGRESSING, "True", "RoundStarted", "round 1", T0, 3
+    )
     assert len(conditions) == 1
     c = conditions[0]
     assert (c.type, c.status, c.reason, c.message) == (
@@ -30,57 +32,67 @@ def test_new_condition_is_appended_with_now() -> None:
 
 
 def test_transition_time_moves_only_when_status_flips() -> None:
-    first = api.set_condition([], api.PROGRESSING, "True", "RoundStarted", "round 1", T0)
-    same = api.set_condition(first, api.PROGRESSING, "True", "RoundStarted", "round 2", T1)
+    first = status_updates.set_condition([], api.PROGRESSING, "True", "RoundStarted", "round 1", T0)
+    same = status_updates.set_condition(
+        first, api.PROGRESSING, "True", "RoundStarted", "round 2", T1
+    )
     assert same[0].last_transition_time == T0
     assert same[0].message == "round 2"
-    flipped = api.set_condition(same, api.PROGRESSING, "False", "Completed", "done", T1)
+    flipped = status_updates.set_condition(same, api.PROGRESSING, "False", "Completed", "done", T1)
     assert flipped[0].last_transition_time == T1
 
 
 def test_set_condition_keeps_order_and_does_not_mutate() -> None:
-    conditions = api.set_condition([], api.SUSPENDED, "False", "NotSuspended", "", T0)
-    conditions = api.set_condition(conditions, api.PROGRESSING, "True", "Running", "", T0)
+    conditions = status_updates.set_condition([], api.SUSPENDED, "False", "NotSuspended", "", T0)
+    conditions = status_updates.set_condition(
+        conditions, api.PROGRESSING, "True", "Running", "", T0
+    )
     before = list(conditions)
-    updated = api.set_condition(conditions, api.SUSPENDED, "True", "Suspended", "by user", T1)
+    updated = status_updates.set_condition(
+        conditions, api.SUSPENDED, "True", "Suspended", "by user", T1
+    )
     assert conditions == before
     assert [c.type for c in updated] == ["Suspended", "Progressing"]
     assert updated[1] is conditions[1]
 
 
 def test_observed_generation_is_kept_when_not_given() -> None:
-    conditions = api.set_condition([], api.FAILED, "False", "Running", "", T0, 4)
+    conditions = status_updates.set_condition([], api.FAILED, "False", "Running", "", T0, 4)
     assert (
-        api.set_condition(conditions, api.FAILED, "False", "Running", "", T1)[0].observed_generation
+        status_updates.set_condition(conditions, api.FAILED, "False", "Running", "", T1)[
+            0
+        ].observed_generation
         == 4
     )
 
 
 @pytest.mark.parametrize("outcome", api.OUTCOMES)
 def test_outcomes_flip_together(outcome: str) -> None:
-    conditions = api.set_outcome([], "Progressing", "RoundStarted", "round 1", T0, 1)
-    conditions = api.set_outcome(conditions, outcome, "Reason", "why", T1, 2)
+    conditions = status_updates.set_outcome([], "Progressing", "RoundStarted", "round 1", T0, 1)
+    conditions = status_updates.set_outcome(conditions, outcome, "Reason", "why", T1, 2)
     true = [c.type for c in conditions if c.status == "True"]
     assert true == [outcome]
     assert {c.type for c in conditions} == set(api.OUTCOMES)
     assert all(c.observed_generation == 2 for c in conditions)
-    progressing = api.get_condition(conditions, api.PROGRESSING)
+    progressing = status_updates.get_condition(conditions, api.PROGRESSING)
     assert progressing is not None
     assert progressing.last_transition_time == (T0 if outcome == "Progressing" else T1)
 
 
 def test_set_outcome_refuses_a_non_outcome() -> None:
     with pytest.raises(ValueError, match="outcome"):
-        api.set_outcome([], "Suspended", "X", "", T0)  # type: ignore[arg-type]
+        status_updates.set_outcome([], "Suspended", "X", "", T0)  # type: ignore[arg-type]
 
 
 def test_get_condition_selects_by_type() -> None:
-    conditions = api.set_condition([], api.SUCCEEDED, "True", "Done", "", T0)
-    conditions = api.set_condition(conditions, api.SUSPENDED, "False", "NotSuspended", "", T0)
-    found = api.get_condition(conditions, api.SUCCEEDED)
+    conditions = status_updates.set_condition([], api.SUCCEEDED, "True", "Done", "", T0)
+    conditions = status_updates.set_condition(
+        conditions, api.SUSPENDED, "False", "NotSuspended", "", T0
+    )
+    found = status_updates.get_condition(conditions, api.SUCCEEDED)
     assert found is not None
     assert found.status == "True"
-    assert api.get_condition(conditions, api.FAILED) is None
+    assert status_updates.get_condition(conditions, api.FAILED) is None
 
 
 @settings(max_examples=60, deadline=None)
@@ -102,7 +114,7 @@ def test_condition_invariants(updates: list[tuple[str, str]]) -> None:
         if last_status.get(type_) != status:
             last_flip[type_] = now
         last_status[type_] = status
-        conditions = api.set_condition(conditions, type_, status, "Reason", "", now)  # type: ignore[arg-type]
+        conditions = status_updates.set_condition(conditions, type_, status, "Reason", "", now)  # type: ignore[arg-type]
     assert len({c.type for c in conditions}) == len(conditions)
     for c in conditions:
         assert c.status == last_status[c.type]
@@ -112,19 +124,23 @@ def test_condition_invariants(updates: list[tuple[str, str]]) -> None:
 def test_record_round_replaces_a_retried_round_and_keeps_the_last_fifty() -> None:
     history: list[api.RoundRecord] = []
     for r in range(1, 61):
-        history = api.record_round(history, api.RoundRecord(round=r, clients_succeeded=1))
+        history = status_updates.record_round(
+            history, api.RoundRecord(round=r, clients_succeeded=1)
+        )
     assert len(history) == api.HISTORY_LIMIT
     assert [h.round for h in history] == list(range(11, 61))
-    retried = api.record_round(history, api.RoundRecord(round=60, attempt=1, clients_failed=2))
+    retried = status_updates.record_round(
+        history, api.RoundRecord(round=60, attempt=1, clients_failed=2)
+    )
     assert len(retried) == api.HISTORY_LIMIT
     assert retried[-1].attempt == 1
     assert retried[-1].clients_failed == 2
 
 
 def test_set_client_status_by_name() -> None:
-    clients = api.set_client_status([], api.ClientStatus(name="a", phase="Running"))
-    clients = api.set_client_status(clients, api.ClientStatus(name="b", phase="Pending"))
-    clients = api.set_client_status(
+    clients = status_updates.set_client_status([], api.ClientStatus(name="a", phase="Running"))
+    clients = status_updates.set_client_status(clients, api.ClientStatus(name="b", phase="Pending"))
+    clients = status_updates.set_client_status(
         clients, api.ClientStatus(name="a", phase="Succeeded", bytes_sent=10)
     )
     assert [(c.name, c.phase, c.bytes_sent) for c in clients] == [
@@ -138,7 +154,7 @@ def test_set_client_status_by_name() -> None:
     [(1000, 41_200, 41.2, "41.2x"), (3, 10, 3.333, "3.3x"), (0, 100, None, None)],
 )
 def test_communication_totals(sent: int, full: int, ratio: float | None, text: str | None) -> None:
-    totals = api.communication_totals(sent, full)
+    totals = status_updates.communication_totals(sent, full)
     assert totals.bytes_sent == sent
     assert totals.full_model_equivalent_bytes == full
     assert totals.reduction_ratio == ratio
@@ -147,11 +163,11 @@ def test_communication_totals(sent: int, full: int, ratio: float | None, text: s
 
 def test_communication_totals_refuse_negative_counts() -> None:
     with pytest.raises(ValueError, match="negative"):
-        api.communication_totals(-1, 10)
+        status_updates.communication_totals(-1, 10)
 
 
 def test_progress() -> None:
-    assert api.progress(3, 10) == "3/10"
+    assert status_updates.progress(3, 10) == "3/10"
 
 
 @pytest.mark.parametrize(
@@ -180,19 +196,24 @@ def test_naive_timestamp_is_refused() -> None:
 
 def full_status() -> api.FederatedFineTuneStatus:
     """A status with every field set, built the way the engine builds one."""
-    conditions = api.set_outcome([], "Progressing", "RoundStarted", "round 3 of 10", T0, 2)
-    conditions = api.set_condition(conditions, api.SUSPENDED, "False", "NotSuspended", "", T0, 2)
+    conditions = status_updates.set_outcome(
+        [], "Progressing", "RoundStarted", "round 3 of 10", T0, 2
+    )
+    conditions = status_updates.set_condition(
+        conditions, api.SUSPENDED, "False", "NotSuspended", "", T0, 2
+    )
     return api.FederatedFineTuneStatus(
         observed_generation=2,
         conditions=conditions,
         phase="Aggregating",
         current_round=3,
         round_attempt=1,
-        round_progress=api.progress(3, 10),
+        round_progress=status_updates.progress(3, 10),
         selected_clients=["a", "b"],
-        client_progress=api.progress(2, 2),
+        client_progress=status_updates.progress(2, 2),
         round_started_at=T0,
         aggregating_clients=["a", "b"],
+        evaluating_rounds=[2],
         clients=[
             api.ClientStatus(
                 name="a", phase="Succeeded", last_round=3, samples=100, last_loss=1.5, bytes_sent=10
@@ -216,7 +237,7 @@ def full_status() -> api.FederatedFineTuneStatus:
         global_adapter_uri="s3://b/run/rounds/000002/global/",
         final_adapter_uri="s3://b/run/final/",
         report_uri="s3://b/run/report/report.html",
-        communication=api.communication_totals(20, 824),
+        communication=status_updates.communication_totals(20, 824),
         last_train_loss=1.7,
         last_eval_loss=1.9,
         start_time=T0,
@@ -226,19 +247,19 @@ def full_status() -> api.FederatedFineTuneStatus:
 
 def test_status_round_trips_through_its_wire_form() -> None:
     status = full_status()
-    assert api.parse_status(status.wire()) == status
+    assert validation.parse_status(status.wire()) == status
 
 
 def test_status_parse_ignores_unknown_fields_from_other_operator_versions() -> None:
     wire = full_status().wire() | {"fieldFromTheFuture": 1}
-    assert api.parse_status(wire) == full_status()
+    assert validation.parse_status(wire) == full_status()
 
 
 def test_empty_status() -> None:
-    assert api.parse_status(None) == api.FederatedFineTuneStatus()
-    assert api.parse_status({}).conditions == []
+    assert validation.parse_status(None) == api.FederatedFineTuneStatus()
+    assert validation.parse_status({}).conditions == []
 
 
 def test_malformed_status_names_the_field() -> None:
-    with pytest.raises(api.SpecError, match=r"^status\.currentRound: "):
-        api.parse_status({"currentRound": -1})
+    with pytest.raises(validation.SpecError, match=r"^status\.currentRound: "):
+        validation.parse_status({"currentRound": -1})

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from devcluster.testing import DevCluster
-from fedtune_operator import api
+from fedtune_operator import api, status_updates, validation
 from tests.api.api_cases import EXAMPLE_NAMES, INVALID, VALID_EDGES, Invalid, base, example
 from tests.api.test_api_status import full_status
 
@@ -50,7 +50,7 @@ def test_example_is_accepted_and_defaulted_like_the_models(
     result = create(devcluster, namespace, body)
     assert result.returncode == 0, result.stderr
     server = json.loads(result.stdout)["spec"]
-    assert server == api.parse_spec(body["spec"]).wire()
+    assert server == validation.parse_spec(body["spec"]).wire()
 
 
 @pytest.mark.parametrize("case", INVALID, ids=lambda c: c.id)
@@ -152,7 +152,7 @@ def test_status_written_from_the_models_is_stored_as_is(
         "-p", json.dumps({"status": status.wire()}),
     )  # fmt: skip
     stored = devcluster.kubectl("get", "fft", name, "-n", namespace, "-o", "json")
-    assert api.parse_status(json.loads(stored.stdout)["status"]) == status
+    assert validation.parse_status(json.loads(stored.stdout)["status"]) == status
 
 
 def test_status_is_not_writable_through_the_main_resource(
@@ -184,8 +184,10 @@ def test_kubectl_get_shows_the_columns(devcluster: DevCluster, namespace: str) -
     name = body["metadata"]["name"]
     now = datetime(2025, 1, 1, tzinfo=UTC)
     # Succeeded is deliberately not the last condition: the column selects it by type.
-    conditions = api.set_outcome([], "Succeeded", "RunSucceeded", "10 rounds", now)
-    conditions = api.set_condition(conditions, api.SUSPENDED, "False", "NotSuspended", "", now)
+    conditions = status_updates.set_outcome([], "Succeeded", "RunSucceeded", "10 rounds", now)
+    conditions = status_updates.set_condition(
+        conditions, api.SUSPENDED, "False", "NotSuspended", "", now
+    )
     status = api.FederatedFineTuneStatus(
         phase="Succeeded",
         conditions=conditions,
@@ -194,7 +196,7 @@ def test_kubectl_get_shows_the_columns(devcluster: DevCluster, namespace: str) -
         client_progress="2/2",
         last_train_loss=1.2345678,
         last_eval_loss=1.5,
-        communication=api.communication_totals(1000, 41_200),
+        communication=status_updates.communication_totals(1000, 41_200),
         final_adapter_uri="s3://my-fedtune-bucket/runs/minimal/final/",
     )
     devcluster.kubectl(

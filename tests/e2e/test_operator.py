@@ -51,7 +51,7 @@ def test_a_run_goes_to_succeeded_and_its_adapter_loads(
     run_name: str,
     tmp_path: Path,
 ) -> None:
-    apply(devcluster, manifest(run_name))
+    apply(devcluster, manifest(run_name, evaluation={"everyRounds": 1}))
     run = wait_condition(devcluster, operator, namespace, run_name, "Succeeded", RUN_TIMEOUT)
 
     status = run["status"]
@@ -59,6 +59,10 @@ def test_a_run_goes_to_succeeded_and_its_adapter_loads(
     assert status["roundProgress"] == "3/3"
     assert [r["round"] for r in status["history"]] == [1, 2, 3]
     assert all(r["clientsSucceeded"] == 3 for r in status["history"])
+    # Every round was evaluated by a Job of its own, and the run waited for the last one.
+    assert all(r["evalLoss"] > 0 for r in status["history"])
+    assert status["lastEvalLoss"] == status["history"][-1]["evalLoss"]
+    assert not status.get("evaluatingRounds")
     assert status["finalAdapterUri"].startswith(f"s3://{BUCKET}/runs/{run_name}/")
     assert status["communication"]["reductionRatio"] > 1
     assert {c["name"]: c["phase"] for c in status["clients"]} == dict.fromkeys(CLIENTS, "Succeeded")
@@ -67,14 +71,15 @@ def test_a_run_goes_to_succeeded_and_its_adapter_loads(
     # Retain: nothing outside the cluster to clean up, so no finalizer to hold the deletion.
     assert not run["metadata"].get("finalizers")
 
-    # One Job per client per round plus one aggregator per round (round 0 initialises): none
-    # was created twice, none retried as a new attempt.
+    # One Job per client per round, one aggregator per round (round 0 initialises) and one
+    # evaluation per round (everyRounds 1, round 0 included): none was created twice, none
+    # retried as a new attempt.
     jobs = jobs_of(devcluster, namespace, run_name)
     keys = job_keys(jobs)
-    expected = {("0", "aggregator", "-")} | {
+    expected = {("0", "aggregator", "-"), ("0", "evaluator", "-")} | {
         (str(r), role, c)
         for r in (1, 2, 3)
-        for role, c in [("aggregator", "-"), *[("client", c) for c in CLIENTS]]
+        for role, c in [("aggregator", "-"), ("evaluator", "-"), *[("client", c) for c in CLIENTS]]
     }
     assert set(keys) == expected
     assert max(keys.values()) == 1
@@ -91,7 +96,7 @@ def test_a_run_goes_to_succeeded_and_its_adapter_loads(
     )
     assert "condition met" in waited.stdout
     reasons = [e["reason"] for e in events_of(devcluster, namespace, run_name)]
-    assert {"RoundStarted", "RoundAggregated", "RunSucceeded"} <= set(reasons)
+    assert {"RoundStarted", "RoundAggregated", "Evaluated", "RunSucceeded"} <= set(reasons)
 
     # The final adapter is a standard PEFT adapter.
     from peft import PeftModel
@@ -231,7 +236,7 @@ def test_an_operator_killed_mid_round_resumes_without_duplicates(
     run = wait_condition(devcluster, operator, namespace, run_name, "Succeeded", RUN_TIMEOUT)
     assert [(r["round"], r["attempt"]) for r in run["status"]["history"]] == [(1, 0), (2, 0)]
     keys = job_keys(jobs_of(devcluster, namespace, run_name))
-    assert len(keys) == 1 + 2 * (len(CLIENTS) + 1)
+    assert len(keys) == 1 + 2 * (len(CLIENTS) + 1) + 2  # evaluations of rounds 0 and 2
     assert max(keys.values()) == 1
 
 

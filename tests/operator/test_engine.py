@@ -9,9 +9,9 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedtune_operator import engine
-from fedtune_operator.api import FederatedFineTuneStatus, get_condition, parse_spec
-from fedtune_operator.engine import (
+from fedtune_operator import decision, engine
+from fedtune_operator.api import FederatedFineTuneStatus
+from fedtune_operator.decision import (
     CreateAggregateJob,
     CreateClientJob,
     DeleteJob,
@@ -19,13 +19,24 @@ from fedtune_operator.engine import (
     ObservedJob,
     SuspendJob,
 )
-from fedtune_trainer.task import AggregateSummary, ClientSummary, Rejection
+from fedtune_operator.status_updates import get_condition
+from fedtune_operator.validation import parse_spec
+from fedtune_trainer.results import (
+    AggregateSummary,
+    ClientSummary,
+    Contribution,
+    EvaluationSummary,
+    Rejection,
+    RoundRecord,
+    dump_summary,
+    parse_summary,
+)
 
 T0 = dt.datetime(2026, 11, 24, 12, 0, 0, tzinfo=dt.UTC)
 CLIENTS = ("alice", "bob", "carol")
 
 
-def make_run(clients: tuple[str, ...] = CLIENTS, **spec: Any) -> engine.Run:
+def make_run(clients: tuple[str, ...] = CLIENTS, **spec: Any) -> decision.Run:
     raw: dict[str, Any] = {
         "baseModel": "s3://models/tiny",
         "rounds": 2,
@@ -33,7 +44,9 @@ def make_run(clients: tuple[str, ...] = CLIENTS, **spec: Any) -> engine.Run:
         "clients": [{"name": c, "dataUri": f"s3://data/{c}.jsonl"} for c in clients],
     }
     raw.update(spec)
-    return engine.Run(name="demo", namespace="ns", uid="uid-1", generation=1, spec=parse_spec(raw))
+    return decision.Run(
+        name="demo", namespace="ns", uid="uid-1", generation=1, spec=parse_spec(raw)
+    )
 
 
 def client_summary(round_: int, client: str) -> ClientSummary:
@@ -51,16 +64,31 @@ def client_summary(round_: int, client: str) -> ClientSummary:
     )
 
 
-def aggregate_summary(round_: int, accepted: list[str], **extra: Any) -> AggregateSummary:
-    return AggregateSummary(
+def aggregate_summary(
+    round_: int, accepted: list[str], rejected: list[Rejection] | None = None
+) -> AggregateSummary:
+    rejected = rejected or []
+    record = RoundRecord(
+        run="demo",
         round=round_,
-        accepted=accepted,
-        global_uri=f"s3://bucket/runs/demo/rounds/{round_:06d}/global",
-        final_uri="s3://bucket/runs/demo/final" if round_ == 2 else None,
+        algorithm="fedavg",
+        accepted=len(accepted),
+        rejected=len(rejected),
         train_loss=1.2,
         eval_loss=1.1,
         bytes_received=3000,
-        **extra,
+        contributions=[
+            Contribution(
+                client=c, samples=10, weight=10, encoded_bytes=1000, raw_bytes=4000, norm=1.0
+            )
+            for c in accepted
+        ],
+        rejections=rejected,
+    )
+    return AggregateSummary(
+        record=record,
+        global_uri=f"s3://bucket/runs/demo/rounds/{round_:06d}/global",
+        final_uri="s3://bucket/runs/demo/final" if round_ == 2 else None,
     )
 
 
@@ -97,12 +125,12 @@ def cond(status: FederatedFineTuneStatus, type_: str) -> tuple[str, str]:
 
 
 def step(
-    run: engine.Run, status: FederatedFineTuneStatus, jobs: list[ObservedJob], seconds: float = 0
-) -> engine.Decision:
+    run: decision.Run, status: FederatedFineTuneStatus, jobs: list[ObservedJob], seconds: float = 0
+) -> decision.Decision:
     return engine.decide(run, status, jobs, T0 + dt.timedelta(seconds=seconds))
 
 
-def in_round_1(run: engine.Run) -> FederatedFineTuneStatus:
+def in_round_1(run: decision.Run) -> FederatedFineTuneStatus:
     """The status right after round 1 started."""
     first = step(run, FederatedFineTuneStatus(), [])
     return step(run, first.status, [job("aggregator", 0, state="succeeded")]).status
@@ -167,10 +195,114 @@ def test_the_last_aggregate_finishes_the_run() -> None:
     assert cond(d.status, "Progressing")[0] == "False"
     assert d.status.history[0].round == 1
     assert d.status.history[0].clients_succeeded == 3
-    assert d.status.last_eval_loss == 1.1
+    assert d.status.last_train_loss == 1.2
+    assert d.status.last_eval_loss is None  # no evaluation data: no evaluation Job
     assert d.status.final_adapter_uri.endswith("rounds/000001/global")
     assert "RunSucceeded" in [e.reason for e in d.events]
     assert d.actions == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: a Job of its own per due round, beside the next round's clients
+# ---------------------------------------------------------------------------------------------
+
+EVALUATED = {"evaluation": {"dataUri": "s3://data/eval.jsonl", "everyRounds": 1}}
+
+
+def evaluator(round_: int, state: str = "active", loss: float = 2.5, **kw: Any) -> ObservedJob:
+    summary = (
+        EvaluationSummary(round=round_, eval_loss=loss, examples=8, tokens=800)
+        if state == "succeeded"
+        else None
+    )
+    return ObservedJob(
+        name=f"demo-r{round_}-evaluate",
+        role="evaluator",
+        round=round_,
+        attempt=0,
+        client=None,
+        state=state,  # type: ignore[arg-type]
+        summary=summary,
+        **kw,
+    )
+
+
+def test_evaluation_of_a_round_runs_beside_the_next_rounds_clients() -> None:
+    run = make_run(rounds=2, **EVALUATED)
+    first = step(run, FederatedFineTuneStatus(), [])
+    d = step(run, first.status, [job("aggregator", 0, state="succeeded")])
+    assert decision.CreateEvaluateJob(0) in d.actions
+    assert [a.client for a in d.actions if isinstance(a, decision.CreateClientJob)] == list(CLIENTS)
+    assert d.status.evaluating_rounds == [0]
+    assert d.status.phase == "Running"
+    # The evaluator of round 0 is neither superseded nor re-created while it runs ...
+    d = step(run, d.status, [job("aggregator", 0, state="succeeded"), evaluator(0)])
+    assert not any(
+        isinstance(a, decision.DeleteJob | decision.CreateEvaluateJob) for a in d.actions
+    )
+    # ... and a missing one is created again (a lost create, a deleted Job).
+    assert decision.CreateEvaluateJob(0) in step(run, d.status, []).actions
+    # Its loss lands in the status once, with an event.
+    d = step(run, d.status, [evaluator(0, "succeeded", loss=6.2512)])
+    assert d.status.evaluating_rounds == []
+    assert d.status.last_eval_loss == 6.251
+    assert [e.reason for e in d.events] == ["Evaluated"]
+
+
+def test_an_evaluation_fills_its_rounds_history_record() -> None:
+    run = make_run(rounds=3, **EVALUATED)
+    status = in_round_1(run).model_copy(update={"evaluating_rounds": []})
+    clients_done = [job("client", 1, c, "succeeded") for c in CLIENTS]
+    status = step(run, status, clients_done).status
+    d = step(run, status, [*clients_done, job("aggregator", 1, state="succeeded")])
+    assert d.status.current_round == 2
+    assert d.status.evaluating_rounds == [1]
+    assert d.status.history[0].eval_loss is None
+    d = step(run, d.status, [evaluator(1, "succeeded", loss=3.0)])
+    assert d.status.history[0].eval_loss == 3.0
+    assert d.status.last_eval_loss == 3.0
+    # An older round's evaluation reporting late does not hide the newer loss.
+    late = d.status.model_copy(update={"evaluating_rounds": [0]})
+    d = step(run, late, [evaluator(0, "succeeded", loss=9.0)])
+    assert d.status.last_eval_loss == 3.0
+
+
+def test_the_run_succeeds_once_the_last_rounds_evaluation_is_in() -> None:
+    run = make_run(rounds=1, **EVALUATED)
+    status = in_round_1(run).model_copy(update={"evaluating_rounds": []})
+    clients_done = [job("client", 1, c, "succeeded") for c in CLIENTS]
+    status = step(run, status, clients_done).status
+    aggregated = [*clients_done, job("aggregator", 1, state="succeeded")]
+    d = step(run, status, aggregated)
+    assert d.status.phase == "Evaluating"
+    assert cond(d.status, "Progressing") == ("True", "Evaluating")
+    assert decision.CreateEvaluateJob(1) in d.actions
+    assert [type(f) for f in d.facts] == [decision.RoundCompleted]
+    # Reconciled again while the evaluation runs: nothing recorded or counted twice.
+    again = step(run, d.status, [*aggregated, evaluator(1)])
+    assert again.status.phase == "Evaluating"
+    assert (again.facts, again.events, again.actions) == ([], [], [])
+    done = step(run, again.status, [*aggregated, evaluator(1, "succeeded", loss=1.5)])
+    assert done.status.phase == "Succeeded"
+    assert done.status.last_eval_loss == 1.5
+    assert done.status.history[-1].eval_loss == 1.5
+    assert done.status.final_adapter_uri == "s3://bucket/runs/demo/rounds/000001/global"
+    assert [type(f) for f in done.facts] == [decision.RunFinished]
+
+
+def test_a_failed_evaluation_is_reported_and_does_not_fail_the_run() -> None:
+    run = make_run(rounds=1, **EVALUATED)
+    status = in_round_1(run).model_copy(update={"evaluating_rounds": []})
+    clients_done = [job("client", 1, c, "succeeded") for c in CLIENTS]
+    status = step(run, status, clients_done).status
+    aggregated = [*clients_done, job("aggregator", 1, state="succeeded")]
+    d = step(run, status, aggregated)
+    failed = evaluator(1, "failed", message="exit 1: CUDA out of memory")
+    d = step(run, d.status, [*aggregated, failed])
+    assert d.status.phase == "Succeeded"
+    assert d.status.last_eval_loss is None
+    warning = next(e for e in d.events if e.reason == "EvaluationFailed")
+    assert "CUDA out of memory" in warning.message
 
 
 def test_a_failed_client_is_recorded_and_the_quorum_aggregates_without_it() -> None:
@@ -311,6 +443,28 @@ def test_rejected_deltas_are_reported() -> None:
     assert any(e.reason == "DeltaRejected" and "carol" in e.message for e in d.events)
 
 
+def test_rejected_count_survives_a_cut_termination_message() -> None:
+    """40 rejections with long reasons do not fit 4 KiB: the message drops some of them, and the
+    status and the metrics still count all 40."""
+    names = [f"client-{i:02d}" for i in range(42)]
+    run = make_run(clients=tuple(names), rounds=1, aggregation={"minClients": 2})
+    status = in_round_1(run)
+    clients_done = [job("client", 1, c, "succeeded") for c in names]
+    status = step(run, status, clients_done).status
+    rejected = [
+        Rejection(client=c, reason="delta norm 1e9 exceeds " + "x" * 150) for c in names[2:]
+    ]
+    text = dump_summary(aggregate_summary(1, names[:2], rejected))
+    summary = parse_summary(text)
+    assert isinstance(summary, AggregateSummary)
+    assert len(summary.record.rejections) < 40  # the message was cut ...
+    d = step(run, status, [*clients_done, job("aggregator", 1, state="succeeded", summary=summary)])
+    assert d.status.history[0].rejected == 40  # ... the count was not
+    assert d.status.history[0].clients_succeeded == 2
+    completed = [f for f in d.facts if isinstance(f, decision.RoundCompleted)]
+    assert [f.deltas_rejected for f in completed] == [40]
+
+
 def test_ttl_after_finished_deletes_the_run() -> None:
     run = make_run(ttlSecondsAfterFinished=100)
     done = FederatedFineTuneStatus(phase="Succeeded", completion_time=T0)
@@ -348,7 +502,7 @@ def test_an_invalid_spec_fails_once_with_an_event() -> None:
 class World:
     """The Jobs that exist, as the Job controller would keep them."""
 
-    run: engine.Run
+    run: decision.Run
     status: FederatedFineTuneStatus = field(default_factory=FederatedFineTuneStatus)
     jobs: dict[str, ObservedJob] = field(default_factory=dict)
     created: list[tuple[int, int, str, str | None]] = field(default_factory=list)
@@ -370,7 +524,7 @@ class World:
         for action in d.actions:
             self.apply(action)
 
-    def apply(self, action: engine.Action) -> None:
+    def apply(self, action: decision.Action) -> None:
         match action:
             case CreateClientJob(round=r, attempt=a, client=c):
                 self._create(ObservedJob(f"demo-r{r}-{c}", "client", r, a, c, "active"))

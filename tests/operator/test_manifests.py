@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from fedtune_operator import manifests
-from fedtune_operator.api import parse_spec
+from fedtune_operator.validation import parse_spec
 from fedtune_trainer.task import AggregateTask, ClientTask, parse_task
 
 SPEC: dict[str, Any] = {

@@ -1,6 +1,6 @@
 """Synthetic rounds for the aggregation tests: a global adapter and committed client deltas.
 
-No model is needed for rounds >= 1 without evaluation: the aggregator only reads tensors.
+No model is needed for rounds >= 1: the aggregator only reads tensors (evaluation is its own Job).
 """
 
 from __future__ import annotations

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 
@@ -13,6 +12,7 @@ import torch
 from fedtune_trainer import aggregate, merge
 from fedtune_trainer import delta as codec
 from fedtune_trainer import store as st
+from fedtune_trainer.results import AggregateSummary, RoundRecord
 from fedtune_trainer.task import (
     SERVER_STATE_PREFIX,
     AdapterSpec,
@@ -52,9 +52,19 @@ def quiet(_: str) -> None:
     pass
 
 
-def run_round(store: st.Store, r: int, spec: AggregationSpec, **kw: object) -> object:
+def run_round(store: st.Store, r: int, spec: AggregationSpec, **kw: object) -> AggregateSummary:
     t = task(store, r, CLIENTS, aggregation=spec, client_weights=CLIENT_WEIGHTS, **kw)
     return aggregate.run(t, store, quiet)
+
+
+def accepted(summary: AggregateSummary) -> list[str]:
+    return [c.client for c in summary.record.contributions]
+
+
+def read_record(store: st.Store, r: int) -> RoundRecord:
+    return RoundRecord.model_validate_json(
+        store.get_bytes(st.join(round_prefix(r), "metrics.json"))
+    )
 
 
 @pytest.mark.parametrize(
@@ -73,8 +83,8 @@ def test_every_algorithm_matches_a_float64_reference_over_two_rounds(
         for c, d in zip(CLIENTS, deltas, strict=True):
             put_delta(file_store, r, c, d, samples=SAMPLES[c])
         summary = run_round(file_store, r, spec)
-        assert summary.accepted == CLIENTS
-        assert summary.rejected == []
+        assert accepted(summary) == CLIENTS
+        assert summary.record.rejections == []
         x = reference_round(spec, x, [as_numpy(d) for d in deltas], weights, state)
         got = read_global(file_store, r)
         for name in SHAPES:
@@ -215,19 +225,22 @@ def test_a_bad_delta_is_rejected_and_the_rest_merged(
     summary = aggregate.run(
         task(file_store, 1, CLIENTS, aggregation=spec, min_clients=4), file_store, quiet
     )
-    assert summary.accepted == CLIENTS[:4]
-    assert [r.client for r in summary.rejected] == ["echo"]
-    assert summary.rejected[0].reason
-    assert len(summary.rejected[0].reason) <= 200
-    assert re.search(reason, summary.rejected[0].reason), summary.rejected[0].reason
+    assert accepted(summary) == CLIENTS[:4]
+    rejections = summary.record.rejections
+    assert [r.client for r in rejections] == ["echo"]
+    assert (summary.record.accepted, summary.record.rejected) == (4, 1)
+    assert rejections[0].reason
+    assert len(rejections[0].reason) <= 200
+    assert re.search(reason, rejections[0].reason), rejections[0].reason
     x = reference_round(
         spec, as_numpy(g0), [as_numpy(d) for d in good.values()], [SAMPLES[c] for c in good], {}
     )
     got = read_global(file_store, 1)
     for name in SHAPES:
         np.testing.assert_allclose(got[name].double().numpy(), x[name], rtol=1e-5, atol=1e-6)
-    metrics = json.loads(file_store.get_bytes(st.join(round_prefix(1), "metrics.json")))
-    assert metrics["rejected"][0]["client"] == "echo"
+    record = read_record(file_store, 1)
+    assert record.rejections[0].client == "echo"
+    assert record.rejected == 1
 
 
 def test_quorum_failure_writes_nothing_global(file_store: st.FileStore) -> None:
@@ -320,8 +333,8 @@ def test_frozen_lora_a_is_neither_expected_nor_changed(file_store: st.FileStore)
     put_delta(file_store, 1, "charlie", random_tensors(7, 0.1))  # sends A too: rejected
     t = task(file_store, 1, CLIENTS[:3], adapter=AdapterSpec(freeze_a=True))
     summary = aggregate.run(t, file_store, quiet)
-    assert summary.accepted == CLIENTS[:2]
-    assert "unknown tensors" in summary.rejected[0].reason
+    assert accepted(summary) == CLIENTS[:2]
+    assert "unknown tensors" in summary.record.rejections[0].reason
     got = read_global(file_store, 1)
     for name in SHAPES:
         if ".lora_A." in name:
@@ -344,19 +357,21 @@ def test_last_round_writes_final_and_metrics(file_store: st.FileStore) -> None:
     assert final == glob
     assert set(final) == {"adapter_config.json", "adapter_model.safetensors"}
     expected_loss = (10 * 2.0 + 30 * 4.0) / 40
-    assert summary.train_loss == pytest.approx(expected_loss)
-    metrics = json.loads(file_store.get_bytes(st.join(round_prefix(3), "metrics.json")))
-    assert metrics["train_loss"] == pytest.approx(expected_loss)
-    assert metrics["bytes_received"] == summary.bytes_received > 0
-    assert [c["client"] for c in metrics["clients"]] == ["alpha", "bravo"]
-    assert metrics["raw_bytes"] == 2 * 4 * sum(np.prod(s) for s in SHAPES.values())
+    assert summary.record.train_loss == pytest.approx(expected_loss)
+    record = read_record(file_store, 3)
+    assert record == summary.record
+    assert record.train_loss == pytest.approx(expected_loss)
+    assert record.bytes_received > 0
+    assert [c.client for c in record.contributions] == ["alpha", "bravo"]
+    assert [c.weight for c in record.contributions] == [10, 30]
+    assert record.raw_bytes == 2 * 4 * sum(np.prod(s) for s in SHAPES.values())
 
 
 def test_clients_are_discovered_when_the_task_names_none(file_store: st.FileStore) -> None:
     write_global(file_store, 0, random_tensors(0))
     for i, c in enumerate(["x1", "x2"]):
         put_delta(file_store, 1, c, random_tensors(i, 0.1))
-    assert aggregate.run(task(file_store, 1, []), file_store, quiet).accepted == ["x1", "x2"]
+    assert accepted(aggregate.run(task(file_store, 1, []), file_store, quiet)) == ["x1", "x2"]
 
 
 def test_lossy_deltas_are_merged_as_decoded(file_store: st.FileStore) -> None:

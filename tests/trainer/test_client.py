@@ -80,7 +80,8 @@ def test_round_zero_is_a_seeded_peft_adapter(
 
     summary = aggregate.run(init_task(demo, file_store), file_store, quiet)
     assert summary.round == 0
-    assert summary.accepted == []
+    assert summary.record.contributions == []
+    assert (summary.record.accepted, summary.record.rejected) == (0, 0)
     first = global_tensors(file_store, 0)
     assert len(first) == 8  # q_proj and v_proj, A and B, two layers
     for name, t in first.items():

@@ -16,18 +16,18 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from fedtune_trainer import lora
+from fedtune_trainer import lora, report
 from fedtune_trainer import store as st
-from fedtune_trainer.task import (
-    SUMMARY_MAX_BYTES,
+from fedtune_trainer.contract import SUMMARY_MAX_BYTES
+from fedtune_trainer.results import (
     AggregateSummary,
-    AggregateTask,
+    AnySummary,
     ClientSummary,
-    ClientTask,
-    Model,
-    global_prefix,
+    EvaluationSummary,
+    RoundRecord,
     parse_summary,
 )
+from fedtune_trainer.task import AggregateTask, ClientTask, EvaluateTask, Model, global_prefix
 from tests.trainer.support import Demo, Storage
 
 # PEFT calls an API that transformers 5 deprecates; nothing a user can act on.
@@ -58,7 +58,7 @@ def start(command: str, task: Model, env: dict[str, str], log: Path) -> subproce
     )
 
 
-def finish(proc: subprocess.Popen, log: Path) -> ClientSummary | AggregateSummary:
+def finish(proc: subprocess.Popen, log: Path) -> AnySummary:
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, f"{proc.args} failed:\n{err[-3000:]}"
     text = log.read_text()
@@ -102,8 +102,21 @@ def test_three_clients_three_rounds(
         return AggregateTask.model_validate({
             **COMMON, "round": r, "baseModel": assets["model"], "storage": location,
             "rounds": ROUNDS, "clients": CLIENTS, "minClients": 2, "delta": DELTA,
-            "evaluation": {"dataUri": assets["eval"], "everyRounds": ROUNDS},
         })  # fmt: skip
+
+    def evaluate_task(r: int) -> EvaluateTask:
+        return EvaluateTask.model_validate({
+            **COMMON, "round": r, "baseModel": assets["model"], "storage": location,
+            "evaluation": {"dataUri": assets["eval"]},
+        })  # fmt: skip
+
+    def evaluate(r: int) -> float:
+        log = tmp_path / f"evaluate-{r}.log"
+        summary = finish(start("evaluate", evaluate_task(r), env, log), log)
+        assert isinstance(summary, EvaluationSummary)
+        assert summary.round == r
+        assert summary.examples == 24
+        return summary.eval_loss
 
     def client_task(r: int, c: str) -> ClientTask:
         return ClientTask.model_validate({
@@ -114,6 +127,7 @@ def test_three_clients_three_rounds(
     summaries: list[AggregateSummary] = []
     log = tmp_path / "aggregate-0.log"
     summaries.append(finish(start("aggregate", aggregate_task(0), env, log), log))  # type: ignore[arg-type]
+    losses = {0: evaluate(0)}  # the base model: LoRA B starts at zero
     for r in range(1, ROUNDS + 1):
         procs = {
             c: (
@@ -132,26 +146,23 @@ def test_three_clients_three_rounds(
         log = tmp_path / f"aggregate-{r}.log"
         agg = finish(start("aggregate", aggregate_task(r), env, log), log)
         assert isinstance(agg, AggregateSummary)
-        assert agg.accepted == CLIENTS
-        assert agg.rejected == []
+        assert [c.client for c in agg.record.contributions] == CLIENTS
+        assert agg.record.rejections == []
         summaries.append(agg)
-
-    # Evaluated at round 0 (the base model: LoRA B starts at zero) and at the last round.
-    losses = [s.eval_loss for s in summaries]
-    assert losses[1:ROUNDS] == [None] * (ROUNDS - 1)
-    assert losses[0] is not None
-    assert losses[ROUNDS] is not None
+    losses[ROUNDS] = evaluate(ROUNDS)
     assert losses[ROUNDS] < losses[0] - 0.2, losses
     assert summaries[-1].final_uri == storage.open().url("final")
 
     s = storage.open()
     for r in range(ROUNDS + 1):
         assert st.read_manifest(s, global_prefix(r)) is not None
-        metrics = json.loads(s.get_bytes(f"rounds/{r:06d}/metrics.json"))
-        assert metrics["eval_loss"] == losses[r]
+        record = RoundRecord.model_validate_json(s.get_bytes(f"rounds/{r:06d}/metrics.json"))
+        assert record == summaries[r].record
+        assert record.eval_loss is None  # the aggregator does not evaluate ...
         if r:
-            assert metrics["train_loss"] == summaries[r].train_loss
-            assert metrics["bytes_received"] == summaries[r].bytes_received > 0
+            assert record.bytes_received > 0
+    # ... the evaluation Job's loss is beside the record, and the report shows it.
+    assert {r.round: r.eval_loss for r in report.read_records(s) if r.eval_loss} == losses
     # Error feedback state lives in storage, one version per client (older ones pruned).
     for c in CLIENTS:
         assert st.committed_versions(s, f"state/clients/{c}") == [ROUNDS - 1, ROUNDS]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fedtune_trainer import store as st
-from fedtune_trainer.task import parse_summary
+from fedtune_trainer.results import AggregateSummary, parse_summary
 from tests.trainer.aggregation_support import put_delta, random_tensors, task, write_global
 
 SHAPES = {"big.lora_A.weight": (1024, 1024), "big.lora_B.weight": (1024, 1024)}
@@ -46,7 +46,8 @@ def peak_rss_of_aggregation(root: Path, clients: int, env: dict[str, str]) -> in
     proc.returncode = os.waitstatus_to_exitcode(status)
     assert proc.returncode == 0, stderr.decode()[-2000:]
     summary = parse_summary(termination.read_text())
-    assert len(summary.accepted) == clients
+    assert isinstance(summary, AggregateSummary)
+    assert summary.record.accepted == clients
     return usage.ru_maxrss * 1024  # Linux reports KiB
 
 

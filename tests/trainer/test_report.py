@@ -18,6 +18,7 @@ from devcluster.testing import DevCluster
 from fedtune_operator import cli
 from fedtune_trainer import aggregate, report
 from fedtune_trainer import store as st
+from fedtune_trainer.results import RoundRecord
 from fedtune_trainer.task import REPORT_PREFIX, StorageLocation, round_prefix
 from tests.trainer.aggregation_support import put_delta, random_tensors, task, write_global
 
@@ -86,8 +87,8 @@ def run_rounds(store: st.Store, rounds: int = ROUNDS) -> list:
     return summaries
 
 
-def metrics_of(store: st.Store, r: int) -> dict:
-    return json.loads(store.get_bytes(f"{round_prefix(r)}/metrics.json"))
+def record_of(store: st.Store, r: int) -> RoundRecord:
+    return RoundRecord.model_validate_json(store.get_bytes(f"{round_prefix(r)}/metrics.json"))
 
 
 def test_the_aggregator_writes_the_report_after_every_round(file_store: st.FileStore) -> None:
@@ -117,18 +118,19 @@ def test_the_aggregator_writes_the_report_after_every_round(file_store: st.FileS
     ]
     assert [row[0] for row in rows[1:]] == [str(r) for r in range(1, ROUNDS + 1)]
     for row in rows[1:]:
-        m = metrics_of(file_store, int(row[0]))
-        n = len(m["accepted"])
-        assert row[1] == f"{m['train_loss']:.4f}"
+        m = record_of(file_store, int(row[0]))
+        n = len(m.contributions)
+        assert m.train_loss is not None
+        assert row[1] == f"{m.train_loss:.4f}"
         assert row[2] == ""  # no evaluation data in these tasks
-        assert row[3] == str(n)
-        assert row[4] == str(len(m["rejected"]))
-        assert row[5] == f"{round(m['bytes_received'] / n):,}"
-        assert row[6] == f"{round(m['raw_bytes'] / n):,}"
-        assert row[7] == f"{m['raw_bytes'] / m['bytes_received']:.1f}x"
-        assert row[8] == f"{m['bytes_received']:,}"
+        assert row[3] == str(n) == str(m.accepted)
+        assert row[4] == str(len(m.rejections)) == str(m.rejected)
+        assert row[5] == f"{round(m.bytes_received / n):,}"
+        assert row[6] == f"{round(m.raw_bytes / n):,}"
+        assert row[7] == f"{m.raw_bytes / m.bytes_received:.1f}x"
+        assert row[8] == f"{m.bytes_received:,}"
         # and the metrics are what the clients sent (not re-derived from the report itself)
-        assert m["bytes_received"] == sum(c["bytes"] for c in m["clients"])
+        assert m.bytes_received == sum(c.encoded_bytes for c in m.contributions)
     assert rows[2][3:5] == ["2", "1"]  # round 2: carol rejected
 
     reasons = next(t for t in page.tables if t[0] == ["round", "client", "reason"])
@@ -136,8 +138,9 @@ def test_the_aggregator_writes_the_report_after_every_round(file_store: st.FileS
     assert "shape" in reasons[1][2]
     last = next(t for t in page.tables if t[0][0] == "client")
     assert [row[0] for row in last[1:]] == CLIENTS
-    raw = metrics_of(file_store, ROUNDS)["clients"]
-    assert [row[3] for row in last[1:]] == [f"{c['bytes']:,}" for c in raw]
+    raw = record_of(file_store, ROUNDS).contributions
+    assert [row[4] for row in last[1:]] == [f"{c.encoded_bytes:,}" for c in raw]
+    assert [row[2] for row in last[1:]] == [f"{c.weight:.4g}" for c in raw]
 
 
 def test_a_rerun_renders_the_report_again_from_storage(file_store: st.FileStore) -> None:

@@ -1,7 +1,7 @@
 """`fedtune-trainer`: the thin shell around the client, the aggregator and the dev tools.
 
-Jobs: `client`, `aggregate` and `cleanup` read their task from FEDTUNE_TASK_FILE or FEDTUNE_TASK
-(task.py), print progress on stderr and, on exit, write to the termination log
+Jobs: `client`, `aggregate`, `evaluate` and `cleanup` read their task from FEDTUNE_TASK_FILE or
+FEDTUNE_TASK (task.py), print progress on stderr and, on exit, write to the termination log
 (FEDTUNE_TERMINATION_LOG, else /dev/termination-log) either the JSON summary (success, exit 0) or
 one line `error: <reason>` (failure: exit 2 for input no retry can fix, else 1), which Kubernetes
 copies into the pod status for the operator to read.
@@ -16,22 +16,15 @@ import sys
 import traceback
 from pathlib import Path
 
-from .task import (
+from .contract import (
+    EXIT_FAILED,
+    EXIT_INVALID_INPUT,
     SUMMARY_MAX_BYTES,
     TERMINATION_LOG,
-    AggregateTask,
-    CleanupTask,
-    ClientTask,
-    dump_summary,
-    load_task,
+    TERMINATION_LOG_ENV,
 )
-
-TERMINATION_LOG_ENV = "FEDTUNE_TERMINATION_LOG"
-EXIT_FAILED = 1
-EXIT_INVALID_INPUT = 2
-"""Input that fails the same way on every retry: a bad task, a bad data record, a malformed
-delta, a round below its quorum. The operator's Jobs stop at once on this code (podFailurePolicy
-FailJob) instead of burning their backoffLimit."""
+from .results import dump_summary
+from .task import AggregateTask, CleanupTask, ClientTask, EvaluateTask, load_task
 
 
 def exit_code(error: BaseException) -> int:
@@ -76,7 +69,12 @@ def cleanup(task: CleanupTask) -> str:
 
 
 def run_job(kind: str) -> int:
-    expected = {"client": ClientTask, "aggregate": AggregateTask, "cleanup": CleanupTask}[kind]
+    expected = {
+        "client": ClientTask,
+        "aggregate": AggregateTask,
+        "evaluate": EvaluateTask,
+        "cleanup": CleanupTask,
+    }[kind]
     try:
         task = load_task()
         if not isinstance(task, expected):
@@ -89,6 +87,10 @@ def run_job(kind: str) -> int:
             from .aggregate import run as run_aggregate
 
             text = dump_summary(run_aggregate(task))
+        elif isinstance(task, EvaluateTask):
+            from .evaluate import run as run_evaluate
+
+            text = dump_summary(run_evaluate(task))
         else:
             text = cleanup(task)
     except Exception as e:
@@ -107,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("client", help="train one client for one round and upload its delta")
     sub.add_parser("aggregate", help="merge one round's deltas (round 0: the initial adapter)")
+    sub.add_parser("evaluate", help="evaluate one round's global adapter on held-out data")
     sub.add_parser("cleanup", help="delete everything under the run's storage root")
     tiny = sub.add_parser("make-tiny-model", help="write a tiny Llama model and tokenizer")
     tiny.add_argument("--out", type=Path, required=True)
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    if args.command in ("client", "aggregate", "cleanup"):
+    if args.command in ("client", "aggregate", "evaluate", "cleanup"):
         return run_job(args.command)
     if args.command == "make-tiny-model":
         from .tiny import TinyConfig, make_tiny_model

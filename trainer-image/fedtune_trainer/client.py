@@ -21,6 +21,7 @@ from . import delta as codec
 from . import lora
 from . import store as st
 from .data import load_examples
+from .results import ClientSummary
 from .runtime import (
     derive_seed,
     load_base,
@@ -29,7 +30,7 @@ from .runtime import (
     pick_runtime,
     seed_everything,
 )
-from .task import ClientSummary, ClientTask, client_prefix, client_state_prefix, global_prefix
+from .task import ClientTask, client_prefix, client_state_prefix, global_prefix
 from .training import train
 
 RESIDUAL_FILE = "residual.safetensors"

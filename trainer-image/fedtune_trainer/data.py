@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import store
+from .contract import DATA_CREDENTIALS_PREFIX
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -48,10 +49,6 @@ class Example:
     @property
     def trained_tokens(self) -> int:
         return sum(1 for x in self.labels if x != IGNORE)
-
-
-DATA_CREDENTIALS_PREFIX = "FEDTUNE_DATA_"
-"""A client's own data Secret reaches it as FEDTUNE_DATA_AWS_ACCESS_KEY_ID/..._SECRET_ACCESS_KEY."""
 
 
 def data_settings(environ: Mapping[str, str] | None = None) -> store.S3Settings:

@@ -21,15 +21,16 @@ from __future__ import annotations
 
 import html
 import io
-import json
-import math
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from . import store as st
+from .results import EvaluationSummary, RoundRecord
 from .task import REPORT_PREFIX
 
 HTML_FILE = "report.html"
@@ -38,36 +39,7 @@ BYTES_PLOT = "bytes.png"
 COMPRESSION_PLOT = "compression.png"
 PLOTS = (LOSS_PLOT, BYTES_PLOT, COMPRESSION_PLOT)
 METRICS_KEY = re.compile(r"^rounds/(\d{6})/metrics\.json$")
-
-
-@dataclass(frozen=True)
-class RoundRow:
-    """One round's numbers as the report shows them, derived from its metrics.json."""
-
-    round: int
-    train_loss: float | None
-    eval_loss: float | None
-    clients: int
-    rejected: int
-    bytes_received: int
-    raw_bytes: int
-    adapter_bytes: int | None
-    seconds: float | None
-
-    @property
-    def bytes_per_client(self) -> float | None:
-        """Mean encoded bytes one accepted client uploaded this round."""
-        return self.bytes_received / self.clients if self.clients else None
-
-    @property
-    def raw_bytes_per_client(self) -> float | None:
-        """The same deltas as dense fp32: what the encoding is measured against."""
-        return self.raw_bytes / self.clients if self.clients else None
-
-    @property
-    def compression(self) -> float | None:
-        """Dense fp32 bytes over encoded bytes (how many times smaller the upload was)."""
-        return self.raw_bytes / self.bytes_received if self.bytes_received else None
+EVALUATION_KEY = re.compile(r"^rounds/(\d{6})/evaluation\.json$")
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,45 +47,47 @@ class RoundRow:
 # --------------------------------------------------------------------------------------------
 
 
-def read_metrics(store: st.Store, through_round: int | None = None) -> list[dict[str, Any]]:
-    """Every round's metrics.json in storage, by round; rounds after `through_round` are left
-    out (a rerun of round r must not show rounds a previous attempt wrote past r)."""
-    found = []
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def read_records(
+    store: st.Store, through_round: int | None = None, log: Callable[[str], None] = _stderr
+) -> list[RoundRecord]:
+    """Every round's record (metrics.json) in storage, by round; rounds after `through_round` are
+    left out (a rerun of round r must not show rounds a previous attempt wrote past r).
+
+    A record this version cannot read (written by an older trainer, or damaged) is skipped with a
+    log line rather than failing the report: the report is a view, the adapters are the product.
+    """
+    found: dict[int, RoundRecord] = {}
+    losses: dict[int, float] = {}
     for key in store.list("rounds/"):
-        match = METRICS_KEY.match(key)
+        record_match, eval_match = METRICS_KEY.match(key), EVALUATION_KEY.match(key)
+        match = record_match or eval_match
         if not match:
             continue
         r = int(match.group(1))
         if through_round is not None and r > through_round:
             continue
-        found.append((r, json.loads(store.get_bytes(key))))
-    return [doc for _, doc in sorted(found, key=lambda item: item[0])]
+        try:
+            if record_match:
+                found[r] = RoundRecord.model_validate_json(store.get_bytes(key))
+            else:
+                losses[r] = EvaluationSummary.model_validate_json(store.get_bytes(key)).eval_loss
+        except ValidationError as e:
+            log(f"report: skipping {key}: unreadable ({e.error_count()} problems)")
+    # The evaluation Job writes its loss beside the round's record, after it.
+    return [
+        found[r].model_copy(update={"eval_loss": losses[r]}) if r in losses else found[r]
+        for r in sorted(found)
+    ]
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
-def round_rows(metrics: Sequence[Mapping[str, Any]]) -> list[RoundRow]:
-    rows = []
-    for m in metrics:
-        adapter = m.get("adapter_bytes")
-        rows.append(
-            RoundRow(
-                round=int(m["round"]),
-                train_loss=_number(m.get("train_loss")),
-                eval_loss=_number(m.get("eval_loss")),
-                clients=len(m.get("accepted") or []),
-                rejected=len(m.get("rejected") or []),
-                bytes_received=int(m.get("bytes_received") or 0),
-                raw_bytes=int(m.get("raw_bytes") or 0),
-                adapter_bytes=int(adapter) if isinstance(adapter, int) else None,
-                seconds=_number(m.get("seconds")),
-            )
-        )
-    return rows
+def latest_round(store: st.Store) -> int | None:
+    """The newest round with a record in storage (None before round 0 is written)."""
+    rounds = [int(m.group(1)) for k in store.list("rounds/") if (m := METRICS_KEY.match(k))]
+    return max(rounds, default=None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,7 +112,7 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
-def _series(rows: Sequence[RoundRow], attr: str) -> tuple[list[int], list[float]]:
+def _series(rows: Sequence[RoundRecord], attr: str) -> tuple[list[int], list[float]]:
     points = [(r.round, getattr(r, attr)) for r in rows if getattr(r, attr) is not None]
     return [p[0] for p in points], [p[1] for p in points]
 
@@ -147,7 +121,7 @@ def _empty(ax: Any, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
 
 
-def _round_axis(ax: Any, rows: Sequence[RoundRow]) -> None:
+def _round_axis(ax: Any, rows: Sequence[RoundRecord]) -> None:
     from matplotlib.ticker import MaxNLocator
 
     ax.set_xlabel("round")
@@ -157,7 +131,7 @@ def _round_axis(ax: Any, rows: Sequence[RoundRow]) -> None:
     ax.grid(True, alpha=0.3)
 
 
-def loss_plot(rows: Sequence[RoundRow]) -> bytes:
+def loss_plot(rows: Sequence[RoundRecord]) -> bytes:
     fig, ax = _figure()
     for attr, label, style in (("train_loss", "train", "o-"), ("eval_loss", "eval", "s-")):
         x, y = _series(rows, attr)
@@ -173,7 +147,7 @@ def loss_plot(rows: Sequence[RoundRow]) -> bytes:
     return _png(fig)
 
 
-def bytes_plot(rows: Sequence[RoundRow]) -> bytes:
+def bytes_plot(rows: Sequence[RoundRecord]) -> bytes:
     fig, ax = _figure()
     x, encoded = _series(rows, "bytes_per_client")
     _, raw = _series(rows, "raw_bytes_per_client")
@@ -190,7 +164,7 @@ def bytes_plot(rows: Sequence[RoundRow]) -> bytes:
     return _png(fig)
 
 
-def compression_plot(rows: Sequence[RoundRow]) -> bytes:
+def compression_plot(rows: Sequence[RoundRecord]) -> bytes:
     fig, ax = _figure()
     x, ratio = _series(rows, "compression")
     if x:
@@ -243,15 +217,15 @@ th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
 """
 
 
-def render_html(run: str, metrics: Sequence[Mapping[str, Any]], rows: Sequence[RoundRow]) -> str:
+def render_html(run: str, rows: Sequence[RoundRecord]) -> str:
     """The page: summary, per-round table, rejections, last round's clients, the plots."""
     title = f"fedtune run report: {run}"
     last = rows[-1] if rows else None
     evals = [r for r in rows if r.eval_loss is not None]
-    uploads = [r for r in rows if r.clients]
+    uploads = [r for r in rows if r.accepted]
     total_sent = sum(r.bytes_received for r in rows)
     total_raw = sum(r.raw_bytes for r in rows)
-    algorithm = next((str(m["algorithm"]) for m in reversed(metrics) if m.get("algorithm")), "")
+    algorithm = rows[-1].algorithm if rows else ""
     summary = [
         ("rounds recorded", ", ".join(str(r.round) for r in rows) if rows else "none yet"),
         ("aggregation", algorithm),
@@ -260,7 +234,7 @@ def render_html(run: str, metrics: Sequence[Mapping[str, Any]], rows: Sequence[R
         ("bytes received, all rounds", fmt_bytes(total_sent)),
         ("as dense fp32 deltas", fmt_bytes(total_raw)),
         ("overall compression", fmt_ratio(total_raw / total_sent if total_sent else None)),
-        ("client uploads", str(sum(r.clients for r in uploads))),
+        ("client uploads", str(sum(r.accepted for r in uploads))),
     ]
     per_round = _table(
         [
@@ -280,7 +254,7 @@ def render_html(run: str, metrics: Sequence[Mapping[str, Any]], rows: Sequence[R
                 str(r.round),
                 fmt_loss(r.train_loss),
                 fmt_loss(r.eval_loss),
-                str(r.clients),
+                str(r.accepted),
                 str(r.rejected),
                 fmt_bytes(r.bytes_per_client),
                 fmt_bytes(r.raw_bytes_per_client),
@@ -291,12 +265,8 @@ def render_html(run: str, metrics: Sequence[Mapping[str, Any]], rows: Sequence[R
             for r in rows
         ],
     )
-    rejections = [
-        [str(m["round"]), str(x.get("client", "")), str(x.get("reason", ""))]
-        for m in metrics
-        for x in m.get("rejected") or []
-    ]
-    last_clients = next((m for m in reversed(metrics) if m.get("clients")), None)
+    rejections = [[str(r.round), x.client, x.reason] for r in rows for x in r.rejections]
+    last_clients = next((r for r in reversed(rows) if r.contributions), None)
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -318,19 +288,28 @@ def render_html(run: str, metrics: Sequence[Mapping[str, Any]], rows: Sequence[R
         parts += ["<h2>Rejected deltas</h2>", _table(["round", "client", "reason"], rejections)]
     if last_clients is not None:
         parts += [
-            f"<h2>Clients of round {int(last_clients['round'])}</h2>",
+            f"<h2>Clients of round {last_clients.round}</h2>",
             _table(
-                ["client", "samples", "train loss", "bytes", "dense fp32 bytes", "delta norm"],
+                [
+                    "client",
+                    "samples",
+                    "weight",
+                    "train loss",
+                    "bytes",
+                    "dense fp32 bytes",
+                    "delta norm",
+                ],
                 [
                     [
-                        str(c.get("client", "")),
-                        str(c.get("samples", "")),
-                        fmt_loss(_number(c.get("train_loss"))),
-                        fmt_bytes(_number(c.get("bytes"))),
-                        fmt_bytes(_number(c.get("raw_bytes"))),
-                        "" if _number(c.get("norm")) is None else f"{c['norm']:.4g}",
+                        c.client,
+                        str(c.samples),
+                        f"{c.weight:.4g}",
+                        fmt_loss(c.train_loss),
+                        fmt_bytes(c.encoded_bytes),
+                        fmt_bytes(c.raw_bytes),
+                        f"{c.norm:.4g}",
                     ]
-                    for c in last_clients["clients"]
+                    for c in last_clients.contributions
                 ],
             ),
         ]
@@ -349,11 +328,10 @@ def render(
     store: st.Store, run: str | None = None, through_round: int | None = None
 ) -> dict[str, bytes]:
     """The report's files (name -> bytes) for the rounds in storage up to `through_round`."""
-    metrics = read_metrics(store, through_round)
-    rows = round_rows(metrics)
-    name = run or next((str(m["run"]) for m in metrics if m.get("run")), "") or store.uri
+    rows = read_records(store, through_round)
+    name = run or next((r.run for r in rows if r.run), "") or store.uri
     return {
-        HTML_FILE: render_html(name, metrics, rows).encode(),
+        HTML_FILE: render_html(name, rows).encode(),
         LOSS_PLOT: loss_plot(rows),
         BYTES_PLOT: bytes_plot(rows),
         COMPRESSION_PLOT: compression_plot(rows),

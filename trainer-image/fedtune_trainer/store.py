@@ -4,10 +4,10 @@ Two backends: `s3://bucket/prefix` through boto3 (any S3-compatible server: endp
 style addressing, retries with backoff, multipart transfers for large objects, credentials from
 the standard AWS environment variables) and `file:///path` (or a bare path) for local use and tests.
 
-The commit protocol (design.md, "Storage layout"): a *committed object* is a prefix holding data
-files and a `manifest.json` that lists each file's size and SHA-256. Writers delete the old
-manifest, write the data, and write the manifest last; readers trust the data only when the
-manifest exists and every checksum matches. A crash at any point therefore leaves either the old
+The commit protocol (docs/architecture.md, "Storage layout"): a *committed object* is a prefix
+holding data files and a `manifest.json` that lists each file's size and SHA-256. Writers delete
+the old manifest, write the data, and write the manifest last; readers trust the data only when
+the manifest exists and every checksum matches. A crash at any point therefore leaves either the old
 commit, no commit, or the new one, never a manifest that vouches for half-written data.
 
 Round-versioned state (`state/server/<round>/`, `state/clients/<client>/<round>/`) is what makes a
@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from .contract import CACHE_DIR_ENV
 from .task import StorageLocation
 
 MANIFEST = "manifest.json"
@@ -495,9 +496,7 @@ def prune_versions_before(store: Store, prefix: str, round_: int) -> None:
 
 
 def cache_root() -> Path:
-    return Path(
-        os.environ.get("FEDTUNE_CACHE_DIR") or Path(tempfile.gettempdir()) / "fedtune-cache"
-    )
+    return Path(os.environ.get(CACHE_DIR_ENV) or Path(tempfile.gettempdir()) / "fedtune-cache")
 
 
 def fetch(uri: str, settings: S3Settings | None = None) -> Path:

@@ -1,8 +1,10 @@
-"""The Job contract between the operator and the trainer.
+"""What the operator asks of a Job: the settings models and the tasks built from them.
 
-Torch-free on purpose: the operator imports this module to build the task it hands each Job, and the
-settings models below are also the building blocks of the `FederatedFineTune` spec
-(`fedtune_operator.api`), so a default or a bound is written exactly once, here.
+With contract.py (the names both sides agree on) and results.py (what a Job reports back), this
+is the Job contract between the operator and the trainer. Torch-free on purpose: the operator
+imports this module to build the task it hands each Job, and the settings models below are also
+the building blocks of the `FederatedFineTune` spec (`fedtune_operator.api`), so a default or a
+bound is written exactly once, here.
 
 Field names are snake_case in Python and camelCase on the wire (the CRD and the task JSON alike).
 """
@@ -17,12 +19,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from pydantic.alias_generators import to_camel
 
-TASK_ENV = "FEDTUNE_TASK"
-"""Environment variable that carries the task JSON inline."""
-TASK_FILE_ENV = "FEDTUNE_TASK_FILE"
-"""Environment variable naming a mounted file that holds the task JSON (wins over TASK_ENV)."""
-TERMINATION_LOG = "/dev/termination-log"
-SUMMARY_MAX_BYTES = 4096
+from .contract import TASK_ENV, TASK_FILE_ENV
 
 # DNS-1123 label, at most 40 characters so that `<run>-r<round>-<client>` stays readable.
 ClientName = Annotated[
@@ -238,7 +235,7 @@ class StorageLocation(Model):
 
 
 # --------------------------------------------------------------------------------------------
-# Storage layout (design.md, "Storage layout")
+# Storage layout (docs/architecture.md, "Storage layout")
 # --------------------------------------------------------------------------------------------
 
 
@@ -257,6 +254,10 @@ def client_prefix(round_: int, client: str) -> str:
 SERVER_STATE_PREFIX = "state/server"
 FINAL_PREFIX = "final"
 REPORT_PREFIX = "report"
+
+
+EVALUATION_FILE = "evaluation.json"
+"""rounds/<r>/evaluation.json: the evaluation Job's result for global r."""
 
 
 def client_state_prefix(client: str) -> str:
@@ -299,10 +300,17 @@ class AggregateTask(_TaskBase):
     aggregation: AggregationSpec = Field(default_factory=AggregationSpec)
     privacy: PrivacySpec = Field(default_factory=PrivacySpec)
     delta: DeltaSpec = Field(default_factory=DeltaSpec)
-    data: DataSpec = Field(default_factory=DataSpec)
-    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
-    max_seq_length: int = Field(512, ge=8, le=131072)
     seed: int = Field(0, ge=0, le=2**31 - 1)
+
+
+class EvaluateTask(_TaskBase):
+    """Evaluate the committed global adapter of `round` on held-out data (its own Job, so that
+    the aggregator never loads base weights and the evaluation can have a GPU of its own)."""
+
+    kind: Literal["evaluate"] = "evaluate"
+    data: DataSpec = Field(default_factory=DataSpec)
+    evaluation: EvaluationSpec
+    max_seq_length: int = Field(512, ge=8, le=131072)
 
 
 class CleanupTask(Model):
@@ -313,18 +321,19 @@ class CleanupTask(Model):
     storage: StorageLocation
 
 
-Task = Annotated[ClientTask | AggregateTask | CleanupTask, Field(discriminator="kind")]
+AnyTask = ClientTask | AggregateTask | EvaluateTask | CleanupTask
+Task = Annotated[AnyTask, Field(discriminator="kind")]
 
 
 class _TaskDoc(BaseModel):
     task: Task
 
 
-def parse_task(text: str) -> ClientTask | AggregateTask | CleanupTask:
+def parse_task(text: str) -> AnyTask:
     return _TaskDoc.model_validate({"task": json.loads(text)}).task
 
 
-def load_task(environ: dict[str, str] | None = None) -> ClientTask | AggregateTask | CleanupTask:
+def load_task(environ: dict[str, str] | None = None) -> AnyTask:
     """Read the task from the mounted file or the environment variable, in that order."""
     env = os.environ if environ is None else environ
     if path := env.get(TASK_FILE_ENV):
@@ -332,64 +341,3 @@ def load_task(environ: dict[str, str] | None = None) -> ClientTask | AggregateTa
     if text := env.get(TASK_ENV):
         return parse_task(text)
     raise RuntimeError(f"no task: set {TASK_FILE_ENV} or {TASK_ENV}")
-
-
-# --------------------------------------------------------------------------------------------
-# Summaries: what a finished container writes to its termination log (<= 4 KiB)
-# --------------------------------------------------------------------------------------------
-
-
-class ClientSummary(Model):
-    kind: Literal["client"] = "client"
-    round: int
-    client: str
-    samples: int
-    steps: int
-    train_loss: float | None = None
-    bytes_sent: int = Field(description="Encoded delta bytes uploaded.")
-    raw_bytes: int = Field(description="The same delta as dense fp32.")
-    full_model_bytes: int = Field(description="The whole model as fp32: what FedAvg would send.")
-    sha256: str
-    seconds: float
-
-
-class Rejection(Model):
-    client: str
-    reason: Annotated[str, StringConstraints(max_length=200)]
-
-
-class AggregateSummary(Model):
-    kind: Literal["aggregate"] = "aggregate"
-    round: int
-    accepted: list[str] = Field(default_factory=list)
-    rejected: list[Rejection] = Field(default_factory=list)
-    global_uri: str
-    final_uri: str | None = None
-    report_uri: str | None = None
-    train_loss: float | None = None
-    eval_loss: float | None = None
-    bytes_received: int = 0
-    seconds: float = 0.0
-
-
-Summary = Annotated[ClientSummary | AggregateSummary, Field(discriminator="kind")]
-
-
-class _SummaryDoc(BaseModel):
-    summary: Summary
-
-
-def parse_summary(text: str) -> ClientSummary | AggregateSummary:
-    return _SummaryDoc.model_validate({"summary": json.loads(text)}).summary
-
-
-def dump_summary(summary: ClientSummary | AggregateSummary) -> str:
-    """Compact JSON that fits the kubelet's 4 KiB termination-message limit."""
-    text = json.dumps(summary.wire(), separators=(",", ":"))
-    if len(text.encode()) > SUMMARY_MAX_BYTES and isinstance(summary, AggregateSummary):
-        # Rejections carry the long strings; keep the count visible and drop the detail.
-        kept = summary.model_copy(update={"rejected": summary.rejected[:5]})
-        text = json.dumps(kept.wire(), separators=(",", ":"))
-    if len(text.encode()) > SUMMARY_MAX_BYTES:
-        raise ValueError(f"summary is {len(text.encode())} bytes, over {SUMMARY_MAX_BYTES}")
-    return text

@@ -1,0 +1,471 @@
+"""The FederatedFineTune spec (fedtune.dev/v1alpha1) as pydantic models, with its CEL rules.
+
+This is the single source of truth for the spec's defaults and validation. The CRD
+(`crds/fedtune.dev_federatedfinetunes.yaml`) and the field reference (`docs/api.md`) are generated
+from it by `fedtune_operator.crd`, and tests hold the three in agreement. The training, data,
+delta, aggregation, privacy and evaluation settings are the Job contract's own models from
+`fedtune_trainer.task`, reused here as they are, so that a default or a bound is written once.
+
+Rules that span fields live beside the models they guard as CEL; `validation.py` checks the same
+rules again in the operator (Helm never upgrades a CRD, so the installed schema may be older than
+the operator).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field
+
+from fedtune_operator.api.schema import (
+    DEFAULT_IMAGE,
+    MAX_CLIENTS,
+    MAX_ROUNDS,
+    AnnotationValue,
+    DataUri,
+    EndpointUri,
+    EnvName,
+    Image,
+    LabelValue,
+    ModelUri,
+    ObjectName,
+    QualifiedName,
+    Quantity,
+    SecretKey,
+    StorageUri,
+    bounded_str,
+    cel,
+    k8s_extensions,
+    map_list,
+)
+from fedtune_trainer.contract import RESERVED_ENV_PREFIX, RESERVED_PREFIX
+from fedtune_trainer.task import (
+    AdapterSpec,
+    AggregationSpec,
+    ClientName,
+    DataSpec,
+    DeltaSpec,
+    EvaluationSpec,
+    Model,
+    PrivacySpec,
+    StorageLocation,
+    TrainingSpec,
+)
+
+# --------------------------------------------------------------------------------------------
+# Pod settings
+# --------------------------------------------------------------------------------------------
+
+
+class Resources(Model):
+    """Compute resources of the trainer container, as in a Pod (`nvidia.com/gpu: 1` asks a GPU)."""
+
+    limits: dict[QualifiedName, Quantity] | None = Field(
+        None, max_length=32, description="Most the container may use, by resource name."
+    )
+    requests: dict[QualifiedName, Quantity] | None = Field(
+        None, max_length=32, description="What the scheduler reserves, by resource name."
+    )
+
+
+class Toleration(Model):
+    """A Pod toleration (core/v1 Toleration)."""
+
+    key: QualifiedName | None = Field(None, description="Taint key; empty with Exists matches all.")
+    operator: Literal["Exists", "Equal"] | None = Field(
+        None, description="Equal (the Kubernetes default) or Exists."
+    )
+    value: LabelValue | None = Field(None, description="Taint value, for Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Empty matches every effect."
+    )
+    toleration_seconds: int | None = Field(
+        None, ge=0, le=2**31 - 1, description="How long a NoExecute taint is tolerated."
+    )
+
+
+class EnvVar(Model):
+    """An environment variable of the trainer container (core/v1 EnvVar)."""
+
+    name: EnvName = Field(description="Variable name.")
+    value: Annotated[str, bounded_str(None, 32768, min_length=0)] | None = Field(
+        None, description="Literal value."
+    )
+    value_from: dict[str, Any] | None = Field(
+        None,
+        description="A core/v1 EnvVarSource (secretKeyRef, configMapKeyRef, fieldRef, ...), "
+        "checked by the API server when the Job is created.",
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra=k8s_extensions(
+            cel(
+                "!(has(self.value) && has(self.valueFrom))",
+                "set value or valueFrom, not both",
+                field_path=".valueFrom",
+            )
+        )
+    )
+
+
+class LocalObjectReference(Model):
+    """A reference by name to an object in the run's namespace."""
+
+    name: ObjectName = Field(description="Name of the object.")
+
+
+_ENV_RULE = cel(
+    f"self.all(e, !e.name.startsWith('{RESERVED_ENV_PREFIX}'))",
+    f"names starting with {RESERVED_ENV_PREFIX} are reserved for the operator",
+    reason="FieldValueForbidden",
+)
+_RESERVED_KEYS_RULE = cel(
+    f"self.all(k, !k.startsWith('{RESERVED_PREFIX}'))",
+    f"keys under {RESERVED_PREFIX} are reserved for the operator",
+    reason="FieldValueForbidden",
+)
+
+
+class PodSettings(Model):
+    """Pod settings that a client or the aggregator may override.
+
+    A client's settings (and `spec.aggregator`'s) are merged over `spec.template`
+    (see `merge_pod_settings`): `resources.limits`, `resources.requests` and `nodeSelector`
+    key by key, `env` by name, `tolerations` appended; `affinity` and `serviceAccountName`
+    replace the template's. Affinity and `env[].valueFrom` are kept as given
+    (x-kubernetes-preserve-unknown-fields) and checked by the API server when the Job is created;
+    the rest is a bounded subset of the core/v1 shapes, checked at admission.
+    """
+
+    resources: Resources | None = None
+    node_selector: dict[QualifiedName, LabelValue] | None = Field(
+        None, max_length=64, description="Node labels the pods must match."
+    )
+    tolerations: list[Toleration] | None = Field(
+        None,
+        max_length=32,
+        description="Taints the pods tolerate.",
+        json_schema_extra=k8s_extensions(list_type="atomic"),
+    )
+    affinity: dict[str, Any] | None = Field(
+        None, description="A core/v1 Affinity (node, pod and anti-affinity)."
+    )
+    env: list[EnvVar] | None = Field(
+        None,
+        max_length=128,
+        description="Extra environment variables of the trainer container.",
+        json_schema_extra=map_list("name", _ENV_RULE),
+    )
+    service_account_name: ObjectName | None = Field(
+        None, description="Service account of the Job's pods (e.g. for workload identity)."
+    )
+
+
+class PodTemplate(PodSettings):
+    """The pod template shared by every Job of the run (clients and aggregator)."""
+
+    image: Image = Field(DEFAULT_IMAGE, description="Trainer image; pin it by tag or digest.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        "IfNotPresent", description="When the kubelet pulls the image."
+    )
+    image_pull_secrets: list[LocalObjectReference] | None = Field(
+        None,
+        max_length=16,
+        description="Secrets for pulling the image from a private registry.",
+        json_schema_extra=map_list("name"),
+    )
+    priority_class_name: ObjectName | None = Field(
+        None, description="PriorityClass of the pods (preemption order on a busy cluster)."
+    )
+    labels: dict[QualifiedName, LabelValue] | None = Field(
+        None,
+        max_length=64,
+        description="Copied to every Job and its pods, e.g. kueue.x-k8s.io/queue-name.",
+        json_schema_extra=k8s_extensions(_RESERVED_KEYS_RULE),
+    )
+    annotations: dict[QualifiedName, AnnotationValue] | None = Field(
+        None,
+        max_length=64,
+        description="Copied to every Job and its pods.",
+        json_schema_extra=k8s_extensions(_RESERVED_KEYS_RULE),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Storage, clients, evaluation
+# --------------------------------------------------------------------------------------------
+
+
+class S3Credentials(Model):
+    """A Secret with S3 credentials, handed to Jobs as `env.valueFrom.secretKeyRef` only.
+
+    The operator never reads it (and has no RBAC on Secrets); the Secret must live in the run's
+    namespace.
+    """
+
+    name: ObjectName = Field(description="Name of the Secret.")
+    access_key_id_key: SecretKey = Field(
+        "AWS_ACCESS_KEY_ID", description="Key of the access key id in the Secret."
+    )
+    secret_access_key_key: SecretKey = Field(
+        "AWS_SECRET_ACCESS_KEY", description="Key of the secret access key in the Secret."
+    )
+
+
+class StorageSpec(StorageLocation):
+    """Where the run keeps its artifacts (docs/architecture.md, "Storage layout").
+
+    Narrows the contract's `StorageLocation` to what the operator can deliver: a root whose keys
+    are safe S3 keys, an http(s) endpoint, and adds the credentials and the retention policy.
+    """
+
+    uri: StorageUri = Field(
+        description="The run's root: s3://bucket/prefix or file:///path. Segments use S3's safe "
+        "characters and are never '.' or '..'."
+    )
+    endpoint: EndpointUri | None = Field(
+        None, description="S3 endpoint override (MinIO, versitygw, ...); s3:// only."
+    )
+    credentials_secret: S3Credentials | None = Field(
+        None,
+        description="Credentials for the storage root. Without it Jobs use the pod's ambient "
+        "identity (e.g. workload identity through serviceAccountName).",
+    )
+    cleanup_policy: Literal["Retain", "Delete"] = Field(
+        "Retain",
+        description="Delete removes everything under uri when the FederatedFineTune is deleted.",
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra=k8s_extensions(
+            cel(
+                "!(self.uri.startsWith('file://') && has(self.endpoint))",
+                "endpoint applies to s3:// storage only",
+                field_path=".endpoint",
+            )
+        )
+    )
+
+    def location(self) -> StorageLocation:
+        """The part of the storage settings that goes into a Job's task."""
+        return StorageLocation.model_validate(
+            self.model_dump(include=set(StorageLocation.model_fields))
+        )
+
+
+class _ClientData(Model):
+    """The client's own fields; a separate base only so that they come first in the schema."""
+
+    name: ClientName = Field(description="The client's name, unique in the run.")
+    data_uri: DataUri = Field(
+        description="The client's jsonl file or prefix: s3://, file:// or pvc://<claim>/<path>."
+    )
+    weight: float = Field(
+        1.0,
+        gt=0,
+        le=1e6,
+        description="Relative weight of this client's delta in the averaging algorithms, "
+        "multiplied with its sample count; median and trimmedMean ignore it.",
+    )
+    credentials_secret: S3Credentials | None = Field(
+        None,
+        description="Credentials for this client's data, read through spec.storage.endpoint; "
+        "defaults to the storage credentials.",
+    )
+
+
+class ClientSpec(PodSettings, _ClientData):
+    """One federated client: its data and, optionally, how its Job's pod differs from the template.
+
+    The name becomes part of the client's Job name (`<run>-r<round>-<client>`), its label value
+    and its storage keys, hence a DNS label of at most 40 characters.
+    """
+
+
+class _EvaluationData(EvaluationSpec):
+    """Narrows the contract's `EvaluationSpec.dataUri` to the schemes the operator can deliver;
+    a separate base only so that these fields come first in the schema."""
+
+    data_uri: DataUri | None = Field(
+        None, description="Held-out jsonl (s3://, file:// or pvc://), in spec.data.format."
+    )
+
+
+class Evaluation(PodSettings, _EvaluationData):
+    """Held-out evaluation of the global adapter (none without dataUri).
+
+    After every due round an evaluation Job of its own loads the base model with that round's
+    adapter and reports the loss, while the next round's clients already train; the run succeeds
+    once the last round's evaluation is in. Its pod settings override spec.template like a
+    client's do (e.g. `resources.limits: {nvidia.com/gpu: 1}`).
+    """
+
+    def settings(self) -> EvaluationSpec:
+        """The part of the evaluation settings that goes into the evaluation Job's task."""
+        return EvaluationSpec.model_validate(
+            self.model_dump(include=set(EvaluationSpec.model_fields))
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Spec
+# --------------------------------------------------------------------------------------------
+
+_SELECTED = (
+    "(has(self.aggregation.clientsPerRound) ? self.aggregation.clientsPerRound "
+    ": size(self.clients))"
+)
+
+
+class FederatedFineTuneSpec(Model):
+    """The desired federated fine-tuning run.
+
+    Each round the operator starts one Job per selected client; each trains the global LoRA
+    adapter on its own data and uploads `delta = local - global`; once the quorum of deltas is
+    in, the aggregator Job merges them into the next global adapter.
+    """
+
+    base_model: ModelUri = Field(
+        description="The base model, an HF-format directory: s3://, file://, "
+        "pvc://<claim>/<path>, or a hub id such as Qwen/Qwen2.5-0.5B. Immutable once started."
+    )
+    tokenizer: ModelUri | None = Field(
+        None, description="Tokenizer location; defaults to baseModel. Immutable once started."
+    )
+    adapter: AdapterSpec = Field(default_factory=AdapterSpec)
+    rounds: int = Field(
+        10, ge=1, le=MAX_ROUNDS, description="Federated rounds; may grow while the run is live."
+    )
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    clients: list[ClientSpec] = Field(
+        min_length=1,
+        max_length=MAX_CLIENTS,
+        description="The clients; the set of names is immutable once started.",
+        json_schema_extra=map_list("name"),
+    )
+    aggregation: AggregationSpec = Field(
+        default_factory=AggregationSpec,
+        description="How the aggregator merges the deltas each round, which clients train in "
+        "a round, and how long a round may take.",
+        json_schema_extra=k8s_extensions(
+            cel(
+                "!(has(self.clientsPerRound) && has(self.clientFraction))",
+                "set at most one of clientsPerRound and clientFraction",
+            )
+        ),
+    )
+    delta: DeltaSpec = Field(default_factory=DeltaSpec)
+    privacy: PrivacySpec = Field(
+        default_factory=PrivacySpec,
+        json_schema_extra=k8s_extensions(
+            cel(
+                "!has(self.noiseMultiplier) || self.noiseMultiplier == 0.0 || has(self.clipNorm)",
+                "noiseMultiplier > 0 needs clipNorm",
+                field_path=".clipNorm",
+                reason="FieldValueRequired",
+            )
+        ),
+    )
+    evaluation: Evaluation = Field(default_factory=Evaluation)
+    storage: StorageSpec
+    template: PodTemplate = Field(default_factory=PodTemplate)
+    aggregator: PodSettings | None = Field(
+        None, description="Overrides of spec.template for the aggregator Job."
+    )
+    backoff_limit: int = Field(
+        2, ge=0, le=100, description="Pod retries of each Job before it counts as failed."
+    )
+    active_deadline_seconds: int | None = Field(
+        None, ge=1, le=30 * 24 * 3600, description="Wall-clock limit of each Job."
+    )
+    suspend: bool = Field(
+        False,
+        description="Suspends the run: running Jobs are suspended and no new round starts "
+        "until it is false again (condition Suspended).",
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        None,
+        ge=0,
+        le=365 * 24 * 3600,
+        description="Job-like: delete the FederatedFineTune (and so its Jobs) this long after it "
+        "succeeds or fails. Stored artifacts follow storage.cleanupPolicy.",
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra=k8s_extensions(
+            cel(
+                "!has(self.aggregation.clientsPerRound) "
+                "|| self.aggregation.clientsPerRound <= size(self.clients)",
+                "clientsPerRound must not exceed the number of clients",
+                field_path=".aggregation.clientsPerRound",
+            ),
+            cel(
+                f"!has(self.aggregation.minClients) || self.aggregation.minClients <= {_SELECTED}",
+                "minClients must not exceed the clients selected per round",
+                field_path=".aggregation.minClients",
+            ),
+            cel(
+                "!has(self.aggregation.minClients) || !has(self.aggregation.clientFraction) "
+                "|| self.aggregation.minClients == 1 || double(self.aggregation.minClients - 1) "
+                "< self.aggregation.clientFraction * double(size(self.clients)) - 1e-9",
+                "minClients must not exceed the clients selected per round (clientFraction x "
+                "clients, rounded up)",
+                field_path=".aggregation.minClients",
+            ),
+        )
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Rules on the whole object: the run's name, and what may not change once a run has started.
+# --------------------------------------------------------------------------------------------
+
+STARTED_CEL = (
+    "has(oldSelf.status) && (has(oldSelf.status.startTime) "
+    "|| (has(oldSelf.status.currentRound) && oldSelf.status.currentRound > 0))"
+)
+"""A run has started once the operator set status.startTime (or is past round 0)."""
+
+
+def _immutable(expr_new: str, expr_old: str, path: str) -> dict[str, str]:
+    return cel(
+        f"!({STARTED_CEL}) || {expr_new} == {expr_old}",
+        f"{path} is immutable once the run has started",
+        field_path=f".{path}",
+        reason="FieldValueForbidden",
+    )
+
+
+IMMUTABLE_ONCE_STARTED = (
+    "spec.baseModel",
+    "spec.tokenizer",
+    "spec.adapter",
+    "spec.storage.uri",
+    "spec.clients[*].name",
+)
+
+ROOT_RULES: tuple[dict[str, str], ...] = (
+    _immutable("self.spec.baseModel", "oldSelf.spec.baseModel", "spec.baseModel"),
+    _immutable(
+        "(has(self.spec.tokenizer) ? self.spec.tokenizer : '')",
+        "(has(oldSelf.spec.tokenizer) ? oldSelf.spec.tokenizer : '')",
+        "spec.tokenizer",
+    ),
+    _immutable("self.spec.adapter", "oldSelf.spec.adapter", "spec.adapter"),
+    _immutable("self.spec.storage.uri", "oldSelf.spec.storage.uri", "spec.storage.uri"),
+    cel(
+        f"!({STARTED_CEL}) || "
+        "self.spec.clients.map(c, c.name) == oldSelf.spec.clients.map(c, c.name)",
+        "the client names (in order) are immutable once the run has started",
+        field_path=".spec.clients",
+        reason="FieldValueForbidden",
+    ),
+    cel(
+        "!has(oldSelf.status) || !has(oldSelf.status.currentRound) "
+        "|| self.spec.rounds >= oldSelf.status.currentRound",
+        "spec.rounds cannot go below status.currentRound",
+        field_path=".spec.rounds",
+    ),
+)
+"""CEL rules on the whole object (the CRD's root schema). `immutable_changes` mirrors them."""

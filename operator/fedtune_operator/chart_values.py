@@ -1,0 +1,390 @@
+"""The Helm chart's values as models, and the chart's values.schema.json generated from them.
+
+    python -m fedtune_operator.chart_values > charts/fedtune-operator/values.schema.json
+
+The models are the one place where a value's type, bounds and meaning are written, as the API
+models are for the CRD. `values.yaml` stays the commented file people read and edit, and
+tests/chart/test_values_schema.py holds the three in agreement: the models' defaults equal
+values.yaml, every key is documented, and the committed schema is byte for byte what this module
+prints. `make crds` regenerates it with the CRD.
+
+Helm validates the values after merging values.yaml under the user's, so the schema mainly
+catches misspelt keys and wrong types by name. Cross-field rules (a ServiceMonitor needs the
+metrics Service, ...) stay in templates/validate.yaml, where they fail with a sentence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic.alias_generators import to_camel
+
+GENERATED_BY = "python -m fedtune_operator.chart_values"
+
+DnsLabel = Annotated[
+    str, StringConstraints(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Duration = Annotated[str, StringConstraints(pattern=r"^([0-9]+(ms|s|m|h))+$")]
+"""A Prometheus duration such as 30s or 1m30s."""
+Quantity = str | int | float
+"""A Kubernetes resource quantity: "100m", "512Mi", or a plain number."""
+Object = dict[str, Any]
+"""Passed through to the Deployment unchanged; Kubernetes validates it."""
+
+
+class Values(BaseModel):
+    """Base of the value models: camelCase keys as in values.yaml, unknown keys refused, and no
+    coercion ("8081" is not a port), so that the models accept exactly what the schema does."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        strict=True,
+        frozen=True,
+    )
+
+
+class Image(Values):
+    # `--set image.repository=null` removes the key before Helm validates; the templates cannot do
+    # without it, so the schema requires it (the model's default covers every other case).
+    model_config = ConfigDict(json_schema_extra={"required": ["repository"]})
+
+    repository: str = Field(
+        "ghcr.io/fedtune/operator",
+        min_length=1,
+        description="The operator image (operator/Dockerfile): `fedtune operator` and its Python "
+        "dependencies, no torch. The training Jobs use a different image, named in each "
+        "FederatedFineTune.",
+    )
+    tag: str = Field("", description="Defaults to the chart's appVersion.")
+    digest: str = Field(
+        "",
+        pattern=r"^(sha256:[a-f0-9]{64})?$",
+        description="sha256:... pins the image by digest; it wins over the tag when set.",
+    )
+    pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        "IfNotPresent", description="The container's imagePullPolicy."
+    )
+
+
+class LocalObjectReference(Values):
+    name: str = Field(min_length=1, description="The name of a Secret in the release namespace.")
+
+
+class EnvVar(Values):
+    name: str = Field(min_length=1, description="The variable's name.")
+    value: str | None = Field(None, description="Its value.")
+    value_from: Object | None = Field(None, description="Or a source (a Secret, ConfigMap, ...).")
+
+
+class OperatorSettings(Values):
+    liveness_port: Port = Field(
+        8081,
+        description="kopf's liveness endpoint, /healthz on this port; the liveness probe "
+        "targets it.",
+    )
+    verbose: bool = Field(False, description="Debug logging (`fedtune operator --verbose`).")
+    env: list[EnvVar] = Field(
+        [],
+        description="Extra environment variables of the operator container, e.g. "
+        "FEDTUNE_RESYNC_SECONDS (how often every run is reconciled even when nothing happened; "
+        "default 15).",
+    )
+
+
+class LivenessProbe(Values):
+    initial_delay_seconds: int = Field(
+        10, ge=0, description="Seconds before the first probe after the container starts."
+    )
+    period_seconds: int = Field(20, ge=1, description="Seconds between probes.")
+    timeout_seconds: int = Field(5, ge=1, description="Seconds one probe may take.")
+    failure_threshold: int = Field(
+        3, ge=1, description="Failed probes in a row before the container is restarted."
+    )
+
+
+class Resources(Values):
+    requests: dict[str, Quantity] = Field(
+        {"cpu": "100m", "memory": "192Mi"}, description="What the scheduler reserves."
+    )
+    limits: dict[str, Quantity] = Field(
+        {"memory": "512Mi"}, description="The most the container may use."
+    )
+    claims: list[Object] | None = Field(None, description="Dynamic resource claims (rarely used).")
+
+
+class ServiceAccount(Values):
+    create: bool = Field(
+        True,
+        description="Create the operator's ServiceAccount. With false, `name` must name an "
+        "existing one (the chart's Roles are still bound to it when rbac.create is true).",
+    )
+    name: str = Field("", description="Defaults to the release's full name.")
+    annotations: dict[str, str] = Field({}, description="Annotations of the ServiceAccount.")
+
+
+class UserRoles(Values):
+    create: bool = Field(
+        True,
+        description="The user-facing ClusterRoles fedtune-editor and fedtune-viewer. They are "
+        "cluster-scoped with fixed names: when a second release of this chart runs in the same "
+        "cluster, set this to false in one of them.",
+    )
+    aggregate_to_default_roles: bool = Field(
+        True,
+        description="Aggregate them into the built-in admin/edit and view ClusterRoles, so that "
+        "whoever may edit (view) a namespace may edit (view) its FederatedFineTunes.",
+    )
+
+
+class Rbac(Values):
+    create: bool = Field(
+        True,
+        description="The operator's own Roles/ClusterRoles and bindings (least privilege; no "
+        "access to Secrets).",
+    )
+    user_roles: UserRoles = Field(UserRoles(), description="Roles for the people who run runs.")
+
+
+class MetricsService(Values):
+    enabled: bool = Field(False, description="A Service in front of the metrics port.")
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field(
+        "ClusterIP", description="The Service's type."
+    )
+    port: Port = Field(8080, description="The Service's port.")
+    annotations: dict[str, str] = Field({}, description="Annotations of the Service.")
+
+
+class ServiceMonitor(Values):
+    enabled: bool = Field(
+        False,
+        description="A monitoring.coreos.com/v1 ServiceMonitor for the Prometheus Operator "
+        "(needs its CRDs and metrics.service.enabled).",
+    )
+    interval: Duration = Field("30s", description="How often Prometheus scrapes.")
+    scrape_timeout: Duration = Field("10s", description="How long one scrape may take.")
+    labels: dict[str, str] = Field(
+        {},
+        description="Extra labels, e.g. the `release` label your Prometheus selects "
+        "ServiceMonitors by.",
+    )
+
+
+class Metrics(Values):
+    enabled: bool = Field(
+        True,
+        description="Prometheus metrics (fedtune_rounds_completed_total, "
+        "fedtune_round_duration_seconds, ...) on :port/metrics. With false the operator serves "
+        "none.",
+    )
+    port: Port = Field(8080, description="The container port of /metrics.")
+    service: MetricsService = Field(MetricsService(), description="The metrics Service.")
+    service_monitor: ServiceMonitor = Field(
+        ServiceMonitor(), description="The Prometheus Operator's ServiceMonitor."
+    )
+
+
+_RESTRICTED_SECCOMP = {"type": "RuntimeDefault"}
+
+
+class ChartValues(Values):
+    """Every value of the fedtune-operator chart, with its default."""
+
+    image: Image = Field(Image(), description="The operator's container image.")
+    image_pull_secrets: list[LocalObjectReference] = Field(
+        [], description="Secrets for pulling the operator image from a private registry."
+    )
+    name_override: str = Field(
+        "", max_length=63, description="Replaces the chart's name in resource names."
+    )
+    fullname_override: str = Field(
+        "", max_length=63, description="Replaces the release's full name in resource names."
+    )
+    watch_namespaces: list[DnsLabel] = Field(
+        [],
+        json_schema_extra={"uniqueItems": True},
+        description="Namespaces the operator watches. Empty: the whole cluster (a ClusterRole "
+        "and a ClusterRoleBinding). One or more: only those namespaces (a Role and a RoleBinding "
+        "in each, the operator started with one `--namespace` per entry); the namespaces must "
+        "exist before the install.",
+    )
+    operator: OperatorSettings = Field(
+        OperatorSettings(), description="Settings of the operator process."
+    )
+    liveness_probe: LivenessProbe = Field(
+        LivenessProbe(), description="The timing of the liveness probe."
+    )
+    resources: Resources = Field(Resources(), description="The operator container's resources.")
+    pod_security_context: Object = Field(
+        {
+            "runAsNonRoot": True,
+            "runAsUser": 10001,
+            "runAsGroup": 10001,
+            "seccompProfile": _RESTRICTED_SECCOMP,
+        },
+        description="Pod-level security context. The defaults satisfy the `restricted` Pod "
+        "Security Standard; the image's user is 10001 (operator/Dockerfile).",
+    )
+    security_context: Object = Field(
+        {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": _RESTRICTED_SECCOMP,
+        },
+        description="Container-level security context, also `restricted`-compliant. The root "
+        "filesystem is read-only; /tmp is an emptyDir.",
+    )
+    tmp_size_limit: str = Field(
+        "64Mi",
+        pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|k|M|G)?$",
+        description="Size limit of the emptyDir mounted at /tmp.",
+    )
+    service_account: ServiceAccount = Field(
+        ServiceAccount(), description="The operator's ServiceAccount."
+    )
+    rbac: Rbac = Field(Rbac(), description="Roles and bindings the chart creates.")
+    metrics: Metrics = Field(Metrics(), description="Prometheus metrics.")
+    pod_annotations: dict[str, str] = Field({}, description="Annotations of the operator pod.")
+    pod_labels: dict[str, str] = Field({}, description="Extra labels of the operator pod.")
+    priority_class_name: str = Field("", description="The operator pod's PriorityClass.")
+    node_selector: dict[str, str] = Field({}, description="The operator pod's nodeSelector.")
+    tolerations: list[Object] = Field([], description="The operator pod's tolerations.")
+    affinity: Object = Field({}, description="The operator pod's affinity.")
+    termination_grace_period_seconds: int = Field(
+        30,
+        ge=0,
+        description="Time for kopf to stop its daemons and finish what it is writing on shutdown.",
+    )
+    global_: Object | None = Field(
+        None, alias="global", description="Set by Helm for parent charts; unused here."
+    )
+
+    @field_validator("watch_namespaces")
+    @classmethod
+    def _distinct(cls, namespaces: list[str]) -> list[str]:
+        if len(set(namespaces)) != len(namespaces):
+            raise ValueError("watchNamespaces lists a namespace twice")
+        return namespaces
+
+
+def defaults() -> dict[str, Any]:
+    """The defaults as values.yaml spells them (camelCase, unset optional keys left out)."""
+    return ChartValues().model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+# --------------------------------------------------------------------------------------------
+# values.schema.json
+# --------------------------------------------------------------------------------------------
+
+_ORDER = (
+    "description",
+    "type",
+    "enum",
+    "default",
+    "minimum",
+    "maximum",
+    "minLength",
+    "maxLength",
+    "pattern",
+    "uniqueItems",
+    "required",
+    "properties",
+    "additionalProperties",
+    "items",
+)
+_KEEP = set(_ORDER) - {"default"}
+
+
+class SchemaError(ValueError):
+    """A model uses a construct this generator does not translate."""
+
+
+def _resolve(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """Inline `$ref`s and unwrap optionals (`X | None`): Helm drops a key set to null before it
+    validates, so null never needs to be valid. Keys written beside a `$ref` (the field's
+    description) win over the referenced model's."""
+    node = dict(node)
+    while True:
+        if "$ref" in node:
+            target = defs[node.pop("$ref").rsplit("/", 1)[-1]]
+            node = {**target, **node}
+        elif "anyOf" in node and {"type": "null"} in node["anyOf"]:
+            branches = [b for b in node.pop("anyOf") if b != {"type": "null"}]
+            if len(branches) != 1:
+                raise SchemaError(f"unsupported optional union: {branches}")
+            node = {**branches[0], **node}
+        else:
+            return node
+
+
+def _translate(node: dict[str, Any], defs: dict[str, Any], default: Any, path: str) -> dict:
+    """One node of the schema: titles dropped, unions of plain types as a type list, and the
+    default taken from the models' dump (on leaves only: an object's default is its leaves')."""
+    node = _resolve(node, defs)
+    if "anyOf" in node:
+        branches = node.pop("anyOf")
+        if not all(set(b) == {"type"} for b in branches):
+            raise SchemaError(f"{path}: only unions of plain types are supported")
+        types = [b["type"] for b in branches]
+        # An integer is a number in JSON Schema; listing both says nothing more.
+        node["type"] = [t for t in types if not (t == "integer" and "number" in types)]
+    unknown = set(node) - _KEEP - {"title", "default", "$defs"}
+    if unknown:
+        raise SchemaError(f"{path}: cannot translate {sorted(unknown)}")
+    out = {k: copy.deepcopy(v) for k, v in node.items() if k in _KEEP}
+    if out.get("additionalProperties") is True:
+        del out["additionalProperties"]  # JSON Schema's own default
+    if "properties" in node:
+        given = default if isinstance(default, dict) else {}
+        out["properties"] = {
+            name: _translate(sub, defs, given.get(name), f"{path}.{name}")
+            for name, sub in node["properties"].items()
+        }
+    else:
+        if isinstance(node.get("additionalProperties"), dict):
+            out["additionalProperties"] = _translate(
+                node["additionalProperties"], defs, None, f"{path}[*]"
+            )
+        if "items" in node:
+            out["items"] = _translate(node["items"], defs, None, f"{path}[*]")
+        if default is not None:
+            out["default"] = default
+    return {k: out[k] for k in _ORDER if k in out}
+
+
+def values_schema() -> dict[str, Any]:
+    """The chart's values.schema.json (draft-07, as Helm reads it)."""
+    raw = ChartValues.model_json_schema(by_alias=True)
+    body = _translate(raw, raw.get("$defs", {}), defaults(), "values")
+    return {
+        "$schema": "http://json-schema.org/draft-07/schema#",
+        "title": "fedtune-operator values",
+        "$comment": f"Generated by `{GENERATED_BY}` from fedtune_operator/chart_values.py. "
+        "Do not edit.",
+        **body,
+    }
+
+
+def render_schema() -> str:
+    """The text of charts/fedtune-operator/values.schema.json."""
+    return json.dumps(values_schema(), indent=2, ensure_ascii=False) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=GENERATED_BY, description=__doc__)
+    parser.parse_args(argv)
+    sys.stdout.write(render_schema())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

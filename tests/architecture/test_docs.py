@@ -1,0 +1,127 @@
+"""docs/architecture.md stays true to the code: its layer table is the import-linter contract, it
+names every operator module and every contract, and no document or comment in the repository
+points at a file or a section that does not exist.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+
+from devcluster.cluster import REPO_ROOT
+
+DOC = REPO_ROOT / "docs" / "architecture.md"
+OPERATOR = REPO_ROOT / "operator" / "fedtune_operator"
+TRAINER = REPO_ROOT / "trainer-image" / "fedtune_trainer"
+SEARCHED = ("README.md", "Makefile", "pyproject.toml", "docs", "charts", "operator",
+            "trainer-image", "tools/devcluster", "tests", "bench")  # fmt: skip
+"""What the reference check reads: the project's own files (not tools/go, .venv, ...)."""
+SUFFIXES = {".md", ".py", ".yaml", ".yml", ".toml", ".tpl", ".json", ".txt", ".sh", ""}
+
+
+def importlinter() -> dict:
+    return tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+
+
+def section(title: str) -> str:
+    """The text under `## title`, up to the next `## ` heading."""
+    text = DOC.read_text()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else None]
+
+
+def tables(text: str) -> list[list[list[str]]]:
+    """Each Markdown table in `text`, as the cells of its body rows (header and rule dropped)."""
+    found: list[list[str]] = []
+    current: list[str] = []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            found.append(current)
+            current = []
+    return [
+        [[c.strip() for c in re.split(r"(?<!\\)\|", row.strip())[1:-1]] for row in table[2:]]
+        for table in found
+    ]
+
+
+def backticked(cell: str) -> list[str]:
+    return re.findall(r"`([^`]+)`", cell)
+
+
+def test_the_layer_table_is_the_contract() -> None:
+    (contract,) = (c for c in importlinter()["contracts"] if c["type"] == "layers")
+    layers_table = tables(section("Layers"))[0]
+    documented = [sorted(backticked(cells[1])) for cells in layers_table]
+    declared = [sorted(m.strip() for m in layer.split("|")) for layer in contract["layers"]]
+    assert documented == declared
+
+
+def test_every_contract_is_explained() -> None:
+    documented = {backticked(cells[0])[0] for cells in tables(section("Layers"))[1]}
+    missing = [c["id"] for c in importlinter()["contracts"] if c["id"] not in documented]
+    assert not missing, f"contracts missing from the table in docs/architecture.md: {missing}"
+
+
+def mapped_modules(package_heading: str) -> set[str]:
+    text = section("Where each rule lives")
+    start = text.index(package_heading)
+    end = text.find("\n**", start + len(package_heading))
+    names = set()
+    for table in tables(text[start : end if end != -1 else None]):
+        for cells in table:
+            names.update(backticked(cells[0]))
+    return names
+
+
+def package_modules(root: Path) -> set[str]:
+    return {
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*.py")
+        if p.name not in ("__main__.py",) and not (p.name == "__init__.py" and p.parent == root)
+    }
+
+
+def test_the_module_map_names_every_operator_module() -> None:
+    assert mapped_modules("**Operator**") == package_modules(OPERATOR)
+
+
+def test_the_module_map_names_only_trainer_modules_that_exist() -> None:
+    assert mapped_modules("**Trainer**") <= package_modules(TRAINER)
+
+
+def project_files() -> Iterator[Path]:
+    for name in SEARCHED:
+        path = REPO_ROOT / name
+        candidates = [path] if path.is_file() else path.rglob("*")
+        for p in candidates:
+            if p.is_file() and p.suffix in SUFFIXES and "__pycache__" not in p.parts:
+                yield p
+
+
+MD_REFERENCE = re.compile(r"(?<![\w./:\"'-])((?:\.\./|\./)*[\w-]+(?:/[\w.-]+)*\.md)\b")
+"""A relative path ending in .md, in prose: the look-behind keeps URLs (`https://host/a.md`) and
+path pieces in code (`"docs" / "api.md"`) out."""
+SECTION_CITATION = re.compile(r"docs/architecture\.md, \"([^\"]+)\"")
+
+
+def test_references_point_at_files_and_sections_that_exist() -> None:
+    """Every `something.md` a file names exists (from the repository root or beside the file),
+    and every `docs/architecture.md, "Section"` citation names a heading of that page."""
+    headings = set(re.findall(r"^#{2,3} (.+)$", DOC.read_text(), re.M))
+    missing = []
+    for path in project_files():
+        if path == Path(__file__):
+            continue  # this file's docstrings show the forms it looks for
+        text = path.read_text(errors="replace")
+        where = path.relative_to(REPO_ROOT)
+        for match in MD_REFERENCE.finditer(text):
+            name = match.group(1)
+            if not ((REPO_ROOT / name).exists() or (path.parent / name).exists()):
+                missing.append(f"{where}: {name}")
+        missing += [f'{where}: "{s}"' for s in SECTION_CITATION.findall(text) if s not in headings]
+    assert not missing, f"references to what the repository lacks: {missing}"

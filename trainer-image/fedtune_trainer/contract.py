@@ -1,0 +1,81 @@
+"""The Job contract: every name the operator and the trainer must agree on, defined here only.
+
+The operator builds Jobs from these names and reads their results by them; the trainer reads its
+task and writes its summary by them. Keeping them in one torch-free module (imported by both
+sides, and by the operator image, which has no torch) means a renamed label or a new exit code
+cannot drift between the two. docs/architecture.md describes the contract as a whole.
+"""
+
+from __future__ import annotations
+
+from typing import Final, Literal
+
+# --------------------------------------------------------------------------------------------
+# The API group and the keys under it
+# --------------------------------------------------------------------------------------------
+
+GROUP: Final = "fedtune.dev"
+"""The API group of FederatedFineTune, and the prefix of every label, annotation and finalizer
+the operator owns."""
+RESERVED_PREFIX: Final = f"{GROUP}/"
+"""Label and annotation keys under this prefix belong to the operator; users may not set them."""
+
+LABEL_RUN: Final = f"{GROUP}/run"
+LABEL_ROUND: Final = f"{GROUP}/round"
+LABEL_ROLE: Final = f"{GROUP}/role"
+LABEL_CLIENT: Final = f"{GROUP}/client"
+LABEL_ATTEMPT: Final = f"{GROUP}/attempt"
+
+Role = Literal["client", "aggregator", "evaluator", "cleanup"]
+ROLE_CLIENT: Final = "client"
+ROLE_AGGREGATOR: Final = "aggregator"
+ROLE_EVALUATOR: Final = "evaluator"
+ROLE_CLEANUP: Final = "cleanup"
+
+FINALIZER: Final = f"{GROUP}/cleanup"
+"""Held only by runs with storage.cleanupPolicy Delete, until their storage is deleted."""
+
+# --------------------------------------------------------------------------------------------
+# The container
+# --------------------------------------------------------------------------------------------
+
+CONTAINER: Final = "trainer"
+"""The one container of every Job's pod; the operator reads its termination state by this name."""
+COMMAND: Final = "fedtune-trainer"
+"""The trainer's entry point; a Job runs `fedtune-trainer <kind>`."""
+USER_ID: Final = 10001
+"""The numeric non-root user of the trainer image and of every pod the operator creates."""
+
+TERMINATION_LOG: Final = "/dev/termination-log"
+"""Where a finished container writes its summary (success) or `error: <reason>` (failure)."""
+TERMINATION_LOG_ENV: Final = "FEDTUNE_TERMINATION_LOG"
+"""Overrides TERMINATION_LOG outside a pod (tests, local runs)."""
+SUMMARY_MAX_BYTES: Final = 4096
+"""The kubelet keeps at most this much of a termination message."""
+
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+"""A failure a retry may fix (storage hiccup, preempted node, out of memory)."""
+EXIT_INVALID_INPUT: Final = 2
+"""Input that fails the same way on every retry: a bad task, a bad data record, a malformed
+delta, a round below its quorum. Jobs stop at once on this code (podFailurePolicy FailJob)
+instead of burning their backoffLimit."""
+
+# --------------------------------------------------------------------------------------------
+# The environment
+# --------------------------------------------------------------------------------------------
+
+RESERVED_ENV_PREFIX: Final = "FEDTUNE_"
+"""Every variable the operator sets starts with this; users may not set such names."""
+TASK_ENV: Final = "FEDTUNE_TASK"
+"""Carries the task JSON inline."""
+TASK_FILE_ENV: Final = "FEDTUNE_TASK_FILE"
+"""Names a mounted file that holds the task JSON (wins over TASK_ENV)."""
+DATA_CREDENTIALS_PREFIX: Final = "FEDTUNE_DATA_"
+"""A client's own data credentials arrive as FEDTUNE_DATA_AWS_ACCESS_KEY_ID and so on."""
+CACHE_DIR_ENV: Final = "FEDTUNE_CACHE_DIR"
+"""Where the trainer caches downloaded models and data."""
+AWS_CREDENTIAL_ENV: Final = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+"""What the storage credentials become inside a Job (boto3's standard names)."""
+AWS_ENDPOINT_ENV: Final = "AWS_ENDPOINT_URL"
+AWS_REGION_ENV: Final = "AWS_REGION"

@@ -1,0 +1,167 @@
+"""What a finished Job reports: the client's summary, the round record and the aggregator's summary.
+
+The round record (`RoundRecord`) is the one account of an aggregation round. The aggregator
+writes it as `rounds/<r>/metrics.json`, the run report renders it, and the aggregator's
+termination message carries it to the operator, which maps it into `status.history`. Its counts
+(`accepted`, `rejected`) are fields of their own, not the lengths of its lists, so that cutting a
+list to fit the kubelet's 4 KiB termination message can never change a number the operator
+records or a metric it exports.
+
+Torch-free, like task.py: the operator imports it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from .contract import SUMMARY_MAX_BYTES
+from .task import Algorithm, Model
+
+REASON_MAX = 200
+"""A rejection's reason is one line, so that many of them still fit a status and a report."""
+
+
+class ClientSummary(Model):
+    """A client Job's result: what it trained on and what it uploaded."""
+
+    kind: Literal["client"] = "client"
+    round: int
+    client: str
+    samples: int
+    steps: int
+    train_loss: float | None = None
+    bytes_sent: int = Field(description="Encoded delta bytes uploaded.")
+    raw_bytes: int = Field(description="The same delta as dense fp32.")
+    full_model_bytes: int = Field(description="The whole model as fp32: what FedAvg would send.")
+    sha256: str
+    seconds: float
+
+
+class Rejection(Model):
+    """A client delta the aggregator refused, and why (for people: one line)."""
+
+    client: str
+    reason: Annotated[str, StringConstraints(max_length=REASON_MAX)]
+
+
+class Contribution(Model):
+    """An accepted client delta, as it entered the round's merge."""
+
+    client: str
+    samples: int = Field(ge=0)
+    weight: float = Field(ge=0, description="The weight it got in the mean (before any clip).")
+    train_loss: float | None = None
+    encoded_bytes: int = Field(ge=0, description="Bytes it uploaded.")
+    raw_bytes: int = Field(ge=0, description="The same delta as dense fp32.")
+    norm: float = Field(ge=0, description="L2 norm of the decoded delta.")
+
+
+class RoundRecord(Model):
+    """One aggregation round: its true counts, losses and bytes, and the per-client detail."""
+
+    run: str
+    round: int = Field(ge=0)
+    algorithm: Algorithm
+    accepted: int = Field(0, ge=0, description="Deltas merged.")
+    rejected: int = Field(0, ge=0, description="Deltas refused.")
+    train_loss: float | None = Field(None, description="Sample-weighted mean of the clients'.")
+    eval_loss: float | None = Field(None, description="The new global on held-out data.")
+    bytes_received: int = Field(0, ge=0, description="Encoded bytes of the merged deltas.")
+    raw_bytes: int = Field(0, ge=0, description="The merged deltas as dense fp32.")
+    adapter_bytes: int | None = Field(None, ge=0, description="The published adapter's weights.")
+    seconds: float = Field(0.0, ge=0)
+    contributions: list[Contribution] = Field(default_factory=list)
+    rejections: list[Rejection] = Field(default_factory=list)
+
+    @property
+    def bytes_per_client(self) -> float | None:
+        """Mean encoded bytes one accepted client uploaded this round."""
+        return self.bytes_received / self.accepted if self.accepted else None
+
+    @property
+    def raw_bytes_per_client(self) -> float | None:
+        """The same deltas as dense fp32: what the encoding is measured against."""
+        return self.raw_bytes / self.accepted if self.accepted else None
+
+    @property
+    def compression(self) -> float | None:
+        """Dense fp32 bytes over encoded bytes (how many times smaller the upload was)."""
+        return self.raw_bytes / self.bytes_received if self.bytes_received else None
+
+
+def initial_record(run: str, algorithm: Algorithm) -> RoundRecord:
+    """Round 0's record: the initial adapter, nothing merged."""
+    return RoundRecord(run=run, round=0, algorithm=algorithm)
+
+
+class AggregateSummary(Model):
+    """An aggregator Job's result: the round record and where the adapter went."""
+
+    kind: Literal["aggregate"] = "aggregate"
+    record: RoundRecord
+    global_uri: str
+    final_uri: str | None = None
+    report_uri: str | None = None
+
+    @property
+    def round(self) -> int:
+        return self.record.round
+
+
+class EvaluationSummary(Model):
+    """An evaluation Job's result: the loss of global adapter `round` on the held-out data.
+
+    Also written as rounds/<r>/evaluation.json, from which the report takes the round's eval loss.
+    """
+
+    kind: Literal["evaluate"] = "evaluate"
+    round: int = Field(ge=0)
+    eval_loss: float
+    examples: int = Field(ge=0, description="Held-out records evaluated.")
+    tokens: int = Field(ge=0, description="Tokens the loss was taken over.")
+    seconds: float = Field(0.0, ge=0)
+
+
+AnySummary = ClientSummary | AggregateSummary | EvaluationSummary
+Summary = Annotated[AnySummary, Field(discriminator="kind")]
+
+
+class _SummaryDoc(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    summary: Summary
+
+
+def parse_summary(text: str) -> AnySummary:
+    return _SummaryDoc.model_validate({"summary": json.loads(text)}).summary
+
+
+def _compact(summary: AnySummary) -> str:
+    return json.dumps(summary.wire(), separators=(",", ":"))
+
+
+def dump_summary(summary: AnySummary) -> str:
+    """Compact JSON within the kubelet's termination-message limit.
+
+    An aggregator's summary too long for it first loses the per-client contributions (the round
+    record in storage keeps them), then the rejections beyond those that fit; the counts stay.
+    """
+    text = _compact(summary)
+    if len(text.encode()) <= SUMMARY_MAX_BYTES or not isinstance(summary, AggregateSummary):
+        if len(text.encode()) > SUMMARY_MAX_BYTES:
+            raise ValueError(f"summary is {len(text.encode())} bytes, over {SUMMARY_MAX_BYTES}")
+        return text
+    record = summary.record.model_copy(update={"contributions": []})
+    rejections = list(record.rejections)
+    while True:
+        cut = summary.model_copy(
+            update={"record": record.model_copy(update={"rejections": rejections})}
+        )
+        text = _compact(cut)
+        if len(text.encode()) <= SUMMARY_MAX_BYTES:
+            return text
+        if not rejections:
+            raise ValueError(f"summary is {len(text.encode())} bytes, over {SUMMARY_MAX_BYTES}")
+        rejections = rejections[: len(rejections) // 2]
