@@ -7,8 +7,9 @@ PY        := .venv/bin/python
 DEPS_BIN  := .venv/deps/bin
 CLUSTER   := $(PY) -m devcluster.cli
 PYTEST_ARGS ?=
+NODE      ?= process
 
-.PHONY: help install model binaries test test-unit lint fmt crds demo bench cluster-up cluster-down \
+.PHONY: help install lock model binaries test test-unit lint fmt crds demo bench cluster-up cluster-down \
         cluster-status cluster-logs cluster-env images
 CHART     := charts/fedtune-operator
 HELM       = $$(tools/build-binaries.sh 2>/dev/null)/helm
@@ -19,12 +20,15 @@ LINT_IMPORTS := $(PY) -c 'from importlinter.cli import lint_imports_command; lin
 help:  ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
-install:  ## Python environment (deps cached outside the clone) and the devcluster binaries
+install:  ## Python environment from uv.lock (cached outside the clone) and the devcluster binaries
 	@tools/setup-python.sh
 	@tools/build-binaries.sh >/dev/null
 
 model: install  ## the pretrained SmolLM2-135M-Instruct as a Hugging Face directory (cached; prints it)
 	@$(PY) -m devcluster.pretrained
+
+lock:  ## re-resolve uv.lock (every Python dependency, hashed) and requirements/*.txt from it
+	@tools/setup-python.sh --lock
 
 binaries:  ## build kube-apiserver, kube-controller-manager, kubectl, etcd, helm, versitygw
 	@tools/build-binaries.sh
@@ -53,8 +57,8 @@ crds: install  ## regenerate the CRD (and the chart's copy), docs/api.md and the
 	@$(PY) -m fedtune_operator.crd_docs > docs/api.md
 	@$(PY) -m fedtune_operator.chart_values > $(CHART)/values.schema.json
 
-cluster-up: install  ## start the devcluster; kubeconfig at .devcluster/kubeconfig
-	@$(CLUSTER) up
+cluster-up: install  ## start the devcluster (NODE=real: kubelet+containerd); .devcluster/kubeconfig
+	@$(CLUSTER) up --node $(NODE)
 
 cluster-down:  ## stop the devcluster and every pod process
 	@if [ -x $(PY) ]; then $(CLUSTER) down; fi
@@ -74,8 +78,6 @@ demo: install model  ## a whole federated fine-tune on the devcluster, start to 
 bench: install model  ## benchmarks: tables on stdout, JSON in bench/results/
 	@OMP_NUM_THREADS=2 $(PY) -m bench
 
-images:  ## container images (needs a Docker engine)
-	@if docker info >/dev/null 2>&1; then \
-	  docker build -t fedtune/operator:dev -f operator/Dockerfile . && \
-	  docker build -t fedtune/trainer:dev -f trainer-image/Dockerfile . ; \
-	else echo "make images: skipped: no Docker engine reachable here" >&2; fi
+images: install  ## build both images with podman (no Docker engine); push to a real-node registry
+	@if registry=$$($(CLUSTER) registry 2>/dev/null); then tools/build-images.sh --push $$registry; \
+	else tools/build-images.sh; fi

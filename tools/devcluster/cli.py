@@ -1,21 +1,25 @@
 """`devcluster`: start, stop and inspect the local control plane.
 
 devcluster up        build what is missing, start everything, write .devcluster/kubeconfig
+                     (--node real: kubelet, containerd and a registry instead of the process
+                     kubelet, in namespaces of its own; images from `make images`)
 devcluster down      stop every component and every pod process
 devcluster status    one line per component
 devcluster env       shell exports (KUBECONFIG, AWS_* for the S3 server)
 devcluster logs [C]  the last lines of a component's log, or of every pod log
 devcluster bucket N  create an S3 bucket
+devcluster registry  the real node's registry (HOST:PORT on 127.0.0.1), when one is running
 """
 
 from __future__ import annotations
 
 import argparse
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
-from devcluster.cluster import COMPONENTS, REPO_ROOT, Cluster, StartupError
+from devcluster.cluster import NODE_KINDS, REPO_ROOT, Cluster, StartupError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,26 +35,39 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up")
     up.add_argument("--pod-env", action="append", default=[], metavar="NAME=VALUE")
+    up.add_argument("--node", choices=NODE_KINDS, default="process")
     sub.add_parser("down")
     sub.add_parser("status")
     sub.add_parser("env")
     logs = sub.add_parser("logs")
-    logs.add_argument("component", nargs="?", choices=[*COMPONENTS, "pods"])
+    logs.add_argument("component", nargs="?")
     logs.add_argument("-n", "--lines", type=int, default=40)
+    sub.add_parser("registry")
     bucket = sub.add_parser("bucket")
     bucket.add_argument("name")
     args = parser.parse_args(argv)
-    cluster = Cluster(args.dir)
+    if args.command == "up":
+        running = Cluster(args.dir)
+        if running.node != args.node and running.is_running():
+            running.down(quiet=True)
+        cluster = Cluster(args.dir, node=args.node)
+    else:
+        cluster = Cluster(args.dir)
 
     if args.command == "up":
         try:
             state = cluster.up(pod_env=dict(kv.split("=", 1) for kv in args.pod_env))
-        except StartupError as e:
+        except (StartupError, subprocess.CalledProcessError, OSError) as e:
             print(f"devcluster: {e}", file=sys.stderr)
             cluster.down(quiet=True)
             return 1
         kubectl = Path(state.bin_dir) / "kubectl"
         print(f"devcluster is up: API {state.api_url}, S3 {state.s3_endpoint}")
+        if state.registry_port:
+            print(
+                f"  real node; registry 127.0.0.1:{state.registry_port} "
+                f"(tools/build-images.sh --push 127.0.0.1:{state.registry_port})"
+            )
         print(f"  kubectl --kubeconfig {cluster.kubeconfig} get nodes")
         print(f"  (a matching kubectl: {kubectl}; shell setup: eval $(make cluster-env))")
         return 0
@@ -58,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         cluster.down()
         return 0
     if args.command == "status":
-        for c in COMPONENTS:
+        for c in cluster.components:
             print(f"{c:25} {'running' if cluster._alive(c) else 'stopped'}")
         return 0 if cluster.is_running() else 1
     if args.command == "env":
@@ -72,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"export {k}={value}")
         return 0
     if args.command == "logs":
-        components = [args.component] if args.component else [*COMPONENTS, "pods"]
+        components = [args.component] if args.component else [*cluster.components, "pods"]
         for c in components:
             if c == "pods":
                 for f in sorted((cluster.log_dir / "pods").glob("*.log")):
@@ -81,6 +98,15 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"==> {c} <==")
                 print(cluster.log_tail(c, args.lines))
+        return 0
+    if args.command == "registry":
+        if not (
+            cluster.state_file.exists()
+            and cluster.state().registry_port
+            and cluster._alive("registry")
+        ):
+            return 1
+        print(f"127.0.0.1:{cluster.state().registry_port}")
         return 0
     if args.command == "bucket":
         print(cluster.s3_account().bucket(args.name))

@@ -1,6 +1,10 @@
 """Start and stop the devcluster: etcd, kube-apiserver, kube-controller-manager, an S3 server and
 the process kubelet, all on 127.0.0.1 with ports chosen at start and kept in `state.json`.
 
+With `node="real"` (devcluster up --node real) the node is a real one instead: kubelet,
+containerd, kube-scheduler, kube-proxy and a local registry, the whole cluster inside namespaces
+of its own (devcluster/realnode.py); the host reaches it at the same 127.0.0.1 ports.
+
 Every component runs detached (its own session), so `devcluster up` returns while the cluster
 keeps running; `devcluster down` stops them all, pods included, and leaves no process behind.
 Startup waits on each component's readiness endpoint and, when one does not come up, fails with
@@ -33,6 +37,8 @@ NODE_NAME = "devnode"
 SERVICE_CIDR = "10.0.0.0/24"
 ISSUER = "https://kubernetes.default.svc.cluster.local"
 COMPONENTS = ("s3", "etcd", "kube-apiserver", "kube-controller-manager", "kubelet")
+CONTROL_PLANE = ("s3", "etcd", "kube-apiserver", "kube-controller-manager")
+NODE_KINDS = ("process", "real")
 
 
 class StartupError(RuntimeError):
@@ -51,6 +57,10 @@ class ClusterState:
     s3_access_key: str
     s3_secret_key: str
     bin_dir: str
+    node: str = "process"
+    registry_port: int = 0
+    sched_port: int = 0
+    proxy_port: int = 0
 
     @property
     def api_url(self) -> str:
@@ -69,7 +79,12 @@ def process_exists(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return True
+    # A zombie whose parent is gone waits for PID 1 to reap it: it has exited.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def build_binaries() -> Path:
@@ -104,7 +119,7 @@ def kubeconfig_text(state: ClusterState, ca: Path, cert: Path, key: Path, user: 
 
 
 class Cluster:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, node: str | None = None) -> None:
         self.dir = directory.resolve()
         self.pki_dir = self.dir / "pki"
         self.log_dir = self.dir / "logs"
@@ -112,6 +127,24 @@ class Cluster:
         """One line per S3 request (versitygw's server access log, S3's format)."""
         self.pid_dir = self.dir / "pids"
         self.kubeconfig = self.dir / "kubeconfig"
+        if node is None:
+            node = self.state().node if self.state_file.exists() else "process"
+        if node not in NODE_KINDS:
+            raise ValueError(f"node must be one of {NODE_KINDS}, not {node!r}")
+        self.node = node
+        self.real = None
+        if node == "real":
+            from devcluster.realnode import RealNode
+
+            self.real = RealNode(self)
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        if self.real is None:
+            return COMPONENTS
+        from devcluster.realnode import NODE_COMPONENTS
+
+        return ("forward", *CONTROL_PLANE, *NODE_COMPONENTS)
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -123,7 +156,7 @@ class Cluster:
         return ClusterState(**json.loads(self.state_file.read_text()))
 
     def is_running(self) -> bool:
-        return self.state_file.exists() and all(self._alive(c) for c in COMPONENTS)
+        return self.state_file.exists() and all(self._alive(c) for c in self.components)
 
     def _pid(self, component: str) -> int | None:
         f = self.pid_dir / f"{component}.pid"
@@ -150,6 +183,8 @@ class Cluster:
     def _spawn(self, component: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.pid_dir.mkdir(parents=True, exist_ok=True)
+        if self.real is not None:
+            argv = [*self.real.prefix(), *argv]
         with (self.log_dir / f"{component}.log").open("ab") as logf:
             proc = subprocess.Popen(
                 argv,
@@ -222,7 +257,14 @@ class Cluster:
             s3_access_key=previous.get("s3_access_key", "devcluster"),
             s3_secret_key=previous.get("s3_secret_key", secrets.token_urlsafe(24)),
             bin_dir=str(bin_dir),
+            node=self.node,
         )
+        if self.real is not None:
+            from devcluster.realnode import registry_port
+
+            state.registry_port = registry_port(self.dir)
+            state.sched_port = free_port()
+            state.proxy_port = free_port()
         self.state_file.write_text(json.dumps(asdict(state), indent=2))
         self.state_file.chmod(0o600)
 
@@ -250,6 +292,28 @@ class Cluster:
             self.pki_dir, "kubelet", ca, common_name="devcluster-kubelet", org="system:masters"
         )
         sa = pki.ensure_service_account_keys(self.pki_dir)
+        node_kubeconfigs: dict[str, Path] = {}
+        if self.real is not None:
+            from devcluster.realnode import NODE_IP
+
+            pki.ensure_cert(
+                self.pki_dir,
+                "kubelet-serving",
+                ca,
+                common_name=f"system:node:{NODE_NAME}",
+                server=True,
+                dns=(NODE_NAME,),
+                ips=(NODE_IP,),
+            )
+            for name, cn in (
+                ("scheduler", "system:kube-scheduler"),
+                ("proxy", "system:kube-proxy"),
+            ):
+                pair = pki.ensure_cert(self.pki_dir, name, ca, common_name=cn)
+                node_kubeconfigs[name] = self.dir / f"{name}.kubeconfig"
+                node_kubeconfigs[name].write_text(
+                    kubeconfig_text(state, ca.cert, pair.cert, pair.key, name)
+                )
         self.kubeconfig.write_text(kubeconfig_text(state, ca.cert, admin.cert, admin.key, "admin"))
         self.kubeconfig.chmod(0o600)
         kcm_config = self.dir / "kcm.kubeconfig"
@@ -260,11 +324,32 @@ class Cluster:
         )
 
         b = Path(state.bin_dir)
+        if self.real is not None:
+            # The namespaces first; then every port the host uses is forwarded into them.
+            self.real.create_namespaces()
+            self.real.forward(
+                [
+                    state.etcd_port,
+                    state.api_port,
+                    state.kcm_port,
+                    state.s3_port,
+                    state.registry_port,
+                    state.sched_port,
+                    state.proxy_port,
+                ]
+            )
         s3_dir = self.dir / "s3-data"
         s3_dir.mkdir(exist_ok=True)
         self._spawn(
             "s3",
-            s3.server_argv(b, state.s3_port, s3_dir, access_log=self.s3_access_log),
+            # On the real node, pods reach S3 at the node's address.
+            s3.server_argv(
+                b,
+                state.s3_port,
+                s3_dir,
+                "0.0.0.0" if self.real else "127.0.0.1",
+                access_log=self.s3_access_log,
+            ),
             env=s3.server_env(state.s3_access_key, state.s3_secret_key),
         )
         etcd_data = self.dir / "etcd-data"
@@ -294,16 +379,39 @@ class Cluster:
         self._wait(
             "etcd", lambda: net.http_status(f"http://127.0.0.1:{state.etcd_port}/health") == 200
         )
+        if self.real is None:
+            api_network = [
+                "--bind-address",
+                "127.0.0.1",
+                "--advertise-address",
+                "127.0.0.1",
+                "--endpoint-reconciler-type",
+                "none",
+            ]
+        else:
+            from devcluster.realnode import NODE_IP
+
+            # Pods reach it through the `kubernetes` Service at the node's address, and it
+            # reaches the kubelet there (kubectl logs).
+            api_network = [
+                "--bind-address",
+                "0.0.0.0",
+                "--advertise-address",
+                NODE_IP,
+                "--kubelet-preferred-address-types",
+                "InternalIP,Hostname",
+                "--kubelet-client-certificate",
+                str(admin.cert),
+                "--kubelet-client-key",
+                str(admin.key),
+            ]
         self._spawn(
             "kube-apiserver",
             [
                 str(b / "kube-apiserver"),
                 "--etcd-servers",
                 f"http://127.0.0.1:{state.etcd_port}",
-                "--bind-address",
-                "127.0.0.1",
-                "--advertise-address",
-                "127.0.0.1",
+                *api_network,
                 "--secure-port",
                 str(state.api_port),
                 "--tls-cert-file",
@@ -326,8 +434,6 @@ class Cluster:
                 str(sa.key),
                 "--service-cluster-ip-range",
                 SERVICE_CIDR,
-                "--endpoint-reconciler-type",
-                "none",
                 "--allow-privileged=true",
                 "--profiling=false",
                 "--cert-dir",
@@ -357,7 +463,8 @@ class Cluster:
                 "--cert-dir",
                 str(self.pki_dir / "kcm-generated"),
                 "--controllers",
-                "*,-nodelifecycle,-nodeipam,-cloud-node-lifecycle,"
+                # The real node's taints are the node lifecycle controller's to lift.
+                ("*," if self.real else "*,-nodelifecycle,") + "-nodeipam,-cloud-node-lifecycle,"
                 "-service-lb-controller,-node-route-controller,-persistentvolume-binder",
                 "--service-account-private-key-file",
                 str(sa.key),
@@ -378,6 +485,10 @@ class Cluster:
             lambda: self._https_ok(f"https://127.0.0.1:{state.kcm_port}/healthz"),
         )
         self._wait("s3", lambda: s3.health_status(state.s3_endpoint) == 200)
+        if self.real is not None:
+            node_kubeconfigs["kubelet"] = kubelet_config
+            self.real.start(state, b, node_kubeconfigs)
+            return state
         kubelet_argv = [
             sys.executable,
             "-m",
@@ -419,9 +530,16 @@ class Cluster:
         return result.stdout.strip() == "True"
 
     def down(self, *, quiet: bool = False) -> None:
-        """Stop the kubelet first (it stops its pods), then the control plane, then storage."""
-        for component in reversed(COMPONENTS):
+        """Stop the kubelet first (it stops its pods), then the control plane, then storage.
+        On the real node, everything left in its namespaces and cgroups goes too."""
+        if self.real is not None and self._alive("containerd"):
+            self._stop("kubelet", grace=10)
+            with contextlib.suppress(subprocess.SubprocessError, OSError, AssertionError):
+                self.real._clean_containers()
+        for component in reversed(self.components):
             self._stop(component, grace=20 if component == "kubelet" else 10)
+        if self.real is not None:
+            self.real.stop()
         # Pods the kubelet could not stop (it was killed itself) are stopped here.
         for pid_file in (self.pid_dir / "pods").glob("*.pid") if self.pid_dir.exists() else []:
             with contextlib.suppress(ProcessLookupError, ValueError):

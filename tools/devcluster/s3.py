@@ -24,13 +24,17 @@ REGION = "us-east-1"
 
 
 def server_argv(
-    bin_dir: Path, port: int, data_dir: Path, access_log: Path | None = None
+    bin_dir: Path,
+    port: int,
+    data_dir: Path,
+    host: str = "127.0.0.1",
+    access_log: Path | None = None,
 ) -> list[str]:
     log = ["--access-log", str(access_log)] if access_log is not None else []
     return [
         str(bin_dir / "versitygw"),
         "--port",
-        f"127.0.0.1:{port}",
+        f"{host}:{port}",
         "--health",
         "/health",
         *log,
