@@ -70,13 +70,16 @@ def jobs_needing_pods(run_uid: str, status: FederatedFineTuneStatus, jobs: list[
     return names
 
 
-def _termination(pod: Obj) -> tuple[int | None, str]:
+def _termination(pod: Obj) -> tuple[int | None, str, str]:
+    """The trainer container's exit code, termination message and the kubelet's reason
+    (OOMKilled, Error, ContainerCannotRun: the one word a person needs when the message is
+    empty)."""
     for cs in (pod.get("status") or {}).get("containerStatuses") or []:
         if cs.get("name") == CONTAINER:
             term = (cs.get("state") or {}).get("terminated")
             if term:
-                return term.get("exitCode"), term.get("message") or ""
-    return None, ""
+                return term.get("exitCode"), term.get("message") or "", term.get("reason") or ""
+    return None, "", ""
 
 
 def _first_line(text: str, limit: int = 200) -> str:
@@ -110,7 +113,7 @@ def observe_jobs(run_uid: str, jobs: list[Obj], pods: list[Obj]) -> list[Observe
         )
         if state == "succeeded":
             for pod in job_pods:
-                code, text = _termination(pod)
+                code, text, _ = _termination(pod)
                 if code == 0 and text:
                     try:
                         summary = parse_summary(text)
@@ -119,9 +122,12 @@ def observe_jobs(run_uid: str, jobs: list[Obj], pods: list[Obj]) -> list[Observe
         elif state == "failed":
             message = (cond or {}).get("message") or (cond or {}).get("reason") or ""
             for pod in reversed(job_pods):
-                code, text = _termination(pod)
+                code, text, reason = _termination(pod)
                 if code not in (None, 0):
-                    message = f"exit {code}: {_first_line(text) or message}"
+                    # "Error" is the kubelet's word for any non-zero exit: it says nothing more.
+                    why = f" ({reason})" if reason and reason != "Error" else ""
+                    hint = " (the container's memory limit)" if reason == "OOMKilled" else ""
+                    message = f"exit {code}{why}: {_first_line(text) or message}{hint}"
                     break
         observed.append(
             ObservedJob(

@@ -54,17 +54,15 @@ def job(
     return {"metadata": meta, "spec": {"suspend": suspend}, "status": {"conditions": conditions}}
 
 
-def pod(job_name: str, exit_code: int, message: str, created: str = "t1") -> dict[str, Any]:
+def pod(
+    job_name: str, exit_code: int, message: str, created: str = "t1", reason: str | None = None
+) -> dict[str, Any]:
+    terminated = {"exitCode": exit_code, "message": message}
+    if reason is not None:
+        terminated["reason"] = reason
     return {
         "metadata": {"labels": {"job-name": job_name}, "creationTimestamp": created},
-        "status": {
-            "containerStatuses": [
-                {
-                    "name": "trainer",
-                    "state": {"terminated": {"exitCode": exit_code, "message": message}},
-                }
-            ]
-        },
+        "status": {"containerStatuses": [{"name": "trainer", "state": {"terminated": terminated}}]},
     }
 
 
@@ -94,6 +92,30 @@ def test_a_failed_job_carries_its_last_pod_reason() -> None:
     ]
     (observed,) = observe_jobs("uid-1", [job("a", condition="Failed")], pods)
     assert observed.message == "exit 2: error: ValueError: data.jsonl line 6: bad JSON"
+
+
+@pytest.mark.parametrize(
+    ("exit_code", "message", "reason", "expected"),
+    [
+        (
+            137,
+            "",
+            "OOMKilled",
+            "exit 137 (OOMKilled): BackoffLimitExceeded (the container's memory limit)",
+        ),
+        (2, "error: bad task", "Error", "exit 2: error: bad task"),
+        (1, "", None, "exit 1: BackoffLimitExceeded"),
+        (128, "", "ContainerCannotRun", "exit 128 (ContainerCannotRun): BackoffLimitExceeded"),
+    ],
+    ids=["oom-killed", "error-says-nothing-more", "no-reason", "cannot-run"],
+)
+def test_a_failure_names_the_kubelets_reason(
+    exit_code: int, message: str, reason: str | None, expected: str
+) -> None:
+    """An OOM kill leaves no termination message: the kubelet's reason is the only clue."""
+    pods = [pod("a", exit_code, message, reason=reason)]
+    (observed,) = observe_jobs("uid-1", [job("a", condition="Failed")], pods)
+    assert observed.message == expected
 
 
 def test_an_unreadable_summary_is_not_trusted() -> None:
