@@ -1,6 +1,7 @@
 """`fedtune-trainer aggregate`: turn round r's client deltas into global adapter r.
 
-Round 0 writes the initial adapter (LoRA initialised from the base model with the task's seed).
+Round 0 writes the initial adapter (LoRA initialised with the task's seed from the base model's
+config alone: no base weight is read).
 Round r >= 1:
 
 1. read the committed global adapter r-1;
@@ -39,7 +40,7 @@ import torch
 from . import delta as codec
 from . import lora, merge
 from . import store as st
-from .runtime import derive_seed, pick_runtime, seed_everything
+from .runtime import derive_seed, pick_runtime
 from .task import (
     FINAL_PREFIX,
     SERVER_STATE_PREFIX,
@@ -289,14 +290,11 @@ def merge_round(task: AggregateTask, store: st.Store, log: Log) -> AggregateSumm
 
 
 def initialize(task: AggregateTask, store: st.Store, log: Log) -> AggregateSummary:
-    """Round 0: the initial adapter, seeded, from the base model."""
-    from .runtime import load_base
+    """Round 0: the initial adapter, seeded, from the base model's config alone."""
+    from .runtime import config_source
 
     start = time.perf_counter()
-    seed_everything(task.seed)
-    base = load_base(task.base_model, pick_runtime("auto"))
-    tensors = lora.adapter_tensors(lora.attach(base, task.adapter))
-    del base
+    tensors = lora.initial_adapter(config_source(task.base_model), task.adapter, task.seed)
     values = sum(t.numel() for t in tensors.values())
     log(f"initial adapter: {len(tensors)} tensors, {values} values")
     config = lora.config_json(task.adapter, task.base_model)

@@ -53,6 +53,10 @@ class Model(BaseModel):
 # --------------------------------------------------------------------------------------------
 
 
+ALL_LINEAR = "all-linear"
+"""PEFT's shorthand target: every linear layer of the model except its output head."""
+
+
 class AdapterSpec(Model):
     """A LoRA adapter. `type` leaves room for other PEFT methods later."""
 
@@ -64,7 +68,8 @@ class AdapterSpec(Model):
         default_factory=lambda: ["q_proj", "v_proj"],
         min_length=1,
         max_length=64,
-        description="Module names (suffixes) that get a LoRA adapter.",
+        description="Module names (suffixes) that get a LoRA adapter, or [all-linear]: every "
+        "linear layer but the output head (PEFT's shorthand).",
     )
     bias_mode: Literal["none", "all", "lora_only"] = Field(
         "none", description="Which biases are trained (PEFT's `bias`)."
@@ -74,6 +79,17 @@ class AdapterSpec(Model):
         description="Freeze LoRA A at its shared initialisation so that averaging B is exact "
         "(FFA-LoRA); only B is trained and sent.",
     )
+    base_quantization: Literal["none", "nf4"] = Field(
+        "none",
+        description="nf4: hold the frozen base weights in 4-bit NormalFloat (QLoRA, bitsandbytes; "
+        "needs a CUDA GPU, refused on a CPU-only Job). The adapter stays fp32.",
+    )
+
+    @model_validator(mode="after")
+    def _all_linear_alone(self) -> AdapterSpec:
+        if ALL_LINEAR in self.target_modules and len(self.target_modules) > 1:
+            raise ValueError(f"targetModules: {ALL_LINEAR} already names every linear layer")
+        return self
 
 
 class TrainingSpec(Model):
@@ -110,6 +126,17 @@ class TrainingSpec(Model):
         "auto", description="auto: bf16 on a GPU that supports it, fp32 on the CPU."
     )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of data order and dropout.")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each layer's activations in the backward pass instead of keeping "
+        "them: far less memory for about a third more compute.",
+    )
+    packing: bool = Field(
+        False,
+        description="Pack each micro-batch's examples end to end into rows of maxSeqLength tokens "
+        "instead of padding each to the longest; attention never crosses examples, so the "
+        "gradient is the padded one's, with less padding computed.",
+    )
 
 
 class DataSpec(Model):
@@ -349,6 +376,10 @@ class ClientSummary(Model):
     bytes_sent: int = Field(description="Encoded delta bytes uploaded.")
     raw_bytes: int = Field(description="The same delta as dense fp32.")
     full_model_bytes: int = Field(description="The whole model as fp32: what FedAvg would send.")
+    truncated_records: int = Field(
+        0, description="Records cut to maxSeqLength (prompt from the left, answer from the right)."
+    )
+    dropped_records: int = Field(0, description="Records left with no token to train on.")
     sha256: str
     seconds: float
 
