@@ -5,6 +5,9 @@ Jobs: `client`, `aggregate` and `cleanup` read their task from FEDTUNE_TASK_FILE
 (FEDTUNE_TERMINATION_LOG, else /dev/termination-log) either the JSON summary (success, exit 0) or
 one line `error: <reason>` (failure: exit 2 for input no retry can fix, else 1), which Kubernetes
 copies into the pod status for the operator to read.
+
+`client --nproc-per-node N` (N > 1) trains one client on N processes, one per GPU, started by
+torch's elastic agent (launch.py); the launcher writes the termination log for all of them.
 """
 
 from __future__ import annotations
@@ -39,8 +42,9 @@ def exit_code(error: BaseException) -> int:
 
     from .aggregate import QuorumError
     from .data import DataError
+    from .errors import SettingError
 
-    permanent = (DataError, ValidationError, json.JSONDecodeError, QuorumError)
+    permanent = (DataError, ValidationError, json.JSONDecodeError, QuorumError, SettingError)
     return EXIT_INVALID_INPUT if isinstance(error, permanent) else EXIT_FAILED
 
 
@@ -76,6 +80,13 @@ def cleanup(task: CleanupTask) -> str:
 
 
 def run_job(kind: str) -> int:
+    """Run one Job's task in this process. A worker of a multi-process client (launch.py)
+    reports to its own file for the launcher, and only rank 0 has a summary to report."""
+    from .launch import worker_file
+
+    worker = worker_file()
+    if worker is not None:
+        os.environ[TERMINATION_LOG_ENV] = str(worker)
     expected = {"client": ClientTask, "aggregate": AggregateTask, "cleanup": CleanupTask}[kind]
     try:
         task = load_task()
@@ -84,7 +95,10 @@ def run_job(kind: str) -> int:
         if isinstance(task, ClientTask):
             from .client import run
 
-            text = dump_summary(run(task))
+            summary = run(task)
+            if summary is None:  # a worker other than rank 0: it uploaded nothing
+                return 0
+            text = dump_summary(summary)
         elif isinstance(task, AggregateTask):
             from .aggregate import run as run_aggregate
 
@@ -98,14 +112,38 @@ def run_job(kind: str) -> int:
         write_termination(reason)
         return exit_code(e)
     write_termination(text)
-    print(text)
+    if worker is None:
+        print(text)
     return 0
+
+
+def run_launcher(kind: str, nproc: int, torchrun_args: list[str]) -> int:
+    """Run `kind` in `nproc` worker processes and report for all of them (launch.launch)."""
+    from .launch import launch
+
+    code, text = launch(kind, nproc, torchrun_args)
+    if text:
+        write_termination(text)
+    if code == 0 and text:
+        print(text)
+    elif code:
+        print(text, file=sys.stderr)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedtune-trainer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("client", help="train one client for one round and upload its delta")
+    client = sub.add_parser("client", help="train one client for one round and upload its delta")
+    client.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=1,
+        help="processes on this node, one per GPU (data parallel over the client's data)",
+    )
+    client.add_argument("--nnodes", help="torchrun's --nnodes, for a client spanning nodes")
+    client.add_argument("--rdzv-endpoint", help="torchrun's --rdzv-endpoint (host:port)")
+    client.add_argument("--rdzv-id", help="torchrun's --rdzv-id (the same on every node)")
     sub.add_parser("aggregate", help="merge one round's deltas (round 0: the initial adapter)")
     sub.add_parser("cleanup", help="delete everything under the run's storage root")
     tiny = sub.add_parser("make-tiny-model", help="write a tiny Llama model and tokenizer")
@@ -124,6 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
+    if args.command == "client":
+        spread = [
+            f"--{name.replace('_', '-')}={value}"
+            for name in ("nnodes", "rdzv_endpoint", "rdzv_id")
+            if (value := getattr(args, name)) is not None
+        ]
+        if args.nproc_per_node > 1 or spread:
+            return run_launcher("client", args.nproc_per_node, spread)
     if args.command in ("client", "aggregate", "cleanup"):
         return run_job(args.command)
     if args.command == "make-tiny-model":
