@@ -226,9 +226,9 @@ def test_a_model_whose_logits_are_not_head_of_hidden_falls_back_to_its_own_logit
     tok = AutoTokenizer.from_pretrained(demo.model)
     examples = load_examples(str(demo.client_data(0)), "chat", tok, 512)[:8]
     runtime = pick_runtime("fp32")
-    model = lora_model(demo, AdapterSpec(r=4))
     batch = collate(examples, tok.pad_token_id, torch.device("cpu"))
-    assert chunked_loss_matches(model, batch, runtime)
+    assert chunked_loss_matches(lora_model(demo, AdapterSpec(r=4)), batch, runtime)
+    model = lora_model(demo, AdapterSpec(r=4))
     base = model.get_base_model()
     base.register_forward_hook(lambda _m, _i, out: out.__class__(logits=0.5 * out.logits))
     assert not chunked_loss_matches(model, batch, runtime)

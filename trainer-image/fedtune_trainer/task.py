@@ -120,10 +120,16 @@ class TrainingSpec(Model):
         1.0, gt=0, le=1e6, description="Gradients are clipped to this global L2 norm."
     )
     max_seq_length: int = Field(
-        512, ge=8, le=131072, description="Tokens per example; longer ones are truncated."
+        512,
+        ge=8,
+        le=131072,
+        description="Tokens per example. A longer one loses the start of its prompt (down to half "
+        "of this), then the end of its answer; the client's summary counts them.",
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 on a GPU that supports it, fp32 on the CPU."
+        "auto",
+        description="auto: bf16 base weights on a GPU that supports it, else fp32; bf16 on the "
+        "CPU only when asked for; fp16 needs a GPU. The adapter is fp32 in every mode.",
     )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of data order and dropout.")
     gradient_checkpointing: bool = Field(

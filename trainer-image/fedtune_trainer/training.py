@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -294,6 +295,10 @@ def probe(batch: Batch, width: int = 128) -> Batch:
     return {k: v[:1, start : start + width] for k, v in batch.items() if v.dim() == 2}
 
 
+_checked: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
+"""chunked_loss_matches's verdict per model, so that it runs once per model, not per call."""
+
+
 @torch.no_grad()
 def chunked_loss_matches(model: torch.nn.Module, batch: Batch, runtime: Runtime) -> bool:
     """Whether the chunked loss equals the model's own on a window of `batch` (in eval mode: no
@@ -305,6 +310,8 @@ def chunked_loss_matches(model: torch.nn.Module, batch: Batch, runtime: Runtime)
     needs no more context), catches every such model instead of a list of names that would go
     stale, for two short forward passes.
     """
+    if model in _checked:
+        return _checked[model]
     batch = probe(batch)
     was_training = model.training
     model.eval()
@@ -317,7 +324,8 @@ def chunked_loss_matches(model: torch.nn.Module, batch: Batch, runtime: Runtime)
     if n == 0:
         return True
     tolerance = 1e-4 if runtime.autocast_dtype is None else 2e-2
-    return abs(float(mine) - float(ref)) <= tolerance * max(1.0, abs(float(ref)))
+    _checked[model] = abs(float(mine) - float(ref)) <= tolerance * max(1.0, abs(float(ref)))
+    return _checked[model]
 
 
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
