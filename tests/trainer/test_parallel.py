@@ -11,10 +11,16 @@ from typing import Any
 import pytest
 import torch
 
+from devcluster.net import free_port
 from fedtune_trainer import aggregate, client
 from fedtune_trainer import delta as codec
 from fedtune_trainer import store as st
-from fedtune_trainer.launch import client_command, gpu_count, processes_for
+from fedtune_trainer.launch import (
+    client_command,
+    gpu_count,
+    multi_node_client_command,
+    processes_for,
+)
 from fedtune_trainer.task import (
     AdapterSpec,
     AggregateTask,
@@ -40,6 +46,15 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:Futu
 )
 def test_client_command(processes: int, command: list[str]) -> None:
     assert client_command(processes) == command
+
+
+def test_multi_node_command() -> None:
+    assert multi_node_client_command(4, 3, "run-r1-a-0.run-r1-a:29400") == [
+        "fedtune-trainer", "client", "--nproc-per-node", "4", "--nnodes", "3",
+        "--node-rank", "$(JOB_COMPLETION_INDEX)", "--rdzv-endpoint", "run-r1-a-0.run-r1-a:29400",
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="one node"):
+        multi_node_client_command(2, 1, "x:1")
 
 
 def test_client_command_needs_a_process() -> None:
@@ -136,6 +151,40 @@ def test_two_processes_send_the_one_process_delta(
     print(f"2 processes against 1: worst relative L2 error of a delta tensor {worst:.2e}")
     assert worst < 1e-4, sorted(errors.items(), key=lambda kv: -kv[1])[:3]
     assert max(float(t.abs().max()) for t in a.values()) > 1e-3  # it did train
+
+
+@pytest.mark.integration
+def test_two_nodes_of_one_process_send_the_one_process_delta(
+    demo: Demo, tmp_path: Path, subprocess_env: dict[str, str]
+) -> None:
+    """The multi-node design without Kubernetes: two launchers (the pods of an Indexed Job, on
+    one host here), node 0 hosting the rendezvous and reporting, node 1 only training."""
+    one, two = st.FileStore(tmp_path / "one"), st.FileStore(tmp_path / "two")
+    for s in (one, two):
+        initial(demo, s)
+    single = client.run(task(demo, one), one, lambda _: None)
+    endpoint = f"127.0.0.1:{free_port()}"
+    wire = json.dumps(task(demo, two).wire())
+    procs, logs = [], []
+    for node in (0, 1):
+        logs.append(tmp_path / f"termination-log-{node}")
+        command = multi_node_client_command(1, 2, endpoint, node_rank=str(node))
+        env = {**subprocess_env, "FEDTUNE_TASK": wire, "FEDTUNE_TERMINATION_LOG": str(logs[-1])}
+        procs.append(
+            subprocess.Popen(
+                command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    summary = parse_summary(logs[0].read_text())
+    assert not logs[1].exists()  # node 1 has nothing to report
+    assert outputs[1][0] == ""
+    assert single is not None
+    assert summary.train_loss == pytest.approx(single.train_loss, rel=1e-5)
+    a, b = sent_delta(one), sent_delta(two)
+    worst = max(float((b[n] - a[n]).norm() / a[n].norm()) for n in a if a[n].norm() > 0)
+    assert worst < 1e-4
 
 
 @pytest.mark.integration

@@ -3,6 +3,11 @@ the memory savers (chunked loss, packing, checkpointing) that must not change th
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -241,3 +246,55 @@ def test_a_model_whose_logits_are_not_head_of_hidden_falls_back_to_its_own_logit
     spec = TrainingSpec(local_steps=1, batch_size=4)
     train(model, examples, spec, runtime, tok.pad_token_id, torch.Generator(), lines.append)
     assert any("full-logits loss" in line for line in lines)
+
+
+HEAD_MEMORY = """
+import os, sys, torch
+import torch.nn.functional as F
+from fedtune_trainer.training import head_cross_entropy
+torch.set_num_threads(1)
+torch.manual_seed(0)
+n, hidden, vocab = 4096, 64, 32768
+head = torch.nn.Linear(hidden, vocab, bias=False).requires_grad_(False)
+h = torch.randn(n, hidden, requires_grad=True)
+t = torch.randint(0, vocab, (n,))
+if sys.argv[1] == "chunked":
+    loss = head_cross_entropy(h, head, t)
+else:
+    loss = F.cross_entropy(head(h).float(), t, reduction="sum")
+loss.backward()
+print(float(loss.detach()), float(h.grad.norm()))
+"""
+
+
+def peak_rss_mb(mode: str, env: dict[str, str], tmp: Path) -> tuple[float, str]:
+    """Peak RSS (MiB, from wait4) and stdout of HEAD_MEMORY in a fresh process."""
+    out, err = tmp / f"{mode}.out", tmp / f"{mode}.err"
+    with out.open("w") as stdout, err.open("w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", HEAD_MEMORY, mode],
+            # Large buffers go back to the kernel when freed: the peak is what was held at once.
+            env={**env, "MALLOC_MMAP_THRESHOLD_": "65536"},
+            stdout=stdout,
+            stderr=stderr,
+        )
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    assert proc.returncode == 0, err.read_text()[-2000:]
+    return usage.ru_maxrss / 1024, out.read_text()
+
+
+@pytest.mark.integration  # two fresh processes, a minute on two busy cores
+def test_the_chunked_loss_never_holds_the_full_logits(
+    subprocess_env: dict[str, str], tmp_path: Path
+) -> None:
+    """4,096 positions x 32,768 vocabulary: full fp32 logits are 512 MiB, and autograd keeps
+    them with their softmax; the chunked loss holds at most 128 MiB of logits at a time."""
+    full_rss, full_out = peak_rss_mb("full", subprocess_env, tmp_path)
+    chunked_rss, chunked_out = peak_rss_mb("chunked", subprocess_env, tmp_path)
+    full_loss, full_grad = map(float, full_out.split())
+    loss, grad = map(float, chunked_out.split())
+    assert loss == pytest.approx(full_loss, rel=1e-5)
+    assert grad == pytest.approx(full_grad, rel=1e-4)
+    print(f"peak RSS: full logits {full_rss:.0f} MiB, chunked {chunked_rss:.0f} MiB")
+    assert full_rss - chunked_rss > 500, (full_rss, chunked_rss)

@@ -121,7 +121,14 @@ def run_launcher(kind: str, nproc: int, torchrun_args: list[str]) -> int:
     """Run `kind` in `nproc` worker processes and report for all of them (launch.launch)."""
     from .launch import launch
 
-    code, text = launch(kind, nproc, torchrun_args)
+    try:
+        code, text = launch(kind, nproc, torchrun_args)
+    except Exception as e:  # the launcher itself failed: no worker report to pass on
+        traceback.print_exc(file=sys.stderr)
+        reason = failure_reason(e)
+        print(reason, file=sys.stderr)
+        write_termination(reason)
+        return exit_code(e)
     if text:
         write_termination(text)
     if code == 0 and text:
@@ -141,9 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="processes on this node, one per GPU (data parallel over the client's data)",
     )
-    client.add_argument("--nnodes", help="torchrun's --nnodes, for a client spanning nodes")
-    client.add_argument("--rdzv-endpoint", help="torchrun's --rdzv-endpoint (host:port)")
-    client.add_argument("--rdzv-id", help="torchrun's --rdzv-id (the same on every node)")
+    client.add_argument("--nnodes", type=int, help="nodes of a client spanning several")
+    client.add_argument("--node-rank", type=int, help="this node's index (0 reports the summary)")
+    client.add_argument("--rdzv-endpoint", help="host:port of node 0's rendezvous")
     sub.add_parser("aggregate", help="merge one round's deltas (round 0: the initial adapter)")
     sub.add_parser("cleanup", help="delete everything under the run's storage root")
     tiny = sub.add_parser("make-tiny-model", help="write a tiny Llama model and tokenizer")
@@ -165,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "client":
         spread = [
             f"--{name.replace('_', '-')}={value}"
-            for name in ("nnodes", "rdzv_endpoint", "rdzv_id")
+            for name in ("nnodes", "node_rank", "rdzv_endpoint")
             if (value := getattr(args, name)) is not None
         ]
         if args.nproc_per_node > 1 or spread:

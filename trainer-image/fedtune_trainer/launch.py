@@ -39,6 +39,22 @@ def client_command(processes: int = 1) -> list[str]:
     return [*CLIENT_COMMAND, "--nproc-per-node", str(processes)]
 
 
+def multi_node_client_command(
+    processes: int, nodes: int, rendezvous: str, node_rank: str = "$(JOB_COMPLETION_INDEX)"
+) -> list[str]:
+    """The command of each pod of a client spanning `nodes` nodes (the design in the trainer's
+    README: an Indexed Job whose pod i is node i, `rendezvous` = `<pod 0's DNS name>:<port>`).
+    The default node rank is the Indexed Job's completion index, which Kubernetes expands from
+    the pod's environment."""
+    if nodes < 2:
+        raise ValueError("a client on one node needs client_command, not this")
+    return [
+        *client_command(processes),
+        *([] if processes > 1 else ["--nproc-per-node", "1"]),
+        "--nnodes", str(nodes), "--node-rank", node_rank, "--rdzv-endpoint", rendezvous,
+    ]  # fmt: skip
+
+
 def gpu_count(resources: Mapping[str, Any] | None) -> int:
     """GPUs a container's resources ask for: the limits (else the requests) of every
     `<vendor>/gpu` resource (nvidia.com/gpu, amd.com/gpu, ...), as a Pod spells them."""
@@ -70,8 +86,10 @@ def launch(command: str, nproc: int, torchrun_args: Sequence[str] = ()) -> tuple
     return (exit code, termination text): rank 0's summary when every process succeeded;
     otherwise the earliest failure's one-line reason and that process's exit code.
 
-    `torchrun_args` are extra torchrun options (`--nnodes`, `--rdzv-endpoint`, `--rdzv-id` for
-    a client spanning nodes); without them the rendezvous is local (`--standalone`).
+    `torchrun_args` are extra torchrun options for a client spanning nodes (`--nnodes`,
+    `--node-rank`, `--rdzv-endpoint`: torchrun's static rendezvous at node 0, which pins global
+    rank 0, the one that uploads and reports, to node 0); without them the rendezvous is local
+    (`--standalone`). A node without rank 0 reports nothing when all went well.
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run

@@ -446,11 +446,11 @@ def train(
             for share in (examples_[rank::size] for examples_ in drawn)
             if share
         ]
-        if chunked is None:
-            chunked = chunked_loss_matches(model, micro[0], runtime) if micro else True
+        if chunked is None and micro:  # a process with no share yet checks at its first one
+            chunked = chunked_loss_matches(model, micro[0], runtime)
             if not chunked:
                 log("warning: this model's logits are more than head(hidden): full-logits loss")
-        step_loss, _, seen = backward(model, micro, runtime, scaler, n_tokens, chunked)
+        step_loss, _, seen = backward(model, micro, runtime, scaler, n_tokens, chunked is not False)
         if world is not None and size > 1:
             world.all_reduce_grads(params)
             step_loss, seen = world.all_reduce_sum([step_loss, float(seen)])
