@@ -127,6 +127,19 @@ def test_client_uploads_a_delta_that_improves_its_own_loss(
     assert client_loss(demo, local) < client_loss(demo, g0) - 0.05
 
 
+def test_the_summary_counts_records_cut_to_length(demo: Demo, file_store: st.FileStore) -> None:
+    aggregate.run(init_task(demo, file_store), file_store, quiet)
+    lines: list[str] = []
+    short = TRAINING.model_copy(update={"max_seq_length": 12, "local_steps": 1})
+    t = client_task(demo, file_store, 1, DeltaSpec(dtype="fp32"), training=short)
+    summary = client.run(t, file_store, lines.append)
+    assert summary is not None
+    assert (summary.samples, summary.truncated_records, summary.dropped_records) == (48, 48, 0)
+    manifest, _ = st.read_committed(file_store, client_prefix(1, "client-0"))
+    assert (manifest["truncated_records"], manifest["dropped_records"]) == (48, 0)
+    assert "data: 48 records, 48 truncated, 0 dropped" in lines
+
+
 LOSSY = DeltaSpec(
     dtype="bf16", top_k=0.1, quantization=QuantizationSpec(bits=8), error_feedback=True
 )
@@ -210,6 +223,21 @@ def test_a_failing_client_exits_non_zero_with_a_short_reason(
     assert len(reason) < 600
     assert "Traceback" in proc.stderr
     assert file_store.list("rounds/") == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-only Job")
+def test_a_4bit_base_on_a_cpu_only_job_is_refused_before_any_download(
+    demo: Demo, file_store: st.FileStore, tmp_path: Path, subprocess_env: dict[str, str]
+) -> None:
+    log = tmp_path / "termination-log"
+    adapter = ADAPTER.model_copy(update={"base_quantization": "nf4"})
+    t = client_task(demo, file_store, 1, LOSSY, adapter=adapter, base_model="s3://nowhere/model")
+    proc = run_cli(["client"], subprocess_env, t, log)
+    assert proc.returncode == 2  # the same on every retry: the Job must stop
+    assert log.read_text().startswith(
+        "error: SettingError: adapter.baseQuantization: nf4 needs a CUDA GPU"
+    )
+    assert "nowhere" not in proc.stderr  # refused before fetching the model
 
 
 def test_a_task_of_the_wrong_kind_is_refused(

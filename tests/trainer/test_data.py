@@ -1,4 +1,5 @@
-"""Data loading: the three formats, loss masks, truncation, and errors that name file and line."""
+"""Data loading: the three formats, special tokens, loss masks, truncation and what it drops, and
+errors that name file and line."""
 
 from __future__ import annotations
 
@@ -7,9 +8,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from fedtune_trainer.data import IGNORE, DataError, data_settings, load_examples
+from fedtune_trainer.data import (
+    IGNORE,
+    DataError,
+    bos_ids,
+    data_settings,
+    fit,
+    load_dataset,
+    load_examples,
+)
+from fedtune_trainer.training import collate
 from tests.trainer.support import Demo
 
 
@@ -27,11 +38,13 @@ def decode_trained(tok: PreTrainedTokenizerBase, ids: list[int], labels: list[in
     return tok.decode([i for i, lab in zip(ids, labels, strict=True) if lab != IGNORE])
 
 
-def test_text_trains_every_token(tok: PreTrainedTokenizerBase, tmp_path: Path) -> None:
+def test_text_trains_every_token_after_bos(tok: PreTrainedTokenizerBase, tmp_path: Path) -> None:
     path = write(tmp_path / "t.jsonl", [{"text": "the capital of Peru is Lima"}])
     (ex,) = load_examples(str(path), "text", tok, 512)
-    assert ex.labels == ex.input_ids
-    assert tok.decode(ex.input_ids) == "the capital of Peru is Lima" + tok.eos_token
+    assert ex.input_ids[0] == tok.bos_token_id  # the tiny tokenizer starts texts with BOS
+    assert ex.labels == [IGNORE, *ex.input_ids[1:]]
+    assert tok.decode(ex.input_ids) == "<s>the capital of Peru is Lima" + tok.eos_token
+    assert ex.trained_tokens == len(ex.input_ids) - 1
 
 
 @pytest.mark.parametrize(
@@ -49,48 +62,143 @@ def test_alpaca_trains_only_the_output(
 ) -> None:
     (ex,) = load_examples(str(write(tmp_path / "a.jsonl", [record])), "alpaca", tok, 512)
     assert prompt_part in tok.decode(ex.input_ids)
+    assert ex.input_ids[0] == tok.bos_token_id
     assert decode_trained(tok, ex.input_ids, ex.labels) == record["output"] + tok.eos_token
     assert ex.labels[0] == IGNORE
 
 
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 2 + 2?"},
+    {"role": "assistant", "content": "4"},
+    {"role": "user", "content": "And 3 + 3?"},
+    {"role": "assistant", "content": "6"},
+]
+
+
 def test_chat_trains_only_the_assistant_turns(tok: PreTrainedTokenizerBase, tmp_path: Path) -> None:
-    messages = [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "What is 2 + 2?"},
-        {"role": "assistant", "content": "4"},
-        {"role": "user", "content": "And 3 + 3?"},
-        {"role": "assistant", "content": "6"},
-    ]
-    (ex,) = load_examples(
-        str(write(tmp_path / "c.jsonl", [{"messages": messages}])), "chat", tok, 512
-    )
-    assert tok.decode(ex.input_ids) == tok.apply_chat_template(messages, tokenize=False)
+    (ex,) = load_examples(str(write(tmp_path / "c.jsonl", [{"messages": CHAT}])), "chat", tok, 512)
+    # Exactly the template's rendering, its BOS included, and no second BOS of ours.
+    assert tok.decode(ex.input_ids) == tok.apply_chat_template(CHAT, tokenize=False)
+    assert ex.input_ids.count(tok.bos_token_id) == 1
     trained = decode_trained(tok, ex.input_ids, ex.labels)
-    assert trained == f"4{tok.eos_token}\n6{tok.eos_token}\n"
+    # Each answer up to and including its end-of-turn token; the newline the template puts
+    # after it is never generated, so it is not trained.
+    assert trained == f"4{tok.eos_token}6{tok.eos_token}"
     assert "What is" not in trained
     assert "<|assistant|>" not in trained
 
 
-def test_truncation_and_max_samples(tok: PreTrainedTokenizerBase, tmp_path: Path) -> None:
-    long = {"instruction": "Say y.", "output": "y " * 200}
-    path = write(tmp_path / "a.jsonl", [long] * 5)
-    examples = load_examples(str(path), "alpaca", tok, 40, max_samples=3)
-    assert len(examples) == 3
-    assert all(len(e.input_ids) == 40 == len(e.labels) for e in examples)
-    assert all(e.trained_tokens > 0 for e in examples)
+def without_bos(tok: PreTrainedTokenizerBase, tmp_path: Path) -> PreTrainedTokenizerBase:
+    """The tiny tokenizer as SmolLM2's behaves: it names a BOS token but never adds it."""
+    model = Path(tok.name_or_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        data = json.loads((model / name).read_text())
+        if name == "tokenizer.json":
+            data["post_processor"] = None
+        (tmp_path / name).write_text(json.dumps(data))
+    return AutoTokenizer.from_pretrained(tmp_path)
 
 
-def test_records_with_nothing_left_to_train_are_dropped(
+def test_bos_follows_the_tokenizers_own_convention(
     tok: PreTrainedTokenizerBase, tmp_path: Path
 ) -> None:
+    plain = without_bos(tok, tmp_path)
+    assert plain.bos_token_id == tok.bos_token_id  # defined, but not added to texts
+    assert bos_ids(tok) == [tok.bos_token_id]
+    assert bos_ids(plain) == []
+    path = write(tmp_path / "t.jsonl", [{"text": "hello"}])
+    (ex,) = load_examples(str(path), "text", plain, 64)
+    assert ex.input_ids[0] != plain.bos_token_id
+    assert plain.decode(ex.input_ids) == "hello</s>"
+
+
+def test_pad_equal_to_eos_still_trains_eos(tok: PreTrainedTokenizerBase, tmp_path: Path) -> None:
+    """As with SmolLM2 (pad = eos = <|im_end|>): padding is masked by position, never by id."""
+    path = write(tmp_path / "a.jsonl", [{"text": "a b c d e f"}, {"text": "a"}])
+    long, short = load_examples(str(path), "text", tok, 64)
+    batch = collate([long, short], tok.eos_token_id, torch.device("cpu"))
+    labels, mask = batch["labels"], batch["attention_mask"]
+    eos = tok.eos_token_id
+    for row, e in enumerate((long, short)):
+        n = len(e.input_ids)
+        assert labels[row, n - 1] == eos  # the real eos is a target
+        assert (labels[row, n:] == IGNORE).all()
+        assert (mask[row, n:] == 0).all()
+    assert int((batch["input_ids"] == eos).sum()) > int((labels == eos).sum())  # pads are eos ids
+
+
+@pytest.mark.parametrize(
+    ("bos", "prompt", "answer", "max_length", "kept_prompt", "kept_answer"),
+    [
+        (1, 10, 5, 64, 10, 5),  # fits: untouched
+        (1, 100, 10, 64, 53, 10),  # the prompt loses its start, the answer is whole
+        (1, 100, 100, 64, 31, 32),  # both long: the prompt keeps half, the answer the rest
+        (0, 100, 100, 64, 32, 32),
+        (1, 5, 100, 64, 5, 58),  # a short prompt is kept whole, the answer loses its end
+        (1, 0, 100, 64, 0, 63),  # text: no prompt
+        (0, 40, 3, 8, 5, 3),
+    ],
+)
+def test_truncation_keeps_the_end_of_the_prompt_and_the_start_of_the_answer(
+    bos: int, prompt: int, answer: int, max_length: int, kept_prompt: int, kept_answer: int
+) -> None:
+    ids = list(range(bos + prompt + answer))
+    labels = [IGNORE] * (bos + prompt) + ids[bos + prompt :]
+    if bos + prompt + answer <= max_length:
+        assert (kept_prompt, kept_answer) == (prompt, answer)
+        return
+    start, total = fit(ids, labels, max_length, bos)
+    assert total == max_length
+    kept = ids[:bos] + ids[bos + start :][: total - bos]
+    assert kept[bos : bos + kept_prompt] == list(range(bos + prompt - kept_prompt, bos + prompt))
+    assert kept[bos + kept_prompt :] == list(range(bos + prompt, bos + prompt + kept_answer))
+
+
+def test_long_records_are_cut_counted_and_keep_their_answer(
+    tok: PreTrainedTokenizerBase, tmp_path: Path
+) -> None:
+    long_prompt = {"instruction": "z " * 300 + "Say yes.", "output": "yes"}
+    long_answer = {"instruction": "Say y.", "output": "y " * 200}
+    path = write(
+        tmp_path / "a.jsonl", [long_prompt, long_answer, {"instruction": "q", "output": "a"}]
+    )
+    data = load_dataset(str(path), "alpaca", tok, 40)
+    assert (data.stats.records, data.stats.truncated, data.stats.dropped) == (3, 2, 0)
+    first, second, third = data.examples
+    assert all(len(e.input_ids) <= 40 for e in data.examples)
+    assert first.input_ids[0] == second.input_ids[0] == tok.bos_token_id
+    # The whole answer and the end of the question survive; the start of the question does not.
+    assert decode_trained(tok, first.input_ids, first.labels) == "yes" + tok.eos_token
+    assert "Say yes.\n\n### Response:\n" in tok.decode(first.input_ids)
+    assert "### Instruction" not in tok.decode(first.input_ids)
+    # A long answer keeps its start (no eos: the model must not learn to stop there).
+    assert second.trained_tokens >= 20
+    assert tok.decode(second.input_ids).startswith("<s>### Instruction:\nSay y.")
+    assert second.input_ids[-1] != tok.eos_token_id
+    assert len(third.input_ids) < 40
+    assert len(load_examples(str(path), "alpaca", tok, 40, max_samples=2)) == 2
+
+
+def test_records_with_nothing_to_train_are_dropped_and_counted(
+    tok: PreTrainedTokenizerBase, tmp_path: Path
+) -> None:
+    no_eos = AutoTokenizer.from_pretrained(tok.name_or_path)
+    no_eos.eos_token = None
     path = write(
         tmp_path / "a.jsonl",
-        [{"instruction": "z" * 300, "output": "kept?"}, {"instruction": "q", "output": "a"}],
+        [{"instruction": "q", "output": "a"}, {"instruction": "q", "output": ""}] * 2,
     )
-    assert len(load_examples(str(path), "alpaca", tok, 24)) == 1
-    only_prompt = write(tmp_path / "b.jsonl", [{"instruction": "z" * 300, "output": "kept?"}])
-    with pytest.raises(DataError, match="no usable alpaca records"):
-        load_examples(str(only_prompt), "alpaca", tok, 24)
+    data = load_dataset(str(path), "alpaca", no_eos, 64)
+    assert len(data.examples) == 2
+    assert (data.stats.records, data.stats.dropped) == (4, 2)
+    assert data.stats.dropped_at == [f"{path} line 2", f"{path} line 4"]
+    assert "4 records, 0 truncated, 2 dropped" in data.stats.describe()
+    only_empty = write(tmp_path / "b.jsonl", [{"instruction": "q", "output": ""}])
+    with pytest.raises(
+        DataError, match=r"no usable alpaca records \(1 records, 0 truncated, 1 dropped"
+    ):
+        load_examples(str(only_empty), "alpaca", no_eos, 64)
 
 
 def test_a_directory_reads_every_jsonl_in_order(
@@ -101,7 +209,7 @@ def test_a_directory_reads_every_jsonl_in_order(
     write(tmp_path / "d" / "a.jsonl", [{"text": "first"}])
     (tmp_path / "d" / "notes.txt").write_text("ignored")
     examples = load_examples((tmp_path / "d").as_uri(), "text", tok, 64)
-    assert [tok.decode(e.input_ids) for e in examples] == ["first</s>", "second</s>"]
+    assert [tok.decode(e.input_ids) for e in examples] == ["<s>first</s>", "<s>second</s>"]
 
 
 @pytest.mark.parametrize(

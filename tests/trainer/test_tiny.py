@@ -27,12 +27,13 @@ def test_tiny_model_loads_with_the_auto_classes(demo: Demo) -> None:
     assert tok.pad_token_id != tok.eos_token_id
     assert len(tok) == model.config.vocab_size <= 512
     ids = tok("What is the capital of France?")["input_ids"]
-    assert tok.decode(ids) == "What is the capital of France?"
+    assert ids[0] == tok.bos_token_id  # like Llama's tokenizers, every text starts with BOS
+    assert tok.decode(ids[1:]) == "What is the capital of France?"
     assert len(ids) < 20  # BPE learned the data's words
     rendered = tok.apply_chat_template(
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
     )
-    assert rendered == "<|user|>\nhi</s>\n<|assistant|>\n"
+    assert rendered == "<s><|user|>\nhi</s>\n<|assistant|>\n"
     out = model(torch.tensor([ids])).logits
     assert out.shape == (1, len(ids), model.config.vocab_size)
 

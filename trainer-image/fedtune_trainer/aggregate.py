@@ -1,6 +1,7 @@
 """`fedtune-trainer aggregate`: turn round r's client deltas into global adapter r.
 
-Round 0 writes the initial adapter (LoRA initialised from the base model with the task's seed).
+Round 0 writes the initial adapter (LoRA initialised with the task's seed from the base model's
+config alone: no base weight is read).
 Round r >= 1 is `merge_round`, steps over the committed global adapter r-1, one function each:
 
 1. collect: for each client, one at a time, validate before spending (`fetch_client`): the
@@ -48,7 +49,7 @@ from . import delta_check, lora, merge
 from . import store as st
 from .intake import Accepted, fetch_client, load_delta, reason_of
 from .results import AggregateSummary, Rejection, RoundRecord, initial_record
-from .runtime import derive_seed, pick_runtime, seed_everything
+from .runtime import derive_seed
 from .task import (
     FINAL_PREFIX,
     SERVER_STATE_PREFIX,
@@ -384,13 +385,11 @@ def merge_round(task: AggregateTask, store: st.Store, log: Log) -> Merged:
 
 
 def initialize(task: AggregateTask, store: st.Store, log: Log) -> Merged:
-    """Round 0: the initial adapter, seeded, from the base model."""
-    from .runtime import load_base
+    """Round 0: the initial adapter, seeded, from the base model's config alone (its shapes on
+    the meta device): the aggregator never loads base weights."""
+    from .runtime import config_source
 
-    seed_everything(task.seed)
-    base = load_base(task.base_model, pick_runtime("auto"))
-    tensors = lora.adapter_tensors(lora.attach(base, task.adapter))
-    del base
+    tensors = lora.initial_adapter(config_source(task.base_model), task.adapter, task.seed)
     values = sum(t.numel() for t in tensors.values())
     log(f"initial adapter: {len(tensors)} tensors, {values} values")
     config = lora.config_json(task.adapter, task.base_model)

@@ -5,6 +5,9 @@ FEDTUNE_TASK (task.py), print progress on stderr and, on exit, write to the term
 (FEDTUNE_TERMINATION_LOG, else /dev/termination-log) either the JSON summary (success, exit 0) or
 one line `error: <reason>` (failure: exit 2 for input no retry can fix, else 1), which Kubernetes
 copies into the pod status for the operator to read.
+
+`client --nproc-per-node N` (N > 1) trains one client on N processes, one per GPU, started by
+torch's elastic agent (launch.py); the launcher writes the termination log for all of them.
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ def exit_code(error: BaseException) -> int:
 
     from .aggregate import QuorumError
     from .data import DataError
+    from .errors import SettingError
 
-    permanent = (DataError, ValidationError, json.JSONDecodeError, QuorumError)
+    permanent = (DataError, ValidationError, json.JSONDecodeError, QuorumError, SettingError)
     return EXIT_INVALID_INPUT if isinstance(error, permanent) else EXIT_FAILED
 
 
@@ -69,6 +73,13 @@ def cleanup(task: CleanupTask) -> str:
 
 
 def run_job(kind: str) -> int:
+    """Run one Job's task in this process. A worker of a multi-process client (launch.py)
+    reports to its own file for the launcher, and only rank 0 has a summary to report."""
+    from .launch import worker_file
+
+    worker = worker_file()
+    if worker is not None:
+        os.environ[TERMINATION_LOG_ENV] = str(worker)
     expected = {
         "client": ClientTask,
         "aggregate": AggregateTask,
@@ -82,7 +93,10 @@ def run_job(kind: str) -> int:
         if isinstance(task, ClientTask):
             from .client import run
 
-            text = dump_summary(run(task))
+            summary = run(task)
+            if summary is None:  # a worker other than rank 0: it uploaded nothing
+                return 0
+            text = dump_summary(summary)
         elif isinstance(task, AggregateTask):
             from .aggregate import run as run_aggregate
 
@@ -100,14 +114,45 @@ def run_job(kind: str) -> int:
         write_termination(reason)
         return exit_code(e)
     write_termination(text)
-    print(text)
+    if worker is None:
+        print(text)
     return 0
+
+
+def run_launcher(kind: str, nproc: int, torchrun_args: list[str]) -> int:
+    """Run `kind` in `nproc` worker processes and report for all of them (launch.launch)."""
+    from .launch import launch
+
+    try:
+        code, text = launch(kind, nproc, torchrun_args)
+    except Exception as e:  # the launcher itself failed: no worker report to pass on
+        traceback.print_exc(file=sys.stderr)
+        reason = failure_reason(e)
+        print(reason, file=sys.stderr)
+        write_termination(reason)
+        return exit_code(e)
+    if text:
+        write_termination(text)
+    if code == 0 and text:
+        print(text)
+    elif code:
+        print(text, file=sys.stderr)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedtune-trainer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("client", help="train one client for one round and upload its delta")
+    client = sub.add_parser("client", help="train one client for one round and upload its delta")
+    client.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=1,
+        help="processes on this node, one per GPU (data parallel over the client's data)",
+    )
+    client.add_argument("--nnodes", type=int, help="nodes of a client spanning several")
+    client.add_argument("--node-rank", type=int, help="this node's index (0 reports the summary)")
+    client.add_argument("--rdzv-endpoint", help="host:port of node 0's rendezvous")
     sub.add_parser("aggregate", help="merge one round's deltas (round 0: the initial adapter)")
     sub.add_parser("evaluate", help="evaluate one round's global adapter on held-out data")
     sub.add_parser("cleanup", help="delete everything under the run's storage root")
@@ -127,6 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
+    if args.command == "client":
+        spread = [
+            f"--{name.replace('_', '-')}={value}"
+            for name in ("nnodes", "node_rank", "rdzv_endpoint")
+            if (value := getattr(args, name)) is not None
+        ]
+        if args.nproc_per_node > 1 or spread:
+            return run_launcher("client", args.nproc_per_node, spread)
     if args.command in ("client", "aggregate", "evaluate", "cleanup"):
         return run_job(args.command)
     if args.command == "make-tiny-model":

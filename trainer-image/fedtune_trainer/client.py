@@ -7,6 +7,11 @@ Idempotent by construction: every key written is round-scoped and a rerun overwr
 error-feedback residual is versioned by round: round r reads the newest residual written *before*
 r and writes its own as version r, so a rerun of r starts from the same residual and nothing is
 fed back twice. (The newest, not exactly r-1: a client that sat out a round keeps its residual.)
+
+On several processes (a client with several GPUs, see launch.py and parallel.py) every process
+loads the model and the data and trains on its share of each batch; the gradients are summed, so
+every process ends with the same adapter, and rank 0 alone computes, encodes and uploads the
+delta and reports the summary.
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ from . import delta as codec
 from . import lora
 from . import store as st
 from .cache import bytes_downloaded
-from .data import load_examples
+from .data import load_dataset
+from .parallel import World
 from .results import ClientSummary
 from .runtime import (
+    Runtime,
     derive_seed,
     load_base,
     load_tokenizer,
@@ -32,7 +39,7 @@ from .runtime import (
     seed_everything,
 )
 from .task import ClientTask, client_prefix, client_state_prefix, global_prefix
-from .training import train
+from .training import enable_gradient_checkpointing, train
 
 RESIDUAL_FILE = "residual.safetensors"
 Log = Callable[[str], None]
@@ -40,6 +47,10 @@ Log = Callable[[str], None]
 
 def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
+
+
+def _quiet(_: str) -> None:
+    """The log of processes other than rank 0: one progress log per client is enough."""
 
 
 def read_residual(
@@ -69,31 +80,66 @@ def write_residual(
         st.prune_versions_before(store, prefix, previous)
 
 
-def run(task: ClientTask, store: st.Store | None = None, log: Log = _stderr) -> ClientSummary:
-    """Train and upload one client's delta for `task.round`; returns the summary."""
+def run(
+    task: ClientTask, store: st.Store | None = None, log: Log = _stderr
+) -> ClientSummary | None:
+    """Train and upload one client's delta for `task.round`; returns the summary (None on the
+    processes other than rank 0 of a multi-process client: they upload nothing)."""
     start = time.perf_counter()
     if task.round < 1:
         raise ValueError("client rounds start at 1 (round 0 is the initial adapter)")
-    store = store or st.open_store(task.storage)
-    runtime = pick_runtime(task.training.precision)
+    world = World.from_env()
+    # Settings this Job cannot honour fail here, before anything is downloaded.
+    runtime = pick_runtime(
+        task.training.precision, task.adapter.base_quantization, world.local_rank
+    )
+    world.start()
+    try:
+        return _run(task, store or st.open_store(task.storage), log, world, runtime, start)
+    finally:
+        world.stop()
+
+
+def _run(
+    task: ClientTask,
+    store: st.Store,
+    log: Log,
+    world: World,
+    runtime: Runtime,
+    start: float,
+) -> ClientSummary | None:
+    if not world.main:
+        log = _quiet
+    # The data order is the client's (the same on every process); dropout is each process's own.
     generator = seed_everything(derive_seed(task.training.seed, task.run, task.round, task.client))
+    if world.rank:
+        torch.manual_seed(
+            derive_seed(task.training.seed, task.run, task.round, task.client, world.rank)
+        )
 
     tok = load_tokenizer(task.tokenizer or task.base_model)
-    examples = load_examples(
+    data = load_dataset(
         task.data_uri, task.data.format, tok, task.training.max_seq_length, task.data.max_samples
     )
+    log(f"data: {data.stats.describe()}")
+    examples = data.examples
     _, files = st.read_committed(store, global_prefix(task.round - 1), [lora.ADAPTER_WEIGHTS])
     global_tensors = lora.parse_weights(files[lora.ADAPTER_WEIGHTS])
     base = load_base(task.base_model, runtime)
     full_model_bytes = parameter_count(base) * 4
     model = lora.attach(base, task.adapter, global_tensors)
+    if task.training.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    processes = f", {world.size} processes" if world.size > 1 else ""
     log(
         f"client {task.client} round {task.round}: {len(examples)} examples, "
-        f"{trainable} trainable parameters, {runtime.name}"
+        f"{trainable} trainable parameters, {runtime.name}{processes}"
     )
 
-    result = train(model, examples, task.training, runtime, tok.pad_token_id, generator, log)
+    result = train(model, examples, task.training, runtime, tok.pad_token_id, generator, log, world)
+    if not world.main:
+        return None
 
     names = lora.trainable_names(list(global_tensors), task.adapter)
     delta = codec.compute_delta(lora.adapter_tensors(model), global_tensors, names)
@@ -117,6 +163,10 @@ def run(task: ClientTask, store: st.Store | None = None, log: Log = _stderr) -> 
         steps=result.steps,
         train_loss=result.loss,
     )
+    meta |= {
+        "truncated_records": data.stats.truncated,
+        "dropped_records": data.stats.dropped,
+    }
     st.commit(store, client_prefix(task.round, task.client), {codec.DELTA_FILE: encoded.blob}, meta)
     log(
         f"sent {encoded.encoded_bytes} bytes (dense fp32 {encoded.raw_bytes}, "
@@ -132,6 +182,8 @@ def run(task: ClientTask, store: st.Store | None = None, log: Log = _stderr) -> 
         bytes_sent=encoded.encoded_bytes,
         raw_bytes=encoded.raw_bytes,
         full_model_bytes=full_model_bytes,
+        truncated_records=data.stats.truncated,
+        dropped_records=data.stats.dropped,
         sha256=meta["sha256"],
         seconds=round(time.perf_counter() - start, 3),
         base_model_bytes_downloaded=bytes_downloaded(task.base_model),

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .task import AdapterSpec
+from .task import ALL_LINEAR, AdapterSpec
 
 if TYPE_CHECKING:
     from peft import LoraConfig, PeftModel
-    from transformers import PreTrainedModel
+    from transformers import PretrainedConfig, PreTrainedModel
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -33,11 +33,16 @@ def trainable_names(names: list[str] | set[str], spec: AdapterSpec) -> list[str]
 def lora_config(spec: AdapterSpec, base_model: str = "") -> LoraConfig:
     from peft import LoraConfig
 
+    # PEFT takes its `all-linear` shorthand only as a bare string: inside a list it would look
+    # for a module literally named "all-linear" and fail with "Target modules not found".
+    targets: str | list[str] = (
+        ALL_LINEAR if list(spec.target_modules) == [ALL_LINEAR] else list(spec.target_modules)
+    )
     return LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,
         lora_dropout=spec.dropout,
-        target_modules=list(spec.target_modules),
+        target_modules=targets,
         bias=spec.bias_mode,
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_model or None,
@@ -72,6 +77,47 @@ def attach(
             if ".lora_A." in name:
                 param.requires_grad_(False)
     return model
+
+
+def initial_adapter(
+    config: str | Path | PretrainedConfig, spec: AdapterSpec, seed: int
+) -> dict[str, torch.Tensor]:
+    """The adapter PEFT initialises for `seed`, built from the model's config alone.
+
+    Bit for bit what `torch.manual_seed(seed); get_peft_model(base, lora_config(spec))` gives on
+    the real base model (the tests hold it to that, all-linear included), but no base weight is
+    ever read or allocated: the aggregator of round 0 needs the config (one small JSON file),
+    not 16 GB of checkpoint and 32 GB of RAM for an 8B model.
+
+    How: the model is built on the meta device (shapes only), and each of its parameters is then
+    replaced by a CPU tensor of the same shape that is one broadcast scalar (stride 0: 4 bytes,
+    whatever the shape). PEFT's own code then runs unchanged: it creates each LoRA layer on the
+    CPU, draws its initial values from the seeded generator in its own order (that order, and
+    how many numbers each layer draws, is PEFT's business, which is why this runs PEFT instead
+    of copying its init), and moves it to "the device of the base layer", which is now the CPU
+    and not the meta device, where the values would be discarded. The caller's RNG state is
+    left as it was.
+
+    `config` is a directory (or config.json) as `AutoConfig.from_pretrained` takes it, a hub
+    id, or a loaded config.
+    """
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not isinstance(config, str | Path):
+        model_config = config
+    else:
+        model_config = AutoConfig.from_pretrained(config)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
+    for module in skeleton.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            placeholder = torch.zeros((), dtype=param.dtype).expand(param.shape)
+            module.register_parameter(name, torch.nn.Parameter(placeholder, requires_grad=False))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = get_peft_model(skeleton, lora_config(spec))
+        return adapter_tensors(model)
 
 
 def adapter_tensors(model: PeftModel) -> dict[str, torch.Tensor]:

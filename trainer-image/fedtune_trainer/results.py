@@ -36,6 +36,10 @@ class ClientSummary(Model):
     bytes_sent: int = Field(description="Encoded delta bytes uploaded.")
     raw_bytes: int = Field(description="The same delta as dense fp32.")
     full_model_bytes: int = Field(description="The whole model as fp32: what FedAvg would send.")
+    truncated_records: int = Field(
+        0, description="Records cut to maxSeqLength (prompt from the left, answer from the right)."
+    )
+    dropped_records: int = Field(0, description="Records left with no token to train on.")
     sha256: str
     seconds: float
     base_model_bytes_downloaded: int = Field(

@@ -50,6 +50,10 @@ class Model(BaseModel):
 # --------------------------------------------------------------------------------------------
 
 
+ALL_LINEAR = "all-linear"
+"""PEFT's shorthand target: every linear layer of the model except its output head."""
+
+
 class AdapterSpec(Model):
     """A LoRA adapter. `type` leaves room for other PEFT methods later."""
 
@@ -61,7 +65,8 @@ class AdapterSpec(Model):
         default_factory=lambda: ["q_proj", "v_proj"],
         min_length=1,
         max_length=64,
-        description="Module names (suffixes) that get a LoRA adapter.",
+        description="Module names (suffixes) that get a LoRA adapter, or [all-linear]: every "
+        "linear layer but the output head (PEFT's shorthand).",
     )
     bias_mode: Literal["none", "all", "lora_only"] = Field(
         "none", description="Which biases are trained (PEFT's `bias`)."
@@ -71,6 +76,17 @@ class AdapterSpec(Model):
         description="Freeze LoRA A at its shared initialisation so that averaging B is exact "
         "(FFA-LoRA); only B is trained and sent.",
     )
+    base_quantization: Literal["none", "nf4"] = Field(
+        "none",
+        description="nf4: hold the frozen base weights in 4-bit NormalFloat (QLoRA, bitsandbytes; "
+        "needs a CUDA GPU, refused on a CPU-only Job). The adapter stays fp32.",
+    )
+
+    @model_validator(mode="after")
+    def _all_linear_alone(self) -> AdapterSpec:
+        if ALL_LINEAR in self.target_modules and len(self.target_modules) > 1:
+            raise ValueError(f"targetModules: {ALL_LINEAR} already names every linear layer")
+        return self
 
 
 class TrainingSpec(Model):
@@ -101,12 +117,29 @@ class TrainingSpec(Model):
         1.0, gt=0, le=1e6, description="Gradients are clipped to this global L2 norm."
     )
     max_seq_length: int = Field(
-        512, ge=8, le=131072, description="Tokens per example; longer ones are truncated."
+        512,
+        ge=8,
+        le=131072,
+        description="Tokens per example. A longer one loses the start of its prompt (down to half "
+        "of this), then the end of its answer; the client's summary counts them.",
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 on a GPU that supports it, fp32 on the CPU."
+        "auto",
+        description="auto: bf16 base weights on a GPU that supports it, else fp32; bf16 on the "
+        "CPU only when asked for; fp16 needs a GPU. The adapter is fp32 in every mode.",
     )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of data order and dropout.")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each layer's activations in the backward pass instead of keeping "
+        "them: far less memory for about a third more compute.",
+    )
+    packing: bool = Field(
+        False,
+        description="Pack each micro-batch's examples end to end into rows of maxSeqLength tokens "
+        "instead of padding each to the longest; attention never crosses examples, so the "
+        "gradient is the padded one's, with less padding computed.",
+    )
 
 
 class DataSpec(Model):

@@ -2,10 +2,10 @@
 
 No model hub is reachable from the tests or the devcluster, so the project makes its own: a
 byte-level BPE tokenizer trained on the given jsonl files (with pad/bos/eos, role tokens and a chat
-template) and a randomly initialised, seeded LlamaForCausalLM of a few hundred thousand parameters
-whose module names (q_proj, v_proj, ...) are those real checkpoints use, so default LoRA target
-modules apply. The output is a plain Hugging Face directory: AutoTokenizer and
-AutoModelForCausalLM load it.
+template; like Llama's, it starts every text and every conversation with BOS) and a randomly
+initialised, seeded LlamaForCausalLM of a few hundred thousand parameters whose module names
+(q_proj, v_proj, ...) are those real checkpoints use, so default LoRA target modules apply. The
+output is a plain Hugging Face directory: AutoTokenizer and AutoModelForCausalLM load it.
 """
 
 from __future__ import annotations
@@ -21,12 +21,14 @@ from .data import ALPACA_PROMPT_WITH_INPUT, read_jsonl
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
+    "{{ bos_token }}"
     "{% for message in messages %}"
     "<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-"""Every turn closes with the eos token, so a model trained on assistant turns learns to stop."""
+"""Every turn closes with the eos token, so a model trained on assistant turns learns to stop; the
+conversation opens with the BOS token, as Llama 3's template does."""
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ def corpus(files: list[Path]) -> Iterator[str]:
 
 
 def make_tokenizer(files: list[Path], vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -76,6 +78,10 @@ def make_tokenizer(files: list[Path], vocab_size: int):
         show_progress=False,
     )
     tok.train_from_iterator(corpus(files), trainer=trainer)
+    # Like Llama's tokenizers, every encoded text starts with BOS (data.bos_ids follows this).
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
+    )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=BOS,

@@ -1,0 +1,15 @@
+"""Errors that say the task itself is wrong for this Job, so no retry can succeed.
+
+Torch-free, so that the CLI can map them to the invalid-input exit code without importing the
+training stack.
+"""
+
+from __future__ import annotations
+
+
+class SettingError(ValueError):
+    """A task setting this Job cannot honour, e.g. a 4-bit base on a Job without a GPU.
+
+    The message starts with the field's path as the spec spells it (`adapter.baseQuantization:
+    ...`), so that the one-line reason in the run's status says what to change.
+    """

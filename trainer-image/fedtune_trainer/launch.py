@@ -1,0 +1,131 @@
+"""Clients on several GPUs: the container command for N processes, and the launcher behind it.
+
+`client_command(n)` is what the operator puts in a client Job whose container gets n GPUs
+(`processes_for(resources)`). With n > 1 it is `fedtune-trainer client --nproc-per-node n`,
+which starts n worker processes with torch's elastic agent: the launcher `torchrun` itself runs
+(`torch.distributed.run`, same arguments, same rendezvous, same environment for the workers),
+called from here instead of from a `torchrun ...` command line for one reason, the Job
+contract: torchrun exits 1 whatever went wrong and leaves the termination log to whichever
+worker wrote it last, while the operator needs exit code 2 for input no retry can fix
+(podFailurePolicy stops the Job on it) and one line saying what failed first. So each worker
+writes its outcome to a file of its own, and the launcher reports rank 0's summary, or the
+failure that came first, with that worker's exit code.
+
+The top of this module is torch-free (the operator imports it); the launcher imports torch's
+elastic agent only when it runs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+CLIENT_COMMAND = ("fedtune-trainer", "client")
+WORKER_DIR_ENV = "FEDTUNE_WORKER_DIR"
+"""Set by the launcher for its workers: each writes `rank-<RANK>` there instead of the
+termination log, and prints no summary (the launcher does, once)."""
+
+
+def client_command(processes: int = 1) -> list[str]:
+    """The client container's command for `processes` processes (one per GPU)."""
+    if processes < 1:
+        raise ValueError(f"processes must be at least 1, not {processes}")
+    if processes == 1:
+        return list(CLIENT_COMMAND)
+    return [*CLIENT_COMMAND, "--nproc-per-node", str(processes)]
+
+
+def multi_node_client_command(
+    processes: int, nodes: int, rendezvous: str, node_rank: str = "$(JOB_COMPLETION_INDEX)"
+) -> list[str]:
+    """The command of each pod of a client spanning `nodes` nodes (the design in the trainer's
+    README: an Indexed Job whose pod i is node i, `rendezvous` = `<pod 0's DNS name>:<port>`).
+    The default node rank is the Indexed Job's completion index, which Kubernetes expands from
+    the pod's environment."""
+    if nodes < 2:
+        raise ValueError("a client on one node needs client_command, not this")
+    return [
+        *client_command(processes),
+        *([] if processes > 1 else ["--nproc-per-node", "1"]),
+        "--nnodes", str(nodes), "--node-rank", node_rank, "--rdzv-endpoint", rendezvous,
+    ]  # fmt: skip
+
+
+def gpu_count(resources: Mapping[str, Any] | None) -> int:
+    """GPUs a container's resources ask for: the limits (else the requests) of every
+    `<vendor>/gpu` resource (nvidia.com/gpu, amd.com/gpu, ...), as a Pod spells them."""
+    resources = resources or {}
+    for kind in ("limits", "requests"):
+        amounts = resources.get(kind) or {}
+        total = sum(int(str(v)) for k, v in amounts.items() if str(k).endswith("/gpu"))
+        if total:
+            return total
+    return 0
+
+
+def processes_for(resources: Mapping[str, Any] | None) -> int:
+    """One process per GPU the container asks for, at least one."""
+    return max(1, gpu_count(resources))
+
+
+def worker_file(environ: Mapping[str, str] | None = None) -> Path | None:
+    """Where this worker reports its outcome, when it is one of a launcher's workers."""
+    env = os.environ if environ is None else environ
+    where = env.get(WORKER_DIR_ENV)
+    if not where:
+        return None
+    return Path(where) / f"rank-{env.get('RANK', '0')}"
+
+
+def launch(command: str, nproc: int, torchrun_args: Sequence[str] = ()) -> tuple[int, str]:
+    """Run `fedtune-trainer <command>` in `nproc` processes under torch's elastic agent and
+    return (exit code, termination text): rank 0's summary when every process succeeded;
+    otherwise the earliest failure's one-line reason and that process's exit code.
+
+    `torchrun_args` are extra torchrun options for a client spanning nodes (`--nnodes`,
+    `--node-rank`, `--rdzv-endpoint`: torchrun's static rendezvous at node 0, which pins global
+    rank 0, the one that uploads and reports, to node 0); without them the rendezvous is local
+    (`--standalone`). A node without rank 0 reports nothing when all went well.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    with tempfile.TemporaryDirectory(prefix="fedtune-workers-") as tmp:
+        local = [] if torchrun_args else ["--standalone"]
+        options = [*local, *torchrun_args, "--nproc-per-node", str(nproc), "--max-restarts", "0"]
+        args = get_args_parser().parse_args([*options, "--module", "fedtune_trainer", command])
+        previous = os.environ.get(WORKER_DIR_ENV)
+        os.environ[WORKER_DIR_ENV] = tmp
+        try:
+            run(args)  # torchrun's main, minus its error-file handling (see the module doc)
+        except ChildFailedError as e:
+            return _failure(Path(tmp), {rank: f.exitcode for rank, f in e.failures.items()})
+        finally:
+            if previous is None:
+                os.environ.pop(WORKER_DIR_ENV, None)
+            else:
+                os.environ[WORKER_DIR_ENV] = previous
+        main = Path(tmp, "rank-0")
+        # No rank-0 report on this node: another node holds rank 0 (a client spanning nodes).
+        return 0, main.read_text() if main.exists() else ""
+
+
+def _failure(reports: Path, exit_codes: Mapping[int, int]) -> tuple[int, str]:
+    """The first failure among the workers' reports, or a generic line for a worker that died
+    without one (killed by a signal, out of memory)."""
+    written = []
+    for rank, code in exit_codes.items():
+        path = reports / f"rank-{rank}"
+        if path.exists() and path.read_text().startswith("error:"):
+            written.append((path.stat().st_mtime_ns, rank, code, path.read_text()))
+    if written:
+        _, rank, code, text = min(written)
+        return (code if code > 0 else 1), text
+    rank, code = min(exit_codes.items())
+    how = f"signal {-code}" if code < 0 else f"exit code {code}"
+    print(f"worker {rank} died with {how} and no report", file=sys.stderr)
+    return 1, f"error: WorkerFailed: process {rank} died with {how}; see the pod log"
