@@ -52,6 +52,8 @@ from fedtune_trainer.contract import (
     TASK_ENV,
     TERMINATION_LOG,
     USER_ID,
+    client_command,
+    processes_for,
 )
 from fedtune_trainer.task import AggregateTask, CleanupTask, ClientTask, EvaluateTask
 
@@ -197,6 +199,11 @@ def security_context() -> tuple[dict[str, Any], dict[str, Any]]:
     return pod, container
 
 
+def dump(model: Any) -> dict[str, Any] | None:
+    """A settings model as the Pod spells it (camelCase, unset fields left out)."""
+    return model.model_dump(mode="json", by_alias=True, exclude_none=True) if model else None
+
+
 def _job(
     *,
     name: str,
@@ -206,7 +213,7 @@ def _job(
     spec: FederatedFineTuneSpec,
     labels: dict[str, str],
     settings: PodSettings,
-    command: str,
+    command: list[str],
     task_json: str,
     extra_env: list[dict[str, Any]],
     uris: tuple[str | None, ...],
@@ -243,7 +250,7 @@ def _job(
             "name": CONTAINER,
             "image": template.image,
             "imagePullPolicy": template.image_pull_policy,
-            "command": [COMMAND, command],
+            "command": command,
             "env": env,
             "resources": resources,
             "securityContext": container_sc,
@@ -334,6 +341,7 @@ def client_job(
     entry = next(c for c in spec.clients if c.name == client)
     task = client_task(run, spec, round_, client)
     data_creds = entry.credentials_secret
+    settings = merge_pod_settings(spec.template, entry)
     return _job(
         name=client_job_name(run, round_, client),
         namespace=namespace,
@@ -341,8 +349,9 @@ def client_job(
         uid=uid,
         spec=spec,
         labels={**base_labels(run, round_, ROLE_CLIENT, attempt), LABEL_CLIENT: client},
-        settings=merge_pod_settings(spec.template, entry),
-        command="client",
+        settings=settings,
+        # One process per GPU the client's container asks for (torch's elastic agent inside).
+        command=client_command(processes_for(dump(settings.resources))),
         task_json=json.dumps(task.wire(), separators=(",", ":")),
         extra_env=_secret_env(DATA_CREDENTIALS_PREFIX, data_creds),
         uris=(spec.base_model, spec.tokenizer, entry.data_uri),
@@ -370,7 +379,7 @@ def aggregate_job(
         spec=spec,
         labels=base_labels(run, round_, ROLE_AGGREGATOR, attempt),
         settings=merge_pod_settings(spec.template, spec.aggregator),
-        command="aggregate",
+        command=[COMMAND, "aggregate"],
         task_json=json.dumps(task.wire(), separators=(",", ":")),
         extra_env=[],
         uris=(spec.base_model, spec.tokenizer),
@@ -391,7 +400,7 @@ def evaluate_job(
         spec=spec,
         labels=base_labels(run, round_, ROLE_EVALUATOR, 0),
         settings=merge_pod_settings(spec.template, spec.evaluation),
-        command="evaluate",
+        command=[COMMAND, "evaluate"],
         task_json=json.dumps(task.wire(), separators=(",", ":")),
         extra_env=[],
         uris=(spec.base_model, spec.tokenizer, spec.evaluation.data_uri),
@@ -412,7 +421,7 @@ def cleanup_job(*, run: str, namespace: str, spec: FederatedFineTuneSpec) -> dic
         spec=spec,
         labels={LABEL_RUN: run, LABEL_ROLE: ROLE_CLEANUP},
         settings=merge_pod_settings(spec.template, spec.aggregator),
-        command="cleanup",
+        command=[COMMAND, "cleanup"],
         task_json=json.dumps(task.wire(), separators=(",", ":")),
         extra_env=[],
         uris=(),

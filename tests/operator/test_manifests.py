@@ -211,6 +211,31 @@ def test_aggregate_job_carries_clients_weights_and_quorum() -> None:
     assert command == ["fedtune-trainer", "aggregate"]
 
 
+@pytest.mark.parametrize(
+    ("resources", "command"),
+    [
+        (None, ["fedtune-trainer", "client"]),
+        ({"limits": {"nvidia.com/gpu": "1"}}, ["fedtune-trainer", "client"]),
+        (
+            {"limits": {"nvidia.com/gpu": "4"}},
+            ["fedtune-trainer", "client", "--nproc-per-node", "4"],
+        ),
+        ({"requests": {"amd.com/gpu": 2}}, ["fedtune-trainer", "client", "--nproc-per-node", "2"]),
+    ],
+    ids=["cpu", "one-gpu", "four-gpus", "requests-only"],
+)
+def test_a_client_runs_one_process_per_gpu_it_asks_for(
+    resources: dict[str, Any] | None, command: list[str]
+) -> None:
+    clients = [dict(c) for c in SPEC["clients"]]
+    clients[0]["resources"] = resources
+    spec = parse_spec({**SPEC, "template": {"image": "trainer:1"}, "clients": clients})
+    job = manifests.client_job(
+        run="demo", namespace="ns", uid="u", spec=spec, round_=1, attempt=0, client="hospital-a"
+    )
+    assert job["spec"]["template"]["spec"]["containers"][0]["command"] == command
+
+
 def test_cleanup_job_outlives_the_run_and_expires() -> None:
     job = manifests.cleanup_job(run="demo", namespace="ns", spec=parse_spec(SPEC))
     assert "ownerReferences" not in job["metadata"]

@@ -15,12 +15,8 @@ from devcluster.net import free_port
 from fedtune_trainer import aggregate, client
 from fedtune_trainer import delta as codec
 from fedtune_trainer import store as st
-from fedtune_trainer.launch import (
-    client_command,
-    gpu_count,
-    multi_node_client_command,
-    processes_for,
-)
+from fedtune_trainer.contract import client_command, gpu_count, processes_for
+from fedtune_trainer.launch import multi_node_client_command
 from fedtune_trainer.task import (
     AdapterSpec,
     AggregateTask,

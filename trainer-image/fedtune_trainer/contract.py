@@ -8,7 +8,8 @@ cannot drift between the two. docs/architecture.md describes the contract as a w
 
 from __future__ import annotations
 
-from typing import Final, Literal
+from collections.abc import Mapping
+from typing import Any, Final, Literal
 
 # --------------------------------------------------------------------------------------------
 # The API group and the keys under it
@@ -43,6 +44,7 @@ CONTAINER: Final = "trainer"
 """The one container of every Job's pod; the operator reads its termination state by this name."""
 COMMAND: Final = "fedtune-trainer"
 """The trainer's entry point; a Job runs `fedtune-trainer <kind>`."""
+CLIENT_COMMAND: Final = (COMMAND, "client")
 USER_ID: Final = 10001
 """The numeric non-root user of the trainer image and of every pod the operator creates."""
 
@@ -79,3 +81,34 @@ AWS_CREDENTIAL_ENV: Final = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 """What the storage credentials become inside a Job (boto3's standard names)."""
 AWS_ENDPOINT_ENV: Final = "AWS_ENDPOINT_URL"
 AWS_REGION_ENV: Final = "AWS_REGION"
+
+
+# --------------------------------------------------------------------------------------------
+# The client's command: one process per GPU
+# --------------------------------------------------------------------------------------------
+
+
+def client_command(processes: int = 1) -> list[str]:
+    """The client container's command for `processes` processes (one per GPU)."""
+    if processes < 1:
+        raise ValueError(f"processes must be at least 1, not {processes}")
+    if processes == 1:
+        return list(CLIENT_COMMAND)
+    return [*CLIENT_COMMAND, "--nproc-per-node", str(processes)]
+
+
+def gpu_count(resources: Mapping[str, Any] | None) -> int:
+    """GPUs a container's resources ask for: the limits (else the requests) of every
+    `<vendor>/gpu` resource (nvidia.com/gpu, amd.com/gpu, ...), as a Pod spells them."""
+    resources = resources or {}
+    for kind in ("limits", "requests"):
+        amounts = resources.get(kind) or {}
+        total = sum(int(str(v)) for k, v in amounts.items() if str(k).endswith("/gpu"))
+        if total:
+            return total
+    return 0
+
+
+def processes_for(resources: Mapping[str, Any] | None) -> int:
+    """One process per GPU the container asks for, at least one."""
+    return max(1, gpu_count(resources))

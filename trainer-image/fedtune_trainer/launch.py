@@ -1,9 +1,10 @@
 """Clients on several GPUs: the container command for N processes, and the launcher behind it.
 
-`client_command(n)` is what the operator puts in a client Job whose container gets n GPUs
-(`processes_for(resources)`). With n > 1 it is `fedtune-trainer client --nproc-per-node n`,
-which starts n worker processes with torch's elastic agent: the launcher `torchrun` itself runs
-(`torch.distributed.run`, same arguments, same rendezvous, same environment for the workers),
+`contract.client_command(n)` is what the operator puts in a client Job whose container gets n
+GPUs (`contract.processes_for(resources)`). With n > 1 it is
+`fedtune-trainer client --nproc-per-node n`, which starts n worker processes with torch's
+elastic agent: the launcher `torchrun` itself runs (`torch.distributed.run`, same arguments,
+same rendezvous, same environment for the workers),
 called from here instead of from a `torchrun ...` command line for one reason, the Job
 contract: torchrun exits 1 whatever went wrong and leaves the termination log to whichever
 worker wrote it last, while the operator needs exit code 2 for input no retry can fix
@@ -22,21 +23,12 @@ import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
-CLIENT_COMMAND = ("fedtune-trainer", "client")
+from .contract import client_command
+
 WORKER_DIR_ENV = "FEDTUNE_WORKER_DIR"
 """Set by the launcher for its workers: each writes `rank-<RANK>` there instead of the
 termination log, and prints no summary (the launcher does, once)."""
-
-
-def client_command(processes: int = 1) -> list[str]:
-    """The client container's command for `processes` processes (one per GPU)."""
-    if processes < 1:
-        raise ValueError(f"processes must be at least 1, not {processes}")
-    if processes == 1:
-        return list(CLIENT_COMMAND)
-    return [*CLIENT_COMMAND, "--nproc-per-node", str(processes)]
 
 
 def multi_node_client_command(
@@ -53,23 +45,6 @@ def multi_node_client_command(
         *([] if processes > 1 else ["--nproc-per-node", "1"]),
         "--nnodes", str(nodes), "--node-rank", node_rank, "--rdzv-endpoint", rendezvous,
     ]  # fmt: skip
-
-
-def gpu_count(resources: Mapping[str, Any] | None) -> int:
-    """GPUs a container's resources ask for: the limits (else the requests) of every
-    `<vendor>/gpu` resource (nvidia.com/gpu, amd.com/gpu, ...), as a Pod spells them."""
-    resources = resources or {}
-    for kind in ("limits", "requests"):
-        amounts = resources.get(kind) or {}
-        total = sum(int(str(v)) for k, v in amounts.items() if str(k).endswith("/gpu"))
-        if total:
-            return total
-    return 0
-
-
-def processes_for(resources: Mapping[str, Any] | None) -> int:
-    """One process per GPU the container asks for, at least one."""
-    return max(1, gpu_count(resources))
 
 
 def worker_file(environ: Mapping[str, str] | None = None) -> Path | None:
