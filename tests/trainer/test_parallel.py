@@ -21,6 +21,7 @@ from fedtune_trainer.launch import (
     multi_node_client_command,
     processes_for,
 )
+from fedtune_trainer.results import parse_summary
 from fedtune_trainer.task import (
     AdapterSpec,
     AggregateTask,
@@ -29,7 +30,6 @@ from fedtune_trainer.task import (
     StorageLocation,
     TrainingSpec,
     client_prefix,
-    parse_summary,
 )
 from tests.trainer.support import Demo
 
