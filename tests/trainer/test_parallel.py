@@ -17,6 +17,7 @@ from fedtune_trainer import delta as codec
 from fedtune_trainer import store as st
 from fedtune_trainer.contract import client_command, gpu_count, processes_for
 from fedtune_trainer.launch import multi_node_client_command
+from fedtune_trainer.results import parse_summary
 from fedtune_trainer.task import (
     AdapterSpec,
     AggregateTask,
@@ -25,7 +26,6 @@ from fedtune_trainer.task import (
     StorageLocation,
     TrainingSpec,
     client_prefix,
-    parse_summary,
 )
 from tests.trainer.support import Demo
 
