@@ -16,7 +16,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
-EXAMPLE_NAMES = ("minimal", "full", "demo")
+EXAMPLE_NAMES = ("minimal", "full", "demo", "demo-smollm2")
 
 
 def example(name: str) -> dict[str, Any]:

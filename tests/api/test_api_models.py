@@ -138,11 +138,17 @@ def test_example_is_valid(name: str) -> None:
     assert operator_problems(example(name)) == []
 
 
-def test_demo_example_matches_the_demo_setup() -> None:
-    spec = validation.parse_spec(example("demo")["spec"])
+@pytest.mark.parametrize(
+    ("name", "model"), [("demo", "tiny"), ("demo-smollm2", "smollm2-135m-instruct")]
+)
+def test_demo_example_matches_the_demo_setup(name: str, model: str) -> None:
+    """devcluster.demo uploads to these paths and watches the run named demo."""
+    manifest = example(name)
+    spec = validation.parse_spec(manifest["spec"])
+    assert manifest["metadata"]["name"] == "demo"
     assert [c.name for c in spec.clients] == ["alice", "bob", "carol"]
     assert all(c.data_uri == f"s3://fedtune-demo/data/{c.name}.jsonl" for c in spec.clients)
-    assert spec.base_model == "s3://fedtune-demo/models/tiny"
+    assert spec.base_model == f"s3://fedtune-demo/models/{model}"
     assert spec.storage.uri == "s3://fedtune-demo/runs/demo"
     assert spec.storage.endpoint is not None
     assert spec.storage.endpoint.startswith("http://127.0.0.1:")

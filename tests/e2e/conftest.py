@@ -1,5 +1,7 @@
 """Fixtures for the operator end to end: the operator as a process, a namespace with the S3
-credentials Secret, and a tiny model, its data and an eval set in the devcluster's S3 server."""
+credentials Secret, and two sets of assets in the devcluster's S3 server: a tiny random model with
+generated data (fast; most tests), and the pretrained SmolLM2-135M-Instruct with real text split
+non-IID by source (tests/e2e/test_real_model.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from devcluster.corpus import build_corpus
 from devcluster.testing import DevCluster
 from tests.e2e.support import BUCKET, CLIENTS, Assets, Manifest, Operator
 
@@ -75,6 +78,40 @@ def assets(devcluster: DevCluster, tmp_path_factory: pytest.TempPathFactory) -> 
     )
 
 
+REAL_CHUNK_CHARS = 400
+"""About 100 tokens of prose: with SmolLM2's chat prompt (about 30 tokens) a record fits the
+128-token sequences a CPU run can afford, so the trainer's right truncation keeps whole answers."""
+REAL_RECORDS = 64
+REAL_EVAL_RECORDS = 24
+
+
+@pytest.fixture(scope="session")
+def real_assets(
+    devcluster: DevCluster, real_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Assets:
+    """The pretrained model and real text in S3: client i trains on source i of
+    `devcluster.corpus` (the language reference, the standard library's docstrings, the packages'
+    READMEs) in the chat format, and the eval set holds out whole documents of all three."""
+    data = tmp_path_factory.mktemp("real-data")
+    build_corpus(
+        data,
+        clients=len(CLIENTS),
+        fmt="chat",
+        records=REAL_RECORDS,
+        eval_records=REAL_EVAL_RECORDS,
+        chunk_chars=REAL_CHUNK_CHARS,
+    )
+    devcluster.s3.bucket(BUCKET)
+    _upload_dir(devcluster, real_model, "models/smollm2")
+    _upload_dir(devcluster, data, "real-data")
+    return Assets(
+        model_uri=f"s3://{BUCKET}/models/smollm2",
+        data_uris={c: f"s3://{BUCKET}/real-data/client-{i}.jsonl" for i, c in enumerate(CLIENTS)},
+        eval_uri=f"s3://{BUCKET}/real-data/eval.jsonl",
+        local_model=real_model,
+    )
+
+
 @pytest.fixture(scope="session")
 def namespace(devcluster: DevCluster) -> str:
     ns = "fedtune-e2e"
@@ -111,10 +148,15 @@ def run_name() -> str:
 
 
 @pytest.fixture
-def manifest(assets: Assets, namespace: str, devcluster: DevCluster) -> Callable[..., Manifest]:
-    """A small but complete run: 3 clients x 3 rounds of a few steps each."""
+def manifest(
+    request: pytest.FixtureRequest, namespace: str, devcluster: DevCluster
+) -> Callable[..., Manifest]:
+    """A small but complete run: 3 clients x 3 rounds of a few steps each, on `using` (the tiny
+    assets unless a test passes others, such as real_assets; the tiny ones are built only when
+    a test needs them)."""
 
-    def build(name: str, **spec: Any) -> Manifest:
+    def build(name: str, using: Assets | None = None, **spec: Any) -> Manifest:
+        assets: Assets = using or request.getfixturevalue("assets")
         base: dict[str, Any] = {
             "baseModel": assets.model_uri,
             "rounds": 3,

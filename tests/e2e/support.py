@@ -23,8 +23,9 @@ class Assets:
     model_uri: str
     data_uris: dict[str, str]
     eval_uri: str
-    broken_data_uri: str
     local_model: Path
+    broken_data_uri: str | None = None
+    """A client file with one malformed line (the tiny assets only)."""
 
 
 def get_run(dc: DevCluster, namespace: str, name: str) -> dict[str, Any]:

@@ -1,31 +1,48 @@
 """`make demo`: a whole federated fine-tune on the devcluster, as a new user would run it.
 
 Starts the devcluster (or reuses a running one), installs the operator with its Helm chart, writes
-a tiny model, a non-IID instruction data set (one kind of task per client) and an eval set into
-the S3 server, applies examples/demo.yaml, shows the run's progress round by round, and ends with
-the final status and where the adapter is. Exits non-zero when the run fails.
+a model, a non-IID data set (one kind of text per client) and an eval set into the S3 server,
+applies the model's example manifest, shows the run's progress as it changes, and ends with a
+round-by-round table, the final status and where the adapter is. Exits non-zero when the run
+fails.
+
+Two models (`python -m devcluster.demo --model NAME`, `make demo MODEL=NAME`):
+
+- `smollm2`: the pretrained SmolLM2-135M-Instruct (`devcluster.pretrained`) on real text
+  (`devcluster.corpus`: the Python language reference, the standard library's docstrings and the
+  installed packages' READMEs, one source per client, in the chat format),
+  examples/demo-smollm2.yaml. What fedtune is for: a real model's held-out loss falls by round.
+- `tiny`: a 361K-parameter random Llama and generated instruction data, examples/demo.yaml. Seconds
+  per round; it shows the machinery, not learning a language model can show.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+from botocore.exceptions import ClientError
 
 from devcluster.cluster import REPO_ROOT, Cluster, StartupError
+from devcluster.corpus import build_corpus
+from devcluster.net import free_port
+from devcluster.pretrained import ensure_model
 from devcluster.testing import DevCluster
+from fedtune_trainer.task import EVALUATION_FILE, round_prefix
 
 NAMESPACE = "fedtune-demo"
 OPERATOR_NAMESPACE = "fedtune-system"
 BUCKET = "fedtune-demo"
 CLIENTS = ("alice", "bob", "carol")
-TIMEOUT_SECONDS = 900
 
 
 def say(text: str) -> None:
@@ -36,7 +53,8 @@ def sh(argv: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, check=True, text=True, capture_output=True, **kw)
 
 
-def prepare_assets(dc: DevCluster, work: Path) -> None:
+def prepare_tiny(dc: DevCluster, work: Path) -> None:
+    """A tiny random Llama whose vocabulary is built from generated instruction data."""
     trainer = str(Path(sys.executable).parent / "fedtune-trainer")
     data = work / "data"
     sh(
@@ -66,17 +84,70 @@ def prepare_assets(dc: DevCluster, work: Path) -> None:
             *map(str, sorted(data.glob("*.jsonl"))),
         ]
     )
+    upload(dc, model, data, "tiny")
+
+
+SMOLLM2_RECORDS = 64
+SMOLLM2_EVAL_RECORDS = 24
+SMOLLM2_CHUNK_CHARS = 400
+"""About 100 tokens of text per record: with the chat prompt it fits the demo's 128-token
+sequences (a CPU's budget), so truncation keeps most of every answer."""
+
+
+def prepare_smollm2(dc: DevCluster, work: Path) -> None:
+    """The pretrained model from the machine's cache (converted on first use) and real text, one
+    source per client, with an eval set of documents no client trains on."""
+    data = work / "data"
+    build_corpus(
+        data,
+        clients=len(CLIENTS),
+        fmt="chat",
+        records=SMOLLM2_RECORDS,
+        eval_records=SMOLLM2_EVAL_RECORDS,
+        chunk_chars=SMOLLM2_CHUNK_CHARS,
+    )
+    upload(dc, ensure_model(), data, "smollm2-135m-instruct")
+
+
+def upload(dc: DevCluster, model: Path, data: Path, model_name: str) -> None:
+    """The model under models/<model_name>/, client-<i>.jsonl as data/<client i>.jsonl, and
+    data/eval.jsonl: the paths the example manifests name."""
     dc.s3.bucket(BUCKET)
     s3 = dc.s3.client()
     for path in sorted(model.iterdir()):
-        s3.upload_file(str(path), BUCKET, f"models/tiny/{path.name}")
+        if path.is_file():
+            s3.upload_file(str(path), BUCKET, f"models/{model_name}/{path.name}")
     for i, client in enumerate(CLIENTS):
         s3.upload_file(str(data / f"client-{i}.jsonl"), BUCKET, f"data/{client}.jsonl")
     s3.upload_file(str(data / "eval.jsonl"), BUCKET, "data/eval.jsonl")
 
 
-def demo_manifest(dc: DevCluster) -> dict[str, Any]:
-    manifest = yaml.safe_load((REPO_ROOT / "examples" / "demo.yaml").read_text())
+@dataclass(frozen=True)
+class DemoModel:
+    """What `--model NAME` runs: the assets it writes and the example manifest it applies."""
+
+    description: str
+    example: str
+    prepare: Callable[[DevCluster, Path], None]
+    timeout_seconds: int
+
+
+MODELS: dict[str, DemoModel] = {
+    "smollm2": DemoModel(
+        "the pretrained SmolLM2-135M-Instruct and real text (Python's docs, one source per client)",
+        "demo-smollm2.yaml",
+        prepare_smollm2,
+        1800,
+    ),
+    "tiny": DemoModel(
+        "a tiny random model and generated instruction data", "demo.yaml", prepare_tiny, 900
+    ),
+}
+DEFAULT_MODEL = "smollm2"
+
+
+def demo_manifest(dc: DevCluster, model: DemoModel) -> dict[str, Any]:
+    manifest = yaml.safe_load((REPO_ROOT / "examples" / model.example).read_text())
     manifest["metadata"]["namespace"] = NAMESPACE
     manifest["spec"]["storage"]["endpoint"] = dc.s3.endpoint
     manifest["spec"].setdefault("evaluation", {})["dataUri"] = f"s3://{BUCKET}/data/eval.jsonl"
@@ -104,6 +175,11 @@ def install_operator(dc: DevCluster) -> None:
             OPERATOR_NAMESPACE,
             "--kubeconfig",
             str(dc.kubeconfig),
+            # Pods share the host's network on the devcluster: free ports instead of the chart's
+            # 8080 and 8081, so the demo's operator never blocks another operator on this machine
+            # (a chart test, a second checkout's demo).
+            "--set",
+            f"operator.livenessPort={free_port()},metrics.port={free_port()}",
             "--wait",
             "--timeout",
             "120s",
@@ -122,7 +198,11 @@ def progress_line(run: dict[str, Any]) -> str:
     if s.get("lastTrainLoss") is not None:
         parts.append(f"train loss {s['lastTrainLoss']:.4f}")
     if s.get("lastEvalLoss") is not None:
-        parts.append(f"eval loss {s['lastEvalLoss']:.4f}")
+        # Which adapter the loss is of: the newest evaluated round in the history, or round 0
+        # (the base model) when no trained round has been evaluated yet.
+        evaluated = [h["round"] for h in s.get("history") or [] if h.get("evalLoss") is not None]
+        of = f"round {max(evaluated)}" if evaluated else "base"
+        parts.append(f"eval loss {s['lastEvalLoss']:.4f} ({of})")
     if comm.get("bytesSent"):
         parts.append(
             f"sent {comm['bytesSent'] / 1024:.1f} KiB "
@@ -131,8 +211,9 @@ def progress_line(run: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
-def watch(dc: DevCluster) -> dict[str, Any]:
-    deadline = time.monotonic() + TIMEOUT_SECONDS
+def watch(dc: DevCluster, timeout_seconds: int) -> dict[str, Any]:
+    """Print the run's progress line whenever it changes, until the run ends or the timeout."""
+    deadline = time.monotonic() + timeout_seconds
     last = ""
     while time.monotonic() < deadline:
         run = json.loads(dc.kubectl("get", "fft", "demo", "-n", NAMESPACE, "-o", "json").stdout)
@@ -143,10 +224,39 @@ def watch(dc: DevCluster) -> dict[str, Any]:
         if (run.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
             return run
         time.sleep(2)
-    raise SystemExit(f"demo: the run did not finish within {TIMEOUT_SECONDS}s")
+    raise SystemExit(f"demo: the run did not finish within {timeout_seconds}s")
 
 
-def main() -> int:
+def round_table(dc: DevCluster, run: dict[str, Any]) -> str:
+    """Round by round: the clients' mean train loss and the global adapter's held-out loss, round
+    0 being the base model (its evaluation record is in storage; the status keeps only rounds
+    that trained)."""
+    rows = [f"  {'ROUND':>5}  {'TRAIN LOSS':>10}  {'EVAL LOSS':>9}  {'CLIENTS':>7}"]
+    prefix = run["spec"]["storage"]["uri"].removeprefix(f"s3://{BUCKET}/").rstrip("/")
+    key = f"{prefix}/{round_prefix(0)}/{EVALUATION_FILE}"
+    try:
+        body = dc.s3.client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
+        base = f"{json.loads(body)['evalLoss']:.4f}"
+    except ClientError:  # no evaluation data, or round 0's evaluation failed: the table says so
+        base = "-"
+    rows.append(f"  {0:>5}  {'(base)':>10}  {base:>9}  {'-':>7}")
+    for h in (run.get("status") or {}).get("history") or []:
+        train = f"{h['trainLoss']:.4f}" if h.get("trainLoss") is not None else "-"
+        ev = f"{h['evalLoss']:.4f}" if h.get("evalLoss") is not None else "-"
+        rows.append(f"  {h['round']:>5}  {train:>10}  {ev:>9}  {h.get('clientsSucceeded', 0):>7}")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m devcluster.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", choices=sorted(MODELS), default=DEFAULT_MODEL)
+    args = parser.parse_args(argv)
+    model = MODELS[args.model]
+    started = time.monotonic()
     cluster = Cluster(REPO_ROOT / ".devcluster")
     say("starting the devcluster (kube-apiserver, kube-controller-manager, etcd, S3, kubelet)")
     try:
@@ -182,13 +292,17 @@ def main() -> int:
         "json",
     ).stdout
     dc.kubectl("apply", "-f", "-", input=secret)
-    say(f"writing a tiny model and three clients' data to s3://{BUCKET}")
+    say(f"writing {model.description} to s3://{BUCKET}")
     with tempfile.TemporaryDirectory() as work:
-        prepare_assets(dc, Path(work))
-    say("applying examples/demo.yaml: 3 clients x 3 rounds")
-    dc.kubectl("apply", "-f", "-", input=json.dumps(demo_manifest(dc)))
-    run = watch(dc)
+        model.prepare(dc, Path(work))
+    manifest = demo_manifest(dc, model)
+    clients, rounds = len(manifest["spec"]["clients"]), manifest["spec"]["rounds"]
+    say(f"applying examples/{model.example}: {clients} clients x {rounds} rounds")
+    dc.kubectl("apply", "-f", "-", input=json.dumps(manifest))
+    run = watch(dc, model.timeout_seconds)
 
+    print()
+    print(round_table(dc, run))
     print()
     print(dc.kubectl("get", "fft", "-n", NAMESPACE, "-o", "wide").stdout)
     status = run["status"]
@@ -205,6 +319,7 @@ def main() -> int:
     print(f"The S3 server:              {s3.endpoint} (credentials: make -s cluster-env)")
     print(f"Details:                    kubectl {kubeconfig} describe fft demo -n {NAMESPACE}")
     print("Stop the cluster:           make cluster-down")
+    print(f"The demo took {time.monotonic() - started:.0f} s.")
     return 0
 
 
