@@ -188,7 +188,11 @@ def test_a_round_on_the_real_model_gives_an_adapter_peft_loads_generates_with_an
     assert summary.train_loss is not None
     assert 0 < summary.train_loss < 10  # a pretrained model, not a random one (~10.8)
     assert any(line.startswith("step 2/2 loss ") for line in lines)
-    aggregate.run(AggregateTask(round=1, rounds=1, clients=["client-0"], **common), store, quiet)
+    # The aggregator accepts only deltas in the run's encoding: it is told the same codec.
+    delta = DeltaSpec(dtype="fp32")
+    aggregate.run(
+        AggregateTask(round=1, rounds=1, clients=["client-0"], delta=delta, **common), store, quiet
+    )
 
     st.fetch_committed(store, FINAL_PREFIX, tmp_path / "final")
     config = json.loads((tmp_path / "final" / lora.ADAPTER_CONFIG).read_text())
