@@ -63,23 +63,3 @@ def subprocess_env(tmp_path: Path) -> dict[str, str]:
     env["OMP_NUM_THREADS"] = "1"
     env["FEDTUNE_CACHE_DIR"] = str(tmp_path / "cache")
     return env
-
-
-@pytest.fixture(scope="session")
-def real_model() -> Path:
-    """The pretrained SmolLM2-135M-Instruct as a Hugging Face directory (the machine's shared
-    cache: read-only). `devcluster.pretrained.ensure_model` (branch `model`) converts it once;
-    until that module is merged here, the directory it converted.
-
-    Merge note: tests/conftest.py on branch `model` defines the same fixture for every test
-    package; this one can then go.
-    """
-    try:
-        from devcluster.pretrained import ensure_model  # type: ignore[import-not-found]
-    except ModuleNotFoundError:
-        cache = Path(os.environ.get("FEDTUNE_CACHE") or Path.home() / ".cache" / "fedtune")
-        found = sorted((cache / "models").glob("smollm2-135m-instruct-*/fedtune-model.json"))
-        if not found:
-            pytest.skip("no converted SmolLM2-135M-Instruct in the cache (make model)")
-        return found[-1].parent
-    return ensure_model()
