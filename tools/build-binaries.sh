@@ -66,6 +66,10 @@ build_pause() {  # the pod sandbox's pause binary, static, from the pinned Kuber
 }
 
 mkdir -p "$out" "$objects"
+# One build at a time per cache: a second `make install` (another clone, a parallel job) waits
+# here, then finds every binary built, instead of racing the first on the same objects.
+exec 9>"$cache_root/bin/.lock"
+flock 9
 kv="-X k8s.io/component-base/version.gitVersion=$k8s_version \
     -X k8s.io/component-base/version.gitMajor=1 \
     -X k8s.io/component-base/version.gitMinor=$k8s_minor \

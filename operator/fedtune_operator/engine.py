@@ -339,6 +339,8 @@ class _Step:
             h.model_copy(update={"eval_loss": loss}) if h.round == r else h for h in s.history
         ]
         self.set(history=history)
+        if r == 0:
+            self.set(initial_eval_loss=loss)
         if r >= newest:
             self.set(last_eval_loss=loss)
         self.event("Evaluated", f"round {r}: eval loss {loss:.4f}")

@@ -62,6 +62,7 @@ def test_a_run_goes_to_succeeded_and_its_adapter_loads(
     # Every round was evaluated by a Job of its own, and the run waited for the last one.
     assert all(r["evalLoss"] > 0 for r in status["history"])
     assert status["lastEvalLoss"] == status["history"][-1]["evalLoss"]
+    assert status["initialEvalLoss"] > 0  # round 0's, the base model's, kept beside the last
     assert not status.get("evaluatingRounds")
     assert status["finalAdapterUri"].startswith(f"s3://{BUCKET}/runs/{run_name}/")
     assert status["communication"]["reductionRatio"] > 1

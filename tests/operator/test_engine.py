@@ -247,6 +247,8 @@ def test_evaluation_of_a_round_runs_beside_the_next_rounds_clients() -> None:
     assert d.status.evaluating_rounds == []
     assert d.status.last_eval_loss == 6.251
     assert [e.reason for e in d.events] == ["Evaluated"]
+    # Round 0's loss is the run's baseline: it stays after later evaluations replace the last.
+    assert d.status.initial_eval_loss == 6.251
 
 
 def test_an_evaluation_fills_its_rounds_history_record() -> None:
@@ -265,6 +267,7 @@ def test_an_evaluation_fills_its_rounds_history_record() -> None:
     late = d.status.model_copy(update={"evaluating_rounds": [0]})
     d = step(run, late, [evaluator(0, "succeeded", loss=9.0)])
     assert d.status.last_eval_loss == 3.0
+    assert d.status.initial_eval_loss == 9.0
 
 
 def test_the_run_succeeds_once_the_last_rounds_evaluation_is_in() -> None:

@@ -30,14 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from botocore.exceptions import ClientError
 
 from devcluster.cluster import REPO_ROOT, Cluster, StartupError
 from devcluster.corpus import build_corpus
 from devcluster.net import free_port
 from devcluster.pretrained import ensure_model
 from devcluster.testing import DevCluster
-from fedtune_trainer.task import EVALUATION_FILE, round_prefix
 
 NAMESPACE = "fedtune-demo"
 OPERATOR_NAMESPACE = "fedtune-system"
@@ -227,18 +225,12 @@ def watch(dc: DevCluster, timeout_seconds: int) -> dict[str, Any]:
     raise SystemExit(f"demo: the run did not finish within {timeout_seconds}s")
 
 
-def round_table(dc: DevCluster, run: dict[str, Any]) -> str:
+def round_table(run: dict[str, Any]) -> str:
     """Round by round: the clients' mean train loss and the global adapter's held-out loss, round
-    0 being the base model (its evaluation record is in storage; the status keeps only rounds
-    that trained)."""
+    0 being the base model (status.initialEvalLoss)."""
     rows = [f"  {'ROUND':>5}  {'TRAIN LOSS':>10}  {'EVAL LOSS':>9}  {'CLIENTS':>7}"]
-    prefix = run["spec"]["storage"]["uri"].removeprefix(f"s3://{BUCKET}/").rstrip("/")
-    key = f"{prefix}/{round_prefix(0)}/{EVALUATION_FILE}"
-    try:
-        body = dc.s3.client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
-        base = f"{json.loads(body)['evalLoss']:.4f}"
-    except ClientError:  # no evaluation data, or round 0's evaluation failed: the table says so
-        base = "-"
+    initial = (run.get("status") or {}).get("initialEvalLoss")
+    base = f"{initial:.4f}" if initial is not None else "-"  # no evaluation data, or it failed
     rows.append(f"  {0:>5}  {'(base)':>10}  {base:>9}  {'-':>7}")
     for h in (run.get("status") or {}).get("history") or []:
         train = f"{h['trainLoss']:.4f}" if h.get("trainLoss") is not None else "-"
@@ -302,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     run = watch(dc, model.timeout_seconds)
 
     print()
-    print(round_table(dc, run))
+    print(round_table(run))
     print()
     print(dc.kubectl("get", "fft", "-n", NAMESPACE, "-o", "wide").stdout)
     status = run["status"]

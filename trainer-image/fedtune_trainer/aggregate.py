@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -47,7 +48,7 @@ import torch
 
 from . import delta_check, lora, merge
 from . import store as st
-from .intake import Accepted, fetch_client, load_delta, reason_of
+from .intake import Accepted, decode_file, fetch_client, reason_of
 from .results import AggregateSummary, Rejection, RoundRecord, initial_record
 from .runtime import derive_seed
 from .task import (
@@ -122,38 +123,43 @@ def collect(
 
     Everything a client controls is checked inside its own guard (the weight included), so a
     bad delta or manifest is a Rejection and never fails the round; its verified file stays in
-    `workdir` for the reduce step, which decodes it again (one client in memory at a time).
+    `workdir` for the reduce step, which decodes it again (one tensor in memory at a time).
+    Fetching (download and SHA-256, both I/O or GIL-free hashing) runs one client ahead in a
+    thread, so that the next client's transfer overlaps this one's decode and checks.
     """
     clients = list(dict.fromkeys(task.clients)) or discover_clients(store, task.round)
     expected = delta_check.ExpectedLayout(shapes, task.delta)
     accepted: list[Accepted] = []
     rejected: list[Rejection] = []
-    for client in clients:
-        try:
-            manifest, path, layout = fetch_client(store, task, client, workdir, expected)
-            delta = load_delta(path, layout)
-            if reason := merge.check_delta(delta, shapes, task.aggregation.max_delta_norm):
-                raise ValueError(reason)
-            norm = merge.l2_norm(delta)
-            del delta
-            samples = manifest["samples"]
-            item = Accepted(
-                client=client,
-                path=path,
-                layout=layout,
-                samples=samples,
-                weight=client_weight(task, client, samples),
-                train_loss=manifest.get("train_loss"),
-                encoded_bytes=path.stat().st_size,
-                raw_bytes=manifest.get("raw_bytes", 0),
-                norm=norm,
-            )
-        except Exception as e:
-            rejected.append(Rejection(client=client, reason=reason_of(e)))
-            log(f"rejected {client}: {reason_of(e)}")
-            continue
-        accepted.append(item)
-        log(f"accepted {client}: {samples} samples, norm {norm:.4g}, {item.encoded_bytes} bytes")
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fetch") as fetcher:
+        fetches = [
+            fetcher.submit(fetch_client, store, task, client, workdir, expected)
+            for client in clients
+        ]
+        for client, fetch in zip(clients, fetches, strict=True):
+            try:
+                manifest, path, layout = fetch.result()
+                norm = merge.checked_norm(
+                    decode_file(path, layout), shapes, task.aggregation.max_delta_norm
+                )
+                samples = manifest["samples"]
+                item = Accepted(
+                    client=client,
+                    path=path,
+                    layout=layout,
+                    samples=samples,
+                    weight=client_weight(task, client, samples),
+                    train_loss=manifest.get("train_loss"),
+                    encoded_bytes=path.stat().st_size,
+                    raw_bytes=manifest.get("raw_bytes", 0),
+                    norm=norm,
+                )
+            except Exception as e:
+                rejected.append(Rejection(client=client, reason=reason_of(e)))
+                log(f"rejected {client}: {reason_of(e)}")
+                continue
+            accepted.append(item)
+            log(f"accepted {client}: {samples} samples, norm {norm:.4g}, {item.encoded_bytes} B")
     if len(accepted) < task.min_clients:
         detail = "; ".join(f"{x.client}: {x.reason}" for x in rejected)[:1500]
         raise QuorumError(
@@ -201,14 +207,12 @@ def weigh(
     return items, Weighing(cap, median, bound)
 
 
-def reduce_mean(
-    accepted: list[Accepted], shapes: Mapping[str, tuple[int, ...]]
-) -> dict[str, torch.Tensor]:
-    """Step 3 for the mean-based rules: client by client from disk, one delta in memory."""
+def reduce_mean(accepted: list[Accepted]) -> dict[str, torch.Tensor]:
+    """Step 3 for the mean-based rules: client by client from disk, tensor by tensor (memory: a
+    float64 accumulator, 2x the adapter, and one decoded tensor)."""
     mean = merge.WeightedMean()
     for a in accepted:
-        tensor = a.tensors()
-        mean.add({name: tensor(name) for name in sorted(shapes)}, a.weight)
+        mean.add(a.delta(), a.weight, a.scale)
     return mean.result()
 
 
@@ -267,20 +271,18 @@ def reduce_krum(
         for i, a in enumerate(accepted)
     ]
     log(f"{spec.algorithm} selected {', '.join(a.client for a in items if a.selected)}")
-    return items, reduce_mean([a for a in items if a.selected], shapes)
+    return items, reduce_mean([a for a in items if a.selected])
 
 
-def privatise(
-    task: AggregateTask, update: dict[str, torch.Tensor], n_clients: int
-) -> dict[str, torch.Tensor]:
-    """Step 4: Gaussian noise on the reduced delta, seeded by the round (a rerun adds the same)."""
+def privatise(task: AggregateTask, update: dict[str, torch.Tensor], n_clients: int) -> None:
+    """Step 4: Gaussian noise added in place to the reduced delta, seeded by the round (a rerun
+    adds the same noise)."""
     std = merge.dp_noise_std(task.privacy.noise_multiplier, task.privacy.clip_norm, n_clients)
     if std <= 0:
-        return update
+        return
     gen = torch.Generator().manual_seed(derive_seed(task.seed, task.run, task.round, "dp-noise"))
-    return {
-        n: t + merge.gaussian_noise(tuple(t.shape), std, gen) for n, t in sorted(update.items())
-    }
+    for name in sorted(update):
+        update[name].add_(merge.gaussian_noise(tuple(update[name].shape), std, gen))
 
 
 def read_server_state(
@@ -304,31 +306,42 @@ def read_server_state(
 def server_update(
     task: AggregateTask,
     store: st.Store,
-    global_tensors: Mapping[str, torch.Tensor],
-    update: Mapping[str, torch.Tensor],
+    global_tensors: dict[str, torch.Tensor],
+    update: dict[str, torch.Tensor],
     log: Log,
-) -> dict[str, torch.Tensor]:
+) -> None:
     """Step 5: the server rule, its state read from before round r and written as version r.
 
-    The new global and the new state are checked finite before the state is committed: an Inf
-    in FedAdam's second moment would freeze its coordinates for every later round.
+    In place and tensor by tensor: `global_tensors` becomes the new global and `update` is
+    consumed, so that the step holds the adapter once (plus the server state), not old and new
+    side by side. Every new tensor and moment is checked finite before the state is committed
+    (an Inf in FedAdam's second moment would freeze its coordinates for every later round); a
+    failure leaves storage untouched, and the caller's tensors are then discarded with the
+    attempt.
     """
-    r, algorithm = task.round, task.aggregation.algorithm
+    r, spec = task.round, task.aggregation
+    what = f"round {r}: the {spec.algorithm} step gives"
     merge.check_finite(update, f"round {r}: the reduced delta has")
     state_version, state = read_server_state(store, task, log)
-    new_global, new_state = merge.server_step(task.aggregation, global_tensors, update, state)
-    merge.check_finite(new_global, f"round {r}: the {algorithm} step gives a global adapter with")
-    merge.check_finite(new_state, f"round {r}: the {algorithm} step gives a server state with")
+    state = state or {}
+    new_state: dict[str, torch.Tensor] = {}
+    for name in sorted(update):
+        moments = {k: state.pop(f"{k}/{name}") for k in ("m", "v") if f"{k}/{name}" in state}
+        x, moments = merge.server_step_tensor(spec, global_tensors[name], update.pop(name), moments)
+        merge.check_finite({name: x}, f"{what} a global adapter with")
+        named = {f"{k}/{name}": t for k, t in moments.items()}
+        merge.check_finite(named, f"{what} a server state with")
+        global_tensors[name] = x
+        new_state.update(named)
     if new_state:
         st.commit(
             store,
             st.versioned_prefix(SERVER_STATE_PREFIX, r),
             {STATE_FILE: lora.weights_bytes(new_state)},
-            {"kind": "server-state", "algorithm": algorithm, "round": r},
+            {"kind": "server-state", "algorithm": spec.algorithm, "round": r},
         )
         if state_version is not None:
             st.prune_versions_before(store, SERVER_STATE_PREFIX, state_version)
-    return new_global
 
 
 def round_record(
@@ -372,16 +385,16 @@ def merge_round(task: AggregateTask, store: st.Store, log: Log) -> Merged:
     algorithm = task.aggregation.algorithm
     with tempfile.TemporaryDirectory(prefix="fedtune-aggregate-") as tmp:
         accepted, rejected = collect(task, store, shapes, Path(tmp), log)  # 1
-        accepted, weighing = weigh(task, accepted, log)
-        if algorithm in merge.MEAN_ALGORITHMS:  # 2
-            update = reduce_mean(accepted, shapes)
+        accepted, weighing = weigh(task, accepted, log)  # 2
+        if algorithm in merge.MEAN_ALGORITHMS:  # 3
+            update = reduce_mean(accepted)
         elif algorithm in merge.KRUM_ALGORITHMS:
             accepted, update = reduce_krum(task, accepted, shapes, log)
         else:
             update = reduce_robust(accepted, shapes, task)
-    update = privatise(task, update, len(accepted))  # 3
-    new_global = server_update(task, store, global_tensors, update, log)  # 4
-    return Merged(round_record(task, accepted, rejected, weighing), new_global, config)
+    privatise(task, update, len(accepted))  # 4
+    server_update(task, store, global_tensors, update, log)  # 5: global_tensors is now global r
+    return Merged(round_record(task, accepted, rejected, weighing), global_tensors, config)
 
 
 def initialize(task: AggregateTask, store: st.Store, log: Log) -> Merged:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,7 +69,32 @@ class Accepted:
     def tensors(self) -> Callable[[str], torch.Tensor]:
         """A lazy decoder of its tensors, already scaled by `scale` (float32)."""
         decode = decode_file(self.path, self.layout)
+        if self.scale == 1.0:
+            return decode
         return lambda name: decode(name) * self.scale
+
+    def delta(self) -> Mapping[str, torch.Tensor]:
+        """Its tensors unscaled, each decoded when it is read (for the streaming mean, which
+        folds `scale` into the client's factor rather than copying the tensor)."""
+        return LazyDelta(decode_file(self.path, self.layout), tuple(sorted(self.layout.tensors)))
+
+
+class LazyDelta(Mapping[str, torch.Tensor]):
+    """A delta file's tensors as a read-only mapping that decodes a tensor each time it is read."""
+
+    def __init__(self, decode: Callable[[str], torch.Tensor], names: tuple[str, ...]) -> None:
+        self._decode, self._names = decode, names
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._decode(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,27 +103,31 @@ class Accepted:
 
 
 def decode_file(path: Path, layout: codec.Layout) -> Callable[[str], torch.Tensor]:
-    """A lazy decoder of the tensors of a delta file whose `layout` was checked (mmapped parts)."""
+    """A lazy decoder of the tensors of a delta file whose `layout` was checked (mmapped parts).
+
+    Whatever goes wrong while decoding (safetensors and torch raise many types for corrupt
+    bytes) is a DeltaFormatError, "undecodable delta: ...", the client's own rejection.
+    """
     from safetensors import safe_open
 
-    handle = safe_open(str(path), framework="pt")
-    keys = set(handle.keys())
+    try:
+        handle = safe_open(str(path), framework="pt")
+        keys = set(handle.keys())
+    except Exception as e:
+        raise codec.DeltaFormatError(f"undecodable delta: {reason_of(e)}") from e
 
-    def get(key: str) -> torch.Tensor:
+    def part(key: str) -> torch.Tensor:
         if key not in keys:
             raise codec.DeltaFormatError(f"missing part {key!r}")
         return handle.get_tensor(key)
 
-    return lambda name: codec.decode_one(layout, name, get)
+    def tensor(name: str) -> torch.Tensor:
+        try:
+            return codec.decode_one(layout, name, part)
+        except Exception as e:
+            raise codec.DeltaFormatError(f"undecodable delta: {reason_of(e)}") from e
 
-
-def load_delta(path: Path, layout: codec.Layout) -> dict[str, torch.Tensor]:
-    """Every tensor of a checked delta file, dense fp32."""
-    try:
-        tensor = decode_file(path, layout)
-        return {name: tensor(name) for name in sorted(layout.tensors)}
-    except Exception as e:  # safetensors and torch raise many types for corrupt bytes
-        raise codec.DeltaFormatError(f"undecodable delta: {reason_of(e)}") from e
+    return tensor
 
 
 def check_manifest(

@@ -24,7 +24,7 @@ deltas closest to their neighbours. And nothing non-finite leaves a round (`chec
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -68,29 +68,31 @@ def l2_norm(tensors: Mapping[str, torch.Tensor]) -> float:
     return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors.values()))
 
 
-def check_delta(
-    delta: Mapping[str, torch.Tensor],
+def checked_norm(
+    tensor: Callable[[str], torch.Tensor],
     expected: Mapping[str, tuple[int, ...]],
     max_norm: float | None,
-) -> str | None:
-    """Why this delta must be rejected, or None when it is fit to merge."""
-    missing = sorted(set(expected) - set(delta))
-    extra = sorted(set(delta) - set(expected))
-    if missing:
-        return f"missing tensors: {', '.join(missing[:2])}" + (" ..." if len(missing) > 2 else "")
-    if extra:
-        return f"unknown tensors: {', '.join(extra[:2])}" + (" ..." if len(extra) > 2 else "")
+) -> float:
+    """The L2 norm of a delta read tensor by tensor through `tensor`, checked as it goes.
+
+    One tensor is in memory at a time (the aggregator's bound is the adapter, not a client's
+    delta on top of it). Raises ValueError with the reason a delta must be rejected: a wrong
+    shape, a NaN or Inf, a norm above `max_norm`. The names are the caller's to check (the
+    layout check has matched them to the adapter before anything was decoded).
+    """
+    squares = 0.0
     for name in sorted(expected):
-        if tuple(delta[name].shape) != tuple(expected[name]):
-            return f"shape of {name}: {tuple(delta[name].shape)} != {tuple(expected[name])}"
-    for name in sorted(expected):
-        if not bool(torch.isfinite(delta[name]).all()):
-            return f"non-finite values (NaN or Inf) in {name}"
-    if max_norm is not None:
-        norm = l2_norm(delta)
-        if norm > max_norm:
-            return f"delta norm {norm:.4g} exceeds maxDeltaNorm {max_norm:.4g}"
-    return None
+        t = tensor(name)
+        if tuple(t.shape) != tuple(expected[name]):
+            raise ValueError(f"shape of {name}: {tuple(t.shape)} != {tuple(expected[name])}")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"non-finite values (NaN or Inf) in {name}")
+        squares += float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
+        del t
+    norm = math.sqrt(squares)
+    if max_norm is not None and norm > max_norm:
+        raise ValueError(f"delta norm {norm:.4g} exceeds maxDeltaNorm {max_norm:.4g}")
+    return norm
 
 
 MAX_SAMPLES = 10**9
@@ -167,7 +169,8 @@ def clip_factor(norm: float, clip_norm: float | None) -> float:
 
 @dataclass
 class WeightedMean:
-    """A streaming weighted mean: memory is one accumulator per tensor, whatever the client count.
+    """A streaming weighted mean: memory is one float64 accumulator per tensor (2x the adapter's
+    fp32 size), whatever the number of clients.
 
     Accumulates in float64 so that the order clients arrive in does not change the result beyond
     the final fp32 rounding.
@@ -177,22 +180,35 @@ class WeightedMean:
     total_weight: float = 0.0
     count: int = 0
 
-    def add(self, delta: Mapping[str, torch.Tensor], weight: float) -> None:
+    def add(self, delta: Mapping[str, torch.Tensor], weight: float, scale: float = 1.0) -> None:
+        """Add `weight * scale * delta`; the mean divides by the sum of the weights alone.
+
+        `scale` is a clip: it shrinks a delta, not its client's say in the mean. `delta` may be
+        lazy (each tensor decoded when it is read): it is read once, in name order, and each
+        tensor is folded in place into its float64 sum, so one decoded tensor is held at a time.
+        """
         if weight <= 0 or not math.isfinite(weight):
             raise ValueError(f"weight must be positive and finite, got {weight}")
-        for name, t in delta.items():
+        factor = weight * scale
+        for name in sorted(delta):
+            t = delta[name]
             acc = self.sums.get(name)
             if acc is None:
-                self.sums[name] = t.double() * weight
+                self.sums[name] = t.to(torch.float64).mul_(factor)
             else:
-                acc.add_(t.double(), alpha=weight)
+                acc.add_(t, alpha=factor)
+            del t
         self.total_weight += weight
         self.count += 1
 
     def result(self) -> dict[str, torch.Tensor]:
+        """The mean, fp32. Consumes the sums tensor by tensor, so that the float64 sums and the
+        fp32 result are never both held whole: call it once."""
         if self.count == 0:
             raise ValueError("no deltas to average")
-        return {name: (s / self.total_weight).float() for name, s in self.sums.items()}
+        return {
+            name: self.sums.pop(name).div_(self.total_weight).float() for name in sorted(self.sums)
+        }
 
 
 def coordinate_median(stack: torch.Tensor) -> torch.Tensor:
@@ -261,6 +277,51 @@ def dp_noise_std(noise_multiplier: float, clip_norm: float | None, n_clients: in
 STATE_KEYS = {"fedavgm": ("m",), "fedadam": ("m", "v"), "fedyogi": ("m", "v")}
 
 
+def _moment(state: Mapping[str, torch.Tensor], key: str, like: torch.Tensor) -> torch.Tensor:
+    """A moment as a float64 copy that the step may update in place (zeros the first time)."""
+    if key in state:
+        return state[key].to(torch.float64, copy=True)
+    return torch.zeros_like(like)
+
+
+def server_step_tensor(
+    spec: AggregationSpec,
+    x: torch.Tensor,
+    d: torch.Tensor,
+    state: Mapping[str, torch.Tensor],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One tensor's server step: its global value `x`, aggregated delta `d` and its moments
+    (`state` keyed "m"/"v", empty on the first round) -> its new value and moments.
+
+    Per tensor so that the aggregator can free each input as its output is made: the server
+    step then holds one tensor's float64 temporaries beyond the adapter, not a second adapter.
+    """
+    algorithm, lr = spec.algorithm, spec.server_learning_rate
+    dd, xx = d.double(), x.to(torch.float64, copy=True)
+    new_state: dict[str, torch.Tensor] = {}
+    if algorithm in STATELESS_ALGORITHMS:
+        xx = xx.add_(dd, alpha=lr)
+    elif algorithm == "fedavgm":
+        m = _moment(state, "m", dd)
+        m = m.mul_(spec.server_momentum).add_(dd)
+        xx = xx.add_(m, alpha=lr)
+        new_state["m"] = m.float()
+    elif algorithm in ("fedadam", "fedyogi"):
+        m, v = _moment(state, "m", dd), _moment(state, "v", dd)
+        m = m.mul_(spec.beta1).add_(dd, alpha=1 - spec.beta1)
+        d2 = dd * dd
+        if algorithm == "fedadam":
+            v = v.mul_(spec.beta2).add_(d2, alpha=1 - spec.beta2)
+        else:
+            v = v - (1 - spec.beta2) * d2 * torch.sign(v - d2)
+        xx = xx + lr * m / (v.sqrt() + spec.epsilon)
+        new_state["m"] = m.float()
+        new_state["v"] = v.float()
+    else:
+        raise ValueError(f"unknown algorithm {algorithm!r}")
+    return xx.to(x.dtype), new_state
+
+
 def server_step(
     spec: AggregationSpec,
     global_: Mapping[str, torch.Tensor],
@@ -273,33 +334,11 @@ def server_step(
     new state is returned in the same form (empty for stateless rules). Tensors of `global_` that
     `update` does not name (e.g. frozen LoRA A) pass through unchanged.
     """
-    algorithm, lr = spec.algorithm, spec.server_learning_rate
     state = state or {}
-    new_global = {name: t.clone() for name, t in global_.items()}
+    new_global = dict(global_)
     new_state: dict[str, torch.Tensor] = {}
     for name in sorted(update):
-        d = update[name].double()
-        x = global_[name].double()
-        if algorithm in STATELESS_ALGORITHMS:
-            x = x + lr * d
-        elif algorithm == "fedavgm":
-            m = state.get(f"m/{name}", torch.zeros_like(d)).double()
-            m = spec.server_momentum * m + d
-            x = x + lr * m
-            new_state[f"m/{name}"] = m.float()
-        elif algorithm in ("fedadam", "fedyogi"):
-            m = state.get(f"m/{name}", torch.zeros_like(d)).double()
-            v = state.get(f"v/{name}", torch.zeros_like(d)).double()
-            m = spec.beta1 * m + (1 - spec.beta1) * d
-            d2 = d * d
-            if algorithm == "fedadam":
-                v = spec.beta2 * v + (1 - spec.beta2) * d2
-            else:
-                v = v - (1 - spec.beta2) * d2 * torch.sign(v - d2)
-            x = x + lr * m / (v.sqrt() + spec.epsilon)
-            new_state[f"m/{name}"] = m.float()
-            new_state[f"v/{name}"] = v.float()
-        else:
-            raise ValueError(f"unknown algorithm {algorithm!r}")
-        new_global[name] = x.to(global_[name].dtype)
+        own = {k: state[f"{k}/{name}"] for k in ("m", "v") if f"{k}/{name}" in state}
+        new_global[name], moments = server_step_tensor(spec, global_[name], update[name], own)
+        new_state.update({f"{k}/{name}": t for k, t in moments.items()})
     return new_global, new_state

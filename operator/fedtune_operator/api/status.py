@@ -193,6 +193,11 @@ class FederatedFineTuneStatus(StatusModel):
     communication: Communication | None = None
     last_train_loss: Loss | None = Field(None, description="Training loss of the last round.")
     last_eval_loss: Loss | None = Field(None, description="Held-out loss of the last evaluation.")
+    initial_eval_loss: Loss | None = Field(
+        None,
+        description="Held-out loss before any training (round 0: the base model with the "
+        "initial adapter, a no-op), the baseline every later evaluation compares with.",
+    )
     start_time: Timestamp | None = Field(
         None, description="Set before the first Job is created; marks the run as started."
     )
