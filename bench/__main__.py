@@ -23,6 +23,7 @@ from bench.common import RESULTS_DIR, Result, machine
 BENCHMARKS = {
     "communication": "bench.communication",
     "parity": "bench.parity",
+    "client": "bench.client_throughput",
     "aggregation": "bench.aggregation",
     "operator": "bench.operator_overhead",
 }

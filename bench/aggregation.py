@@ -3,7 +3,7 @@
 N client deltas of a fixed size (full size: 64 MiB each, a rank-64 LoRA on the q projections of 32
 layers of a 4096-wide model, as lossless fp32 so that the size is exact) are committed to a local
 store as clients would commit them. Then, for N in {2, 8, 32}, each method merges round 1 in a
-fresh process of its own, measured with wait4 (wall time and peak RSS of that process alone):
+fresh process of its own (wall time, and the peak RSS the process reports, its own VmHWM):
 
 - `streaming`: the aggregator's real round (`aggregate.merge_round`): fetch, verify, decode and
   check one client at a time, fold it into a float64 running mean, drop it;
@@ -41,6 +41,7 @@ from bench.common import (
     child_env,
     fmt_float,
     fmt_int,
+    proc_status_bytes,
     run_child,
     save_figure,
 )
@@ -176,13 +177,6 @@ def load_everything(task: AggregateTask, store: Any, log: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def vm_rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def worker(method: str, root: Path, sizes: Sizes, n: int) -> dict[str, Any]:
     """Inside the measured process: import, note the RSS, merge, print what it took."""
     import torch  # noqa: F401  (imported before the RSS reading: the same for both methods)
@@ -192,7 +186,7 @@ def worker(method: str, root: Path, sizes: Sizes, n: int) -> dict[str, Any]:
 
     store = st.FileStore(root)
     task = task_for(store.uri, sizes, n)
-    rss = vm_rss_bytes()
+    rss = proc_status_bytes("VmRSS")
     start = time.perf_counter()
     merge = aggregate.merge_round if method == "streaming" else load_everything
     merged = merge(task, store, lambda _: None)
@@ -200,6 +194,7 @@ def worker(method: str, root: Path, sizes: Sizes, n: int) -> dict[str, Any]:
     return {
         "seconds": time.perf_counter() - start,
         "rss_after_import": rss,
+        "peak_rss": proc_status_bytes("VmHWM"),
         "accepted": summary.record.accepted,
     }
 
@@ -255,7 +250,7 @@ def measure_once(root: Path, sizes: Sizes, method: str, n: int, env: dict[str, s
         raise RuntimeError(f"{method}: {report['accepted']} of {n} deltas accepted")
     return {
         "seconds": report["seconds"],
-        "peak_rss_mb": child.peak_rss_bytes / MiB,
+        "peak_rss_mb": report["peak_rss"] / MiB,
         "process_seconds": child.seconds,
         "rss_after_import_mb": report["rss_after_import"] / MiB,
     }
@@ -285,6 +280,9 @@ def measure(root: Path, sizes: Sizes) -> list[dict[str, Any]]:
                 "seconds_max": max(seconds),
                 "repeats": len(seconds),
                 "deltas_mb": n * sizes.delta_bytes / MiB,
+                "x_adapter": (row["peak_rss_mb"] - row["rss_after_import_mb"])
+                * MiB
+                / sizes.delta_bytes,
                 "max_abs_diff_vs_streaming": max_abs_diff(written[method], written["streaming"]),
             }
             rows.append(row)
@@ -308,6 +306,7 @@ def run(sizes: Sizes, work: Path, out: Path) -> Result:
             "peak_rss_mb",
             "process_seconds",
             "rss_after_import_mb",
+            "x_adapter",
             "deltas_mb",
         ],
         rows=rows,
@@ -316,6 +315,7 @@ def run(sizes: Sizes, work: Path, out: Path) -> Result:
             "peak_rss_mb": fmt_int,
             "process_seconds": fmt_float(2),
             "rss_after_import_mb": fmt_int,
+            "x_adapter": fmt_float(1),
             "deltas_mb": fmt_int,
         },
         settings={
@@ -330,8 +330,10 @@ def run(sizes: Sizes, work: Path, out: Path) -> Result:
         },
         notes=[
             f"each delta is {sizes.delta_bytes / MiB:.0f} MiB; peak RSS is the whole process's "
-            "(wait4 ru_maxrss), torch included; every number is the median of "
+            "(its own VmHWM), torch included; every number is the median of "
             f"{sizes.repeats} fresh processes.",
+            "x_adapter: (peak RSS - RSS after the imports) / the adapter's fp32 size, what the "
+            "merge holds beyond the runtime, in adapters (the target: about 3).",
             "max |global(load-everything) - global(streaming)| over every weight: "
             + ", ".join(
                 f"N={r['clients']}: {r['max_abs_diff_vs_streaming']:.1e}"

@@ -4,7 +4,7 @@ memory of a client step with and without gradient checkpointing.
 Every configuration trains the same model (full size: the pretrained SmolLM2-135M-Instruct; LoRA
 r=16 on all linear layers) on the same batches of the same data (chat records made of the
 docstrings of this Python's standard library: real English text of very different lengths),
-each in a fresh process of its own, so that wait4's peak RSS is that configuration's alone:
+each in a fresh process of its own, so that its peak RSS (VmHWM) is that configuration's alone:
 
 - `transformers + peft`: the loop everyone writes first: `model(input_ids, attention_mask,
   labels).loss.backward()`, AdamW, gradient clipping. transformers computes the logits of every
@@ -46,6 +46,7 @@ from bench.common import (
     device_name,
     fmt_float,
     fmt_int,
+    proc_status_bytes,
     run_child,
     tiny_assets,
 )
@@ -76,21 +77,6 @@ SMOKE = Sizes(model="tiny", records=16, seq_len=64, batch_size=4, steps=2, repea
 # --------------------------------------------------------------------------------------------
 # Model and data
 # --------------------------------------------------------------------------------------------
-
-
-def real_model_dir() -> Path:
-    """The converted SmolLM2-135M-Instruct (devcluster.pretrained, made once per machine)."""
-    try:
-        from devcluster.pretrained import ensure_model  # type: ignore[import-not-found]
-    except ModuleNotFoundError:  # before branch `model` is merged: the directory it made
-        cache = Path(os.environ.get("FEDTUNE_CACHE") or Path.home() / ".cache" / "fedtune")
-        found = sorted((cache / "models").glob("smollm2-135m-instruct-*/fedtune-model.json"))
-        if not found:
-            raise FileNotFoundError(
-                "no converted SmolLM2-135M-Instruct: run `make model`"
-            ) from None
-        return found[-1].parent
-    return ensure_model()
 
 
 def docstring_chats(n: int) -> list[dict[str, Any]]:
@@ -129,7 +115,9 @@ def assets(sizes: Sizes, work: Path) -> tuple[Path, Path]:
         data.write_text("".join(json.dumps(r) + "\n" for r in docstring_chats(sizes.records)))
     if sizes.model == "tiny":
         return tiny_assets(work, TinySizes(clients=2, samples=40, eval_samples=8)).model, data
-    return real_model_dir(), data
+    from devcluster.pretrained import ensure_model
+
+    return ensure_model(), data
 
 
 def cpu_has_bf16() -> bool:
@@ -143,13 +131,6 @@ def cpu_has_bf16() -> bool:
 # --------------------------------------------------------------------------------------------
 # Inside the measured process
 # --------------------------------------------------------------------------------------------
-
-
-def vm_rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def worker(method: str, model_dir: Path, data: Path, sizes: Sizes) -> dict[str, Any]:
@@ -173,7 +154,7 @@ def worker(method: str, model_dir: Path, data: Path, sizes: Sizes) -> dict[str, 
     )
     if method == "fedtune + checkpointing":
         enable_gradient_checkpointing(model)
-    rss = vm_rss_bytes()
+    rss = proc_status_bytes("VmRSS")
     spec = TrainingSpec(
         batch_size=sizes.batch_size,
         learning_rate=1e-4,
@@ -208,7 +189,8 @@ def worker(method: str, model_dir: Path, data: Path, sizes: Sizes) -> dict[str, 
             tok.pad_token_id, gen, quiet,
         )  # fmt: skip
         seconds, loss = time.perf_counter() - start, result.loss
-    return {"tokens": tokens, "seconds": seconds, "loss": loss, "rss_after_load": rss}
+    peak = proc_status_bytes("VmHWM")
+    return {"tokens": tokens, "seconds": seconds, "loss": loss, "rss_after_load": rss, "peak": peak}
 
 
 def plain_loop(
@@ -264,9 +246,9 @@ def measure_once(
     return {
         "tokens_per_s": report["tokens"] / report["seconds"],
         "loss": report["loss"],
-        "peak_rss_mb": child.peak_rss_bytes / MiB,
+        "peak_rss_mb": report["peak"] / MiB,
         "rss_after_load_mb": report["rss_after_load"] / MiB,
-        "step_mb": (child.peak_rss_bytes - report["rss_after_load"]) / MiB,
+        "step_mb": (report["peak"] - report["rss_after_load"]) / MiB,
     }
 
 
@@ -326,8 +308,8 @@ def run(sizes: Sizes, work: Path, out: Path) -> Result:
         notes=[
             "tokens/s: real tokens per second over the timed steps, median of the repeats "
             "(methods interleaved); vs_plain: against the plain transformers + peft loop.",
-            "peak RSS: the whole process's (wait4), model and torch included; step_mb: peak RSS "
-            "minus the RSS after loading the model, what a training step adds.",
+            "peak RSS: the whole process's (its own VmHWM), model and torch included; step_mb: "
+            "peak RSS minus the RSS after loading the model, what a training step adds.",
         ],
     )
 

@@ -215,22 +215,33 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 # --------------------------------------------------------------------------------------------
 
 
+def proc_status_bytes(key: str) -> int:
+    """A memory figure of this process from /proc/self/status ("VmRSS", "VmHWM"), in bytes.
+
+    Measured children report their own VmHWM as their peak: wait4's ru_maxrss also carries the
+    parent's high-water mark across fork and exec, so a child of a large benchmark process would
+    report at least the parent's size.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) * 1024
+    raise LookupError(f"{key} not in /proc/self/status")
+
+
 @dataclass(frozen=True)
 class Child:
     returncode: int
     stdout: str
     stderr: str
     seconds: float
-    peak_rss_bytes: int
 
 
 def run_child(argv: Sequence[str], env: Mapping[str, str], timeout: float = 1800) -> Child:
-    """Run one process to completion and read *its own* peak RSS from wait4.
+    """Run one measured process to completion: its exit status, output and wall time.
 
-    A fresh process per configuration, reaped with wait4, gives each configuration its own
-    ru_maxrss: nothing from an earlier configuration (allocator caches, imported modules) can
-    raise or lower the next one's number, as it would inside one long-lived process. Output goes
-    through temporary files so that the wait is ours (Popen.communicate would reap it itself).
+    A fresh process per configuration: nothing from an earlier configuration (allocator caches,
+    imported modules) can raise or lower the next one's memory, as it would inside one
+    long-lived process; the child reports its own peak (`proc_status_bytes("VmHWM")`) on stdout.
     """
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         start = time.perf_counter()
@@ -238,7 +249,7 @@ def run_child(argv: Sequence[str], env: Mapping[str, str], timeout: float = 1800
         timer = threading.Timer(timeout, proc.kill)
         timer.start()
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
+            _, status, _ = os.wait4(proc.pid, 0)
         finally:
             timer.cancel()
         seconds = time.perf_counter() - start
@@ -250,7 +261,6 @@ def run_child(argv: Sequence[str], env: Mapping[str, str], timeout: float = 1800
             stdout=out.read().decode(errors="replace"),
             stderr=err.read().decode(errors="replace"),
             seconds=seconds,
-            peak_rss_bytes=usage.ru_maxrss * 1024,  # Linux reports KiB
         )
 
 
@@ -325,3 +335,79 @@ def tiny_assets(work: Path, sizes: TinySizes) -> TinyAssets:
         )
     info = json.loads(info_file.read_text())
     return TinyAssets(model=model, data=data, sizes=sizes, parameters=int(info["parameters"]))
+
+
+# --------------------------------------------------------------------------------------------
+# The real model and real text
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RealSizes:
+    """How much of the real-text corpus the real-model benchmarks use."""
+
+    clients: int = 4
+    records: int = 160
+    """Per client: more than the steps of any benchmark take, so no record repeats in a round."""
+    eval_records: int = 48
+    chunk_chars: int = 400
+    """About 100 tokens of text per record: with the chat prompt it fits 128-token sequences."""
+
+
+@dataclass(frozen=True)
+class RealAssets:
+    """SmolLM2-135M-Instruct (converted once into the machine's cache by `make model`) and the
+    project's real-text corpus, one source per client (the non-IID split)."""
+
+    model: Path
+    data: Path
+    sizes: RealSizes
+    parameters: int
+
+    def client_data(self, i: int) -> Path:
+        return self.data / f"client-{i}.jsonl"
+
+    @property
+    def eval_data(self) -> Path:
+        return self.data / "eval.jsonl"
+
+    def kinds(self) -> list[str]:
+        layout = json.loads((self.data / "corpus.json").read_text())
+        return [layout["clients"][f"client-{i}"]["source"] for i in range(self.sizes.clients)]
+
+
+Assets = TinyAssets | RealAssets
+"""What a federated benchmark trains: a model directory, one data file per client, eval data."""
+
+
+def real_assets(work: Path, sizes: RealSizes) -> RealAssets:
+    """The pretrained model from the cache and the corpus (a few seconds, made once per work
+    directory and sizes)."""
+    from devcluster.corpus import build_corpus
+    from devcluster.pretrained import ensure_model
+
+    model = ensure_model()
+    s = sizes
+    data = work / f"real-c{s.clients}-r{s.records}-e{s.eval_records}-k{s.chunk_chars}"
+    if not (data / "corpus.json").exists():
+        build_corpus(
+            data,
+            clients=s.clients,
+            fmt="chat",
+            records=s.records,
+            eval_records=s.eval_records,
+            chunk_chars=s.chunk_chars,
+        )
+    config = json.loads((model / "config.json").read_text())
+    return RealAssets(model=model, data=data, sizes=sizes, parameters=parameter_count(config))
+
+
+def parameter_count(config: Mapping[str, Any]) -> int:
+    """The parameters of a Llama-architecture model from its config, counted on the meta device
+    (no memory, exact)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**config))
+    return sum(p.numel() for p in model.parameters())

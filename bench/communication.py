@@ -2,13 +2,16 @@
 
 Two parts:
 
-1. The tiny model, trained for real: the same clients, data, rounds and local steps under
-   - full-model fp32 FedAvg (the baseline without GradualDiff: every client trains every weight
-     and uploads the whole model as fp32 safetensors; the server averages the models),
-   - and LoRA deltas (GradualDiff) at several encodings, through the trainer's own client and
-     aggregator code (`bench.federation`).
+1. A model trained for real through the trainer's own client and aggregator code
+   (`bench.federation`), the same clients, data, rounds and local steps for every encoding of
+   the LoRA delta (GradualDiff). Full size: the pretrained SmolLM2-135M-Instruct with an
+   all-linear r=16 adapter, one real-text source per client; its full-model rows (what a
+   full-model FedAvg client uploads) are computed from its parameter count, since training all
+   135M weights for every round is beyond a CPU's bench budget. Smoke size: the tiny random
+   model, where full-model fp32 FedAvg (every client trains every weight and uploads the whole
+   model as fp32 safetensors; the server averages the models) is trained too.
    Bytes are the files the clients actually upload, averaged over every client and round; the
-   eval loss is the aggregator's after the last round.
+   eval loss is the evaluation Job's after the last round.
 2. Llama shapes (1B and 7B parameters), computed, not trained: the parameter count comes from
    the model built on PyTorch's meta device (no memory), the full-model bytes are that count times
    4 (fp32) or 2 (bf16), and each encoding's bytes are the real codec's output on a delta of the
@@ -22,21 +25,22 @@ uploads than under full-model FedAvg of the same model.
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    Assets,
+    RealSizes,
     Result,
-    TinyAssets,
     TinySizes,
     device_name,
     fmt_float,
     fmt_int,
     fmt_ratio,
     human_count,
+    real_assets,
     save_figure,
     tiny_assets,
 )
@@ -90,17 +94,32 @@ SHAPE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 @dataclass(frozen=True)
 class Sizes:
+    model: str = "real"
+    """`real`: SmolLM2-135M-Instruct on real text, an all-linear adapter, full-model rows computed
+    from its parameter count; `tiny`: the random model, full-model FedAvg trained too."""
+    real: RealSizes = field(default_factory=RealSizes)
     tiny: TinySizes = field(default_factory=TinySizes)
-    recipe: Recipe = field(default_factory=lambda: Recipe(rounds=8, local_steps=10))
+    recipe: Recipe = field(
+        default_factory=lambda: Recipe(
+            rounds=3,
+            local_steps=5,
+            batch_size=4,
+            learning_rate=1e-3,
+            rank=16,
+            target_modules=("all-linear",),
+        )
+    )
     shapes: tuple[LlamaShape, ...] = (LLAMA_1B, LLAMA_7B)
     shape_rank: int = 16
     full_model_low_lr: float | None = 0.001
-    """Full-model FedAvg again at this learning rate: training every weight at the adapter's
-    learning rate is unstable, and a baseline should not look better or worse than it is."""
+    """(tiny) Full-model FedAvg again at this learning rate: training every weight at the
+    adapter's learning rate is unstable, and a baseline should not look better or worse than it
+    is."""
 
 
 FULL = Sizes()
 SMOKE = Sizes(
+    model="tiny",
     tiny=TinySizes(clients=2, samples=16, eval_samples=8, hidden_size=32, layers=1),
     recipe=Recipe(rounds=1, local_steps=2, batch_size=4, rank=2),
     shapes=(LLAMA_TEST,),
@@ -112,7 +131,7 @@ SMOKE = Sizes(
 # --------------------------------------------------------------------------------------------
 
 
-def full_model_fedavg(assets: TinyAssets, recipe: Recipe, clients: dict[str, Path]) -> RunResult:
+def full_model_fedavg(assets: Assets, recipe: Recipe, clients: dict[str, Path]) -> RunResult:
     """Classic FedAvg of the whole model: each client trains every weight from the global model
     and uploads all of them (fp32 safetensors); the server takes the sample-weighted mean.
 
@@ -277,7 +296,7 @@ def plot(runs: dict[str, RunResult], out: Path) -> Path:
     for config, result in runs.items():
         points = [(r, v) for r, v in enumerate(result.eval_loss) if v is not None]
         loss_ax.plot([p[0] for p in points], [p[1] for p in points], "o-", ms=3, label=config)
-    loss_ax.set(xlabel="round", ylabel="eval loss", title="Tiny model: eval loss per round")
+    loss_ax.set(xlabel="round", ylabel="eval loss", title="Eval loss per round")
     loss_ax.legend(fontsize=8)
     loss_ax.grid(True, alpha=0.3)
     names = list(runs)
@@ -286,7 +305,7 @@ def plot(runs: dict[str, RunResult], out: Path) -> Path:
     bytes_ax.set_yticks(range(len(names)), names, fontsize=8)
     bytes_ax.invert_yaxis()
     bytes_ax.set_xscale("log")
-    bytes_ax.set(xlabel="bytes per client per round (log)", title="Tiny model: upload size")
+    bytes_ax.set(xlabel="bytes per client per round (log)", title="Upload size")
     for i, size in enumerate(sizes):
         bytes_ax.text(size, i, f" {size:,.0f}", va="center", fontsize=8)
     bytes_ax.grid(True, axis="x", alpha=0.3)
@@ -297,14 +316,16 @@ def run(sizes: Sizes, work: Path, out: Path) -> Result:
     from fedtune_trainer import store as st
     from fedtune_trainer.task import REPORT_PREFIX
 
-    assets = tiny_assets(work, sizes.tiny)
-    clients = {f"client-{i}": assets.client_data(i) for i in range(sizes.tiny.clients)}
+    real = sizes.model == "real"
+    assets = real_assets(work, sizes.real) if real else tiny_assets(work, sizes.tiny)
+    n = assets.sizes.clients
+    clients = {f"client-{i}": assets.client_data(i) for i in range(n)}
     recipe = sizes.recipe
-    runs: dict[str, RunResult] = {FULL_MODEL: full_model_fedavg(assets, recipe, clients)}
-    if sizes.full_model_low_lr is not None:
-        slow = dataclasses.replace(recipe, learning_rate=sizes.full_model_low_lr)
-        runs[f"{FULL_MODEL}, lr {slow.learning_rate:g}"] = full_model_fedavg(assets, slow, clients)
-    report_dir = out / f"{NAME}-report"
+    runs: dict[str, RunResult] = {}
+    if not real:  # training every weight of the real model is beyond a CPU's bench budget
+        runs[FULL_MODEL] = full_model_fedavg(assets, recipe, clients)
+    if not real and sizes.full_model_low_lr is not None:
+        report_dir = out / f"{NAME}-report"
     for config, spec in ENCODINGS.items():
         storage = work / f"{NAME}-{len(runs)}"
         keep = config == REPORT_ENCODING
@@ -313,16 +334,28 @@ def run(sizes: Sizes, work: Path, out: Path) -> Result:
             shutil.rmtree(report_dir, ignore_errors=True)
             st.fetch_committed(st.FileStore(storage), REPORT_PREFIX, report_dir)
         shutil.rmtree(storage, ignore_errors=True)
-    full = runs[FULL_MODEL].mean_bytes_per_client or 0
-    tiny_label = f"tiny ({human_count(assets.parameters)} params; LoRA r={recipe.rank} q/v)"
-    rows = [
-        _row(tiny_label, config, r.mean_bytes_per_client, full, r.final_eval_loss)
+    targets = "/".join(recipe.target_modules or ("q", "v"))
+    label = (
+        f"{'smollm2-135m' if real else 'tiny'} ({human_count(assets.parameters)} params; "
+        f"LoRA r={recipe.rank} {targets})"
+    )
+    if real:  # computed: the fp32 / bf16 weights a full-model FedAvg client would upload
+        full = assets.parameters * 4
+        rows = [
+            _row(label, "full model fp32", full, full, None),
+            _row(label, "full model bf16", assets.parameters * 2, full, None),
+        ]
+    else:
+        full = runs[FULL_MODEL].mean_bytes_per_client or 0
+        rows = []
+    rows += [
+        _row(label, config, r.mean_bytes_per_client, full, r.final_eval_loss)
         for config, r in runs.items()
     ]
     for shape in sizes.shapes:
         rows += shape_rows(shape, sizes.shape_rank)
     plot_path = plot(runs, out)
-    initial = runs[FULL_MODEL].eval_loss[0]
+    initial = runs[REPORT_ENCODING].eval_loss[0]
     return Result(
         name=NAME,
         title=TITLE,
@@ -335,11 +368,13 @@ def run(sizes: Sizes, work: Path, out: Path) -> Result:
         },
         settings={
             "device": device_name(),
-            "clients": sizes.tiny.clients,
-            "samples_per_client": sizes.tiny.samples,
-            "eval_samples": sizes.tiny.eval_samples,
-            "client_tasks": assets.kinds(),
-            "tiny_parameters": assets.parameters,
+            "model": str(assets.model),
+            "parameters": assets.parameters,
+            "clients": n,
+            "client_data": assets.kinds(),
+            "data": str(assets.data),
+            "max_seq_length": recipe.max_seq_length,
+            "adapter_targets": list(recipe.target_modules or ("q_proj", "v_proj")),
             "rounds": recipe.rounds,
             "local_steps": recipe.local_steps,
             "batch_size": recipe.batch_size,
@@ -353,8 +388,8 @@ def run(sizes: Sizes, work: Path, out: Path) -> Result:
             "shape_targets": list(SHAPE_TARGETS),
         },
         notes=[
-            f"eval loss of the untrained model (round 0) is {initial:.4f}; every tiny row trains "
-            f"{recipe.rounds} rounds x {sizes.tiny.clients} clients x {recipe.local_steps} steps "
+            f"eval loss before training (round 0) is {initial:.4f}; every trained row trains "
+            f"{recipe.rounds} rounds x {n} clients x {recipe.local_steps} steps "
             f"at lr {recipe.learning_rate:g} unless it says otherwise.",
             "ratio_vs_full_model = full-model fp32 bytes / row bytes (x times smaller).",
             "Llama rows are computed (not trained): eval_loss is empty; encodings run the real "

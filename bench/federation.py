@@ -1,4 +1,4 @@
-"""A federated run of the tiny model through the trainer's own code, in this process.
+"""A federated run (the tiny or the real model) through the trainer's own code, in this process.
 
 Each round calls exactly what the Jobs call: `client.run` per client (load the global adapter,
 train, encode the delta with error feedback state in storage, commit it) and the aggregator's
@@ -14,8 +14,9 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from bench.common import TinyAssets
+from bench.common import Assets
 from fedtune_trainer.task import AdapterSpec, AggregationSpec, DeltaSpec
 
 
@@ -30,6 +31,8 @@ class Recipe:
     rank: int = 8
     max_seq_length: int = 128
     seed: int = 0
+    target_modules: tuple[str, ...] | None = None
+    """The adapter's modules (None: AdapterSpec's default, the attention's q and v)."""
 
 
 @dataclass
@@ -59,18 +62,29 @@ def quiet(_: str) -> None:
     """The trainer's progress lines would drown the tables."""
 
 
-def adapter_spec(recipe: Recipe) -> AdapterSpec:
+@dataclass(frozen=True)
+class Variant:
+    """One algorithm setting of a run: the server rule, and what it changes in the adapter
+    (e.g. freezeA) and in the clients' training (e.g. a proximal term), as spec field values."""
+
+    aggregation: AggregationSpec = field(default_factory=AggregationSpec)
+    adapter: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+
+
+def adapter_spec(recipe: Recipe, **overrides: Any) -> AdapterSpec:
     # No dropout: the comparison between configurations should not depend on dropout masks.
-    return AdapterSpec(r=recipe.rank, alpha=2.0 * recipe.rank, dropout=0.0)
+    modules = {"target_modules": list(recipe.target_modules)} if recipe.target_modules else {}
+    return AdapterSpec(r=recipe.rank, alpha=2.0 * recipe.rank, dropout=0.0, **modules, **overrides)
 
 
 def federate(
-    assets: TinyAssets,
+    assets: Assets,
     storage: Path,
     recipe: Recipe,
     clients: dict[str, Path],
     delta: DeltaSpec,
-    aggregation: AggregationSpec | None = None,
+    variant: Variant | None = None,
     *,
     steps: dict[str, int] | None = None,
     run: str = "bench",
@@ -93,14 +107,15 @@ def federate(
         TrainingSpec,
     )
 
-    agg = aggregation if aggregation is not None else AggregationSpec()
+    variant = variant or Variant()
+    agg = variant.aggregation
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     store = st.FileStore(storage)
     store.delete_prefix("")
     common = {
         "run": run,
         "base_model": str(assets.model),
-        "adapter": adapter_spec(recipe),
+        "adapter": adapter_spec(recipe, **variant.adapter),
         "storage": StorageLocation(uri=store.uri),
     }
     data = DataSpec(format="chat")
@@ -147,6 +162,7 @@ def federate(
                 max_seq_length=recipe.max_seq_length,
                 precision="auto",
                 seed=recipe.seed,
+                **variant.training,
             )
             task = ClientTask(
                 **common,

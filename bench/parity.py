@@ -2,15 +2,18 @@
 
 Centralized: one trainer holds the union of the clients' data and takes every optimizer step
 (rounds x clients x local steps) in one go, from the same initial adapter. Federated: the clients
-keep their non-IID shards (one task kind each), train `local steps` per round from the global
-adapter, and the server merges their deltas with FedAvg or FedAdam. Both run through the
-trainer's own client and aggregator code with lossless fp32 deltas, so the gap measured is the
-federation's (client drift on non-IID data, server optimizer), not compression's (the
-`communication` benchmark measures that).
+keep their non-IID shards (full size: the pretrained SmolLM2-135M-Instruct, one real-text source
+per client: the Python language reference, standard-library docstrings, package READMEs, license
+texts; the eval set holds out whole documents of all four), train `local steps` per round from
+the global adapter, and the server merges their deltas under each variant: the LoRA aggregation
+mode, the drift control, the server rule. Everything runs through the trainer's own client and
+aggregator code with lossless fp32 deltas, so the gap measured is the federation's (client drift
+on non-IID data, the server rule, averaging LoRA factors), not compression's (the `communication`
+benchmark measures that).
 
 FedAdam's server learning rate has no neutral value (FedAvg's 1.0 is plain averaging), so it is
-run at each of a few values and every one is reported: the best is what tuning would find, the
-spread is what a wrong guess costs.
+run at a few values and every one is reported: the best is what tuning would find, the spread is
+what a wrong guess costs.
 
 `ratio_vs_centralized` = eval loss / centralized eval loss: 1.0 is parity, above 1 is worse.
 """
@@ -22,8 +25,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import Result, TinySizes, device_name, fmt_float, save_figure, tiny_assets
-from bench.federation import Recipe, RunResult, federate
+from bench.common import (
+    RealSizes,
+    Result,
+    TinySizes,
+    device_name,
+    fmt_float,
+    real_assets,
+    save_figure,
+    tiny_assets,
+)
+from bench.federation import Recipe, RunResult, Variant, federate
 from fedtune_trainer.task import AggregationSpec, DeltaSpec
 
 NAME = "parity"
@@ -31,15 +43,36 @@ TITLE = "Federated against centralized training (same data, same total optimizer
 LOSSLESS = DeltaSpec(dtype="fp32", compression="none", error_feedback=False)
 
 
+def variants(fedadam_server_lrs: tuple[float, ...]) -> dict[str, Variant]:
+    """The federated settings compared, by the name their row carries."""
+    out = {
+        "fedavg": Variant(),
+        "fedavg, freezeA (FFA-LoRA)": Variant(adapter={"freeze_a": True}),
+    }
+    for lr in fedadam_server_lrs:
+        out[f"fedadam (server lr {lr:g})"] = Variant(
+            AggregationSpec(algorithm="fedadam", server_learning_rate=lr)
+        )
+    return out
+
+
 @dataclass(frozen=True)
 class Sizes:
+    model: str = "real"
+    """`real` (SmolLM2-135M-Instruct on real text) or `tiny` (the smoke test's random model)."""
+    real: RealSizes = field(default_factory=RealSizes)
     tiny: TinySizes = field(default_factory=TinySizes)
-    recipe: Recipe = field(default_factory=lambda: Recipe(rounds=8, local_steps=10))
-    fedadam_server_lrs: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)
+    recipe: Recipe = field(
+        default_factory=lambda: Recipe(
+            rounds=4, local_steps=5, batch_size=4, learning_rate=2e-3, rank=8
+        )
+    )
+    fedadam_server_lrs: tuple[float, ...] = (0.003, 0.01)
 
 
 FULL = Sizes()
 SMOKE = Sizes(
+    model="tiny",
     tiny=TinySizes(clients=2, samples=16, eval_samples=8, hidden_size=32, layers=1),
     recipe=Recipe(rounds=1, local_steps=2, batch_size=4, rank=2),
     fedadam_server_lrs=(0.01,),
@@ -72,9 +105,11 @@ def plot(runs: dict[str, RunResult], centralized: float | None, out: Path) -> Pa
 
 
 def run(sizes: Sizes, work: Path, out: Path) -> Result:
-    assets = tiny_assets(work, sizes.tiny)
+    assets = (
+        real_assets(work, sizes.real) if sizes.model == "real" else tiny_assets(work, sizes.tiny)
+    )
     recipe = sizes.recipe
-    n = sizes.tiny.clients
+    n = assets.sizes.clients
     clients = {f"client-{i}": assets.client_data(i) for i in range(n)}
     total_steps = recipe.rounds * n * recipe.local_steps
 
@@ -89,15 +124,10 @@ def run(sizes: Sizes, work: Path, out: Path) -> Result:
     shutil.rmtree(work / f"{NAME}-centralized", ignore_errors=True)
     reference = central.final_eval_loss
 
-    algorithms: dict[str, AggregationSpec] = {"fedavg": AggregationSpec(algorithm="fedavg")}
-    for lr in sizes.fedadam_server_lrs:
-        algorithms[f"fedadam (server lr {lr:g})"] = AggregationSpec(
-            algorithm="fedadam", server_learning_rate=lr
-        )
     runs: dict[str, RunResult] = {}
-    for i, (config, spec) in enumerate(algorithms.items()):
+    for i, (config, variant) in enumerate(variants(sizes.fedadam_server_lrs).items()):
         storage = work / f"{NAME}-{i}"
-        runs[config] = federate(assets, storage, recipe, clients, LOSSLESS, spec)
+        runs[config] = federate(assets, storage, recipe, clients, LOSSLESS, variant)
         shutil.rmtree(storage, ignore_errors=True)
 
     def row(config: str, loss: float | None, steps: int, rounds: int) -> dict[str, Any]:
@@ -128,10 +158,12 @@ def run(sizes: Sizes, work: Path, out: Path) -> Result:
         formats={"eval_loss": fmt_float(4), "ratio_vs_centralized": fmt_float(3)},
         settings={
             "device": device_name(),
+            "model": str(assets.model),
+            "parameters": assets.parameters,
             "clients": n,
-            "client_tasks": assets.kinds(),
-            "samples_per_client": sizes.tiny.samples,
-            "eval_samples": sizes.tiny.eval_samples,
+            "client_data": assets.kinds(),
+            "data": str(assets.data),
+            "max_seq_length": recipe.max_seq_length,
             "rounds": recipe.rounds,
             "local_steps": recipe.local_steps,
             "batch_size": recipe.batch_size,
@@ -142,8 +174,8 @@ def run(sizes: Sizes, work: Path, out: Path) -> Result:
             "eval_loss_per_round": {c: r.eval_loss for c, r in runs.items()},
         },
         notes=[
-            f"{n} clients with one task kind each ({', '.join(assets.kinds())}); the eval set "
-            "mixes all of them in equal parts.",
+            f"{n} clients with one kind of data each ({', '.join(assets.kinds())}); the eval "
+            "set mixes all of them in equal parts.",
             f"every trained row takes {total_steps} optimizer steps of {recipe.batch_size} "
             f"examples: centralized in one run, federated as {recipe.rounds} rounds x {n} "
             f"clients x {recipe.local_steps} local steps.",

@@ -20,6 +20,7 @@ from devcluster.testing import DevCluster
 REQUIRED = {
     "communication": {"config", "bytes_per_client_round", "ratio_vs_full_model", "eval_loss"},
     "parity": {"config", "eval_loss", "ratio_vs_centralized"},
+    "client": {"method", "tokens_per_s", "vs_plain", "peak_rss_mb", "step_mb"},
     "aggregation": {"clients", "method", "seconds", "peak_rss_mb"},
     "operator": {"metric", "median_s", "p95_s", "mb"},
 }
@@ -75,6 +76,19 @@ def test_parity(work: Path, tmp_path: Path) -> None:
     assert central["ratio_vs_centralized"] == pytest.approx(1.0)
     federated = [r for r in doc["rows"] if r["config"].startswith("federated")]
     assert {r["optimizer_steps"] for r in federated} == {central["optimizer_steps"]}
+
+
+def test_client(work: Path, tmp_path: Path) -> None:
+    doc = written(bench_main.run_one("client", True, work, tmp_path), tmp_path, "client")
+    methods = {r["method"] for r in doc["rows"]}
+    assert {"transformers + peft", "fedtune", "fedtune + checkpointing"} <= methods
+    plain = next(r for r in doc["rows"] if r["method"] == "transformers + peft")
+    assert plain["vs_plain"] == pytest.approx(1.0)
+    for row in doc["rows"]:
+        assert row["tokens_per_s"] > 0
+        assert row["peak_rss_mb"] > 0
+        if row["method"] in ("fedtune", "fedtune + checkpointing"):  # packing batches differ
+            assert row["loss_vs_plain"] < 1e-3  # same model, batches and steps: same training
 
 
 def test_aggregation(work: Path, tmp_path: Path) -> None:
