@@ -35,6 +35,7 @@ is a Job of its own (evaluate.py): the aggregator never needs the base model's w
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import tempfile
@@ -45,12 +46,13 @@ from pathlib import Path
 
 import torch
 
-from . import delta_check, lora, merge
+from . import delta_check, exact, lora, merge, privacy
 from . import store as st
 from .intake import Accepted, fetch_client, load_delta, reason_of
 from .results import AggregateSummary, Rejection, RoundRecord, initial_record
 from .runtime import derive_seed
 from .task import (
+    CLIP_STATE_PREFIX,
     FINAL_PREFIX,
     SERVER_STATE_PREFIX,
     AggregateTask,
@@ -109,6 +111,8 @@ class Weighing:
     max_client_share: float | None = None
     median_norm: float | None = None
     outlier_norm_bound: float | None = None
+    clip_norm: float | None = None
+    clip_fraction: float | None = None
 
 
 def collect(
@@ -125,14 +129,15 @@ def collect(
     `workdir` for the reduce step, which decodes it again (one client in memory at a time).
     """
     clients = list(dict.fromkeys(task.clients)) or discover_clients(store, task.round)
-    expected = delta_check.ExpectedLayout(shapes, task.delta)
     accepted: list[Accepted] = []
     rejected: list[Rejection] = []
     for client in clients:
         try:
+            own = exact.shapes_at_rank(shapes, task.client_ranks.get(client))
+            expected = delta_check.ExpectedLayout(own, task.delta)
             manifest, path, layout = fetch_client(store, task, client, workdir, expected)
             delta = load_delta(path, layout)
-            if reason := merge.check_delta(delta, shapes, task.aggregation.max_delta_norm):
+            if reason := merge.check_delta(delta, own, task.aggregation.max_delta_norm):
                 raise ValueError(reason)
             norm = merge.l2_norm(delta)
             del delta
@@ -270,6 +275,41 @@ def reduce_krum(
     return items, reduce_mean([a for a in items if a.selected], shapes)
 
 
+def reduce_exact(
+    task: AggregateTask,
+    accepted: list[Accepted],
+    global_tensors: Mapping[str, torch.Tensor],
+    names: list[str],
+) -> tuple[dict[str, torch.Tensor], exact.Truncation]:
+    """Steps 3 and 5 for aggregation.lora exact (fedavg only): the new global, layer by layer.
+
+    Each LoRA layer's target, the weighted mean of the clients' products moved by the server
+    learning rate, is re-factorised to rank r by `exact.factorise` (memory: one layer's factors
+    of every client, never a dense out x in matrix); tensors outside LoRA pairs (biases) take
+    the plain weighted mean.
+    """
+    total = sum(a.weight for a in accepted)
+    readers = [(a.weight / total, a.tensors()) for a in accepted]
+    lr = task.aggregation.server_learning_rate
+    new_global = {n: t.clone() for n, t in global_tensors.items()}
+    layers = []
+    pairs = exact.lora_pairs(names)
+    for a_name, b_name in pairs:
+        clients = [(w, tensor(b_name), tensor(a_name)) for w, tensor in readers]
+        terms = exact.layer_terms(global_tensors[b_name], global_tensors[a_name], clients, lr)
+        layer = exact.factorise(terms, global_tensors[a_name].shape[0])
+        new_global[b_name], new_global[a_name] = layer.b.float(), layer.a.float()
+        layers.append(layer)
+    paired = {n for pair in pairs for n in pair}
+    if others := [n for n in names if n not in paired]:
+        mean = merge.WeightedMean()
+        for w, tensor in readers:
+            mean.add({n: tensor(n) for n in others}, w)
+        for n, d in mean.result().items():
+            new_global[n] = (global_tensors[n].double() + lr * d.double()).float()
+    return new_global, exact.Truncation.of(layers)
+
+
 def privatise(
     task: AggregateTask, update: dict[str, torch.Tensor], n_clients: int
 ) -> dict[str, torch.Tensor]:
@@ -331,6 +371,56 @@ def server_update(
     return new_global
 
 
+CLIP_FILE = "clip.json"
+
+
+def round_clip(
+    store: st.Store, task: AggregateTask, log: Log
+) -> tuple[AggregateTask, float | None]:
+    """Under adaptive clipping, the task this round merges with: clipNorm the state's (version
+    r - 1 or older, so a rerun of round r reads the same), the delta's noise multiplier lowered
+    by what the noisy count takes (privacy.update_noise_multiplier). Unchanged without it."""
+    adaptive = task.privacy.adaptive_clipping
+    if adaptive is None:
+        return task, None
+    clip = task.privacy.clip_norm
+    version = st.latest_version_before(store, CLIP_STATE_PREFIX, task.round)
+    if version is not None:
+        prefix = st.versioned_prefix(CLIP_STATE_PREFIX, version)
+        _, files = st.read_committed(store, prefix, [CLIP_FILE])
+        clip = float(json.loads(files[CLIP_FILE])["clipNorm"])
+    assert clip is not None  # PrivacySpec: adaptiveClipping needs clipNorm
+    z = privacy.update_noise_multiplier(
+        task.privacy.noise_multiplier, adaptive.count_noise_multiplier
+    )
+    log(f"adaptive clipping: clip norm {clip:.4g} (of round {version or 0})")
+    spec = task.privacy.model_copy(update={"clip_norm": clip, "noise_multiplier": z})
+    return task.model_copy(update={"privacy": spec}), clip
+
+
+def adapt_clip(
+    store: st.Store, task: AggregateTask, accepted: list[Accepted], clip: float, log: Log
+) -> float:
+    """Andrew et al.'s step: next round's clip from the fraction of clients within this one's
+    (the count noised, seeded by the round), committed as version r; returns the fraction."""
+    adaptive = task.privacy.adaptive_clipping
+    assert adaptive is not None
+    gen = torch.Generator().manual_seed(derive_seed(task.seed, task.run, task.round, "clip-count"))
+    noise = float(torch.randn((), generator=gen, dtype=torch.float64))
+    noise *= adaptive.count_noise_multiplier
+    fraction, new_clip = privacy.next_clip_norm(
+        clip, [a.norm for a in accepted], adaptive.target_quantile, adaptive.learning_rate, noise
+    )
+    st.commit(
+        store,
+        st.versioned_prefix(CLIP_STATE_PREFIX, task.round),
+        {CLIP_FILE: json.dumps({"clipNorm": new_clip}).encode()},
+        {"kind": "clip-state", "round": task.round},
+    )
+    log(f"adaptive clipping: {fraction:.3g} of clients within {clip:.4g}; next {new_clip:.4g}")
+    return fraction
+
+
 def round_record(
     task: AggregateTask, accepted: list[Accepted], rejected: list[Rejection], weighing: Weighing
 ) -> RoundRecord:
@@ -351,6 +441,8 @@ def round_record(
         max_client_share=weighing.max_client_share,
         median_norm=weighing.median_norm,
         outlier_norm_bound=weighing.outlier_norm_bound,
+        clip_norm=weighing.clip_norm,
+        clip_fraction=weighing.clip_fraction,
         contributions=[a.contribution() for a in accepted],
         rejections=rejected,
     )
@@ -370,18 +462,59 @@ def merge_round(task: AggregateTask, store: st.Store, log: Log) -> Merged:
     names = lora.trainable_names(list(global_tensors), task.adapter)
     shapes = {n: tuple(global_tensors[n].shape) for n in names}
     algorithm = task.aggregation.algorithm
+    plan, clip = round_clip(store, task, log)
     with tempfile.TemporaryDirectory(prefix="fedtune-aggregate-") as tmp:
-        accepted, rejected = collect(task, store, shapes, Path(tmp), log)  # 1
-        accepted, weighing = weigh(task, accepted, log)
+        accepted, rejected = collect(plan, store, shapes, Path(tmp), log)  # 1
+        accepted, weighing = weigh(plan, accepted, log)
+        if clip is not None:
+            fraction = adapt_clip(store, task, accepted, clip, log)
+            weighing = replace(weighing, clip_norm=clip, clip_fraction=fraction)
+        if task.aggregation.lora == "exact":
+            new_global, cut = reduce_exact(task, accepted, global_tensors, names)
+            merge.check_finite(new_global, f"round {task.round}: the exact merge gives")
+            log(f"exact merge: truncation error {cut.total:.3g} (largest layer {cut.max:.3g})")
+            record = round_record(task, accepted, rejected, weighing).model_copy(
+                update={"truncation_error": cut.total, "truncation_error_max": cut.max}
+            )
+            return Merged(account(task, store, record, log), new_global, config)
         if algorithm in merge.MEAN_ALGORITHMS:  # 2
             update = reduce_mean(accepted, shapes)
         elif algorithm in merge.KRUM_ALGORITHMS:
             accepted, update = reduce_krum(task, accepted, shapes, log)
         else:
             update = reduce_robust(accepted, shapes, task)
-    update = privatise(task, update, len(accepted))  # 3
+    update = privatise(plan, update, len(accepted))  # 3
     new_global = server_update(task, store, global_tensors, update, log)  # 4
-    return Merged(round_record(task, accepted, rejected, weighing), new_global, config)
+    record = round_record(task, accepted, rejected, weighing)
+    return Merged(account(task, store, record, log), new_global, config)
+
+
+def account(task: AggregateTask, store: st.Store, record: RoundRecord, log: Log) -> RoundRecord:
+    """The epsilon spent through this round, composed over every round's own mechanism (its
+    noise multiplier and sampling rate, from the records in storage), checked against
+    privacy.targetEpsilon before anything of the round is published."""
+    from .report import read_records
+
+    z, q = task.privacy.noise_multiplier, task.sampling_rate
+    if z <= 0:
+        return record
+    past = [
+        (r.noise_multiplier or 0.0, r.sampling_rate or 1.0)
+        for r in read_records(store, task.round - 1, log)
+        if r.round >= 1
+    ]
+    spent = privacy.epsilon([*past, (z, q)], task.privacy.delta)
+    privacy.check_budget(spent, task.privacy.target_epsilon, f"round {task.round}")
+    log(
+        f"privacy: epsilon {spent:.4g} at delta {task.privacy.delta:g} after {len(past) + 1} rounds"
+    )
+    return record.model_copy(
+        update={
+            "noise_multiplier": z,
+            "sampling_rate": q,
+            "epsilon": spent if math.isfinite(spent) else None,
+        }
+    )
 
 
 def initialize(task: AggregateTask, store: st.Store, log: Log) -> Merged:
@@ -389,6 +522,12 @@ def initialize(task: AggregateTask, store: st.Store, log: Log) -> Merged:
     the meta device): the aggregator never loads base weights."""
     from .runtime import config_source
 
+    z, q, rounds = task.privacy.noise_multiplier, task.sampling_rate, task.rounds
+    if task.privacy.target_epsilon is not None:
+        planned = privacy.epsilon([(z, q)] * rounds, task.privacy.delta)
+        what = f"the configured run ({rounds} rounds, noiseMultiplier {z:g}, sampling rate {q:.3g})"
+        privacy.check_budget(planned, task.privacy.target_epsilon, what)
+        log(f"privacy: the configured run spends epsilon {planned:.4g} of the target")
     tensors = lora.initial_adapter(config_source(task.base_model), task.adapter, task.seed)
     values = sum(t.numel() for t in tensors.values())
     log(f"initial adapter: {len(tensors)} tensors, {values} values")
