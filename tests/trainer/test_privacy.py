@@ -9,7 +9,7 @@ import math
 import pytest
 from dp_accounting import dp_event, pld, rdp
 
-from fedtune_trainer import aggregate, privacy
+from fedtune_trainer import aggregate, dp_steps, privacy
 from fedtune_trainer import store as st
 from fedtune_trainer.task import (
     CLIP_STATE_PREFIX,
@@ -91,6 +91,8 @@ def test_round_records_carry_the_epsilon_spent_so_far(file_store: st.FileStore) 
         record = aggregate.run(t, file_store, quiet).record
         assert record.epsilon == pytest.approx(library_epsilon(2.0, q, r, 1e-5), rel=1e-12)
         assert (record.noise_multiplier, record.sampling_rate) == (2.0, q)
+        page = file_store.get_bytes("report/report.html").decode()
+        assert f"epsilon spent, at privacy.delta</td><td>{record.epsilon:.4g}</td>" in page
     # A rerun of round 2 counts rounds 1-2, not the round 3 already written.
     t2 = task(file_store, 2, CLIENTS[:2], aggregation=PLAIN, privacy=noisy(), sampling_rate=q)
     assert aggregate.run(t2, file_store, quiet).record.epsilon == pytest.approx(
@@ -138,7 +140,7 @@ ADAPTIVE = AdaptiveClipping(target_quantile=0.5, learning_rate=0.5, count_noise_
 
 def clip_state(store: st.Store, r: int) -> bytes:
     prefix = st.versioned_prefix(CLIP_STATE_PREFIX, r)
-    return st.read_committed(store, prefix, [aggregate.CLIP_FILE])[1][aggregate.CLIP_FILE]
+    return st.read_committed(store, prefix, [dp_steps.CLIP_FILE])[1][dp_steps.CLIP_FILE]
 
 
 def test_adaptive_clipping_moves_the_clip_geometrically_and_reruns_alike(

@@ -35,7 +35,6 @@ is a Job of its own (evaluate.py): the aggregator never needs the base model's w
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import tempfile
@@ -46,13 +45,12 @@ from pathlib import Path
 
 import torch
 
-from . import delta_check, exact, lora, merge, privacy
+from . import delta_check, dp_steps, exact, lora, merge
 from . import store as st
 from .intake import Accepted, fetch_client, load_delta, reason_of
 from .results import AggregateSummary, Rejection, RoundRecord, initial_record
 from .runtime import derive_seed
 from .task import (
-    CLIP_STATE_PREFIX,
     FINAL_PREFIX,
     SERVER_STATE_PREFIX,
     AggregateTask,
@@ -371,56 +369,6 @@ def server_update(
     return new_global
 
 
-CLIP_FILE = "clip.json"
-
-
-def round_clip(
-    store: st.Store, task: AggregateTask, log: Log
-) -> tuple[AggregateTask, float | None]:
-    """Under adaptive clipping, the task this round merges with: clipNorm the state's (version
-    r - 1 or older, so a rerun of round r reads the same), the delta's noise multiplier lowered
-    by what the noisy count takes (privacy.update_noise_multiplier). Unchanged without it."""
-    adaptive = task.privacy.adaptive_clipping
-    if adaptive is None:
-        return task, None
-    clip = task.privacy.clip_norm
-    version = st.latest_version_before(store, CLIP_STATE_PREFIX, task.round)
-    if version is not None:
-        prefix = st.versioned_prefix(CLIP_STATE_PREFIX, version)
-        _, files = st.read_committed(store, prefix, [CLIP_FILE])
-        clip = float(json.loads(files[CLIP_FILE])["clipNorm"])
-    assert clip is not None  # PrivacySpec: adaptiveClipping needs clipNorm
-    z = privacy.update_noise_multiplier(
-        task.privacy.noise_multiplier, adaptive.count_noise_multiplier
-    )
-    log(f"adaptive clipping: clip norm {clip:.4g} (of round {version or 0})")
-    spec = task.privacy.model_copy(update={"clip_norm": clip, "noise_multiplier": z})
-    return task.model_copy(update={"privacy": spec}), clip
-
-
-def adapt_clip(
-    store: st.Store, task: AggregateTask, accepted: list[Accepted], clip: float, log: Log
-) -> float:
-    """Andrew et al.'s step: next round's clip from the fraction of clients within this one's
-    (the count noised, seeded by the round), committed as version r; returns the fraction."""
-    adaptive = task.privacy.adaptive_clipping
-    assert adaptive is not None
-    gen = torch.Generator().manual_seed(derive_seed(task.seed, task.run, task.round, "clip-count"))
-    noise = float(torch.randn((), generator=gen, dtype=torch.float64))
-    noise *= adaptive.count_noise_multiplier
-    fraction, new_clip = privacy.next_clip_norm(
-        clip, [a.norm for a in accepted], adaptive.target_quantile, adaptive.learning_rate, noise
-    )
-    st.commit(
-        store,
-        st.versioned_prefix(CLIP_STATE_PREFIX, task.round),
-        {CLIP_FILE: json.dumps({"clipNorm": new_clip}).encode()},
-        {"kind": "clip-state", "round": task.round},
-    )
-    log(f"adaptive clipping: {fraction:.3g} of clients within {clip:.4g}; next {new_clip:.4g}")
-    return fraction
-
-
 def round_record(
     task: AggregateTask, accepted: list[Accepted], rejected: list[Rejection], weighing: Weighing
 ) -> RoundRecord:
@@ -462,12 +410,12 @@ def merge_round(task: AggregateTask, store: st.Store, log: Log) -> Merged:
     names = lora.trainable_names(list(global_tensors), task.adapter)
     shapes = {n: tuple(global_tensors[n].shape) for n in names}
     algorithm = task.aggregation.algorithm
-    plan, clip = round_clip(store, task, log)
+    plan, clip = dp_steps.round_clip(store, task, log)
     with tempfile.TemporaryDirectory(prefix="fedtune-aggregate-") as tmp:
         accepted, rejected = collect(plan, store, shapes, Path(tmp), log)  # 1
         accepted, weighing = weigh(plan, accepted, log)
         if clip is not None:
-            fraction = adapt_clip(store, task, accepted, clip, log)
+            fraction = dp_steps.adapt_clip(store, task, accepted, clip, log)
             weighing = replace(weighing, clip_norm=clip, clip_fraction=fraction)
         if task.aggregation.lora == "exact":
             new_global, cut = reduce_exact(task, accepted, global_tensors, names)
@@ -476,7 +424,7 @@ def merge_round(task: AggregateTask, store: st.Store, log: Log) -> Merged:
             record = round_record(task, accepted, rejected, weighing).model_copy(
                 update={"truncation_error": cut.total, "truncation_error_max": cut.max}
             )
-            return Merged(account(task, store, record, log), new_global, config)
+            return Merged(dp_steps.account(task, store, record, log), new_global, config)
         if algorithm in merge.MEAN_ALGORITHMS:  # 2
             update = reduce_mean(accepted, shapes)
         elif algorithm in merge.KRUM_ALGORITHMS:
@@ -486,35 +434,7 @@ def merge_round(task: AggregateTask, store: st.Store, log: Log) -> Merged:
     update = privatise(plan, update, len(accepted))  # 3
     new_global = server_update(task, store, global_tensors, update, log)  # 4
     record = round_record(task, accepted, rejected, weighing)
-    return Merged(account(task, store, record, log), new_global, config)
-
-
-def account(task: AggregateTask, store: st.Store, record: RoundRecord, log: Log) -> RoundRecord:
-    """The epsilon spent through this round, composed over every round's own mechanism (its
-    noise multiplier and sampling rate, from the records in storage), checked against
-    privacy.targetEpsilon before anything of the round is published."""
-    from .report import read_records
-
-    z, q = task.privacy.noise_multiplier, task.sampling_rate
-    if z <= 0:
-        return record
-    past = [
-        (r.noise_multiplier or 0.0, r.sampling_rate or 1.0)
-        for r in read_records(store, task.round - 1, log)
-        if r.round >= 1
-    ]
-    spent = privacy.epsilon([*past, (z, q)], task.privacy.delta)
-    privacy.check_budget(spent, task.privacy.target_epsilon, f"round {task.round}")
-    log(
-        f"privacy: epsilon {spent:.4g} at delta {task.privacy.delta:g} after {len(past) + 1} rounds"
-    )
-    return record.model_copy(
-        update={
-            "noise_multiplier": z,
-            "sampling_rate": q,
-            "epsilon": spent if math.isfinite(spent) else None,
-        }
-    )
+    return Merged(dp_steps.account(task, store, record, log), new_global, config)
 
 
 def initialize(task: AggregateTask, store: st.Store, log: Log) -> Merged:
@@ -522,12 +442,7 @@ def initialize(task: AggregateTask, store: st.Store, log: Log) -> Merged:
     the meta device): the aggregator never loads base weights."""
     from .runtime import config_source
 
-    z, q, rounds = task.privacy.noise_multiplier, task.sampling_rate, task.rounds
-    if task.privacy.target_epsilon is not None:
-        planned = privacy.epsilon([(z, q)] * rounds, task.privacy.delta)
-        what = f"the configured run ({rounds} rounds, noiseMultiplier {z:g}, sampling rate {q:.3g})"
-        privacy.check_budget(planned, task.privacy.target_epsilon, what)
-        log(f"privacy: the configured run spends epsilon {planned:.4g} of the target")
+    dp_steps.check_run_budget(task, log)
     tensors = lora.initial_adapter(config_source(task.base_model), task.adapter, task.seed)
     values = sum(t.numel() for t in tensors.values())
     log(f"initial adapter: {len(tensors)} tensors, {values} values")
