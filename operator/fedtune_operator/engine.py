@@ -284,6 +284,8 @@ class _Step:
             rejected=result.rejected,
             train_loss=result.train_loss,
             bytes_received=result.bytes_received,
+            truncation_error=result.truncation_error,
+            epsilon=result.epsilon,
         )
         self.facts.append(RoundCompleted(record, result.rejected))
         self.set(
@@ -291,6 +293,7 @@ class _Step:
             last_train_loss=record.train_loss
             if record.train_loss is not None
             else s.last_train_loss,
+            epsilon=record.epsilon if record.epsilon is not None else s.epsilon,
         )
         self.event(
             "RoundAggregated",

@@ -30,7 +30,7 @@ from fedtune_operator.objects import (
     evaluate_job_name,
     owner_reference,
 )
-from fedtune_operator.rounds import quorum
+from fedtune_operator.rounds import clients_per_round, quorum
 from fedtune_operator.volumes import all_local, cache_volume, local_uri, pvc_volumes
 from fedtune_trainer.contract import (
     AWS_CREDENTIAL_ENV,
@@ -55,7 +55,13 @@ from fedtune_trainer.contract import (
     client_command,
     processes_for,
 )
-from fedtune_trainer.task import AggregateTask, CleanupTask, ClientTask, EvaluateTask
+from fedtune_trainer.task import (
+    AdapterSpec,
+    AggregateTask,
+    CleanupTask,
+    ClientTask,
+    EvaluateTask,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Pod settings merge
@@ -103,6 +109,21 @@ def merge_pod_settings(base: PodSettings, override: PodSettings | None) -> PodSe
 # ---------------------------------------------------------------------------------------------
 
 
+def client_ranks(spec: FederatedFineTuneSpec) -> dict[str, int]:
+    """The clients whose LoRA rank (clients[].adapter.r) differs from the run's."""
+    return {
+        c.name: c.adapter.r
+        for c in spec.clients
+        if c.adapter is not None and c.adapter.r is not None and c.adapter.r != spec.adapter.r
+    }
+
+
+def client_adapter(spec: FederatedFineTuneSpec, client: str) -> AdapterSpec:
+    """The run's adapter at this client's own rank, if it has one."""
+    r = client_ranks(spec).get(client)
+    return spec.adapter if r is None else spec.adapter.model_copy(update={"r": r})
+
+
 def client_task(run: str, spec: FederatedFineTuneSpec, round_: int, client: str) -> ClientTask:
     entry = next(c for c in spec.clients if c.name == client)
     return ClientTask(
@@ -111,7 +132,7 @@ def client_task(run: str, spec: FederatedFineTuneSpec, round_: int, client: str)
         client=client,
         base_model=local_uri(spec.base_model),
         tokenizer=local_uri(spec.tokenizer) if spec.tokenizer else None,
-        adapter=spec.adapter,
+        adapter=client_adapter(spec, client),
         storage=spec.storage.location(),
         data_uri=local_uri(entry.data_uri),
         data=spec.data,
@@ -139,6 +160,8 @@ def aggregate_task(
         privacy=spec.privacy,
         delta=spec.delta,
         seed=spec.training.seed,
+        client_ranks={c: r for c, r in client_ranks(spec).items() if c in clients},
+        sampling_rate=clients_per_round(spec) / max(1, len(spec.clients)),
     )
 
 

@@ -28,7 +28,7 @@ from fedtune_operator.api.spec import FederatedFineTuneSpec, PodSettings, PodTem
 from fedtune_operator.api.status import FederatedFineTuneStatus
 from fedtune_operator.rounds import clients_per_round
 from fedtune_trainer.contract import AWS_CREDENTIAL_ENV, RESERVED_ENV_PREFIX, RESERVED_PREFIX
-from fedtune_trainer.task import Model
+from fedtune_trainer.task import Model, lora_mode_problems
 
 # --------------------------------------------------------------------------------------------
 # Parsing
@@ -181,7 +181,10 @@ def validate_spec(spec: FederatedFineTuneSpec, *, name: str | None = None) -> li
 
     * with storage.cleanupPolicy Delete, no data, model or tokenizer may lie under storage.uri,
       where deleting the run would delete it;
-    * no AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in env when credentialsSecret provides them.
+    * no AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in env when credentialsSecret provides them;
+    * aggregation.lora exact only with fedavg, without freezeA and DP noise, and per-client
+      ranks (clients[].adapter.r) only in exact mode and at most adapter.r
+      (`fedtune_trainer.task.lora_mode_problems`, which the aggregator's task checks too).
     """
     problems = validate_run_name(name) if name is not None else []
     first: dict[str, int] = {}
@@ -211,6 +214,13 @@ def validate_spec(spec: FederatedFineTuneSpec, *, name: str | None = None) -> li
             f"spec.aggregation.minClients: {agg.min_clients} exceeds the clients selected per "
             f"round ({selected})"
         )
+
+    ranks = {
+        f"spec.clients[{i}].adapter.r": c.adapter.r
+        for i, c in enumerate(spec.clients)
+        if c.adapter is not None and c.adapter.r is not None and c.adapter.r != spec.adapter.r
+    }
+    problems += lora_mode_problems(spec.aggregation, spec.adapter, spec.privacy, ranks, "spec.")
 
     storage = spec.storage
     if storage.uri.startswith("file://") and storage.endpoint is not None:

@@ -497,3 +497,122 @@ def test_storage_location_for_a_task() -> None:
         "region": "eu-west-1",
         "forcePathStyle": True,
     }
+
+
+def _exact(body: dict[str, Any], **aggregation: Any) -> None:
+    body["aggregation"] = {"lora": "exact", **aggregation}
+
+
+def _rank(r: int, lora: str = "exact") -> Any:
+    def change(body: dict[str, Any]) -> None:
+        body["aggregation"] = {"lora": lora}
+        body["adapter"] = {"r": 8}
+        body["clients"][1]["adapter"] = {"r": r}
+
+    return change
+
+
+LORA_AND_PRIVACY_RULES = [
+    # (id, change of .spec, the problem reported, or None when valid)
+    ("exact-with-fedavg", lambda b: _exact(b), None),
+    (
+        "exact-with-fedadam",
+        lambda b: _exact(b, algorithm="fedadam"),
+        "spec.aggregation.lora: exact needs algorithm fedavg, not fedadam",
+    ),
+    (
+        "exact-with-median",
+        lambda b: _exact(b, algorithm="median"),
+        "spec.aggregation.lora: exact needs algorithm fedavg, not median",
+    ),
+    (
+        "exact-with-freeze-a",
+        lambda b: (_exact(b), b.update(adapter={"freezeA": True})),
+        "spec.aggregation.lora: exact re-factorises A",
+    ),
+    (
+        "exact-with-dp-noise",
+        lambda b: (_exact(b), b.update(privacy={"clipNorm": 1.0, "noiseMultiplier": 1.0})),
+        "spec.aggregation.lora: exact cannot add DP noise",
+    ),
+    ("exact-with-dp-clip-only", lambda b: (_exact(b), b.update(privacy={"clipNorm": 1.0})), None),
+    ("smaller-client-rank-exact", _rank(4), None),
+    ("same-client-rank-separate", _rank(8, "separate"), None),
+    (
+        "smaller-client-rank-separate",
+        _rank(4, "separate"),
+        "spec.clients[1].adapter.r: a rank (4) other than the run's needs spec.aggregation.lora "
+        "exact",
+    ),
+    (
+        "client-rank-above-the-run",
+        _rank(16),
+        "spec.clients[1].adapter.r: 16 exceeds the run's spec.adapter.r (8)",
+    ),
+    (
+        "target-epsilon-without-noise",
+        lambda b: b.update(privacy={"clipNorm": 1.0, "targetEpsilon": 8}),
+        "spec.privacy: targetEpsilon needs noiseMultiplier > 0",
+    ),
+    (
+        "adaptive-clipping-without-clip",
+        lambda b: b.update(privacy={"adaptiveClipping": {}}),
+        "spec.privacy: adaptiveClipping needs clipNorm",
+    ),
+    (
+        "adaptive-clipping-count-noise-too-small",
+        lambda b: b.update(
+            privacy={
+                "clipNorm": 1.0,
+                "noiseMultiplier": 1.0,
+                "adaptiveClipping": {"countNoiseMultiplier": 0.5},
+            }
+        ),
+        "spec.privacy: adaptiveClipping.countNoiseMultiplier must exceed noiseMultiplier / 2",
+    ),
+    (
+        "adaptive-clipping-with-noise",
+        lambda b: b.update(
+            privacy={
+                "clipNorm": 1.0,
+                "noiseMultiplier": 1.0,
+                "adaptiveClipping": {"countNoiseMultiplier": 0.6},
+                "targetEpsilon": 50,
+            }
+        ),
+        None,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [c[1:] for c in LORA_AND_PRIVACY_RULES],
+    ids=[c[0] for c in LORA_AND_PRIVACY_RULES],
+)
+def test_lora_modes_ranks_and_privacy_budget_rules(change: Any, problem: str | None) -> None:
+    body = base()
+    change(body["spec"])
+    problems = operator_problems(body)
+    if problem is None:
+        assert problems == []
+    else:
+        assert len(problems) == 1, problems
+        assert problems[0].startswith(problem), problems
+
+
+def test_client_ranks_reach_the_client_and_aggregator_tasks() -> None:
+    body = base()["spec"]
+    _rank(4)(body)
+    spec = validation.parse_spec(body)
+    names = [c.name for c in spec.clients]
+    assert manifests.client_task("r", spec, 1, names[1]).adapter.r == 4
+    assert manifests.client_task("r", spec, 1, names[0]).adapter.r == 8
+    task = manifests.aggregate_task("r", spec, 1, names)
+    assert task.client_ranks == {names[1]: 4}
+    assert task.sampling_rate == 1.0
+    body["aggregation"]["clientsPerRound"] = 1
+    assert (
+        manifests.aggregate_task("r", validation.parse_spec(body), 1, names[:1]).sampling_rate
+        == 0.5
+    )

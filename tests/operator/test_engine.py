@@ -227,6 +227,20 @@ def evaluator(round_: int, state: str = "active", loss: float = 2.5, **kw: Any) 
     )
 
 
+def test_the_round_records_truncation_error_and_epsilon_reach_the_status() -> None:
+    run = make_run(rounds=1)
+    status = in_round_1(run)
+    clients_done = [job("client", 1, c, "succeeded") for c in CLIENTS]
+    status = step(run, status, clients_done).status
+    summary = aggregate_summary(1, list(CLIENTS))
+    record = summary.record.model_copy(update={"truncation_error": 0.125, "epsilon": 3.5})
+    summary = summary.model_copy(update={"record": record})
+    aggregator = job("aggregator", 1, state="succeeded", summary=summary)
+    d = step(run, status, [*clients_done, aggregator], seconds=60)
+    assert (d.status.history[0].truncation_error, d.status.history[0].epsilon) == (0.125, 3.5)
+    assert d.status.epsilon == 3.5
+
+
 def test_evaluation_of_a_round_runs_beside_the_next_rounds_clients() -> None:
     run = make_run(rounds=2, **EVALUATED)
     first = step(run, FederatedFineTuneStatus(), [])

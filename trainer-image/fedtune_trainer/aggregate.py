@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from . import delta_check, lora, merge
+from . import delta_check, dp_steps, exact, lora, merge
 from . import store as st
 from .intake import Accepted, decode_file, fetch_client, reason_of
 from .results import AggregateSummary, Rejection, RoundRecord, initial_record
@@ -110,6 +110,8 @@ class Weighing:
     max_client_share: float | None = None
     median_norm: float | None = None
     outlier_norm_bound: float | None = None
+    clip_norm: float | None = None
+    clip_fraction: float | None = None
 
 
 def collect(
@@ -128,19 +130,27 @@ def collect(
     thread, so that the next client's transfer overlaps this one's decode and checks.
     """
     clients = list(dict.fromkeys(task.clients)) or discover_clients(store, task.round)
-    expected = delta_check.ExpectedLayout(shapes, task.delta)
     accepted: list[Accepted] = []
     rejected: list[Rejection] = []
+    # Each client's shapes: the adapter's, at the client's own rank in exact mode.
+    own = {c: exact.shapes_at_rank(shapes, task.client_ranks.get(c)) for c in clients}
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fetch") as fetcher:
         fetches = [
-            fetcher.submit(fetch_client, store, task, client, workdir, expected)
+            fetcher.submit(
+                fetch_client,
+                store,
+                task,
+                client,
+                workdir,
+                delta_check.ExpectedLayout(own[client], task.delta),
+            )
             for client in clients
         ]
         for client, fetch in zip(clients, fetches, strict=True):
             try:
                 manifest, path, layout = fetch.result()
                 norm = merge.checked_norm(
-                    decode_file(path, layout), shapes, task.aggregation.max_delta_norm
+                    decode_file(path, layout), own[client], task.aggregation.max_delta_norm
                 )
                 samples = manifest["samples"]
                 item = Accepted(
@@ -274,6 +284,41 @@ def reduce_krum(
     return items, reduce_mean([a for a in items if a.selected])
 
 
+def reduce_exact(
+    task: AggregateTask,
+    accepted: list[Accepted],
+    global_tensors: Mapping[str, torch.Tensor],
+    names: list[str],
+) -> tuple[dict[str, torch.Tensor], exact.Truncation]:
+    """Steps 3 and 5 for aggregation.lora exact (fedavg only): the new global, layer by layer.
+
+    Each LoRA layer's target, the weighted mean of the clients' products moved by the server
+    learning rate, is re-factorised to rank r by `exact.factorise` (memory: one layer's factors
+    of every client, never a dense out x in matrix); tensors outside LoRA pairs (biases) take
+    the plain weighted mean.
+    """
+    total = sum(a.weight for a in accepted)
+    readers = [(a.weight / total, a.tensors()) for a in accepted]
+    lr = task.aggregation.server_learning_rate
+    new_global = {n: t.clone() for n, t in global_tensors.items()}
+    layers = []
+    pairs = exact.lora_pairs(names)
+    for a_name, b_name in pairs:
+        clients = [(w, tensor(b_name), tensor(a_name)) for w, tensor in readers]
+        terms = exact.layer_terms(global_tensors[b_name], global_tensors[a_name], clients, lr)
+        layer = exact.factorise(terms, global_tensors[a_name].shape[0])
+        new_global[b_name], new_global[a_name] = layer.b.float(), layer.a.float()
+        layers.append(layer)
+    paired = {n for pair in pairs for n in pair}
+    if others := [n for n in names if n not in paired]:
+        mean = merge.WeightedMean()
+        for w, tensor in readers:
+            mean.add({n: tensor(n) for n in others}, w)
+        for n, d in mean.result().items():
+            new_global[n] = (global_tensors[n].double() + lr * d.double()).float()
+    return new_global, exact.Truncation.of(layers)
+
+
 def privatise(task: AggregateTask, update: dict[str, torch.Tensor], n_clients: int) -> None:
     """Step 4: Gaussian noise added in place to the reduced delta, seeded by the round (a rerun
     adds the same noise)."""
@@ -364,6 +409,8 @@ def round_record(
         max_client_share=weighing.max_client_share,
         median_norm=weighing.median_norm,
         outlier_norm_bound=weighing.outlier_norm_bound,
+        clip_norm=weighing.clip_norm,
+        clip_fraction=weighing.clip_fraction,
         contributions=[a.contribution() for a in accepted],
         rejections=rejected,
     )
@@ -383,18 +430,31 @@ def merge_round(task: AggregateTask, store: st.Store, log: Log) -> Merged:
     names = lora.trainable_names(list(global_tensors), task.adapter)
     shapes = {n: tuple(global_tensors[n].shape) for n in names}
     algorithm = task.aggregation.algorithm
+    plan, clip = dp_steps.round_clip(store, task, log)
     with tempfile.TemporaryDirectory(prefix="fedtune-aggregate-") as tmp:
-        accepted, rejected = collect(task, store, shapes, Path(tmp), log)  # 1
-        accepted, weighing = weigh(task, accepted, log)  # 2
+        accepted, rejected = collect(plan, store, shapes, Path(tmp), log)  # 1
+        accepted, weighing = weigh(plan, accepted, log)  # 2
+        if clip is not None:
+            fraction = dp_steps.adapt_clip(store, task, accepted, clip, log)
+            weighing = replace(weighing, clip_norm=clip, clip_fraction=fraction)
+        if task.aggregation.lora == "exact":  # 3 and 5 at once, layer by layer
+            new_global, cut = reduce_exact(task, accepted, global_tensors, names)
+            merge.check_finite(new_global, f"round {task.round}: the exact merge gives")
+            log(f"exact merge: truncation error {cut.total:.3g} (largest layer {cut.max:.3g})")
+            record = round_record(task, accepted, rejected, weighing).model_copy(
+                update={"truncation_error": cut.total, "truncation_error_max": cut.max}
+            )
+            return Merged(dp_steps.account(task, store, record, log), new_global, config)
         if algorithm in merge.MEAN_ALGORITHMS:  # 3
             update = reduce_mean(accepted)
         elif algorithm in merge.KRUM_ALGORITHMS:
             accepted, update = reduce_krum(task, accepted, shapes, log)
         else:
             update = reduce_robust(accepted, shapes, task)
-    privatise(task, update, len(accepted))  # 4
+    privatise(plan, update, len(accepted))  # 4
     server_update(task, store, global_tensors, update, log)  # 5: global_tensors is now global r
-    return Merged(round_record(task, accepted, rejected, weighing), global_tensors, config)
+    record = round_record(task, accepted, rejected, weighing)
+    return Merged(dp_steps.account(task, store, record, log), global_tensors, config)
 
 
 def initialize(task: AggregateTask, store: st.Store, log: Log) -> Merged:
@@ -402,6 +462,7 @@ def initialize(task: AggregateTask, store: st.Store, log: Log) -> Merged:
     the meta device): the aggregator never loads base weights."""
     from .runtime import config_source
 
+    dp_steps.check_run_budget(task, log)
     tensors = lora.initial_adapter(config_source(task.base_model), task.adapter, task.seed)
     values = sum(t.numel() for t in tensors.values())
     log(f"initial adapter: {len(tensors)} tensors, {values} values")

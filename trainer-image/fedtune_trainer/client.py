@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 
 from . import delta as codec
-from . import lora
+from . import exact, lora
 from . import store as st
 from .cache import bytes_downloaded
 from .data import load_dataset
@@ -124,7 +124,8 @@ def _run(
     log(f"data: {data.stats.describe()}")
     examples = data.examples
     _, files = st.read_committed(store, global_prefix(task.round - 1), [lora.ADAPTER_WEIGHTS])
-    global_tensors = lora.parse_weights(files[lora.ADAPTER_WEIGHTS])
+    # A client of a smaller rank (exact mode) starts from the global's top singular directions.
+    global_tensors = exact.at_rank(lora.parse_weights(files[lora.ADAPTER_WEIGHTS]), task.adapter.r)
     base = load_base(task.base_model, runtime)
     full_model_bytes = parameter_count(base) * 4
     model = lora.attach(base, task.adapter, global_tensors)

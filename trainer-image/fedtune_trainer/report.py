@@ -236,6 +236,16 @@ def render_html(run: str, rows: Sequence[RoundRecord]) -> str:
         ("overall compression", fmt_ratio(total_raw / total_sent if total_sent else None)),
         ("client uploads", str(sum(r.accepted for r in uploads))),
     ]
+    if private := [r for r in rows if r.epsilon is not None]:
+        summary.append(("epsilon spent, at privacy.delta", f"{private[-1].epsilon:.4g}"))
+    if exact := [r for r in rows if r.truncation_error is not None]:
+        cut = exact[-1]
+        summary.append(
+            (
+                "truncation error, last round",
+                f"{cut.truncation_error:.3g} (largest layer {cut.truncation_error_max or 0:.3g})",
+            )
+        )
     per_round = _table(
         [
             "round",

@@ -114,6 +114,33 @@ class RoundRecord(Model):
     outlier_norm_bound: float | None = Field(
         None, description="outlierNormFactor x median_norm: larger deltas were clipped to it."
     )
+    clip_norm: float | None = Field(
+        None, ge=0, description="privacy.adaptiveClipping: the clip norm this round used."
+    )
+    clip_fraction: float | None = Field(
+        None, description="privacy.adaptiveClipping: the (noised) fraction of clients within it."
+    )
+    truncation_error: float | None = Field(
+        None,
+        ge=0,
+        description="aggregation.lora exact: relative Frobenius norm of what the rank-r "
+        "truncation dropped from the new adapter's products, over all layers together.",
+    )
+    truncation_error_max: float | None = Field(
+        None, ge=0, description="aggregation.lora exact: the largest of any one layer."
+    )
+    epsilon: float | None = Field(
+        None,
+        ge=0,
+        description="Client-level DP: the epsilon spent by the rounds so far, at privacy.delta "
+        "(RDP accountant of dp-accounting, Poisson-subsampled Gaussian).",
+    )
+    noise_multiplier: float | None = Field(
+        None, ge=0, description="Client-level DP: the noise multiplier of this round."
+    )
+    sampling_rate: float | None = Field(
+        None, gt=0, le=1, description="Client-level DP: the clients' sampling rate this round."
+    )
     contributions: list[Contribution] = Field(default_factory=list)
     rejections: list[Rejection] = Field(default_factory=list)
 

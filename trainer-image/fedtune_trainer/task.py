@@ -258,11 +258,41 @@ class AggregationSpec(Model):
         description="multiKrum: how many deltas to average; defaults to accepted - f.",
     )
 
+    lora: Literal["separate", "exact"] = Field(
+        "separate",
+        description="How LoRA factors merge. separate: each of lora_A and lora_B is averaged on "
+        "its own (with adapter.freezeA only B trains, and this is exact: FFA-LoRA). exact: the "
+        "weighted mean of the clients' products B_i A_i, re-factorised into the global rank by "
+        "truncated SVD (FlexLoRA); the truncation error goes into each round's record, and "
+        "clients may train at smaller ranks (clients[].adapter.r). Needs fedavg, no freezeA and "
+        "no DP noise.",
+    )
+
     @model_validator(mode="after")
     def _one_sampling_rule(self) -> AggregationSpec:
         if self.clients_per_round is not None and self.client_fraction is not None:
             raise ValueError("set at most one of clientsPerRound and clientFraction")
         return self
+
+
+class AdaptiveClipping(Model):
+    """Andrew et al., "Differentially Private Learning with Adaptive Clipping" (NeurIPS 2021):
+    the clip norm moves each round geometrically toward a quantile of the clients' norms."""
+
+    target_quantile: float = Field(
+        0.5, gt=0, lt=1, description="The fraction of clients whose delta should fit the clip."
+    )
+    learning_rate: float = Field(
+        0.2, gt=0, le=10, description="eta_C: clip *= exp(-eta_C (fraction under clip - quantile))."
+    )
+    count_noise_multiplier: float = Field(
+        0.0,
+        ge=0,
+        le=1e6,
+        description="sigma_b: std of the Gaussian noise on the count of clients under the clip "
+        "(in clients). With noiseMultiplier z > 0 it must exceed z / 2: the delta's noise is then "
+        "raised to (z^-2 - (2 sigma_b)^-2)^-1/2 so that both together cost what z alone does.",
+    )
 
 
 class PrivacySpec(Model):
@@ -274,12 +304,82 @@ class PrivacySpec(Model):
     noise_multiplier: float = Field(
         0.0, ge=0, le=100, description="Noise std in units of clipNorm / clients; 0 adds none."
     )
+    delta: float = Field(
+        1e-5,
+        gt=0,
+        lt=1,
+        description="The delta of the (epsilon, delta) guarantee that epsilon is reported at; "
+        "well below 1 / clients.",
+    )
+    adaptive_clipping: AdaptiveClipping | None = Field(
+        None,
+        description="Adapt clipNorm (its initial value) each round toward a quantile of the "
+        "clients' delta norms; null keeps it fixed.",
+    )
+    target_epsilon: float | None = Field(
+        None,
+        gt=0,
+        le=1000,
+        description="The privacy budget: the aggregator refuses to start a run whose configured "
+        "rounds would spend more epsilon (at delta), and fails a round that would exceed it.",
+    )
 
     @model_validator(mode="after")
     def _noise_needs_clip(self) -> PrivacySpec:
         if self.noise_multiplier > 0 and self.clip_norm is None:
             raise ValueError("noiseMultiplier > 0 needs clipNorm")
+        adaptive = self.adaptive_clipping
+        if adaptive is not None and self.clip_norm is None:
+            raise ValueError("adaptiveClipping needs clipNorm (its initial value)")
+        if (
+            adaptive is not None
+            and self.noise_multiplier > 0
+            and 2 * adaptive.count_noise_multiplier <= self.noise_multiplier
+        ):
+            raise ValueError(
+                "adaptiveClipping.countNoiseMultiplier must exceed noiseMultiplier / 2 when "
+                "noise is on (the count is privatised from the same budget)"
+            )
+        if self.target_epsilon is not None and self.noise_multiplier == 0:
+            raise ValueError("targetEpsilon needs noiseMultiplier > 0 (no noise: no guarantee)")
         return self
+
+
+def lora_mode_problems(
+    aggregation: AggregationSpec,
+    adapter: AdapterSpec,
+    privacy: PrivacySpec,
+    client_ranks: dict[str, int],
+    prefix: str = "",
+) -> list[str]:
+    """Why these settings cannot run together (spec paths under `prefix`), empty when they can.
+
+    aggregation.lora exact merges the clients' products and re-factorises them, so: only with
+    fedavg (a server optimizer's moments or a robust statistic on dense per-layer products would
+    need state and memory of out x in per layer, and on the factors they are not exact); not with
+    freezeA (the re-factorised A is no longer the shared frozen one); not with DP noise (the noise
+    is calibrated to the factors' mean, not to the product). Per-client ranks (`client_ranks`,
+    keyed by where a message should point) need exact mode (separate averaging needs every
+    client's factors at one shape) and at most adapter.r.
+    """
+    problems = []
+    where = f"{prefix}aggregation.lora"
+    if aggregation.lora == "exact":
+        if aggregation.algorithm != "fedavg":
+            problems.append(f"{where}: exact needs algorithm fedavg, not {aggregation.algorithm}")
+        if adapter.freeze_a:
+            problems.append(f"{where}: exact re-factorises A; it cannot be frozen (freezeA)")
+        if privacy.noise_multiplier > 0:
+            problems.append(
+                f"{where}: exact cannot add DP noise (noiseMultiplier): the noise is calibrated "
+                "to the mean of the factors, not of their products"
+            )
+    for key, r in sorted(client_ranks.items()):
+        if aggregation.lora != "exact":
+            problems.append(f"{key}: a rank ({r}) other than the run's needs {where} exact")
+        if r > adapter.r:
+            problems.append(f"{key}: {r} exceeds the run's {prefix}adapter.r ({adapter.r})")
+    return problems
 
 
 class EvaluationSpec(Model):
@@ -321,6 +421,7 @@ def client_prefix(round_: int, client: str) -> str:
 
 
 SERVER_STATE_PREFIX = "state/server"
+CLIP_STATE_PREFIX = "state/clip"
 FINAL_PREFIX = "final"
 REPORT_PREFIX = "report"
 
@@ -365,11 +466,25 @@ class AggregateTask(_TaskBase):
     rounds: int = Field(ge=1, le=100_000, description="Total rounds: the last one writes final/.")
     clients: list[ClientName] = Field(default_factory=list, max_length=1000)
     client_weights: dict[str, float] = Field(default_factory=dict)
+    client_ranks: dict[str, Annotated[int, Field(ge=1, le=512)]] = Field(
+        default_factory=dict,
+        description="Clients that train at a LoRA rank other than adapter.r (exact mode only).",
+    )
     min_clients: int = Field(1, ge=1)
     aggregation: AggregationSpec = Field(default_factory=AggregationSpec)
     privacy: PrivacySpec = Field(default_factory=PrivacySpec)
     delta: DeltaSpec = Field(default_factory=DeltaSpec)
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    sampling_rate: float = Field(
+        1.0, gt=0, le=1, description="Clients sampled per round / all clients (for accounting)."
+    )
+
+    @model_validator(mode="after")
+    def _lora_mode(self) -> AggregateTask:
+        ranks = {f"clientRanks[{c}]": r for c, r in self.client_ranks.items()}
+        if problems := lora_mode_problems(self.aggregation, self.adapter, self.privacy, ranks):
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class EvaluateTask(_TaskBase):

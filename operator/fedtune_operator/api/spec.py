@@ -109,6 +109,19 @@ class StorageSpec(StorageLocation):
         )
 
 
+class ClientAdapter(Model):
+    """A client's own adapter settings, where they may differ from the run's."""
+
+    r: int | None = Field(
+        None,
+        ge=1,
+        le=512,
+        description="This client's LoRA rank, at most the run's adapter.r (a client on a small "
+        "GPU trains a smaller rank); needs aggregation.lora exact. It starts each round from the "
+        "global adapter's top-r singular directions.",
+    )
+
+
 class _ClientData(Model):
     """The client's own fields; a separate base only so that they come first in the schema."""
 
@@ -122,6 +135,9 @@ class _ClientData(Model):
         le=1e6,
         description="Relative weight of this client's delta in the averaging algorithms, "
         "multiplied with its sample count; median and trimmedMean ignore it.",
+    )
+    adapter: ClientAdapter | None = Field(
+        None, description="Per-client adapter settings (its rank); defaults to the run's."
     )
     credentials_secret: S3Credentials | None = Field(
         None,

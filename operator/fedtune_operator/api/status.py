@@ -88,6 +88,15 @@ class RoundRecord(StatusModel):
         None, description="Loss of the new global adapter on held-out data."
     )
     bytes_received: Count = Field(0, description="Encoded delta bytes the aggregator read.")
+    truncation_error: float | None = Field(
+        None,
+        ge=0,
+        description="aggregation.lora exact: relative Frobenius norm of what the rank-r "
+        "truncation dropped, over all layers.",
+    )
+    epsilon: float | None = Field(
+        None, ge=0, description="Client-level DP: epsilon spent through this round, at delta."
+    )
 
 
 class ClientStatus(StatusModel):
@@ -197,6 +206,12 @@ class FederatedFineTuneStatus(StatusModel):
         None,
         description="Held-out loss before any training (round 0: the base model with the "
         "initial adapter, a no-op), the baseline every later evaluation compares with.",
+    )
+    epsilon: float | None = Field(
+        None,
+        ge=0,
+        description="Client-level DP: the epsilon spent so far at spec.privacy.delta "
+        "(dp-accounting's RDP accountant).",
     )
     start_time: Timestamp | None = Field(
         None, description="Set before the first Job is created; marks the run as started."
