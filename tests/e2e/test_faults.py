@@ -226,6 +226,7 @@ def test_a_client_pod_evicted_is_replaced_without_counting_against_backoff_limit
         name,
         namespace,
         {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": name}},
+        _preload_content=False,  # the answer is a Status, not the Eviction the client expects
     )
     run = wait_condition(devcluster, operator, namespace, run_name, "Succeeded", RUN_TIMEOUT)
     history = assert_finished(devcluster, run_name, run, rounds=1)
