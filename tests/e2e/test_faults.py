@@ -96,8 +96,7 @@ def assert_finished(
     assert all(h["clientsSucceeded"] == len(PAIR) for h in history)
     assert {c["name"]: c["phase"] for c in status["clients"]} == dict.fromkeys(PAIR, "Succeeded")
     store = run_store(dc, name)
-    for r in range(rounds + 1):
-        st.read_committed(store, global_prefix(r))  # raises on a torn or unverifiable commit
+    st.read_committed(store, global_prefix(0))  # raises on a torn or unverifiable commit
     for r in range(1, rounds + 1):
         manifest, _ = st.read_committed(store, global_prefix(r))
         assert sorted(manifest["accepted"]) == sorted(PAIR)
