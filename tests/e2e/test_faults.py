@@ -8,12 +8,13 @@ round once, in order) and that storage holds only whole commits."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from kubernetes import client
 
+from devcluster.faultproxy import FaultProxy
 from devcluster.testing import DevCluster, wait_for
 from fedtune_trainer import store as st
 from fedtune_trainer.task import client_prefix, global_prefix, round_prefix
@@ -26,7 +27,6 @@ from tests.e2e.support import (
     apply,
     job_keys,
     jobs_of,
-    storage_keys,
     wait_condition,
     wait_running,
 )
@@ -58,17 +58,6 @@ def run_store(dc: DevCluster, name: str) -> st.Store:
         st.S3Settings(
             endpoint=s3.endpoint, access_key_id=s3.access_key, secret_access_key=s3.secret_key
         ),
-    )
-
-
-def wait_object(dc: DevCluster, op: Operator, prefix: str) -> list[str]:
-    """The keys under `prefix` once the run has written one there (polled every 0.1 s)."""
-    return wait_for(
-        lambda: storage_keys(dc, prefix),
-        timeout=300,
-        what=f"s3://{BUCKET}/{prefix} to be written",
-        interval=0.1,
-        diagnose=op.log_tail,
     )
 
 
@@ -105,35 +94,58 @@ def assert_finished(
     return history
 
 
+@pytest.fixture
+def proxy(devcluster: DevCluster) -> Iterator[FaultProxy]:
+    """The run's storage endpoint: S3 behind a proxy that can hold one PUT."""
+    p = FaultProxy(devcluster.state.s3_port)
+    yield p
+    p.close()
+
+
+def put_of(name: str, key: str) -> bytes:
+    """The request line's start of a PUT of the run's `key`, as boto3 sends it (path style)."""
+    return f"PUT /{BUCKET}/runs/{name}/{key} ".encode()
+
+
+def wait_held(proxy: FaultProxy, op: Operator, what: str) -> None:
+    wait_for(proxy.held.is_set, timeout=300, what=f"the PUT of {what}", diagnose=op.log_tail)
+
+
 @pytest.mark.parametrize(
-    "first_object",
+    "held",
     [
-        pytest.param("clients/", id="during-client-uploads"),
-        pytest.param("metrics.json", id="during-the-aggregators-publish"),
+        # A client's upload: its old manifest deleted, its delta on the wire.
+        pytest.param(lambda: client_prefix(1, PAIR[0]) + "/delta.safetensors", id="client-upload"),
+        # The aggregator's publish: round record written, global 1's weights on the wire.
+        pytest.param(
+            lambda: global_prefix(1) + "/adapter_model.safetensors", id="aggregator-publish"
+        ),
     ],
 )
-def test_s3_stopped_and_restarted_mid_round_the_round_completes_or_is_retried(
+def test_s3_stopped_mid_write_and_restarted_the_round_completes_uncommitted_till_then(
     devcluster: DevCluster,
     operator: Operator,
     namespace: str,
     assets: Assets,
     manifest: Callable[..., Manifest],
     run_name: str,
-    first_object: str,
-    record_property: Callable[[str, object], None],
+    proxy: FaultProxy,
+    held: Callable[[], str],
 ) -> None:
-    """S3 goes away once the first object of the step is written (a client's delta; the round
-    record, which the aggregator writes before global 1) and comes back: the trainer's retries
-    ride the outage, or the round is retried as a new attempt, never recorded twice."""
-    apply(devcluster, small_run(manifest, assets, run_name))
-    prefix = f"runs/{run_name}/{round_prefix(1)}"
-    written = wait_object(devcluster, operator, f"{prefix}/{first_object}")
+    """The writer is held on the PUT, S3 stops, the held connection drops, S3 starts again: the
+    trainer's retries ride the outage (or the round is retried as a new attempt), the prefix it
+    was writing is never committed before its manifest, and no round is recorded twice."""
+    key = held()
+    proxy.hold(put_of(run_name, key))
+    apply(devcluster, small_run(manifest, assets, run_name, storage={"endpoint": proxy.endpoint}))
+    wait_held(proxy, operator, key)
+    store = run_store(devcluster, run_name)
+    assert st.read_manifest(store, key.rpartition("/")[0]) is None  # half-written: no commit
     devcluster.cluster.stop_component("s3")
+    proxy.release()
     devcluster.cluster.start_component("s3")
-    record_property("written_when_s3_stopped", written)
     run = wait_condition(devcluster, operator, namespace, run_name, "Succeeded", RUN_TIMEOUT)
     history = assert_finished(devcluster, run_name, run, rounds=1)
-    record_property("attempt", history[0]["attempt"])
     assert history[0]["attempt"] <= 2  # maxRoundRetries
     keys = job_keys(jobs_of(devcluster, namespace, run_name))
     assert set(keys) == {("0", "aggregator", "-"), ("1", "aggregator", "-")} | {
@@ -148,30 +160,31 @@ def test_an_aggregator_killed_mid_publish_leaves_no_torn_global_and_its_retry_pu
     assets: Assets,
     manifest: Callable[..., Manifest],
     run_name: str,
-    record_property: Callable[[str, object], None],
+    proxy: FaultProxy,
 ) -> None:
-    """SIGKILL once the round record is written, before or while global 1 is committed; the Job
-    controller reruns the aggregator (backoffLimit 1), which reads the same deltas."""
-    apply(devcluster, small_run(manifest, assets, run_name, backoffLimit=1))
-    selector = f"fedtune.dev/run={run_name},fedtune.dev/role=aggregator,fedtune.dev/round=1"
-    pod = running_pod(devcluster, operator, namespace, selector)
-    record_key = f"runs/{run_name}/{round_prefix(1)}/metrics.json"
-    wait_object(devcluster, operator, record_key)
-    devcluster.kill_pod(namespace, pod["metadata"]["name"])
+    """SIGKILL while global 1's manifest is on the wire (its data files written, the old
+    manifest deleted); the Job controller reruns the aggregator (backoffLimit 1), which reads
+    the same deltas and publishes the same bytes."""
+    manifest_key = global_prefix(1) + "/" + st.MANIFEST
+    proxy.hold(put_of(run_name, manifest_key))
+    apply(
+        devcluster,
+        small_run(manifest, assets, run_name, backoffLimit=1, storage={"endpoint": proxy.endpoint}),
+    )
+    wait_held(proxy, operator, manifest_key)
     store = run_store(devcluster, run_name)
+    assert st.read_manifest(store, global_prefix(1)) is None  # the torn global is no commit
+    torn = store.get_bytes(global_prefix(1) + "/adapter_model.safetensors")
     killed = json.loads(store.get_bytes(f"{round_prefix(1)}/metrics.json"))
-    # What the kill left is no commit or the new one: never a manifest over half-written files
-    # (read_committed raises on that). Which of the two is down to timing: it is recorded.
-    committed = st.read_manifest(store, global_prefix(1)) is not None
-    record_property("global_committed_when_killed", committed)
-    if committed:
-        st.read_committed(store, global_prefix(1))
+    selector = f"fedtune.dev/run={run_name},fedtune.dev/role=aggregator,fedtune.dev/round=1"
+    devcluster.kill_pod(
+        namespace, running_pod(devcluster, operator, namespace, selector)["metadata"]["name"]
+    )
+    proxy.release()
 
     run = wait_condition(devcluster, operator, namespace, run_name, "Succeeded", RUN_TIMEOUT)
     history = assert_finished(devcluster, run_name, run, rounds=1)
-    assert [(h["round"], h["attempt"]) for h in history] == [
-        (1, 0)
-    ]  # the Job's retry, no new attempt
+    assert [(h["round"], h["attempt"]) for h in history] == [(1, 0)]  # the Job's retry
     aggregator = next(
         j
         for j in jobs_of(devcluster, namespace, run_name)
@@ -180,12 +193,13 @@ def test_an_aggregator_killed_mid_publish_leaves_no_torn_global_and_its_retry_pu
     )
     assert aggregator["status"].get("failed") == 1  # the killed pod
     assert aggregator["status"].get("succeeded") == 1  # its retry
-    published = json.loads(store.get_bytes(f"{round_prefix(1)}/metrics.json"))
-    assert {k: v for k, v in published.items() if k != "seconds"} == {
+    published, files = st.read_committed(store, global_prefix(1))
+    assert files["adapter_model.safetensors"] == torn  # the same result, bit for bit
+    record = json.loads(store.get_bytes(f"{round_prefix(1)}/metrics.json"))
+    assert {k: v for k, v in record.items() if k != "seconds"} == {
         k: v for k, v in killed.items() if k != "seconds"
     }
-    manifest_, _ = st.read_committed(store, global_prefix(1))
-    assert sorted(manifest_["accepted"]) == sorted(c["client"] for c in published["contributions"])
+    assert sorted(published["accepted"]) == sorted(c["client"] for c in record["contributions"])
 
 
 def test_the_api_server_restarted_mid_round_the_operator_reconnects_and_the_run_finishes(
