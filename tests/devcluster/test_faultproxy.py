@@ -26,7 +26,7 @@ def test_a_held_put_waits_until_released_then_its_retry_goes_through(
     direct.create_bucket(Bucket="held")
     via = S3Account(proxy.endpoint, s3.access_key, s3.secret_key).client()
     via.put_object(Bucket="held", Key="before", Body=b"relayed")  # not armed: relayed
-    proxy.hold(b"PUT /held/key ")
+    proxy.hold(b"PUT /held/key")
     done = threading.Event()
 
     def put() -> None:

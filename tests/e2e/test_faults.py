@@ -104,7 +104,7 @@ def proxy(devcluster: DevCluster) -> Iterator[FaultProxy]:
 
 def put_of(name: str, key: str) -> bytes:
     """The request line's start of a PUT of the run's `key`, as boto3 sends it (path style)."""
-    return f"PUT /{BUCKET}/runs/{name}/{key} ".encode()
+    return f"PUT /{BUCKET}/runs/{name}/{key}".encode()
 
 
 def wait_held(proxy: FaultProxy, op: Operator, what: str) -> None:
@@ -115,11 +115,9 @@ def wait_held(proxy: FaultProxy, op: Operator, what: str) -> None:
     "held",
     [
         # A client's upload: its old manifest deleted, its delta on the wire.
-        pytest.param(lambda: client_prefix(1, PAIR[0]) + "/delta.safetensors", id="client-upload"),
+        pytest.param(client_prefix(1, PAIR[0]) + "/delta.safetensors", id="client-upload"),
         # The aggregator's publish: round record written, global 1's weights on the wire.
-        pytest.param(
-            lambda: global_prefix(1) + "/adapter_model.safetensors", id="aggregator-publish"
-        ),
+        pytest.param(global_prefix(1) + "/adapter_model.safetensors", id="aggregator-publish"),
     ],
 )
 def test_s3_stopped_mid_write_and_restarted_the_round_completes_uncommitted_till_then(
@@ -130,17 +128,16 @@ def test_s3_stopped_mid_write_and_restarted_the_round_completes_uncommitted_till
     manifest: Callable[..., Manifest],
     run_name: str,
     proxy: FaultProxy,
-    held: Callable[[], str],
+    held: str,
 ) -> None:
     """The writer is held on the PUT, S3 stops, the held connection drops, S3 starts again: the
     trainer's retries ride the outage (or the round is retried as a new attempt), the prefix it
     was writing is never committed before its manifest, and no round is recorded twice."""
-    key = held()
-    proxy.hold(put_of(run_name, key))
+    proxy.hold(put_of(run_name, held))
     apply(devcluster, small_run(manifest, assets, run_name, storage={"endpoint": proxy.endpoint}))
-    wait_held(proxy, operator, key)
+    wait_held(proxy, operator, held)
     store = run_store(devcluster, run_name)
-    assert st.read_manifest(store, key.rpartition("/")[0]) is None  # half-written: no commit
+    assert st.read_manifest(store, held.rpartition("/")[0]) is None  # half-written: no commit
     devcluster.cluster.stop_component("s3")
     proxy.release()
     devcluster.cluster.start_component("s3")
