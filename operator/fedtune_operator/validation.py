@@ -172,12 +172,19 @@ def validate_run_name(name: str) -> list[str]:
     return []
 
 
+def krum_minimum(byzantine_clients: int) -> int:
+    """The clients a krum/multiKrum round needs to tolerate f faulty ones: Blanchard et al.'s
+    n > 2f + 2. The aggregator refuses a round with fewer valid deltas; a run that can never
+    select that many is refused here, before it spends a round of training to find out."""
+    return 2 * byzantine_clients + 3
+
+
 def validate_spec(spec: FederatedFineTuneSpec, *, name: str | None = None) -> list[str]:
     """Every rule that spans fields, as "<field path>: <problem>" lines (empty when valid).
 
     Mirrors the CRD's CEL rules (client names unique, quorum and clientsPerRound against the
-    clients, endpoint only for s3://, reserved env names and label keys, the run name when
-    given), and adds what the CRD leaves to the operator:
+    clients, krum's 2f + 3 clients per round, endpoint only for s3://, reserved env names and
+    label keys, the run name when given), and adds what the CRD leaves to the operator:
 
     * with storage.cleanupPolicy Delete, no data, model or tokenizer may lie under storage.uri,
       where deleting the run would delete it;
@@ -221,6 +228,13 @@ def validate_spec(spec: FederatedFineTuneSpec, *, name: str | None = None) -> li
         if c.adapter is not None and c.adapter.r is not None and c.adapter.r != spec.adapter.r
     }
     problems += lora_mode_problems(spec.aggregation, spec.adapter, spec.privacy, ranks, "spec.")
+    if agg.algorithm in ("krum", "multiKrum") and selected < krum_minimum(agg.byzantine_clients):
+        problems.append(
+            f"spec.aggregation.byzantineClients: {agg.algorithm} with byzantineClients "
+            f"{agg.byzantine_clients} needs at least 2f + 3 = "
+            f"{krum_minimum(agg.byzantine_clients)} clients per round, but the run selects "
+            f"{selected}"
+        )
 
     storage = spec.storage
     if storage.uri.startswith("file://") and storage.endpoint is not None:

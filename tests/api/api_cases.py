@@ -87,6 +87,16 @@ def _rename(name: str) -> Callable[[dict[str, Any]], None]:
     return change
 
 
+def _clients(n: int, **aggregation: Any) -> Callable[[dict[str, Any]], None]:
+    def change(body: dict[str, Any]) -> None:
+        body["spec"]["clients"] = [
+            {"name": f"client-{i}", "dataUri": f"s3://fl-data/client-{i}.jsonl"} for i in range(n)
+        ]
+        body["spec"]["aggregation"] = aggregation
+
+    return change
+
+
 INVALID: tuple[Invalid, ...] = (
     Invalid("rounds-wrong-type", _spec(rounds="ten"), "spec.rounds"),
     Invalid("rounds-zero", _spec(rounds=0), "spec.rounds"),
@@ -179,6 +189,17 @@ INVALID: tuple[Invalid, ...] = (
         "spec.aggregation",
     ),
     Invalid(
+        "krum-with-fewer-than-2f-plus-3-clients",
+        _spec(aggregation={"algorithm": "krum"}),
+        "spec.aggregation.byzantineClients",
+    ),
+    Invalid(
+        "multi-krum-with-too-small-a-client-fraction",
+        # 0.6 x 10 = 6 clients per round, one short of 2 x 2 + 3.
+        _clients(10, algorithm="multiKrum", byzantineClients=2, clientFraction=0.6),
+        "spec.aggregation.byzantineClients",
+    ),
+    Invalid(
         "noise-without-clip-norm",
         _spec(privacy={"noiseMultiplier": 1.0}),
         "spec.privacy.clipNorm",
@@ -258,16 +279,6 @@ INVALID: tuple[Invalid, ...] = (
 )
 
 
-def _clients(n: int, **aggregation: Any) -> Callable[[dict[str, Any]], None]:
-    def change(body: dict[str, Any]) -> None:
-        body["spec"]["clients"] = [
-            {"name": f"client-{i}", "dataUri": f"s3://fl-data/client-{i}.jsonl"} for i in range(n)
-        ]
-        body["spec"]["aggregation"] = aggregation
-
-    return change
-
-
 VALID_EDGES: tuple[Invalid, ...] = (
     Invalid("quorum-equals-client-count", _clients(3, minClients=3), ""),
     Invalid("quorum-equals-clients-per-round", _clients(5, minClients=2, clientsPerRound=2), ""),
@@ -275,6 +286,18 @@ VALID_EDGES: tuple[Invalid, ...] = (
     Invalid("fraction-float-error", _clients(30, minClients=3, clientFraction=0.1), ""),
     Invalid("quorum-one-with-tiny-fraction", _clients(3, minClients=1, clientFraction=0.01), ""),
     Invalid("clients-per-round-equals-count", _clients(4, clientsPerRound=4), ""),
+    Invalid("krum-with-2f-plus-3-clients", _clients(5, algorithm="krum"), ""),
+    Invalid("krum-tolerating-none-with-3", _clients(3, algorithm="krum", byzantineClients=0), ""),
+    Invalid(
+        "multi-krum-with-2f-plus-3-per-round",
+        _clients(8, algorithm="multiKrum", byzantineClients=2, clientsPerRound=7),
+        "",
+    ),
+    Invalid(
+        "multi-krum-fraction-rounded-up-to-2f-plus-3",
+        _clients(10, algorithm="multiKrum", byzantineClients=2, clientFraction=0.61),
+        "",
+    ),
     Invalid("forty-character-client-name", _client(0, name="c" * 40), ""),
     Invalid("sixty-three-character-run-name", _rename("r" * 63), ""),
     Invalid("noise-with-clip-norm", _spec(privacy={"noiseMultiplier": 1.0, "clipNorm": 0.5}), ""),

@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 
+from devcluster.s3 import health_status
 from devcluster.testing import DevCluster, wait_for
 
 
@@ -243,3 +244,20 @@ def test_in_cluster_client_uses_its_service_account(devcluster: DevCluster, name
     (pod,) = pods_of(devcluster, namespace, "lister")
     message = json.loads(pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"])
     assert message == {"pods": [pod["metadata"]["name"]], "secrets": 403}
+
+
+def test_a_component_stopped_and_started_again_keeps_its_port_and_data(
+    devcluster: DevCluster,
+) -> None:
+    s3, cluster = devcluster.s3, devcluster.cluster
+    s3.bucket("restarts")
+    s3.client().put_object(Bucket="restarts", Key="kept", Body=b"before the outage")
+    cluster.stop_component("s3")
+    assert health_status(s3.endpoint) is None  # nothing listens
+    cluster.start_component("s3")
+    body = s3.client().get_object(Bucket="restarts", Key="kept")["Body"].read()
+    assert body == b"before the outage"
+    with pytest.raises(RuntimeError, match="is running"):
+        cluster.start_component("s3")
+    with pytest.raises(ValueError, match="not 'forward'"):
+        cluster.stop_component("forward")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,3 +71,51 @@ def jobs_of(dc: DevCluster, namespace: str, name: str) -> list[dict[str, Any]]:
 
 def events_of(dc: DevCluster, namespace: str, name: str) -> list[dict[str, Any]]:
     return dc.events(namespace, "FederatedFineTune", name)
+
+
+def apply(dc: DevCluster, manifest: Manifest) -> None:
+    dc.kubectl("apply", "-f", "-", input=json.dumps(manifest))
+
+
+def job_keys(jobs: list[dict]) -> Counter[tuple[str, str, str]]:
+    labels = [j["metadata"]["labels"] for j in jobs]
+    return Counter(
+        (lb["fedtune.dev/round"], lb["fedtune.dev/role"], lb.get("fedtune.dev/client", "-"))
+        for lb in labels
+    )
+
+
+def storage_keys(dc: DevCluster, prefix: str) -> list[str]:
+    s3 = dc.s3.client()
+    listing = s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix)
+    return [o["Key"] for o in listing.get("Contents", [])]
+
+
+def _jobs_running(dc: DevCluster, namespace: str, name: str, round_: str, role: str) -> bool:
+    for job in jobs_of(dc, namespace, name):
+        labels = job["metadata"]["labels"]
+        if (
+            labels["fedtune.dev/round"] == round_
+            and labels["fedtune.dev/role"] == role
+            and (job.get("status", {}).get("active"))
+        ):
+            return True
+    return False
+
+
+def wait_running(
+    dc: DevCluster,
+    op: Operator,
+    namespace: str,
+    name: str,
+    round_: int,
+    role: str,
+    timeout: float = 180,
+) -> None:
+    wait_for(
+        lambda: _jobs_running(dc, namespace, name, str(round_), role),
+        timeout=timeout,
+        what=f"round {round_}'s {role} Jobs to run",
+        interval=0.5,
+        diagnose=op.log_tail,
+    )

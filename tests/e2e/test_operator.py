@@ -4,7 +4,6 @@ the Job pods, the real S3 server. Every wait has a timeout and names what it wai
 from __future__ import annotations
 
 import json
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,31 +14,17 @@ from tests.e2e.support import (
     Assets,
     Manifest,
     Operator,
+    apply,
     condition,
     events_of,
+    job_keys,
     jobs_of,
+    storage_keys,
     wait_condition,
+    wait_running,
 )
 
 RUN_TIMEOUT = 420
-
-
-def apply(dc: DevCluster, manifest: Manifest) -> None:
-    dc.kubectl("apply", "-f", "-", input=json.dumps(manifest))
-
-
-def job_keys(jobs: list[dict]) -> Counter[tuple[str, str, str]]:
-    labels = [j["metadata"]["labels"] for j in jobs]
-    return Counter(
-        (lb["fedtune.dev/round"], lb["fedtune.dev/role"], lb.get("fedtune.dev/client", "-"))
-        for lb in labels
-    )
-
-
-def storage_keys(dc: DevCluster, prefix: str) -> list[str]:
-    s3 = dc.s3.client()
-    listing = s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix)
-    return [o["Key"] for o in listing.get("Contents", [])]
 
 
 def test_a_run_goes_to_succeeded_and_its_adapter_loads(
@@ -188,36 +173,6 @@ def test_without_the_quorum_the_run_fails_with_a_reason(
         if j["metadata"]["labels"]["fedtune.dev/role"] == "aggregator"
         and j["metadata"]["labels"]["fedtune.dev/round"] == "1"
     ]
-
-
-def _jobs_running(dc: DevCluster, namespace: str, name: str, round_: str, role: str) -> bool:
-    for job in jobs_of(dc, namespace, name):
-        labels = job["metadata"]["labels"]
-        if (
-            labels["fedtune.dev/round"] == round_
-            and labels["fedtune.dev/role"] == role
-            and (job.get("status", {}).get("active"))
-        ):
-            return True
-    return False
-
-
-def wait_running(
-    dc: DevCluster,
-    op: Operator,
-    namespace: str,
-    name: str,
-    round_: int,
-    role: str,
-    timeout: float = 180,
-) -> None:
-    wait_for(
-        lambda: _jobs_running(dc, namespace, name, str(round_), role),
-        timeout=timeout,
-        what=f"round {round_}'s {role} Jobs to run",
-        interval=0.5,
-        diagnose=op.log_tail,
-    )
 
 
 def test_an_operator_killed_mid_round_resumes_without_duplicates(

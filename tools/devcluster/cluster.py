@@ -183,6 +183,10 @@ class Cluster:
     def _spawn(self, component: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.pid_dir.mkdir(parents=True, exist_ok=True)
+        # What start_component replays: the same command, ports and data directory.
+        launch = self._launch_file(component)
+        launch.write_text(json.dumps({"argv": argv, "env": env or {}}))
+        launch.chmod(0o600)  # the S3 server's environment holds its root secret
         if self.real is not None:
             argv = [*self.real.prefix(), *argv]
         with (self.log_dir / f"{component}.log").open("ab") as logf:
@@ -196,6 +200,47 @@ class Cluster:
                 cwd=self.dir,
             )
         (self.pid_dir / f"{component}.pid").write_text(str(proc.pid))
+
+    def _launch_file(self, component: str) -> Path:
+        return self.pid_dir / f"{component}.launch.json"
+
+    def _ready(self, component: str) -> Callable[[], bool]:
+        """The readiness check of a control-plane component or the process kubelet."""
+        state = self.state()
+        admin = pki.CertPair(self.pki_dir / "admin.crt", self.pki_dir / "admin.key")
+        checks: dict[str, Callable[[], bool]] = {
+            "s3": lambda: s3.health_status(state.s3_endpoint) == 200,
+            "etcd": lambda: net.http_status(f"http://127.0.0.1:{state.etcd_port}/health") == 200,
+            "kube-apiserver": lambda: self._https_ok(f"{state.api_url}/readyz", admin),
+            "kube-controller-manager": lambda: self._https_ok(
+                f"https://127.0.0.1:{state.kcm_port}/healthz"
+            ),
+            "kubelet": self._node_ready,
+        }
+        return checks[component]
+
+    def stop_component(self, component: str, grace: float = 10.0) -> None:
+        """Stop one component as an outage would (SIGTERM, SIGKILL after `grace`), leaving the
+        rest running: what the fault tests do to S3 and the API server."""
+        self._restartable(component)
+        self._stop(component, grace)
+
+    def start_component(self, component: str) -> None:
+        """Start a component stopped by `stop_component` again, with the command it was first
+        started with (same port, same data), and wait until it is ready."""
+        self._restartable(component)
+        if self._alive(component):
+            raise RuntimeError(f"{component} is running")
+        launch = json.loads(self._launch_file(component).read_text())
+        self._spawn(component, launch["argv"], launch["env"])
+        self._wait(component, self._ready(component), timeout=120)
+
+    def _restartable(self, component: str) -> None:
+        if self.real is not None or component not in COMPONENTS:
+            raise ValueError(
+                f"only a process-node devcluster's {', '.join(COMPONENTS)} can be stopped and "
+                f"started one by one, not {component!r} ({self.node} node)"
+            )
 
     def log_tail(self, component: str, lines: int = 40) -> str:
         f = self.log_dir / f"{component}.log"
@@ -376,9 +421,7 @@ class Cluster:
                 "warn",
             ],
         )
-        self._wait(
-            "etcd", lambda: net.http_status(f"http://127.0.0.1:{state.etcd_port}/health") == 200
-        )
+        self._wait("etcd", self._ready("etcd"))
         if self.real is None:
             api_network = [
                 "--bind-address",
@@ -440,12 +483,7 @@ class Cluster:
                 str(self.pki_dir / "apiserver-generated"),
             ],
         )
-        admin_pair = pki.CertPair(admin.cert, admin.key)
-        self._wait(
-            "kube-apiserver",
-            lambda: self._https_ok(f"{state.api_url}/readyz", admin_pair),
-            timeout=120,
-        )
+        self._wait("kube-apiserver", self._ready("kube-apiserver"), timeout=120)
         self._spawn(
             "kube-controller-manager",
             [
@@ -480,11 +518,8 @@ class Cluster:
                 "10",
             ],
         )
-        self._wait(
-            "kube-controller-manager",
-            lambda: self._https_ok(f"https://127.0.0.1:{state.kcm_port}/healthz"),
-        )
-        self._wait("s3", lambda: s3.health_status(state.s3_endpoint) == 200)
+        self._wait("kube-controller-manager", self._ready("kube-controller-manager"))
+        self._wait("s3", self._ready("s3"))
         if self.real is not None:
             node_kubeconfigs["kubelet"] = kubelet_config
             self.real.start(state, b, node_kubeconfigs)
@@ -507,7 +542,7 @@ class Cluster:
         for k, v in (pod_env or {}).items():
             kubelet_argv += ["--pod-env", f"{k}={v}"]
         self._spawn("kubelet", kubelet_argv, env={"PYTHONPATH": str(REPO_ROOT / "tools")})
-        self._wait("kubelet", self._node_ready)
+        self._wait("kubelet", self._ready("kubelet"))
         return state
 
     def _node_ready(self) -> bool:

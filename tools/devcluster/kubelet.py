@@ -21,9 +21,11 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import urllib3
 from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
 
@@ -34,6 +36,9 @@ log = logging.getLogger("devcluster.kubelet")
 
 RESTART_BACKOFF_MAX = 10.0
 CONFIG_RETRY_SECONDS = 2.0
+STATUS_RETRY_SECONDS = 1.0
+STATUS_RETRIES = 300
+"""How long a status waits for an API server that is away (restarting): 5 minutes."""
 
 
 def now() -> str:
@@ -229,13 +234,24 @@ class PodWorker(threading.Thread):
         status = podspec.pod_status(
             self.pod, states, phase=phase, now=now(), start_time=self.start_time
         )
-        try:
-            self.kubelet.core.patch_namespaced_pod_status(
-                self.meta["name"], self.meta["namespace"], {"status": status}
-            )
-        except ApiException as e:
-            if e.status != 404:
-                log.warning("status patch of %s failed: %s", self.meta["name"], e.reason)
+        # A real kubelet keeps the status until the API server takes it: a pod's final status
+        # lost during an API server restart would leave its Job active for ever.
+        for _ in range(STATUS_RETRIES):
+            try:
+                self.kubelet.core.patch_namespaced_pod_status(
+                    self.meta["name"], self.meta["namespace"], {"status": status}
+                )
+                return
+            except ApiException as e:
+                if e.status is not None and e.status < 500:
+                    if e.status != 404:
+                        log.warning("status patch of %s failed: %s", self.meta["name"], e.reason)
+                    return
+                log.warning("status patch of %s: %s; retrying", self.meta["name"], e.reason)
+            except urllib3.exceptions.HTTPError as e:
+                log.warning("status patch of %s: %s; retrying", self.meta["name"], e)
+            time.sleep(STATUS_RETRY_SECONDS)
+        log.error("status of %s not reported: the API server stayed away", self.meta["name"])
 
     def _kill_all(self) -> None:
         for proc in self.procs.values():
@@ -537,13 +553,14 @@ class ProcessKubelet:
 
     def _watch(self, stop: threading.Event) -> None:
         while not stop.is_set():
-            listing = self.core.list_pod_for_all_namespaces(_preload_content=False)
-            doc = json.loads(listing.data)
-            for item in doc["items"]:
-                self.sync(item)
-            rv = doc["metadata"]["resourceVersion"]
             w = watch.Watch()
             try:
+                # The list too: while the API server restarts, it refuses connections.
+                listing = self.core.list_pod_for_all_namespaces(_preload_content=False)
+                doc = json.loads(listing.data)
+                for item in doc["items"]:
+                    self.sync(item)
+                rv = doc["metadata"]["resourceVersion"]
                 for event in w.stream(
                     self.core.list_pod_for_all_namespaces,
                     resource_version=rv,

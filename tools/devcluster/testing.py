@@ -117,6 +117,16 @@ class DevCluster:
             parts.append(f"==> pod {f.stem} <==\n{tail}")
         return "\n".join(parts)
 
+    def kill_pod(self, namespace: str, name: str) -> None:
+        """SIGKILL the containers of a running pod, as a crash or the OOM killer would: the
+        process kubelet reports exit 137 and the Job controller takes it from there."""
+        pod = json.loads(self.kubectl("get", "pod", name, "-n", namespace, "-o", "json").stdout)
+        pid_files = sorted((self.cluster.pid_dir / "pods").glob(f"{pod['metadata']['uid']}_*.pid"))
+        if not pid_files:
+            raise AssertionError(f"pod {namespace}/{name} has no running container")
+        for f in pid_files:
+            os.killpg(int(f.read_text()), signal.SIGKILL)
+
     def events(self, namespace: str, kind: str, name: str) -> list[dict[str, Any]]:
         """The Events about one object, as `kubectl describe` lists them."""
         out = self.kubectl(

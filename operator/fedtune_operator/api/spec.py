@@ -215,6 +215,17 @@ _SELECTED = (
     "(has(self.aggregation.clientsPerRound) ? self.aggregation.clientsPerRound "
     ": size(self.clients))"
 )
+_BYZANTINE = "(has(self.aggregation.byzantineClients) ? self.aggregation.byzantineClients : 1)"
+_KRUM_CEL = (
+    "!has(self.aggregation.algorithm) || !(self.aggregation.algorithm in ['krum', 'multiKrum']) "
+    # With clientFraction: ceil(fraction x clients) >= 2f + 3, with rounds.clients_per_round's
+    # epsilon (ceil(x) >= k is x > k - 1).
+    "|| (has(self.aggregation.clientFraction) "
+    "? self.aggregation.clientFraction * double(size(self.clients)) - 1e-9 "
+    f"> double(2 * {_BYZANTINE} + 2) "
+    f": {_SELECTED} >= 2 * {_BYZANTINE} + 3)"
+)
+"""Krum's n >= 2f + 3 against the clients selected per round (validation.krum_minimum)."""
 
 
 class FederatedFineTuneSpec(Model):
@@ -325,6 +336,11 @@ class FederatedFineTuneSpec(Model):
                 "minClients must not exceed the clients selected per round (clientFraction x "
                 "clients, rounded up)",
                 field_path=".aggregation.minClients",
+            ),
+            cel(
+                _KRUM_CEL,
+                "krum and multiKrum need at least 2 x byzantineClients + 3 clients per round",
+                field_path=".aggregation.byzantineClients",
             ),
         )
     )

@@ -1,0 +1,271 @@
+"""The fault matrix, end to end on the devcluster with the real operator, trainer and S3: storage
+going away mid-round, an aggregator killed mid-publish, the API server restarted mid-round and a
+client pod evicted. Each run is small (two clients, one or two rounds, the tiny model, no
+evaluation), each fault is struck when an observable step of the round has happened (a pod
+running, an object in the bucket), and each test asserts the final status, the history (every
+round once, in order) and that storage holds only whole commits."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from devcluster.faultproxy import FaultProxy
+from devcluster.testing import DevCluster, wait_for
+from fedtune_trainer import store as st
+from fedtune_trainer.task import client_prefix, global_prefix, round_prefix
+from tests.e2e.support import (
+    BUCKET,
+    CLIENTS,
+    Assets,
+    Manifest,
+    Operator,
+    apply,
+    job_keys,
+    jobs_of,
+    wait_condition,
+    wait_running,
+)
+
+RUN_TIMEOUT = 420
+PAIR = CLIENTS[:2]
+
+
+def small_run(
+    manifest: Callable[..., Manifest], assets: Assets, name: str, **spec: Any
+) -> Manifest:
+    """Two clients, one round unless asked, no evaluation Jobs: the least a fault needs."""
+    m = manifest(
+        name,
+        **{
+            "rounds": 1,
+            "clients": [{"name": c, "dataUri": assets.data_uris[c]} for c in PAIR],
+            **spec,
+        },
+    )
+    del m["spec"]["evaluation"]
+    return m
+
+
+def run_store(dc: DevCluster, name: str) -> st.Store:
+    s3 = dc.s3
+    return st.open_store(
+        f"s3://{BUCKET}/runs/{name}",
+        st.S3Settings(
+            endpoint=s3.endpoint, access_key_id=s3.access_key, secret_access_key=s3.secret_key
+        ),
+    )
+
+
+def running_pod(dc: DevCluster, op: Operator, namespace: str, selector: str) -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        out = dc.kubectl("get", "pods", "-n", namespace, "-l", selector, "-o", "json").stdout
+        pods = [p for p in json.loads(out)["items"] if p["status"].get("phase") == "Running"]
+        return pods[0] if pods else None
+
+    return wait_for(
+        check, timeout=300, what=f"a running pod of {selector}", interval=0.2, diagnose=op.log_tail
+    )
+
+
+def assert_finished(
+    dc: DevCluster, name: str, run: dict[str, Any], rounds: int
+) -> list[dict[str, Any]]:
+    """Succeeded with every round in the history exactly once, in order, both clients merged in
+    each, and storage holding whole commits of every global adapter and every merged delta."""
+    status = run["status"]
+    assert status["phase"] == "Succeeded"
+    assert status["roundProgress"] == f"{rounds}/{rounds}"
+    history = status["history"]
+    assert [h["round"] for h in history] == list(range(1, rounds + 1))  # none lost, none doubled
+    assert all(h["clientsSucceeded"] == len(PAIR) for h in history)
+    assert {c["name"]: c["phase"] for c in status["clients"]} == dict.fromkeys(PAIR, "Succeeded")
+    store = run_store(dc, name)
+    st.read_committed(store, global_prefix(0))  # raises on a torn or unverifiable commit
+    for r in range(1, rounds + 1):
+        manifest, _ = st.read_committed(store, global_prefix(r))
+        assert sorted(manifest["accepted"]) == sorted(PAIR)
+        for c in PAIR:
+            st.read_committed(store, client_prefix(r, c))
+    return history
+
+
+@pytest.fixture
+def proxy(devcluster: DevCluster) -> Iterator[FaultProxy]:
+    """The run's storage endpoint: S3 behind a proxy that can hold one PUT."""
+    p = FaultProxy(devcluster.state.s3_port)
+    yield p
+    p.close()
+
+
+def put_of(name: str, key: str) -> bytes:
+    """The request line's start of a PUT of the run's `key`, as boto3 sends it (path style)."""
+    return f"PUT /{BUCKET}/runs/{name}/{key}".encode()
+
+
+def wait_held(proxy: FaultProxy, op: Operator, what: str) -> None:
+    wait_for(proxy.held.is_set, timeout=300, what=f"the PUT of {what}", diagnose=op.log_tail)
+
+
+@pytest.mark.parametrize(
+    "held",
+    [
+        # A client's upload: its old manifest deleted, its delta on the wire.
+        pytest.param(client_prefix(1, PAIR[0]) + "/delta.safetensors", id="client-upload"),
+        # The aggregator's publish: round record written, global 1's weights on the wire.
+        pytest.param(global_prefix(1) + "/adapter_model.safetensors", id="aggregator-publish"),
+    ],
+)
+def test_s3_stopped_mid_write_and_restarted_the_round_completes_uncommitted_till_then(
+    devcluster: DevCluster,
+    operator: Operator,
+    namespace: str,
+    assets: Assets,
+    manifest: Callable[..., Manifest],
+    run_name: str,
+    proxy: FaultProxy,
+    held: str,
+) -> None:
+    """The writer is held on the PUT, S3 stops, the held connection drops, S3 starts again: the
+    trainer's retries ride the outage (or the round is retried as a new attempt), the prefix it
+    was writing is never committed before its manifest, and no round is recorded twice."""
+    proxy.hold(put_of(run_name, held))
+    apply(devcluster, small_run(manifest, assets, run_name, storage={"endpoint": proxy.endpoint}))
+    wait_held(proxy, operator, held)
+    store = run_store(devcluster, run_name)
+    assert st.read_manifest(store, held.rpartition("/")[0]) is None  # half-written: no commit
+    devcluster.cluster.stop_component("s3")
+    proxy.release()
+    devcluster.cluster.start_component("s3")
+    run = wait_condition(devcluster, operator, namespace, run_name, "Succeeded", RUN_TIMEOUT)
+    history = assert_finished(devcluster, run_name, run, rounds=1)
+    assert history[0]["attempt"] <= 2  # maxRoundRetries
+    keys = job_keys(jobs_of(devcluster, namespace, run_name))
+    assert set(keys) == {("0", "aggregator", "-"), ("1", "aggregator", "-")} | {
+        ("1", "client", c) for c in PAIR
+    }
+
+
+def test_an_aggregator_killed_mid_publish_leaves_no_torn_global_and_its_retry_publishes_the_same(
+    devcluster: DevCluster,
+    operator: Operator,
+    namespace: str,
+    assets: Assets,
+    manifest: Callable[..., Manifest],
+    run_name: str,
+    proxy: FaultProxy,
+) -> None:
+    """SIGKILL while global 1's manifest is on the wire (its data files written, the old
+    manifest deleted); the Job controller reruns the aggregator (backoffLimit 1), which reads
+    the same deltas and publishes the same bytes."""
+    manifest_key = global_prefix(1) + "/" + st.MANIFEST
+    proxy.hold(put_of(run_name, manifest_key))
+    apply(
+        devcluster,
+        small_run(manifest, assets, run_name, backoffLimit=1, storage={"endpoint": proxy.endpoint}),
+    )
+    wait_held(proxy, operator, manifest_key)
+    store = run_store(devcluster, run_name)
+    assert st.read_manifest(store, global_prefix(1)) is None  # the torn global is no commit
+    torn = store.get_bytes(global_prefix(1) + "/adapter_model.safetensors")
+    killed = json.loads(store.get_bytes(f"{round_prefix(1)}/metrics.json"))
+    selector = f"fedtune.dev/run={run_name},fedtune.dev/role=aggregator,fedtune.dev/round=1"
+    devcluster.kill_pod(
+        namespace, running_pod(devcluster, operator, namespace, selector)["metadata"]["name"]
+    )
+    proxy.release()
+
+    run = wait_condition(devcluster, operator, namespace, run_name, "Succeeded", RUN_TIMEOUT)
+    history = assert_finished(devcluster, run_name, run, rounds=1)
+    assert [(h["round"], h["attempt"]) for h in history] == [(1, 0)]  # the Job's retry
+    aggregator = next(
+        j
+        for j in jobs_of(devcluster, namespace, run_name)
+        if j["metadata"]["labels"]["fedtune.dev/role"] == "aggregator"
+        and j["metadata"]["labels"]["fedtune.dev/round"] == "1"
+    )
+    assert aggregator["status"].get("failed") == 1  # the killed pod
+    assert aggregator["status"].get("succeeded") == 1  # its retry
+    published, files = st.read_committed(store, global_prefix(1))
+    assert files["adapter_model.safetensors"] == torn  # the same result, bit for bit
+    record = json.loads(store.get_bytes(f"{round_prefix(1)}/metrics.json"))
+    assert {k: v for k, v in record.items() if k != "seconds"} == {
+        k: v for k, v in killed.items() if k != "seconds"
+    }
+    assert sorted(published["accepted"]) == sorted(c["client"] for c in record["contributions"])
+
+
+def test_the_api_server_restarted_mid_round_the_operator_reconnects_and_the_run_finishes(
+    devcluster: DevCluster,
+    operator: Operator,
+    namespace: str,
+    assets: Assets,
+    manifest: Callable[..., Manifest],
+    run_name: str,
+) -> None:
+    apply(devcluster, small_run(manifest, assets, run_name, rounds=2))
+    wait_running(devcluster, operator, namespace, run_name, 1, "client")
+    process = operator.proc
+    devcluster.cluster.stop_component("kube-apiserver")
+    devcluster.cluster.start_component("kube-apiserver")
+    run = wait_condition(devcluster, operator, namespace, run_name, "Succeeded", RUN_TIMEOUT)
+    assert operator.proc is process  # not restarted: it reconnected
+    assert process is not None
+    assert process.poll() is None
+    history = assert_finished(devcluster, run_name, run, rounds=2)
+    assert [(h["round"], h["attempt"]) for h in history] == [(1, 0), (2, 0)]
+    keys = job_keys(jobs_of(devcluster, namespace, run_name))
+    assert len(keys) == 1 + 2 * (len(PAIR) + 1)
+    assert max(keys.values()) == 1  # no Job created twice
+
+
+def test_a_client_pod_evicted_is_replaced_without_counting_against_backoff_limit(
+    devcluster: DevCluster,
+    operator: Operator,
+    namespace: str,
+    assets: Assets,
+    manifest: Callable[..., Manifest],
+    run_name: str,
+) -> None:
+    """The Eviction API marks the pod DisruptionTarget (EvictionByEvictionAPI) and deletes it; the
+    Job's pod failure policy ignores it, so with backoffLimit 0 the Job still gets a new pod and
+    the client's result counts in round 1's first attempt."""
+    apply(devcluster, small_run(manifest, assets, run_name, backoffLimit=0))
+    alice = PAIR[0]
+    selector = f"fedtune.dev/run={run_name},fedtune.dev/round=1,fedtune.dev/client={alice}"
+    pod = running_pod(devcluster, operator, namespace, selector)
+    name, uid = pod["metadata"]["name"], pod["metadata"]["uid"]
+    client.CoreV1Api(devcluster.api()).create_namespaced_pod_eviction(
+        name,
+        namespace,
+        {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": name}},
+        _preload_content=False,  # the answer is a Status, not the Eviction the client expects
+    )
+    run = wait_condition(devcluster, operator, namespace, run_name, "Succeeded", RUN_TIMEOUT)
+    history = assert_finished(devcluster, run_name, run, rounds=1)
+    assert [(h["round"], h["attempt"]) for h in history] == [(1, 0)]
+    job = next(
+        j
+        for j in jobs_of(devcluster, namespace, run_name)
+        if j["metadata"]["labels"].get("fedtune.dev/client") == alice
+    )
+    assert job["status"].get("succeeded") == 1
+    assert not job["status"].get("failed")  # the eviction was not counted
+    pods = json.loads(
+        devcluster.kubectl(
+            "get",
+            "pods",
+            "-n",
+            namespace,
+            "-l",
+            f"job-name={job['metadata']['name']}",
+            "-o",
+            "json",
+        ).stdout
+    )["items"]
+    assert pods  # the replacement, whose termination message the operator read
+    assert all(p["metadata"]["uid"] != uid for p in pods)
