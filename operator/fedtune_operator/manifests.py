@@ -139,6 +139,8 @@ def aggregate_task(
         privacy=spec.privacy,
         delta=spec.delta,
         seed=spec.training.seed,
+        drift_control=spec.training.drift_control,
+        total_clients=len(spec.clients),
     )
 
 

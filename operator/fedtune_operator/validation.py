@@ -28,7 +28,7 @@ from fedtune_operator.api.spec import FederatedFineTuneSpec, PodSettings, PodTem
 from fedtune_operator.api.status import FederatedFineTuneStatus
 from fedtune_operator.rounds import clients_per_round
 from fedtune_trainer.contract import AWS_CREDENTIAL_ENV, RESERVED_ENV_PREFIX, RESERVED_PREFIX
-from fedtune_trainer.task import Model
+from fedtune_trainer.task import SCAFFOLD_ALGORITHMS, Model
 
 # --------------------------------------------------------------------------------------------
 # Parsing
@@ -172,6 +172,26 @@ def validate_run_name(name: str) -> list[str]:
     return []
 
 
+def _drift_problems(spec: FederatedFineTuneSpec) -> list[str]:
+    """SCAFFOLD needs every accepted client in a mean (its control update averages all their
+    control changes) and no DP noise (the control changes are neither clipped nor noised, so
+    they would leak what the noise hides)."""
+    if spec.training.drift_control != "scaffold":
+        return []
+    problems = []
+    if spec.aggregation.algorithm not in SCAFFOLD_ALGORITHMS:
+        problems.append(
+            f"spec.training.driftControl: scaffold needs a mean-based aggregation "
+            f"({', '.join(SCAFFOLD_ALGORITHMS)}), not {spec.aggregation.algorithm}"
+        )
+    if spec.privacy.noise_multiplier > 0:
+        problems.append(
+            "spec.training.driftControl: scaffold's control uploads are not privatised; it "
+            "cannot run with privacy.noiseMultiplier > 0"
+        )
+    return problems
+
+
 def validate_spec(spec: FederatedFineTuneSpec, *, name: str | None = None) -> list[str]:
     """Every rule that spans fields, as "<field path>: <problem>" lines (empty when valid).
 
@@ -181,7 +201,8 @@ def validate_spec(spec: FederatedFineTuneSpec, *, name: str | None = None) -> li
 
     * with storage.cleanupPolicy Delete, no data, model or tokenizer may lie under storage.uri,
       where deleting the run would delete it;
-    * no AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in env when credentialsSecret provides them.
+    * no AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in env when credentialsSecret provides them;
+    * training.driftControl scaffold only with a mean-based aggregation and without DP noise.
     """
     problems = validate_run_name(name) if name is not None else []
     first: dict[str, int] = {}
@@ -211,6 +232,8 @@ def validate_spec(spec: FederatedFineTuneSpec, *, name: str | None = None) -> li
             f"spec.aggregation.minClients: {agg.min_clients} exceeds the clients selected per "
             f"round ({selected})"
         )
+
+    problems += _drift_problems(spec)
 
     storage = spec.storage
     if storage.uri.startswith("file://") and storage.endpoint is not None:

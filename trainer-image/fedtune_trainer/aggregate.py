@@ -23,8 +23,9 @@ Round r >= 1 is `merge_round`, steps over the committed global adapter r-1, one 
    that one client's influence, the sensitivity, is clip_norm / n);
 5. server step: the server rule (merge.server_step) with its state read from the newest version
    before r and written as version r, so that a rerun of round r reads the same state and never
-   steps twice. The new global and state must be finite or the attempt fails (NonFiniteError,
-   retryable) having committed nothing;
+   steps twice; SCAFFOLD's server control (drift.py) is versioned alike. The new global and
+   state must be finite or the attempt fails (NonFiniteError, retryable) having committed
+   nothing;
 6. publish: the round record as rounds/<r>/metrics.json, then global r (checked finite again)
    as a PEFT directory with its manifest last, and on the last round the same adapter under
    final/.
@@ -45,9 +46,9 @@ from pathlib import Path
 
 import torch
 
-from . import delta_check, lora, merge
+from . import delta_check, drift, lora, merge
 from . import store as st
-from .intake import Accepted, fetch_client, load_delta, reason_of
+from .intake import Accepted, fetch_client, fetch_control, load_delta, reason_of
 from .results import AggregateSummary, Rejection, RoundRecord, initial_record
 from .runtime import derive_seed
 from .task import (
@@ -137,6 +138,11 @@ def collect(
             norm = merge.l2_norm(delta)
             del delta
             samples = manifest["samples"]
+            control, control_bytes, control_raw = None, 0, 0
+            if task.drift_control == "scaffold":
+                control = fetch_control(store, task, client, manifest, workdir, expected)
+                control_bytes = control[0].stat().st_size
+                control_raw = 4 * sum(math.prod(s) for s in shapes.values())
             item = Accepted(
                 client=client,
                 path=path,
@@ -144,9 +150,10 @@ def collect(
                 samples=samples,
                 weight=client_weight(task, client, samples),
                 train_loss=manifest.get("train_loss"),
-                encoded_bytes=path.stat().st_size,
-                raw_bytes=manifest.get("raw_bytes", 0),
+                encoded_bytes=path.stat().st_size + control_bytes,
+                raw_bytes=manifest.get("raw_bytes", 0) + control_raw,
                 norm=norm,
+                control=control,
             )
         except Exception as e:
             rejected.append(Rejection(client=client, reason=reason_of(e)))
@@ -331,6 +338,25 @@ def server_update(
     return new_global
 
 
+def scaffold_control(
+    task: AggregateTask,
+    store: st.Store,
+    accepted: list[Accepted],
+    shapes: Mapping[str, tuple[int, ...]],
+    log: Log,
+) -> tuple[int | None, dict[str, torch.Tensor]] | None:
+    """SCAFFOLD's new server control c + |S|/N mean(dc_i) over the accepted clients, and the
+    version it was read from (the newest before r: a rerun of r computes the same c again)."""
+    if task.drift_control != "scaffold":
+        return None
+    version, old = drift.read_control(store, task.round)
+    total = max(task.total_clients or len(task.clients), len(accepted))
+    new = drift.server_control(old, [a.control_change() for a in accepted], shapes, total)
+    merge.check_finite(new, f"round {task.round}: the SCAFFOLD server control has")
+    log(f"scaffold: server control of round {version} + {len(accepted)}/{total} mean change")
+    return version, new
+
+
 def round_record(
     task: AggregateTask, accepted: list[Accepted], rejected: list[Rejection], weighing: Weighing
 ) -> RoundRecord:
@@ -379,8 +405,11 @@ def merge_round(task: AggregateTask, store: st.Store, log: Log) -> Merged:
             accepted, update = reduce_krum(task, accepted, shapes, log)
         else:
             update = reduce_robust(accepted, shapes, task)
+        control = scaffold_control(task, store, accepted, shapes, log)
     update = privatise(task, update, len(accepted))  # 3
     new_global = server_update(task, store, global_tensors, update, log)  # 4
+    if control is not None:
+        drift.write_control(store, task.run, task.round, control[1], control[0])
     return Merged(round_record(task, accepted, rejected, weighing), new_global, config)
 
 
