@@ -205,8 +205,13 @@ def test_a_larger_proximal_mu_keeps_the_local_adapter_closer(demo: Demo) -> None
         norms[mu], adapter = delta_norm(mu)
         if mu == 0:
             plain = adapter
-    assert norms[1000.0] < 0.5 * norms[0.0], norms
-    assert list(norms.values()) == sorted(norms.values(), reverse=True), norms
+    print(f"\n  FedProx delta norm by mu (AdamW, 8 steps, lr 0.01): {norms}")
+    # Monotone while the data gradient still matters; beyond that AdamW's normalised step (about
+    # lr per coordinate) makes the adapter oscillate around the global: a floor, not 0 (measured
+    # 2.14, 0.65, 0.31, 0.213, 0.214).
+    decreasing = [norms[mu] for mu in (0.0, 1.0, 10.0, 100.0)]
+    assert decreasing == sorted(decreasing, reverse=True), norms
+    assert norms[1000.0] < 0.15 * norms[0.0], norms
     # mu = 0 is no drift object at all, so the plain loop: bit-identical to a run without it.
     torch.manual_seed(0)
     model = lora.attach(AutoModelForCausalLM.from_pretrained(demo.model), AdapterSpec(r=4))
