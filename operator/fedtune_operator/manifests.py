@@ -162,6 +162,8 @@ def aggregate_task(
         seed=spec.training.seed,
         client_ranks={c: r for c, r in client_ranks(spec).items() if c in clients},
         sampling_rate=clients_per_round(spec) / max(1, len(spec.clients)),
+        drift_control=spec.training.drift_control,
+        total_clients=len(spec.clients),
     )
 
 

@@ -28,7 +28,7 @@ from fedtune_operator.api.spec import FederatedFineTuneSpec, PodSettings, PodTem
 from fedtune_operator.api.status import FederatedFineTuneStatus
 from fedtune_operator.rounds import clients_per_round
 from fedtune_trainer.contract import AWS_CREDENTIAL_ENV, RESERVED_ENV_PREFIX, RESERVED_PREFIX
-from fedtune_trainer.task import Model, lora_mode_problems
+from fedtune_trainer.task import SCAFFOLD_ALGORITHMS, Model, lora_mode_problems
 
 # --------------------------------------------------------------------------------------------
 # Parsing
@@ -179,6 +179,31 @@ def krum_minimum(byzantine_clients: int) -> int:
     return 2 * byzantine_clients + 3
 
 
+def _drift_problems(spec: FederatedFineTuneSpec) -> list[str]:
+    """SCAFFOLD needs every accepted client in a mean (its control update averages all their
+    control changes) and no DP noise (the control changes are neither clipped nor noised, so
+    they would leak what the noise hides)."""
+    if spec.training.drift_control != "scaffold":
+        return []
+    problems = []
+    if spec.aggregation.algorithm not in SCAFFOLD_ALGORITHMS:
+        problems.append(
+            f"spec.training.driftControl: scaffold needs a mean-based aggregation "
+            f"({', '.join(SCAFFOLD_ALGORITHMS)}), not {spec.aggregation.algorithm}"
+        )
+    if spec.privacy.noise_multiplier > 0:
+        problems.append(
+            "spec.training.driftControl: scaffold's control uploads are not privatised; it "
+            "cannot run with privacy.noiseMultiplier > 0"
+        )
+    if spec.aggregation.lora == "exact":
+        problems.append(
+            "spec.training.driftControl: scaffold corrects each LoRA factor's gradient, while "
+            "aggregation.lora exact re-factorises their product; use separate"
+        )
+    return problems
+
+
 def validate_spec(spec: FederatedFineTuneSpec, *, name: str | None = None) -> list[str]:
     """Every rule that spans fields, as "<field path>: <problem>" lines (empty when valid).
 
@@ -192,6 +217,8 @@ def validate_spec(spec: FederatedFineTuneSpec, *, name: str | None = None) -> li
     * aggregation.lora exact only with fedavg, without freezeA and DP noise, and per-client
       ranks (clients[].adapter.r) only in exact mode and at most adapter.r
       (`fedtune_trainer.task.lora_mode_problems`, which the aggregator's task checks too).
+    * training.driftControl scaffold only with a mean-based aggregation, without DP noise and
+      with aggregation.lora separate.
     """
     problems = validate_run_name(name) if name is not None else []
     first: dict[str, int] = {}
@@ -235,6 +262,7 @@ def validate_spec(spec: FederatedFineTuneSpec, *, name: str | None = None) -> li
             f"{krum_minimum(agg.byzantine_clients)} clients per round, but the run selects "
             f"{selected}"
         )
+    problems += _drift_problems(spec)
 
     storage = spec.storage
     if storage.uri.startswith("file://") and storage.endpoint is not None:

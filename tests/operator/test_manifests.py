@@ -207,8 +207,22 @@ def test_aggregate_job_carries_clients_weights_and_quorum() -> None:
     assert task.client_weights == {"hospital-a": 2.0, "hospital-b": 1.0}
     assert task.min_clients == 1
     assert task.rounds == 3
+    assert task.drift_control == "none"
+    assert task.total_clients == len(SPEC["clients"])  # SCAFFOLD's N: all, not the round's
     command = job["spec"]["template"]["spec"]["containers"][0]["command"]
     assert command == ["fedtune-trainer", "aggregate"]
+
+
+def test_scaffold_reaches_the_aggregator_from_the_training_settings() -> None:
+    spec = parse_spec({**SPEC, "training": {"driftControl": "scaffold"}})
+    job = manifests.aggregate_job(
+        run="demo", namespace="ns", uid="uid-1", spec=spec, round_=1, attempt=0,
+        clients=["hospital-a"],
+    )  # fmt: skip
+    task = parse_task(env_of(job)["FEDTUNE_TASK"])
+    assert isinstance(task, AggregateTask)
+    assert task.drift_control == "scaffold"
+    assert task.total_clients == len(SPEC["clients"]) > 1
 
 
 @pytest.mark.parametrize(

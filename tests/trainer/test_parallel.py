@@ -16,6 +16,7 @@ from fedtune_trainer import aggregate, client
 from fedtune_trainer import delta as codec
 from fedtune_trainer import store as st
 from fedtune_trainer.contract import client_command, gpu_count, processes_for
+from fedtune_trainer.drift import CONTROL_FILE
 from fedtune_trainer.launch import multi_node_client_command
 from fedtune_trainer.results import parse_summary
 from fedtune_trainer.task import (
@@ -115,21 +116,36 @@ def sent_delta(store: st.Store) -> dict[str, torch.Tensor]:
     return codec.decode(st.read_committed(store, client_prefix(1, "client-0"))[1][codec.DELTA_FILE])
 
 
+def sent_control(store: st.Store) -> dict[str, torch.Tensor]:
+    files = st.read_committed(store, client_prefix(1, "client-0"))[1]
+    return codec.decode(files[CONTROL_FILE])
+
+
 @pytest.mark.integration
-@pytest.mark.parametrize("packing", [False, True])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"packing": False},
+        {"packing": True},
+        # Drift control corrects the reduced gradient once per step, on every process alike.
+        {"proximal_mu": 1.0},
+        {"drift_control": "scaffold"},
+    ],
+    ids=["padded", "packed", "fedprox", "scaffold"],
+)
 def test_two_processes_send_the_one_process_delta(
     demo: Demo,
     tmp_path: Path,
     subprocess_env: dict[str, str],
-    packing: bool,
+    settings: dict[str, Any],
     record_property: pytest.RecordProperty,
 ) -> None:
     one, two = st.FileStore(tmp_path / "one"), st.FileStore(tmp_path / "two")
     for s in (one, two):
         initial(demo, s)
-    single = client.run(task(demo, one, packing=packing), one, lambda _: None)
+    single = client.run(task(demo, one, **settings), one, lambda _: None)
     log = tmp_path / "termination-log"
-    proc = run_two_processes(task(demo, two, packing=packing), subprocess_env, log)
+    proc = run_two_processes(task(demo, two, **settings), subprocess_env, log)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = parse_summary(log.read_text())
     assert proc.stdout.strip() == log.read_text()  # the launcher reports once, for both
@@ -147,6 +163,11 @@ def test_two_processes_send_the_one_process_delta(
     print(f"2 processes against 1: worst relative L2 error of a delta tensor {worst:.2e}")
     assert worst < 1e-4, sorted(errors.items(), key=lambda kv: -kv[1])[:3]
     assert max(float(t.abs().max()) for t in a.values()) > 1e-3  # it did train
+    assert summary.control_bytes == single.control_bytes
+    if settings.get("drift_control") == "scaffold":
+        ca, cb = sent_control(one), sent_control(two)
+        for n in ca:
+            torch.testing.assert_close(cb[n], ca[n], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.integration

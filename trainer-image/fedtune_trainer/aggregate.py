@@ -23,8 +23,9 @@ Round r >= 1 is `merge_round`, steps over the committed global adapter r-1, one 
    that one client's influence, the sensitivity, is clip_norm / n);
 5. server step: the server rule (merge.server_step) with its state read from the newest version
    before r and written as version r, so that a rerun of round r reads the same state and never
-   steps twice. The new global and state must be finite or the attempt fails (NonFiniteError,
-   retryable) having committed nothing;
+   steps twice; SCAFFOLD's server control (drift.py) is versioned alike. The new global and
+   state must be finite or the attempt fails (NonFiniteError, retryable) having committed
+   nothing;
 6. publish: the round record as rounds/<r>/metrics.json, then global r (checked finite again)
    as a PEFT directory with its manifest last, and on the last round the same adapter under
    final/.
@@ -46,9 +47,9 @@ from pathlib import Path
 
 import torch
 
-from . import delta_check, dp_steps, exact, lora, merge
+from . import delta_check, dp_steps, drift, exact, lora, merge
 from . import store as st
-from .intake import Accepted, decode_file, fetch_client, reason_of
+from .intake import Accepted, decode_file, fetch_client, fetch_control, reason_of
 from .results import AggregateSummary, Rejection, RoundRecord, initial_record
 from .runtime import derive_seed
 from .task import (
@@ -134,16 +135,10 @@ def collect(
     rejected: list[Rejection] = []
     # Each client's shapes: the adapter's, at the client's own rank in exact mode.
     own = {c: exact.shapes_at_rank(shapes, task.client_ranks.get(c)) for c in clients}
+    expected = {c: delta_check.ExpectedLayout(own[c], task.delta) for c in clients}
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fetch") as fetcher:
         fetches = [
-            fetcher.submit(
-                fetch_client,
-                store,
-                task,
-                client,
-                workdir,
-                delta_check.ExpectedLayout(own[client], task.delta),
-            )
+            fetcher.submit(fetch_client, store, task, client, workdir, expected[client])
             for client in clients
         ]
         for client, fetch in zip(clients, fetches, strict=True):
@@ -153,6 +148,13 @@ def collect(
                     decode_file(path, layout), own[client], task.aggregation.max_delta_norm
                 )
                 samples = manifest["samples"]
+                control, control_bytes, control_raw = None, 0, 0
+                if task.drift_control == "scaffold":
+                    control = fetch_control(
+                        store, task, client, manifest, workdir, expected[client]
+                    )
+                    control_bytes = control[0].stat().st_size
+                    control_raw = 4 * sum(math.prod(s) for s in own[client].values())
                 item = Accepted(
                     client=client,
                     path=path,
@@ -160,9 +162,10 @@ def collect(
                     samples=samples,
                     weight=client_weight(task, client, samples),
                     train_loss=manifest.get("train_loss"),
-                    encoded_bytes=path.stat().st_size,
-                    raw_bytes=manifest.get("raw_bytes", 0),
+                    encoded_bytes=path.stat().st_size + control_bytes,
+                    raw_bytes=manifest.get("raw_bytes", 0) + control_raw,
                     norm=norm,
+                    control=control,
                 )
             except Exception as e:
                 rejected.append(Rejection(client=client, reason=reason_of(e)))
@@ -389,6 +392,25 @@ def server_update(
             st.prune_versions_before(store, SERVER_STATE_PREFIX, state_version)
 
 
+def scaffold_control(
+    task: AggregateTask,
+    store: st.Store,
+    accepted: list[Accepted],
+    shapes: Mapping[str, tuple[int, ...]],
+    log: Log,
+) -> tuple[int | None, dict[str, torch.Tensor]] | None:
+    """SCAFFOLD's new server control c + |S|/N mean(dc_i) over the accepted clients, and the
+    version it was read from (the newest before r: a rerun of r computes the same c again)."""
+    if task.drift_control != "scaffold":
+        return None
+    version, old = drift.read_control(store, task.round)
+    total = max(task.total_clients or len(task.clients), len(accepted))
+    new = drift.server_control(old, [a.control_change() for a in accepted], shapes, total)
+    merge.check_finite(new, f"round {task.round}: the SCAFFOLD server control has")
+    log(f"scaffold: server control of round {version} + {len(accepted)}/{total} mean change")
+    return version, new
+
+
 def round_record(
     task: AggregateTask, accepted: list[Accepted], rejected: list[Rejection], weighing: Weighing
 ) -> RoundRecord:
@@ -451,8 +473,11 @@ def merge_round(task: AggregateTask, store: st.Store, log: Log) -> Merged:
             accepted, update = reduce_krum(task, accepted, shapes, log)
         else:
             update = reduce_robust(accepted, shapes, task)
+        control = scaffold_control(task, store, accepted, shapes, log)
     privatise(plan, update, len(accepted))  # 4
     server_update(task, store, global_tensors, update, log)  # 5: global_tensors is now global r
+    if control is not None:
+        drift.write_control(store, task.run, task.round, control[1], control[0])
     record = round_record(task, accepted, rejected, weighing)
     return Merged(dp_steps.account(task, store, record, log), global_tensors, config)
 

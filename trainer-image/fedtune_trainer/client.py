@@ -7,6 +7,8 @@ Idempotent by construction: every key written is round-scoped and a rerun overwr
 error-feedback residual is versioned by round: round r reads the newest residual written *before*
 r and writes its own as version r, so a rerun of r starts from the same residual and nothing is
 fed back twice. (The newest, not exactly r-1: a client that sat out a round keeps its residual.)
+SCAFFOLD's control variate is kept the same way (drift.py), and its change is uploaded next to
+the delta, in the same commit, encoded by the same codec.
 
 On several processes (a client with several GPUs, see launch.py and parallel.py) every process
 loads the model and the data and trains on its share of each batch; the gradients are summed, so
@@ -23,6 +25,7 @@ from collections.abc import Callable
 import torch
 
 from . import delta as codec
+from . import drift as dc
 from . import exact, lora
 from . import store as st
 from .cache import bytes_downloaded
@@ -78,6 +81,14 @@ def write_residual(
     )
     if previous is not None:
         st.prune_versions_before(store, prefix, previous)
+
+
+def _check_finite(encoded: codec.Encoded, what: str, task: ClientTask) -> None:
+    for name, t in encoded.sent.items():
+        if not bool(torch.isfinite(t).all()):
+            raise FloatingPointError(
+                f"{what} of {name} is not finite after {task.delta.dtype} encoding"
+            )
 
 
 def run(
@@ -138,7 +149,22 @@ def _run(
         f"{trainable} trainable parameters, {runtime.name}{processes}"
     )
 
-    result = train(model, examples, task.training, runtime, tok.pad_token_id, generator, log, world)
+    scaffold = task.training.drift_control == "scaffold"
+    server_control = own_control = own_version = None
+    if scaffold:
+        server_version, server_control = dc.read_control(store, task.round)
+        own_version, own_control = dc.read_control(store, task.round, task.client)
+        log(f"scaffold: server control of round {server_version}, own of round {own_version}")
+    drift = dc.Drift.create(
+        lora.trainable_parameters(model),
+        task.training.proximal_mu,
+        server_control,
+        own_control,
+        scaffold,
+    )
+    result = train(
+        model, examples, task.training, runtime, tok.pad_token_id, generator, log, world, drift
+    )
     if not world.main:
         return None
 
@@ -148,11 +174,17 @@ def _run(
     if residual is not None:
         log(f"error feedback: residual of round {previous}")
     encoded = codec.encode(delta, task.delta, residual)
-    for name, t in encoded.sent.items():
-        if not bool(torch.isfinite(t).all()):
-            raise FloatingPointError(
-                f"delta of {name} is not finite after {task.delta.dtype} encoding"
-            )
+    _check_finite(encoded, "delta", task)
+    files = {codec.DELTA_FILE: encoded.blob}
+    control: codec.Encoded | None = None
+    if scaffold:
+        assert drift is not None
+        # No error feedback of its own: the client keeps what the server decodes (kept_control).
+        control = codec.encode(dc.control_change(drift.new_control(), own_control), task.delta)
+        _check_finite(control, "control change", task)
+        kept = dc.kept_control(own_control, control.sent)
+        dc.write_control(store, task.run, task.round, kept, own_version, task.client)
+        files[dc.CONTROL_FILE] = control.blob
     if encoded.residual is not None:
         write_residual(store, task, encoded.residual, previous)
     meta = codec.manifest_fields(
@@ -168,10 +200,12 @@ def _run(
         "truncated_records": data.stats.truncated,
         "dropped_records": data.stats.dropped,
     }
-    st.commit(store, client_prefix(task.round, task.client), {codec.DELTA_FILE: encoded.blob}, meta)
+    st.commit(store, client_prefix(task.round, task.client), files, meta)
+    control_bytes = control.encoded_bytes if control is not None else 0
+    sent = encoded.encoded_bytes + control_bytes
+    raw = encoded.raw_bytes + (control.raw_bytes if control is not None else 0)
     log(
-        f"sent {encoded.encoded_bytes} bytes (dense fp32 {encoded.raw_bytes}, "
-        f"{encoded.raw_bytes / max(1, encoded.encoded_bytes):.1f}x smaller) "
+        f"sent {sent} bytes (dense fp32 {raw}, {raw / max(1, sent):.1f}x smaller) "
         f"to {store.url(client_prefix(task.round, task.client))}"
     )
     return ClientSummary(
@@ -180,8 +214,9 @@ def _run(
         samples=result.samples,
         steps=result.steps,
         train_loss=result.loss,
-        bytes_sent=encoded.encoded_bytes,
-        raw_bytes=encoded.raw_bytes,
+        bytes_sent=sent,
+        raw_bytes=raw,
+        control_bytes=control_bytes,
         full_model_bytes=full_model_bytes,
         truncated_records=data.stats.truncated,
         dropped_records=data.stats.dropped,

@@ -49,6 +49,8 @@ class Accepted:
     outlier: bool = False
     selected: bool | None = None
     share: float = 0.0
+    control: tuple[Path, codec.Layout] | None = None
+    """SCAFFOLD's checked control change (its file and layout), when the run uses it."""
 
     def contribution(self) -> Contribution:
         return Contribution(
@@ -77,6 +79,11 @@ class Accepted:
         """Its tensors unscaled, each decoded when it is read (for the streaming mean, which
         folds `scale` into the client's factor rather than copying the tensor)."""
         return LazyDelta(decode_file(self.path, self.layout), tuple(sorted(self.layout.tensors)))
+
+    def control_change(self) -> Callable[[str], torch.Tensor]:
+        """A lazy decoder of its control change (never scaled: clips bound the delta only)."""
+        assert self.control is not None
+        return decode_file(*self.control)
 
 
 class LazyDelta(Mapping[str, torch.Tensor]):
@@ -150,18 +157,23 @@ def check_manifest(
     raw = manifest.get("raw_bytes", 0)
     if type(raw) is not int or not 0 <= raw <= 1 << 50:
         raise ValueError(f"bad raw byte count {str(raw)[:40]!r}")
-    entry = manifest["files"].get(codec.DELTA_FILE)
+    return samples, declared_size(manifest, codec.DELTA_FILE, limit)
+
+
+def declared_size(manifest: Mapping[str, Any], name: str, limit: int) -> int:
+    """The size the manifest declares for the encoded file `name`, checked against `limit`."""
+    entry = manifest["files"].get(name)
     if not isinstance(entry, dict):
-        raise st.IntegrityError(f"{codec.DELTA_FILE}: not listed in the manifest")
+        raise st.IntegrityError(f"{name}: not listed in the manifest")
     size, digest = entry.get("bytes"), entry.get("sha256")
     if type(size) is not int or not isinstance(digest, str) or not _SHA256.fullmatch(digest):
-        raise st.IntegrityError(f"{codec.DELTA_FILE}: bad size or checksum in the manifest")
+        raise st.IntegrityError(f"{name}: bad size or checksum in the manifest")
     if size > limit:
         raise st.IntegrityError(
-            f"{codec.DELTA_FILE}: oversized, declares {size} bytes where a delta of this "
+            f"{name}: oversized, declares {size} bytes where a delta of this "
             f"adapter is at most {limit}"
         )
-    return samples, size
+    return size
 
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -188,18 +200,59 @@ def fetch_client(
     if manifest is None:
         raise LookupError("no committed delta (manifest.json missing)")
     _, size = check_manifest(manifest, task, client, expected.max_size())
-    key = st.join(prefix, codec.DELTA_FILE)
+    path, layout = fetch_file(
+        store, prefix, manifest, codec.DELTA_FILE, size, workdir / client, expected
+    )
+    return manifest, path, layout
+
+
+def fetch_file(
+    store: st.Store,
+    prefix: str,
+    manifest: Mapping[str, Any],
+    name: str,
+    size: int,
+    workdir: Path,
+    expected: delta_check.ExpectedLayout,
+) -> tuple[Path, codec.Layout]:
+    """One encoded file of a commit whose manifest declares it `size` bytes: header checked
+    first (a ranged read), then streamed to `workdir`, verified and its header checked again."""
+    key = st.join(prefix, name)
     head_size = 8 + expected.max_header()
     delta_check.check_file_layout(store.get_range(key, 0, head_size), expected, size)
-    path = workdir / client / codec.DELTA_FILE
+    path = workdir / name
     try:
         store.get_file(key, path, max_bytes=size)
     except st.ObjectNotFound as e:
-        raise st.IntegrityError(f"{codec.DELTA_FILE}: listed in the manifest but missing") from e
-    st.verify_entry(manifest, codec.DELTA_FILE, path.stat().st_size, st.sha256_file(path))
+        raise st.IntegrityError(f"{name}: listed in the manifest but missing") from e
+    st.verify_entry(manifest, name, path.stat().st_size, st.sha256_file(path))
     with open(path, "rb") as f:
         layout = delta_check.check_file_layout(f.read(head_size), expected, size)
-    return manifest, path, layout
+    return path, layout
+
+
+def fetch_control(
+    store: st.Store,
+    task: AggregateTask,
+    client: str,
+    manifest: Mapping[str, Any],
+    workdir: Path,
+    expected: delta_check.ExpectedLayout,
+) -> tuple[Path, codec.Layout]:
+    """SCAFFOLD's control change a client committed with its delta, checked like the delta
+    (same layout, same size bound, then decoded and finite): its file and layout."""
+    from .drift import CONTROL_FILE
+
+    prefix = client_prefix(task.round, client)
+    size = declared_size(manifest, CONTROL_FILE, expected.max_size())
+    path, layout = fetch_file(
+        store, prefix, manifest, CONTROL_FILE, size, workdir / client, expected
+    )
+    try:
+        merge.checked_norm(decode_file(path, layout), expected.shapes, None)
+    except ValueError as e:
+        raise ValueError(f"control change: {reason_of(e)}") from e
+    return path, layout
 
 
 def reason_of(error: BaseException) -> str:

@@ -131,6 +131,21 @@ def adapter_tensors(model: PeftModel) -> dict[str, torch.Tensor]:
     }
 
 
+def trainable_parameters(model: PeftModel) -> dict[str, torch.nn.Parameter]:
+    """The parameters that train, keyed by their saved names (those of `adapter_tensors`).
+
+    Matched by storage, not by rewriting names: PEFT's state dict holds the parameters
+    themselves, whatever naming rule (adapter name, bias mode) it applies.
+    """
+    from peft import get_peft_model_state_dict
+
+    saved = {
+        t.data_ptr(): name
+        for name, t in get_peft_model_state_dict(model, save_embedding_layers=False).items()
+    }
+    return {saved[p.data_ptr()]: p for p in model.parameters() if p.requires_grad}
+
+
 def weights_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
     """`adapter_model.safetensors` content for these tensors."""
     import safetensors.torch

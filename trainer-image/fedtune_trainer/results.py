@@ -33,8 +33,11 @@ class ClientSummary(Model):
     samples: int
     steps: int
     train_loss: float | None = None
-    bytes_sent: int = Field(description="Encoded delta bytes uploaded.")
-    raw_bytes: int = Field(description="The same delta as dense fp32.")
+    bytes_sent: int = Field(
+        description="Encoded bytes uploaded: the delta, and SCAFFOLD's control change if any."
+    )
+    raw_bytes: int = Field(description="The same upload as dense fp32.")
+    control_bytes: int = Field(0, ge=0, description="Of bytes_sent, SCAFFOLD's control change.")
     full_model_bytes: int = Field(description="The whole model as fp32: what FedAvg would send.")
     truncated_records: int = Field(
         0, description="Records cut to maxSeqLength (prompt from the left, answer from the right)."

@@ -140,6 +140,19 @@ class TrainingSpec(Model):
         "instead of padding each to the longest; attention never crosses examples, so the "
         "gradient is the padded one's, with less padding computed.",
     )
+    proximal_mu: float = Field(
+        0.0,
+        ge=0,
+        le=1e4,
+        description="FedProx: mu of the proximal term mu/2 ||w - w_global||^2 on the adapter "
+        "weights, added to the gradient once per optimizer step; 0 turns it off.",
+    )
+    drift_control: Literal["none", "scaffold"] = Field(
+        "none",
+        description="scaffold: SCAFFOLD control variates; each client corrects its local "
+        "gradients by (server control - its own) and uploads the change of its control next "
+        "to its delta (encoded alike). Needs a mean-based aggregation and no DP noise.",
+    )
 
 
 class DataSpec(Model):
@@ -186,6 +199,12 @@ class DeltaSpec(Model):
 Algorithm = Literal[
     "fedavg", "fedavgm", "fedadam", "fedyogi", "median", "trimmedMean", "krum", "multiKrum"
 ]
+
+
+SCAFFOLD_ALGORITHMS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
+"""The rules SCAFFOLD goes with: every accepted client enters the mean, as its control update
+c += |S|/N mean(dc_i) assumes (a median or Krum's selection would drop some deltas but not
+their control changes)."""
 
 
 class AggregationSpec(Model):
@@ -422,6 +441,8 @@ def client_prefix(round_: int, client: str) -> str:
 
 SERVER_STATE_PREFIX = "state/server"
 CLIP_STATE_PREFIX = "state/clip"
+CONTROL_PREFIX = "state/control"
+"""SCAFFOLD's control variates: server/<round>/ (c) and clients/<client>/<round>/ (c_i)."""
 FINAL_PREFIX = "final"
 REPORT_PREFIX = "report"
 
@@ -432,6 +453,11 @@ EVALUATION_FILE = "evaluation.json"
 
 def client_state_prefix(client: str) -> str:
     return f"state/clients/{client}"
+
+
+def control_prefix(client: str | None = None) -> str:
+    """Where SCAFFOLD's control variate of `client` (None: the server's) lives, by round."""
+    return f"{CONTROL_PREFIX}/clients/{client}" if client else f"{CONTROL_PREFIX}/server"
 
 
 # --------------------------------------------------------------------------------------------
@@ -485,6 +511,13 @@ class AggregateTask(_TaskBase):
         if problems := lora_mode_problems(self.aggregation, self.adapter, self.privacy, ranks):
             raise ValueError("; ".join(problems))
         return self
+
+    drift_control: Literal["none", "scaffold"] = Field(
+        "none", description="training.driftControl: scaffold also updates the server control."
+    )
+    total_clients: int | None = Field(
+        None, ge=1, description="N of SCAFFOLD's c += |S|/N mean(dc_i); defaults to the round's."
+    )
 
 
 class EvaluateTask(_TaskBase):

@@ -29,6 +29,7 @@ from .runtime import Runtime
 from .task import TrainingSpec
 
 if TYPE_CHECKING:
+    from .drift import Drift
     from .parallel import World
 
 Batch = dict[str, torch.Tensor]
@@ -405,6 +406,7 @@ def train(
     generator: torch.Generator,
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
     world: World | None = None,
+    drift: Drift | None = None,
 ) -> TrainResult:
     """Train the parameters that require grad; log step, loss, lr and tokens/s.
 
@@ -421,6 +423,9 @@ def train(
     adapter's (a few MB to a few hundred), reduced once per step; a single flat all-reduce is
     simpler, and it lets the loss call the decoder directly (chunked loss) instead of through
     the wrapped forward that DDP's bookkeeping needs.
+
+    `drift` (FedProx, SCAFFOLD; see drift.py) corrects each step's gradient after the
+    all-reduce and the unscaling, before clipping: once per optimizer step, on every process.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -459,6 +464,8 @@ def train(
         if not math.isfinite(step_loss):
             raise FloatingPointError(f"training diverged: loss is {step_loss} at step {step + 1}")
         scaler.unscale_(optimizer)
+        if drift is not None:
+            drift.apply()
         torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
         scaler.step(optimizer)
         scaler.update()
