@@ -347,9 +347,9 @@ class RealSizes:
     """How much of the real-text corpus the real-model benchmarks use."""
 
     clients: int = 4
-    records: int = 160
+    records: int = 96
     """Per client: more than the steps of any benchmark take, so no record repeats in a round."""
-    eval_records: int = 48
+    eval_records: int = 32
     chunk_chars: int = 400
     """About 100 tokens of text per record: with the chat prompt it fits 128-token sequences."""
 

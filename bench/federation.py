@@ -132,6 +132,8 @@ def federate(
             aggregation=agg,
             delta=delta,
             seed=recipe.seed,
+            drift_control=variant.training.get("drift_control", "none"),
+            total_clients=len(names),
         )
         start = time.perf_counter()
         if r == 0:

@@ -48,6 +48,9 @@ def variants(fedadam_server_lrs: tuple[float, ...]) -> dict[str, Variant]:
     out = {
         "fedavg": Variant(),
         "fedavg, freezeA (FFA-LoRA)": Variant(adapter={"freeze_a": True}),
+        "fedavg, exact LoRA (SVD)": Variant(AggregationSpec(lora="exact")),
+        "fedprox (mu 0.01)": Variant(training={"proximal_mu": 0.01}),
+        "scaffold": Variant(training={"drift_control": "scaffold"}),
     }
     for lr in fedadam_server_lrs:
         out[f"fedadam (server lr {lr:g})"] = Variant(
@@ -64,10 +67,10 @@ class Sizes:
     tiny: TinySizes = field(default_factory=TinySizes)
     recipe: Recipe = field(
         default_factory=lambda: Recipe(
-            rounds=4, local_steps=5, batch_size=4, learning_rate=2e-3, rank=8
+            rounds=3, local_steps=3, batch_size=2, learning_rate=2e-3, rank=8
         )
     )
-    fedadam_server_lrs: tuple[float, ...] = (0.003, 0.01)
+    fedadam_server_lrs: tuple[float, ...] = (0.003,)
 
 
 FULL = Sizes()
