@@ -25,6 +25,7 @@ uploads than under full-model FedAvg of the same model.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -325,7 +326,9 @@ def run(sizes: Sizes, work: Path, out: Path) -> Result:
     if not real:  # training every weight of the real model is beyond a CPU's bench budget
         runs[FULL_MODEL] = full_model_fedavg(assets, recipe, clients)
     if not real and sizes.full_model_low_lr is not None:
-        report_dir = out / f"{NAME}-report"
+        slow = dataclasses.replace(recipe, learning_rate=sizes.full_model_low_lr)
+        runs[f"{FULL_MODEL}, lr {slow.learning_rate:g}"] = full_model_fedavg(assets, slow, clients)
+    report_dir = out / f"{NAME}-report"
     for config, spec in ENCODINGS.items():
         storage = work / f"{NAME}-{len(runs)}"
         keep = config == REPORT_ENCODING
