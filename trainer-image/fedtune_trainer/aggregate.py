@@ -136,7 +136,10 @@ def collect(
     # Each client's shapes: the adapter's, at the client's own rank in exact mode.
     own = {c: exact.shapes_at_rank(shapes, task.client_ranks.get(c)) for c in clients}
     expected = {c: delta_check.ExpectedLayout(own[c], task.delta) for c in clients}
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fetch") as fetcher:
+    # The fetches run one at a time in a worker thread, ahead of the checks; on any way out, the
+    # ones not yet started are cancelled (an error must not wait for every remaining download).
+    fetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fetch")
+    try:
         fetches = [
             fetcher.submit(fetch_client, store, task, client, workdir, expected[client])
             for client in clients
@@ -173,6 +176,8 @@ def collect(
                 continue
             accepted.append(item)
             log(f"accepted {client}: {samples} samples, norm {norm:.4g}, {item.encoded_bytes} B")
+    finally:
+        fetcher.shutdown(wait=True, cancel_futures=True)
     if len(accepted) < task.min_clients:
         detail = "; ".join(f"{x.client}: {x.reason}" for x in rejected)[:1500]
         raise QuorumError(
