@@ -396,3 +396,37 @@ def test_lossy_deltas_are_merged_as_decoded(file_store: st.FileStore) -> None:
     got = read_global(file_store, 1)
     for name in SHAPES:
         np.testing.assert_allclose(got[name].double().numpy(), x[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("value", "max_norm", "reason"),
+    [
+        (torch.ones(2, 2), None, None),
+        (torch.ones(3, 2), None, r"shape of a: \(3, 2\) != \(2, 2\)"),
+        (torch.tensor([[1.0, float("nan")], [0.0, 0.0]]), None, r"non-finite .* in a"),
+        (torch.tensor([[float("inf"), 0.0], [0.0, 0.0]]), None, r"non-finite .* in a"),
+        (torch.full((2, 2), 3.0), 5.0, r"delta norm 6 exceeds maxDeltaNorm 5"),
+        (torch.full((2, 2), 3.0), 6.0, None),
+    ],
+)
+def test_a_delta_is_checked_tensor_by_tensor_as_it_decodes(
+    value: torch.Tensor, max_norm: float | None, reason: str | None
+) -> None:
+    """merge.checked_norm reads each tensor once through the decoder and returns the L2 norm of
+    them all, or refuses the delta with the reason."""
+    tensors = {"a": value, "b": torch.zeros(1, 2)}
+    read: list[str] = []
+
+    def decode(name: str) -> torch.Tensor:
+        read.append(name)
+        return tensors[name]
+
+    shapes = {"a": (2, 2), "b": (1, 2)}
+    if reason is None:
+        assert merge.checked_norm(decode, shapes, max_norm) == pytest.approx(
+            float(value.double().norm())
+        )
+        assert read == ["a", "b"]
+    else:
+        with pytest.raises(ValueError, match=reason):
+            merge.checked_norm(decode, shapes, max_norm)
