@@ -291,10 +291,11 @@ class TinySizes:
 
 
 @dataclass(frozen=True)
-class TinyAssets:
+class _DataFiles:
+    """The files a federated benchmark reads: one jsonl per client and the eval set."""
+
     model: Path
     data: Path
-    sizes: TinySizes
     parameters: int
 
     def client_data(self, i: int) -> Path:
@@ -303,6 +304,11 @@ class TinyAssets:
     @property
     def eval_data(self) -> Path:
         return self.data / "eval.jsonl"
+
+
+@dataclass(frozen=True)
+class TinyAssets(_DataFiles):
+    sizes: TinySizes
 
     def kinds(self) -> list[str]:
         layout = json.loads((self.data / "layout.json").read_text())
@@ -355,21 +361,11 @@ class RealSizes:
 
 
 @dataclass(frozen=True)
-class RealAssets:
+class RealAssets(_DataFiles):
     """SmolLM2-135M-Instruct (converted once into the machine's cache by `make model`) and the
     project's real-text corpus, one source per client (the non-IID split)."""
 
-    model: Path
-    data: Path
     sizes: RealSizes
-    parameters: int
-
-    def client_data(self, i: int) -> Path:
-        return self.data / f"client-{i}.jsonl"
-
-    @property
-    def eval_data(self) -> Path:
-        return self.data / "eval.jsonl"
 
     def kinds(self) -> list[str]:
         layout = json.loads((self.data / "corpus.json").read_text())
