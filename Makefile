@@ -35,8 +35,9 @@ lock:  ## re-resolve uv.lock (every Python dependency, hashed) and requirements/
 binaries:  ## build kube-apiserver, kube-controller-manager, kubectl, etcd, helm, versitygw
 	@tools/build-binaries.sh
 
+# The slowest tests are printed at the end, so a CI log says where the time went.
 test: install model  ## the whole suite: unit, integration (real S3, real training), e2e (devcluster)
-	@set +e; OMP_NUM_THREADS=1 $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; set -e; \
+	@set +e; OMP_NUM_THREADS=1 $(PY) -m pytest --durations=30 $(PYTEST_ARGS); rc=$$?; set -e; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests: failing on purpose" >&2; exit 1; fi; \
 	exit $$rc
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ Operator = OperatorProcess
 
 BUCKET = "fedtune-e2e"
 CLIENTS = ("alice", "bob", "carol")
+PAIR = CLIENTS[:2]
 Manifest = dict[str, Any]
 
 
@@ -119,3 +121,21 @@ def wait_running(
         interval=0.5,
         diagnose=op.log_tail,
     )
+
+
+def small_run(
+    manifest: Callable[..., Manifest], assets: Assets, name: str, **spec: Any
+) -> Manifest:
+    """Two clients, one round unless asked, no evaluation Jobs: the least a test of the
+    machinery needs. Every trainer pod costs its Python imports (about 15 s of CPU for torch,
+    transformers and peft), so a test that is not about three clients or evaluation runs this."""
+    m = manifest(
+        name,
+        **{
+            "rounds": 1,
+            "clients": [{"name": c, "dataUri": assets.data_uris[c]} for c in PAIR],
+            **spec,
+        },
+    )
+    del m["spec"]["evaluation"]
+    return m

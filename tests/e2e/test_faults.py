@@ -20,35 +20,19 @@ from fedtune_trainer import store as st
 from fedtune_trainer.task import client_prefix, global_prefix, round_prefix
 from tests.e2e.support import (
     BUCKET,
-    CLIENTS,
+    PAIR,
     Assets,
     Manifest,
     Operator,
     apply,
     job_keys,
     jobs_of,
+    small_run,
     wait_condition,
     wait_running,
 )
 
 RUN_TIMEOUT = 420
-PAIR = CLIENTS[:2]
-
-
-def small_run(
-    manifest: Callable[..., Manifest], assets: Assets, name: str, **spec: Any
-) -> Manifest:
-    """Two clients, one round unless asked, no evaluation Jobs: the least a fault needs."""
-    m = manifest(
-        name,
-        **{
-            "rounds": 1,
-            "clients": [{"name": c, "dataUri": assets.data_uris[c]} for c in PAIR],
-            **spec,
-        },
-    )
-    del m["spec"]["evaluation"]
-    return m
 
 
 def run_store(dc: DevCluster, name: str) -> st.Store:

@@ -11,6 +11,7 @@ from devcluster.testing import DevCluster, wait_for
 from tests.e2e.support import (
     BUCKET,
     CLIENTS,
+    PAIR,
     Assets,
     Manifest,
     Operator,
@@ -19,6 +20,7 @@ from tests.e2e.support import (
     events_of,
     job_keys,
     jobs_of,
+    small_run,
     storage_keys,
     wait_condition,
     wait_running,
@@ -137,7 +139,9 @@ def test_a_failed_client_is_reported_and_the_round_goes_on_with_the_quorum(
 ) -> None:
     clients = [{"name": c, "dataUri": assets.data_uris[c]} for c in CLIENTS]
     clients[1]["dataUri"] = assets.broken_data_uri
-    apply(devcluster, manifest(run_name, rounds=1, clients=clients, aggregation={"minClients": 2}))
+    m = manifest(run_name, rounds=1, clients=clients, aggregation={"minClients": 2})
+    del m["spec"]["evaluation"]
+    apply(devcluster, m)
     run = wait_condition(devcluster, operator, namespace, run_name, "Succeeded", RUN_TIMEOUT)
     bob = next(c for c in run["status"]["clients"] if c["name"] == "bob")
     assert bob["phase"] == "Failed"
@@ -155,16 +159,13 @@ def test_without_the_quorum_the_run_fails_with_a_reason(
     manifest: Callable[..., Manifest],
     run_name: str,
 ) -> None:
-    clients = [{"name": c, "dataUri": assets.data_uris[c]} for c in CLIENTS]
-    clients[0]["dataUri"] = assets.broken_data_uri
-    apply(
-        devcluster,
-        manifest(run_name, rounds=2, clients=clients, aggregation={"maxRoundRetries": 0}),
-    )
+    m = small_run(manifest, assets, run_name, rounds=2, aggregation={"maxRoundRetries": 0})
+    m["spec"]["clients"][0]["dataUri"] = assets.broken_data_uri
+    apply(devcluster, m)
     run = wait_condition(devcluster, operator, namespace, run_name, "Failed", RUN_TIMEOUT)
     failed = condition(run, "Failed")
     assert failed["reason"] == "QuorumNotReached"
-    assert "quorum 3" in failed["message"]
+    assert "quorum 2" in failed["message"]
     assert run["status"]["phase"] == "Failed"
     assert condition(run, "Succeeded")["status"] == "False"
     assert not [
@@ -179,10 +180,11 @@ def test_an_operator_killed_mid_round_resumes_without_duplicates(
     devcluster: DevCluster,
     operator: Operator,
     namespace: str,
+    assets: Assets,
     manifest: Callable[..., Manifest],
     run_name: str,
 ) -> None:
-    apply(devcluster, manifest(run_name, rounds=2))
+    apply(devcluster, small_run(manifest, assets, run_name, rounds=2))
     wait_running(devcluster, operator, namespace, run_name, 1, "client")
     operator.kill()
     operator.start()
@@ -192,7 +194,7 @@ def test_an_operator_killed_mid_round_resumes_without_duplicates(
     run = wait_condition(devcluster, operator, namespace, run_name, "Succeeded", RUN_TIMEOUT)
     assert [(r["round"], r["attempt"]) for r in run["status"]["history"]] == [(1, 0), (2, 0)]
     keys = job_keys(jobs_of(devcluster, namespace, run_name))
-    assert len(keys) == 1 + 2 * (len(CLIENTS) + 1) + 2  # evaluations of rounds 0 and 2
+    assert len(keys) == 1 + 2 * (len(PAIR) + 1)  # round 0's aggregator, then clients + one
     assert max(keys.values()) == 1
 
 
@@ -200,10 +202,11 @@ def test_suspend_suspends_the_jobs_and_resume_finishes_the_run(
     devcluster: DevCluster,
     operator: Operator,
     namespace: str,
+    assets: Assets,
     manifest: Callable[..., Manifest],
     run_name: str,
 ) -> None:
-    apply(devcluster, manifest(run_name, rounds=1))
+    apply(devcluster, small_run(manifest, assets, run_name))
     wait_running(devcluster, operator, namespace, run_name, 1, "client")
     devcluster.kubectl(
         "patch",
@@ -247,10 +250,11 @@ def test_cleanup_policy_delete_removes_the_storage_prefix(
     devcluster: DevCluster,
     operator: Operator,
     namespace: str,
+    assets: Assets,
     manifest: Callable[..., Manifest],
     run_name: str,
 ) -> None:
-    m = manifest(run_name, rounds=1)
+    m = small_run(manifest, assets, run_name)
     m["spec"]["storage"]["cleanupPolicy"] = "Delete"
     apply(devcluster, m)
     run = wait_condition(devcluster, operator, namespace, run_name, "Succeeded", RUN_TIMEOUT)

@@ -85,6 +85,9 @@ def assets(demo: Demo, storage: Storage) -> dict[str, str]:
     }
 
 
+# On S3 only: the file store's behaviour is specified by test_store, and each run of this test
+# starts 17 trainer processes (minutes of CPU, most of it their imports).
+@pytest.mark.parametrize("storage", ["s3"], indirect=True)
 def test_three_clients_three_rounds(
     demo: Demo,
     storage: Storage,

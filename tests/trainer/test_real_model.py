@@ -220,5 +220,10 @@ def test_a_round_on_the_real_model_gives_an_adapter_peft_loads_generates_with_an
     with torch.no_grad():
         merged_logits = merged(**prompt).logits
         merged_generated = merged.generate(**prompt, max_new_tokens=8, do_sample=False)
-    torch.testing.assert_close(merged_logits, adapted_logits, rtol=1e-4, atol=1e-4)
+    # Merging reorders fp32 sums through 30 layers: logits of size ~20 move by ~1e-4 (CI saw
+    # 1.3e-4). The bound is 1e-3 absolute, and the merge must move logits far less than the
+    # adapter does, so a merge that dropped the adapter could not pass.
+    torch.testing.assert_close(merged_logits, adapted_logits, rtol=1e-4, atol=1e-3)
+    merge_error = float((merged_logits - adapted_logits).abs().max())
+    assert merge_error < float((adapted_logits - plain_logits).abs().max()) / 10
     assert torch.equal(merged_generated, generated)
