@@ -5,8 +5,6 @@ non-IID by source (tests/e2e/test_real_model.py)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,59 +13,20 @@ from typing import Any
 import pytest
 
 from devcluster.corpus import build_corpus
-from devcluster.testing import DevCluster
+from devcluster.testing import DevCluster, make_tiny_assets
 from tests.e2e.support import BUCKET, CLIENTS, Assets, Manifest, Operator
-
-
-def _upload_dir(dc: DevCluster, local: Path, key_prefix: str) -> None:
-    s3 = dc.s3.client()
-    for path in sorted(local.rglob("*")):
-        if path.is_file():
-            s3.upload_file(str(path), BUCKET, f"{key_prefix}/{path.relative_to(local)}")
 
 
 @pytest.fixture(scope="session")
 def assets(devcluster: DevCluster, tmp_path_factory: pytest.TempPathFactory) -> Assets:
     root = tmp_path_factory.mktemp("assets")
-    trainer = Path(sys.executable).parent / "fedtune-trainer"
-    data = root / "data"
-    subprocess.run(
-        [
-            str(trainer),
-            "make-demo-data",
-            "--out",
-            str(data),
-            "--clients",
-            "3",
-            "--samples",
-            "48",
-            "--eval-samples",
-            "24",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    model = root / "model"
-    subprocess.run(
-        [
-            str(trainer),
-            "make-tiny-model",
-            "--out",
-            str(model),
-            "--data",
-            *map(str, sorted(data.glob("*.jsonl"))),
-            "--hidden-size",
-            "64",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    model, data = make_tiny_assets(root, clients=3, samples=48, eval_samples=24, hidden_size=64)
     broken = root / "broken.jsonl"
     good = (data / "client-0.jsonl").read_text().splitlines()
     broken.write_text("\n".join([*good[:5], '{"messages": [ broken', *good[5:]]) + "\n")
     devcluster.s3.bucket(BUCKET)
-    _upload_dir(devcluster, model, "models/tiny")
-    _upload_dir(devcluster, data, "data")
+    devcluster.upload_dir(model, BUCKET, "models/tiny")
+    devcluster.upload_dir(data, BUCKET, "data")
     devcluster.s3.client().upload_file(str(broken), BUCKET, "data/broken.jsonl")
     return Assets(
         model_uri=f"s3://{BUCKET}/models/tiny",
@@ -102,8 +61,8 @@ def real_assets(
         chunk_chars=REAL_CHUNK_CHARS,
     )
     devcluster.s3.bucket(BUCKET)
-    _upload_dir(devcluster, real_model, "models/smollm2")
-    _upload_dir(devcluster, data, "real-data")
+    devcluster.upload_dir(real_model, BUCKET, "models/smollm2")
+    devcluster.upload_dir(data, BUCKET, "real-data")
     return Assets(
         model_uri=f"s3://{BUCKET}/models/smollm2",
         data_uris={c: f"s3://{BUCKET}/real-data/client-{i}.jsonl" for i, c in enumerate(CLIENTS)},

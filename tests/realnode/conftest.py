@@ -19,7 +19,7 @@ import pytest
 
 from devcluster.cluster import REPO_ROOT, Cluster
 from devcluster.realnode import NODE_IP
-from devcluster.testing import DevCluster, wait_for
+from devcluster.testing import DevCluster, make_tiny_assets, wait_for
 
 REAL_CLUSTER_DIR = Path(
     os.environ.get("FEDTUNE_TEST_REAL_CLUSTER_DIR") or REPO_ROOT / ".devcluster" / "pytest-real"
@@ -142,27 +142,10 @@ def _push(registry_port: int) -> dict[str, str]:
 
 
 def _assets(work: Path, dc: DevCluster) -> tuple[Path, list[str]]:
-    trainer = str(Path(sys.executable).parent / "fedtune-trainer")
-    data, model = work / "data", work / "model"
-    subprocess.run(
-        [trainer, "make-demo-data", "--out", str(data), "--clients", "2", "--samples", "16"],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    subprocess.run(
-        [trainer, "make-tiny-model", "--out", str(model), "--hidden-size", "32", "--data"]
-        + [str(p) for p in sorted(data.glob("client-*.jsonl"))],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    model, data = make_tiny_assets(work, clients=2, samples=16, hidden_size=32)
     dc.s3.bucket(BUCKET)
-    s3 = dc.s3.client()
-    for local, prefix in ((model, "models/tiny"), (data, "data")):
-        for path in sorted(local.rglob("*")):
-            if path.is_file():
-                s3.upload_file(str(path), BUCKET, f"{prefix}/{path.relative_to(local)}")
+    dc.upload_dir(model, BUCKET, "models/tiny")
+    dc.upload_dir(data, BUCKET, "data")
     return model, [f"s3://{BUCKET}/data/client-{i}.jsonl" for i in range(2)]
 
 

@@ -46,6 +46,23 @@ def wait_for(
         time.sleep(interval)
 
 
+def make_tiny_assets(
+    work: Path, *, clients: int, samples: int, hidden_size: int, eval_samples: int = 60
+) -> tuple[Path, Path]:
+    """Demo chat data (client-<i>.jsonl and eval.jsonl under work/data) and a tiny random Llama
+    whose tokenizer is built from all of it (work/model), made by the trainer's own commands as
+    a user would make them: (model directory, data directory)."""
+    trainer = str(Path(sys.executable).parent / "fedtune-trainer")
+    data, model = work / "data", work / "model"
+    demo = ["make-demo-data", "--out", str(data), "--clients", str(clients)]
+    demo += ["--samples", str(samples), "--eval-samples", str(eval_samples)]
+    subprocess.run([trainer, *demo], check=True, capture_output=True, timeout=120)
+    tiny = ["make-tiny-model", "--out", str(model), "--hidden-size", str(hidden_size), "--data"]
+    tiny += [str(p) for p in sorted(data.glob("*.jsonl"))]
+    subprocess.run([trainer, *tiny], check=True, capture_output=True, timeout=300)
+    return model, data
+
+
 @dataclass
 class DevCluster:
     cluster: Cluster
@@ -87,6 +104,13 @@ class DevCluster:
                 f"kubectl {' '.join(args)} failed ({result.returncode}):\n{result.stderr}"
             )
         return result
+
+    def upload_dir(self, local: Path, bucket: str, key_prefix: str) -> None:
+        """Every file under `local` to s3://bucket/key_prefix/<its relative path>."""
+        s3 = self.s3.client()
+        for path in sorted(local.rglob("*")):
+            if path.is_file():
+                s3.upload_file(str(path), bucket, f"{key_prefix}/{path.relative_to(local)}")
 
     def api(self) -> client.ApiClient:
         return config.new_client_from_config(config_file=str(self.kubeconfig))
