@@ -47,6 +47,9 @@ def variants(fedadam_server_lrs: tuple[float, ...]) -> dict[str, Variant]:
     """The federated settings compared, by the name their row carries."""
     out = {
         "fedavg": Variant(),
+        # Averaging K clients' deltas moves the adapter about as far as one client's local steps
+        # on a K-times larger batch; a server step above 1 gives back the sequential progress.
+        "fedavg (server lr 2)": Variant(AggregationSpec(server_learning_rate=2.0)),
         "fedavg, freezeA (FFA-LoRA)": Variant(adapter={"freeze_a": True}),
         "fedavg, exact LoRA (SVD)": Variant(AggregationSpec(lora="exact")),
         "fedprox (mu 0.01)": Variant(training={"proximal_mu": 0.01}),
