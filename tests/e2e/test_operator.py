@@ -194,7 +194,7 @@ def test_an_operator_killed_mid_round_resumes_without_duplicates(
     run = wait_condition(devcluster, operator, namespace, run_name, "Succeeded", RUN_TIMEOUT)
     assert [(r["round"], r["attempt"]) for r in run["status"]["history"]] == [(1, 0), (2, 0)]
     keys = job_keys(jobs_of(devcluster, namespace, run_name))
-    assert len(keys) == 1 + 2 * (len(PAIR) + 1)  # round 0's aggregator, then clients + one
+    assert len(keys) == 1 + 2 * (len(PAIR) + 1)  # round 0's aggregator, then clients and aggregator
     assert max(keys.values()) == 1
 
 
