@@ -73,9 +73,10 @@ class Sizes:
             rounds=3, local_steps=3, batch_size=2, learning_rate=2e-3, rank=8
         )
     )
-    fedadam_server_lrs: tuple[float, ...] = ()
-    """FedAdam at these server learning rates (none at full size: a CPU's budget; the tiny
-    model's runs found FedAvg better and FedAdam sensitive to its rate)."""
+    fedadam_server_lrs: tuple[float, ...] = (0.003, 0.01)
+    """FedAdam at these server learning rates: around the clients' per-round change of a weight
+    (learning rate x local steps = 0.006 at full size), where its first steps move each
+    coordinate by about the server rate."""
 
 
 FULL = Sizes()
