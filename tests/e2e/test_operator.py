@@ -139,8 +139,7 @@ def test_a_failed_client_is_reported_and_the_round_goes_on_with_the_quorum(
 ) -> None:
     clients = [{"name": c, "dataUri": assets.data_uris[c]} for c in CLIENTS]
     clients[1]["dataUri"] = assets.broken_data_uri
-    m = manifest(run_name, rounds=1, clients=clients, aggregation={"minClients": 2})
-    del m["spec"]["evaluation"]
+    m = small_run(manifest, assets, run_name, clients=clients, aggregation={"minClients": 2})
     apply(devcluster, m)
     run = wait_condition(devcluster, operator, namespace, run_name, "Succeeded", RUN_TIMEOUT)
     bob = next(c for c in run["status"]["clients"] if c["name"] == "bob")
