@@ -6,9 +6,11 @@ store as clients would commit them. Then, for N in {2, 8, 32}, each method merge
 fresh process of its own (wall time, and the peak RSS the process reports, its own VmHWM):
 
 - `streaming`: the aggregator's real round (`aggregate.merge_round`): fetch, verify, decode and
-  check one client at a time, fold it into a float64 running mean, drop it;
-- `load-everything` (the baseline, written here): fetch and decode every client's delta into
-  memory first, then average them tensor by tensor, which is the obvious implementation.
+  check one client at a time, fold it into a float64 running mean as it is checked, drop it;
+- `load-everything` (the baseline, written here): fetch, decode and check every client's delta
+  into memory first, then average them tensor by tensor, which is the obvious implementation.
+
+Both decode each delta once (the checks' decode).
 
 Both read the same files, verify the same checksums, run the same checks, server step and publish
 (metrics and global adapter), so the difference is only what is held at once. The bench checks
@@ -144,27 +146,40 @@ def prepare(root: Path, sizes: Sizes) -> None:
 
 def load_everything(task: AggregateTask, store: Any, log: Any) -> Any:
     """The load-everything baseline: the aggregator's own collect and weigh steps (the same
-    fetch, verification, checks and weights) and the same server step, but every client's decoded
-    delta is held in memory before the weighted mean is taken tensor by tensor (torch.stack over
-    clients)."""
+    fetch, verification, checks and weights) and the same server step, but every client's delta,
+    decoded once by the checks, is held in memory before the weighted mean is taken tensor by
+    tensor (torch.stack over clients)."""
     import torch
 
     from fedtune_trainer import aggregate, lora, merge
+    from fedtune_trainer.reducers import FirstPass
+
+    class Hold(FirstPass):
+        """collect's per-tensor hook keeps every checked tensor instead of summing it."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.held: dict[str, dict[str, torch.Tensor]] = {}
+            self.current: dict[str, torch.Tensor] = {}
+
+        def fold(self, weight: float) -> Any:
+            self.current = {}
+            return self.current.__setitem__
+
+        def done(self, client: str, weight: float) -> None:
+            self.held[client] = self.current
 
     global_tensors, config = aggregate.read_global(store, task.round - 1)
     names = lora.trainable_names(list(global_tensors), task.adapter)
     expected = {n: tuple(global_tensors[n].shape) for n in names}
+    hold = Hold()
     with tempfile.TemporaryDirectory(prefix="fedtune-bench-baseline-") as tmp:
-        accepted, rejected = aggregate.collect(task, store, expected, Path(tmp), log)
+        accepted, rejected = aggregate.collect(task, store, expected, Path(tmp), log, hold)
         accepted, weighing = aggregate.weigh(task, accepted, log)
-        deltas = []
-        for a in accepted:
-            tensor = a.tensors()
-            deltas.append({name: tensor(name) for name in names})
     w = torch.tensor([a.weight for a in accepted], dtype=torch.float64)
     update = {}
     for name in names:
-        stack = torch.stack([d[name] for d in deltas]).double()
+        stack = torch.stack([hold.held[a.client][name] * a.scale for a in accepted]).double()
         update[name] = (torch.tensordot(w, stack, dims=1) / w.sum()).float()
         del stack
     new_global, _ = merge.server_step(task.aggregation, global_tensors, update, None)

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedtune_trainer import aggregate, merge
+from fedtune_trainer import aggregate, intake, merge
 from fedtune_trainer import delta as codec
 from fedtune_trainer import store as st
+from fedtune_trainer.errors import QuorumError
 from fedtune_trainer.results import AggregateSummary, RoundRecord
 from fedtune_trainer.task import (
     SERVER_STATE_PREFIX,
@@ -252,7 +253,7 @@ def test_quorum_failure_writes_nothing_global(file_store: st.FileStore) -> None:
     t = task(
         file_store, 1, CLIENTS, aggregation=AggregationSpec(algorithm="fedadam"), min_clients=3
     )
-    with pytest.raises(aggregate.QuorumError, match=r"2 valid deltas of 5, quorum is 3") as info:
+    with pytest.raises(QuorumError, match=r"2 valid deltas of 5, quorum is 3") as info:
         aggregate.run(t, file_store, quiet)
     assert "echo: non-finite" in str(info.value)
     assert file_store.list(global_prefix(1)) == []
@@ -393,6 +394,94 @@ def test_lossy_deltas_are_merged_as_decoded(file_store: st.FileStore) -> None:
     x = reference_round(
         AggregationSpec(), as_numpy(g0), [as_numpy(s) for s in sent], [10, 10, 10], {}
     )
+    got = read_global(file_store, 1)
+    for name in SHAPES:
+        np.testing.assert_allclose(got[name].double().numpy(), x[name], rtol=1e-5, atol=1e-6)
+
+
+FIRST = sorted(SHAPES)[0]
+LAST = sorted(SHAPES)[-1]
+EVEN = {c: 10 for c in CLIENTS[:4]}
+
+
+def _late_nan(d: dict[str, torch.Tensor]) -> None:
+    """Huge but finite in the first tensor it decodes, NaN in the last: rejected only after the
+    first pass has folded the huge values in."""
+    d[FIRST].fill_(1e30)
+    d[LAST][0, 0] = float("nan")
+
+
+def _early_nan(d: dict[str, torch.Tensor]) -> None:
+    d[FIRST][0, 0] = float("nan")
+
+
+def _huge(d: dict[str, torch.Tensor]) -> None:
+    for t in d.values():
+        t.mul_(1e4)
+
+
+# (case, samples, fifth client's delta or None, maxDeltaNorm, decodes per accepted client)
+ONE_DECODE = [
+    ("nothing changes a factor", EVEN, None, None, 1),
+    ("rejected before any tensor is folded", EVEN, _early_nan, None, 1),
+    ("a share cap", {**EVEN, "alpha": 100}, None, None, 2),
+    ("an outlier clip", EVEN, _huge, None, 2),
+    ("rejected after its tensors were folded", EVEN, _late_nan, None, 2),
+    ("over maxDeltaNorm once wholly folded", EVEN, _huge, 50.0, 2),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "samples", "fifth", "max_norm", "decodes"), ONE_DECODE, ids=[c[0] for c in ONE_DECODE]
+)
+def test_the_mean_is_folded_from_the_checking_decode_unless_a_factor_changes(
+    file_store: st.FileStore,
+    monkeypatch: pytest.MonkeyPatch,
+    case: str,
+    samples: dict[str, int],
+    fifth: Callable[[dict[str, torch.Tensor]], None] | None,
+    max_norm: float | None,
+    decodes: int,
+) -> None:
+    """A round decodes each delta once when the first pass's guess (raw weights, no clip) holds,
+    and twice otherwise; either way the result is the float64 reference's, and a delta rejected
+    after huge values of it were folded in leaves no trace (the mean is taken again, never
+    corrected by subtraction)."""
+    opened: list[str] = []
+    real = intake.decode_file
+
+    def counted(path, layout):  # type: ignore[no-untyped-def]
+        opened.append(path.parent.name)
+        return real(path, layout)
+
+    monkeypatch.setattr(intake, "decode_file", counted)
+    monkeypatch.setattr(aggregate, "decode_file", counted)
+    g0 = random_tensors(0)
+    write_global(file_store, 0, g0)
+    deltas = {c: random_tensors(i, 0.1) for i, c in enumerate(samples)}
+    for c, d in deltas.items():
+        put_delta(file_store, 1, c, d, samples=samples[c])
+    clients = list(samples)
+    if fifth is not None:
+        bad = random_tensors(9, 0.1)
+        fifth(bad)
+        put_delta(file_store, 1, "echo", bad)
+        clients.append("echo")
+        deltas["echo"] = bad
+    spec = AggregationSpec(max_delta_norm=max_norm)
+    summary = aggregate.run(task(file_store, 1, clients, aggregation=spec), file_store, quiet)
+
+    merged = accepted(summary)
+    assert opened.count("alpha") == decodes
+    assert all(opened.count(c) == decodes for c in merged)
+    norms = [float(merge.l2_norm(deltas[c])) for c in merged]
+    bound = spec.outlier_norm_factor * merge.lower_median(norms)
+    scaled = [
+        as_numpy({n: t * min(1.0, bound / x) for n, t in deltas[c].items()})
+        for c, x in zip(merged, norms, strict=True)
+    ]
+    weights = reference_capped_weights([samples.get(c, 10) for c in merged], spec.max_client_share)
+    x = reference_round(spec, as_numpy(g0), scaled, weights, {})
     got = read_global(file_store, 1)
     for name in SHAPES:
         np.testing.assert_allclose(got[name].double().numpy(), x[name], rtol=1e-5, atol=1e-6)

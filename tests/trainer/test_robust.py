@@ -18,9 +18,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as stg
 
-from fedtune_trainer import aggregate, cli, merge
+from fedtune_trainer import aggregate, cli, merge, reducers
 from fedtune_trainer import store as st
 from fedtune_trainer.contract import EXIT_FAILED
+from fedtune_trainer.errors import QuorumError
 from fedtune_trainer.results import AggregateSummary, RoundRecord
 from fedtune_trainer.task import (
     SERVER_STATE_PREFIX,
@@ -269,9 +270,7 @@ def test_krum_needs_2f_plus_3_deltas(file_store: st.FileStore) -> None:
     write_global(file_store, 0, random_tensors(0))
     for i, c in enumerate(CLIENTS[:4]):
         put_delta(file_store, 1, c, random_tensors(i, 0.1))
-    with pytest.raises(
-        aggregate.QuorumError, match=r"krum with byzantineClients 1 needs at least 5"
-    ):
+    with pytest.raises(QuorumError, match=r"krum with byzantineClients 1 needs at least 5"):
         run(file_store, CLIENTS[:4], AggregationSpec(algorithm="krum"))
     assert file_store.list(global_prefix(1)) == []
 
@@ -284,7 +283,7 @@ def test_pairwise_distances_stream_the_same_as_numpy(file_store: st.FileStore) -
     t = task(file_store, 1, CLIENTS[:4])
     with tempfile.TemporaryDirectory() as tmp:
         accepted, _ = aggregate.collect(t, file_store, SHAPES, Path(tmp), quiet)
-        got = aggregate.pairwise_distances(accepted, SHAPES).numpy()
+        got = reducers.pairwise_distances(accepted, SHAPES).numpy()
     vectors = [flat(d) for d in deltas]
     want = np.array([[np.sum((a - b) ** 2) for b in vectors] for a in vectors])
     np.testing.assert_allclose(got, want, rtol=1e-12)

@@ -13,11 +13,12 @@ Round r >= 1 is `merge_round`, steps over the committed global adapter r-1, one 
    than the quorum fail the round, writing nothing global;
 2. weigh: bounded influence: the share cap on weights (maxClientShare), the outlier clip (norm
    above outlierNormFactor x the round's median) and the DP clip;
-3. reduce: the weighted mean streams client by client from the verified files on disk (memory:
-   the global tensors, a float64 accumulator and one client's delta, whatever the number of
-   clients); median and trimmed mean go tensor by tensor (memory: one tensor times the number
-   of clients); krum/multiKrum compute pairwise distances tensor by tensor, then average the
-   selected deltas;
+3. reduce (reducers.py): the weighted mean is folded from step 1's decode when step 2 changed
+   no client's factor, else streamed again client by client from the verified files on disk
+   (memory: the global tensors, a float64 accumulator and one decoded tensor, whatever the
+   number of clients); median and trimmed mean go tensor by tensor (memory: one tensor times
+   the number of clients); krum/multiKrum compute pairwise distances tensor by tensor, then
+   average the selected deltas;
 4. privatise: client-level DP when configured: Gaussian noise of std
    noise_multiplier * clip_norm / n on the reduced delta (uniform weights when noise is on, so
    that one client's influence, the sensitivity, is clip_norm / n);
@@ -49,7 +50,9 @@ import torch
 
 from . import delta_check, dp_steps, drift, exact, lora, merge
 from . import store as st
+from .errors import QuorumError
 from .intake import Accepted, decode_file, fetch_client, fetch_control, reason_of
+from .reducers import FirstPass, reduce_exact, reduce_krum, reduce_mean, reduce_robust
 from .results import AggregateSummary, Rejection, RoundRecord, initial_record
 from .runtime import derive_seed
 from .task import (
@@ -67,10 +70,6 @@ Log = Callable[[str], None]
 
 def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
-
-
-class QuorumError(RuntimeError):
-    """Too few valid deltas to make a global adapter this round."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,12 +120,14 @@ def collect(
     shapes: Mapping[str, tuple[int, ...]],
     workdir: Path,
     log: Log,
+    first: FirstPass | None = None,
 ) -> tuple[list[Accepted], list[Rejection]]:
     """Step 1: fetch, verify, decode and check each client's delta, one at a time.
 
     Everything a client controls is checked inside its own guard (the weight included), so a
     bad delta or manifest is a Rejection and never fails the round; its verified file stays in
-    `workdir` for the reduce step, which decodes it again (one tensor in memory at a time).
+    `workdir` for the reduce step. With `first`, the weighted mean is folded from the same
+    decode (one tensor in memory at a time), so that the reduce step need not decode again.
     Fetching (download and SHA-256, both I/O or GIL-free hashing) runs one client ahead in a
     thread, so that the next client's transfer overlaps this one's decode and checks.
     """
@@ -145,12 +146,11 @@ def collect(
             for client in clients
         ]
         for client, fetch in zip(clients, fetches, strict=True):
+            folding = first is not None and not first.spoiled
             try:
                 manifest, path, layout = fetch.result()
-                norm = merge.checked_norm(
-                    decode_file(path, layout), own[client], task.aggregation.max_delta_norm
-                )
                 samples = manifest["samples"]
+                weight = client_weight(task, client, samples)
                 control, control_bytes, control_raw = None, 0, 0
                 if task.drift_control == "scaffold":
                     control = fetch_control(
@@ -158,12 +158,18 @@ def collect(
                     )
                     control_bytes = control[0].stat().st_size
                     control_raw = 4 * sum(math.prod(s) for s in own[client].values())
+                norm = merge.checked_norm(
+                    decode_file(path, layout),
+                    own[client],
+                    task.aggregation.max_delta_norm,
+                    each=first.fold(weight) if first is not None and folding else None,
+                )
                 item = Accepted(
                     client=client,
                     path=path,
                     layout=layout,
                     samples=samples,
-                    weight=client_weight(task, client, samples),
+                    weight=weight,
                     train_loss=manifest.get("train_loss"),
                     encoded_bytes=path.stat().st_size + control_bytes,
                     raw_bytes=manifest.get("raw_bytes", 0) + control_raw,
@@ -174,6 +180,8 @@ def collect(
                 rejected.append(Rejection(client=client, reason=reason_of(e)))
                 log(f"rejected {client}: {reason_of(e)}")
                 continue
+            if first is not None and folding:
+                first.done(client, weight)
             accepted.append(item)
             log(f"accepted {client}: {samples} samples, norm {norm:.4g}, {item.encoded_bytes} B")
     finally:
@@ -223,108 +231,6 @@ def weigh(
     else:
         items = [replace(a, weight=1.0, share=1.0 / len(items)) for a in items]
     return items, Weighing(cap, median, bound)
-
-
-def reduce_mean(accepted: list[Accepted]) -> dict[str, torch.Tensor]:
-    """Step 3 for the mean-based rules: client by client from disk, tensor by tensor (memory: a
-    float64 accumulator, 2x the adapter, and one decoded tensor)."""
-    mean = merge.WeightedMean()
-    for a in accepted:
-        mean.add(a.delta(), a.weight, a.scale)
-    return mean.result()
-
-
-def reduce_robust(
-    accepted: list[Accepted], shapes: Mapping[str, tuple[int, ...]], task: AggregateTask
-) -> dict[str, torch.Tensor]:
-    """Step 3 for median and trimmed mean: one tensor at a time across all clients."""
-    readers = [a.tensors() for a in accepted]
-    out = {}
-    for name in sorted(shapes):
-        stack = torch.stack([tensor(name) for tensor in readers])
-        out[name] = merge.robust_reduce(stack, task.aggregation)
-        del stack
-    return out
-
-
-def pairwise_distances(
-    accepted: list[Accepted], shapes: Mapping[str, tuple[int, ...]]
-) -> torch.Tensor:
-    """Squared L2 distances between the (scaled) deltas, n x n, float64.
-
-    Streams tensor by tensor: memory is one tensor of every client plus one pair's difference,
-    never a whole delta per client, nor an n x n x values broadcast.
-    """
-    n = len(accepted)
-    distances = torch.zeros(n, n, dtype=torch.float64)
-    readers = [a.tensors() for a in accepted]
-    for name in sorted(shapes):
-        values = [tensor(name).double() for tensor in readers]
-        for i in range(n):
-            for j in range(i + 1, n):
-                d = float((values[i] - values[j]).pow_(2).sum())
-                distances[i, j] += d
-                distances[j, i] += d
-        del values
-    return distances
-
-
-def reduce_krum(
-    task: AggregateTask, accepted: list[Accepted], shapes: Mapping[str, tuple[int, ...]], log: Log
-) -> tuple[list[Accepted], dict[str, torch.Tensor]]:
-    """Step 3 for krum/multiKrum: select by distances, then the unweighted mean of the selected."""
-    spec, n = task.aggregation, len(accepted)
-    f = spec.byzantine_clients
-    if n < 2 * f + 3:
-        raise QuorumError(
-            f"round {task.round}: {spec.algorithm} with byzantineClients {f} needs at least "
-            f"{2 * f + 3} valid deltas, got {n}"
-        )
-    m = 1 if spec.algorithm == "krum" else (spec.multi_krum_selected or n - f)
-    chosen = set(merge.krum_select(pairwise_distances(accepted, shapes), f, m))
-    items = [
-        replace(
-            a, selected=i in chosen, weight=float(i in chosen), share=(i in chosen) / len(chosen)
-        )
-        for i, a in enumerate(accepted)
-    ]
-    log(f"{spec.algorithm} selected {', '.join(a.client for a in items if a.selected)}")
-    return items, reduce_mean([a for a in items if a.selected])
-
-
-def reduce_exact(
-    task: AggregateTask,
-    accepted: list[Accepted],
-    global_tensors: Mapping[str, torch.Tensor],
-    names: list[str],
-) -> tuple[dict[str, torch.Tensor], exact.Truncation]:
-    """Steps 3 and 5 for aggregation.lora exact (fedavg only): the new global, layer by layer.
-
-    Each LoRA layer's target, the weighted mean of the clients' products moved by the server
-    learning rate, is re-factorised to rank r by `exact.factorise` (memory: one layer's factors
-    of every client, never a dense out x in matrix); tensors outside LoRA pairs (biases) take
-    the plain weighted mean.
-    """
-    total = sum(a.weight for a in accepted)
-    readers = [(a.weight / total, a.tensors()) for a in accepted]
-    lr = task.aggregation.server_learning_rate
-    new_global = {n: t.clone() for n, t in global_tensors.items()}
-    layers = []
-    pairs = exact.lora_pairs(names)
-    for a_name, b_name in pairs:
-        clients = [(w, tensor(b_name), tensor(a_name)) for w, tensor in readers]
-        terms = exact.layer_terms(global_tensors[b_name], global_tensors[a_name], clients, lr)
-        layer = exact.factorise(terms, global_tensors[a_name].shape[0])
-        new_global[b_name], new_global[a_name] = layer.b.float(), layer.a.float()
-        layers.append(layer)
-    paired = {n for pair in pairs for n in pair}
-    if others := [n for n in names if n not in paired]:
-        mean = merge.WeightedMean()
-        for w, tensor in readers:
-            mean.add({n: tensor(n) for n in others}, w)
-        for n, d in mean.result().items():
-            new_global[n] = (global_tensors[n].double() + lr * d.double()).float()
-    return new_global, exact.Truncation.of(layers)
 
 
 def privatise(task: AggregateTask, update: dict[str, torch.Tensor], n_clients: int) -> None:
@@ -458,8 +364,10 @@ def merge_round(task: AggregateTask, store: st.Store, log: Log) -> Merged:
     shapes = {n: tuple(global_tensors[n].shape) for n in names}
     algorithm = task.aggregation.algorithm
     plan, clip = dp_steps.round_clip(store, task, log)
+    mean_based = algorithm in merge.MEAN_ALGORITHMS and task.aggregation.lora != "exact"
+    first = FirstPass() if mean_based else None
     with tempfile.TemporaryDirectory(prefix="fedtune-aggregate-") as tmp:
-        accepted, rejected = collect(plan, store, shapes, Path(tmp), log)  # 1
+        accepted, rejected = collect(plan, store, shapes, Path(tmp), log, first)  # 1
         accepted, weighing = weigh(plan, accepted, log)  # 2
         if clip is not None:
             fraction = dp_steps.adapt_clip(store, task, accepted, clip, log)
@@ -472,8 +380,8 @@ def merge_round(task: AggregateTask, store: st.Store, log: Log) -> Merged:
                 update={"truncation_error": cut.total, "truncation_error_max": cut.max}
             )
             return Merged(dp_steps.account(task, store, record, log), new_global, config)
-        if algorithm in merge.MEAN_ALGORITHMS:  # 3
-            update = reduce_mean(accepted)
+        if mean_based:  # 3
+            update = reduce_mean(accepted, first, log)
         elif algorithm in merge.KRUM_ALGORITHMS:
             accepted, update = reduce_krum(task, accepted, shapes, log)
         else:

@@ -33,9 +33,8 @@ from .task import AggregateTask, CleanupTask, ClientTask, EvaluateTask, load_tas
 def exit_code(error: BaseException) -> int:
     from pydantic import ValidationError
 
-    from .aggregate import QuorumError
     from .data import DataError
-    from .errors import SettingError
+    from .errors import QuorumError, SettingError
 
     permanent = (DataError, ValidationError, json.JSONDecodeError, QuorumError, SettingError)
     return EXIT_INVALID_INPUT if isinstance(error, permanent) else EXIT_FAILED

@@ -43,6 +43,8 @@ _ST_DTYPES = {
     torch.uint8: "U8",
     torch.int32: "I32",
 }
+TORCH_DTYPES = {name: dtype for dtype, name in _ST_DTYPES.items()}
+"""safetensors' dtype names -> torch's, for the parts a checked header may name."""
 _HEADER_SLACK = 64
 """Bytes of slack in the header bound, for what the bound does not model exactly (none known)."""
 

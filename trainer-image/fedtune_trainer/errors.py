@@ -13,3 +13,8 @@ class SettingError(ValueError):
     The message starts with the field's path as the spec spells it (`adapter.baseQuantization:
     ...`), so that the one-line reason in the run's status says what to change.
     """
+
+
+class QuorumError(RuntimeError):
+    """Too few valid deltas to make a global adapter this round (the round's clients must be
+    run again; rerunning the aggregator over the same deltas cannot succeed)."""

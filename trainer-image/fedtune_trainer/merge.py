@@ -72,13 +72,16 @@ def checked_norm(
     tensor: Callable[[str], torch.Tensor],
     expected: Mapping[str, tuple[int, ...]],
     max_norm: float | None,
+    each: Callable[[str, torch.Tensor], None] | None = None,
 ) -> float:
     """The L2 norm of a delta read tensor by tensor through `tensor`, checked as it goes.
 
     One tensor is in memory at a time (the aggregator's bound is the adapter, not a client's
-    delta on top of it). Raises ValueError with the reason a delta must be rejected: a wrong
-    shape, a NaN or Inf, a norm above `max_norm`. The names are the caller's to check (the
-    layout check has matched them to the adapter before anything was decoded).
+    delta on top of it); `each` sees every tensor that passed its own checks, so that a caller
+    can use the one decode for more than the norm. Raises ValueError with the reason a delta
+    must be rejected: a wrong shape, a NaN or Inf, a norm above `max_norm`. The names are the
+    caller's to check (the layout check has matched them to the adapter before anything was
+    decoded).
     """
     squares = 0.0
     for name in sorted(expected):
@@ -88,6 +91,8 @@ def checked_norm(
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"non-finite values (NaN or Inf) in {name}")
         squares += float(torch.linalg.vector_norm(t, dtype=torch.float64)) ** 2
+        if each is not None:
+            each(name, t)
         del t
     norm = math.sqrt(squares)
     if max_norm is not None and norm > max_norm:
@@ -167,6 +172,12 @@ def clip_factor(norm: float, clip_norm: float | None) -> float:
     return clip_norm / norm
 
 
+def check_weight(weight: float) -> None:
+    """A client's weight in a mean must be positive and finite."""
+    if weight <= 0 or not math.isfinite(weight):
+        raise ValueError(f"weight must be positive and finite, got {weight}")
+
+
 @dataclass
 class WeightedMean:
     """A streaming weighted mean: memory is one float64 accumulator per tensor (2x the adapter's
@@ -187,17 +198,21 @@ class WeightedMean:
         lazy (each tensor decoded when it is read): it is read once, in name order, and each
         tensor is folded in place into its float64 sum, so one decoded tensor is held at a time.
         """
-        if weight <= 0 or not math.isfinite(weight):
-            raise ValueError(f"weight must be positive and finite, got {weight}")
-        factor = weight * scale
+        check_weight(weight)
         for name in sorted(delta):
-            t = delta[name]
-            acc = self.sums.get(name)
-            if acc is None:
-                self.sums[name] = t.to(torch.float64).mul_(factor)
-            else:
-                acc.add_(t, alpha=factor)
-            del t
+            self.add_tensor(name, delta[name], weight * scale)
+        self.count_client(weight)
+
+    def add_tensor(self, name: str, t: torch.Tensor, factor: float) -> None:
+        """Fold `factor * t` into the sum of `name` (one tensor of a client's delta)."""
+        acc = self.sums.get(name)
+        if acc is None:
+            self.sums[name] = t.to(torch.float64).mul_(factor)
+        else:
+            acc.add_(t, alpha=factor)
+
+    def count_client(self, weight: float) -> None:
+        """Count a client whose tensors were all folded in, with its `weight` in the divisor."""
         self.total_weight += weight
         self.count += 1
 
