@@ -178,8 +178,8 @@ class _Step:
                 aggregating_clients=[],
                 phase="Running",
             )
-            for name in s.selected_clients:
-                self.put_client(name, phase="Pending")
+            for name in s.selected_clients:  # the old attempt's failure is in its event
+                self.put_client(name, phase="Pending", message=None)
             self.event("RoundRetried", f"attempt {a + 2}: {message}", warning=True)
             self.outcome("Progressing", "RoundRetried", message)
             self.create_missing(jobs)  # at once, unless the old attempt's Jobs still exist

@@ -341,12 +341,14 @@ def test_a_lost_quorum_retries_the_round_after_the_old_jobs_are_gone() -> None:
     run = make_run()
     status = in_round_1(run)
     jobs = [
-        job("client", 1, "alice", "failed"),
+        job("client", 1, "alice", "failed", message="exit 137 (OOMKilled)"),
         job("client", 1, "bob"),
         job("client", 1, "carol", "succeeded"),
     ]
     d = step(run, status, jobs, seconds=5)
     assert d.status.round_attempt == 1
+    # Every client starts the new attempt afresh: no failure message left on a Pending client.
+    assert {(c.phase, c.message) for c in d.status.clients} == {("Pending", None)}
     assert {a.name for a in d.actions if isinstance(a, DeleteJob)} == {j.name for j in jobs}
     assert not [a for a in d.actions if isinstance(a, CreateClientJob)]
     # While the old Jobs are still terminating, nothing new is created ...

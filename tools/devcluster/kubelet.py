@@ -45,6 +45,14 @@ def now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def api_server_away(error: Exception) -> bool:
+    """Whether `error` means the API server is unreachable or not ready yet (a restart), as
+    opposed to an answer about the request: the former is retried, the latter is not."""
+    if isinstance(error, ApiException):
+        return error.status is None or error.status >= 500 or error.status == 429
+    return isinstance(error, urllib3.exceptions.HTTPError)
+
+
 class PodWorker(threading.Thread):
     """Owns one pod from start to its final status; a stop request comes from a deletion."""
 
@@ -242,13 +250,11 @@ class PodWorker(threading.Thread):
                     self.meta["name"], self.meta["namespace"], {"status": status}
                 )
                 return
-            except ApiException as e:
-                if e.status is not None and e.status < 500:
-                    if e.status != 404:
-                        log.warning("status patch of %s failed: %s", self.meta["name"], e.reason)
+            except (ApiException, urllib3.exceptions.HTTPError) as e:
+                if not api_server_away(e):
+                    if getattr(e, "status", None) != 404:
+                        log.warning("status patch of %s failed: %s", self.meta["name"], e)
                     return
-                log.warning("status patch of %s: %s; retrying", self.meta["name"], e.reason)
-            except urllib3.exceptions.HTTPError as e:
                 log.warning("status patch of %s: %s; retrying", self.meta["name"], e)
             time.sleep(STATUS_RETRY_SECONDS)
         log.error("status of %s not reported: the API server stayed away", self.meta["name"])
@@ -293,7 +299,8 @@ class PodWorker(threading.Thread):
             self._patch(states, "Pending")
             return
 
-        # Resolve configuration, retrying like the kubelet does while a Secret is missing.
+        # Resolve configuration, retrying like the kubelet does while a Secret is missing or the
+        # API server is away (a restart mid-round must not strand the pod unstarted).
         while True:
             try:
                 volumes = self._materialise_volumes()
@@ -303,9 +310,13 @@ class PodWorker(threading.Thread):
                 for s in states:
                     s.waiting_reason, s.waiting_message = "CreateContainerConfigError", str(e)
                 self._patch(states, "Pending")
-                if self.stop_requested.wait(CONFIG_RETRY_SECONDS):
-                    self._finish_deleted(states)
-                    return
+            except (ApiException, urllib3.exceptions.HTTPError) as e:
+                if not api_server_away(e):
+                    raise
+                log.warning("config of %s: %s; retrying", self.meta["name"], e)
+            if self.stop_requested.wait(CONFIG_RETRY_SECONDS):
+                self._finish_deleted(states)
+                return
         for s in states:
             s.waiting_reason = s.waiting_message = None
 
