@@ -307,7 +307,7 @@ class Cluster:
         if self.real is not None:
             from devcluster.realnode import registry_port
 
-            state.registry_port = registry_port(self.dir)
+            state.registry_port = registry_port()
             state.sched_port = free_port()
             state.proxy_port = free_port()
         self.state_file.write_text(json.dumps(asdict(state), indent=2))

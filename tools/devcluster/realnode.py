@@ -87,13 +87,16 @@ def ensure_packages() -> None:
     subprocess.run([str(REPO_ROOT / "tools" / "apt-ensure.sh"), *DEBIAN_PACKAGES], check=True)
 
 
-def registry_port(cluster_dir: Path) -> int:
-    """The registry's port: the same for a cluster directory from one start to the next when it
-    is free, because podman remembers which layers a registry has by its address: a push to the
-    same address skips the layers already there instead of compressing them again."""
+def registry_port() -> int:
+    """The registry's port: the same from one start to the next, in any clone that shares the
+    cache, when it is free. podman remembers which layers a registry holds by its address, and the
+    registry's storage is the cache's: at the same address a push skips the layers already there,
+    where a new address (one per clone, CI's fresh clone each time) compresses and sends the
+    trainer image's 6.5 GB again."""
     from devcluster.net import free_port
 
-    port = 20000 + int(hashlib.sha256(str(cluster_dir).encode()).hexdigest(), 16) % 10000
+    key = str(cache_root() / "registry").encode()
+    port = 20000 + int(hashlib.sha256(key).hexdigest(), 16) % 10000
     with socket.socket() as s:
         try:
             s.bind(("127.0.0.1", port))
