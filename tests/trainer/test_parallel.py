@@ -4,6 +4,7 @@ that sends the delta a 1-process client sends, or fails the way one process woul
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from fedtune_trainer import delta as codec
 from fedtune_trainer import store as st
 from fedtune_trainer.contract import client_command, gpu_count, processes_for
 from fedtune_trainer.drift import CONTROL_FILE
-from fedtune_trainer.launch import multi_node_client_command
+from fedtune_trainer.launch import first_failure, multi_node_client_command, record_exit_code
 from fedtune_trainer.results import parse_summary
 from fedtune_trainer.task import (
     AdapterSpec,
@@ -73,6 +74,56 @@ def test_client_command_needs_a_process() -> None:
 def test_one_process_per_gpu(resources: dict[str, Any] | None, gpus: int, processes: int) -> None:
     assert gpu_count(resources) == gpus
     assert processes_for(resources) == processes
+
+
+BAD_INPUT = "error: DataError: bad.jsonl line 2: invalid JSON"
+LOST = "error: DistBackendError: connection closed by peer"
+
+
+@pytest.mark.parametrize(
+    ("reports", "exit_codes", "expected"),
+    [
+        pytest.param({0: (2, 2, BAD_INPUT)}, {0: 2}, (2, BAD_INPUT), id="one-worker-failed"),
+        pytest.param(
+            {0: (2, 1, LOST), 1: (1, 2, BAD_INPUT)},
+            {0: 1, 1: 2},
+            (2, BAD_INPUT),
+            id="the-first-report-wins",
+        ),
+        pytest.param(
+            {0: (2, 2, BAD_INPUT), 1: (1, 2, BAD_INPUT)},
+            {0: 2, 1: -15},
+            (2, BAD_INPUT),
+            id="killed-by-the-agent-after-reporting-keeps-its-code",
+        ),
+        pytest.param(
+            {1: (1, None, BAD_INPUT)},
+            {0: 2, 1: -15},
+            (1, BAD_INPUT),
+            id="killed-without-a-recorded-code-is-a-failure",
+        ),
+        pytest.param(
+            {},
+            {1: -9},
+            (1, "error: WorkerFailed: process 1 died with signal 9; see the pod log"),
+            id="died-without-a-report",
+        ),
+    ],
+)
+def test_the_launcher_reports_the_first_failure_with_its_workers_exit_code(
+    tmp_path: Path,
+    reports: dict[int, tuple[int, int | None, str]],
+    exit_codes: dict[int, int],
+    expected: tuple[int, str],
+) -> None:
+    """reports: rank -> (when it was written, the exit code it recorded, its text)."""
+    for rank, (when, code, text) in reports.items():
+        path = tmp_path / f"rank-{rank}"
+        if code is not None:
+            record_exit_code(path, code)
+        path.write_text(text)
+        os.utime(path, ns=(when * 10**9, when * 10**9))
+    assert first_failure(tmp_path, exit_codes) == expected
 
 
 ADAPTER = AdapterSpec(r=4, alpha=8, dropout=0.0, target_modules=["all-linear"])

@@ -74,7 +74,7 @@ def cleanup(task: CleanupTask) -> str:
 def run_job(kind: str) -> int:
     """Run one Job's task in this process. A worker of a multi-process client (launch.py)
     reports to its own file for the launcher, and only rank 0 has a summary to report."""
-    from .launch import worker_file
+    from .launch import record_exit_code, worker_file
 
     worker = worker_file()
     if worker is not None:
@@ -110,6 +110,8 @@ def run_job(kind: str) -> int:
         traceback.print_exc(file=sys.stderr)
         reason = failure_reason(e)
         print(reason, file=sys.stderr)
+        if worker is not None:
+            record_exit_code(worker, exit_code(e))
         write_termination(reason)
         return exit_code(e)
     write_termination(text)

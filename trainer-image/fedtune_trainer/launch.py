@@ -56,6 +56,20 @@ def worker_file(environ: Mapping[str, str] | None = None) -> Path | None:
     return Path(where) / f"rank-{env.get('RANK', '0')}"
 
 
+def record_exit_code(report: Path, code: int) -> None:
+    """A failing worker's exit code, written before its report: the agent stops the other
+    workers as soon as one exits, so a worker that reported first may still be killed by a
+    signal while it exits, and its own code (2 for input no retry fixes) would be lost."""
+    report.with_name(report.name + ".exit").write_text(str(code))
+
+
+def recorded_exit_code(report: Path) -> int | None:
+    try:
+        return int(report.with_name(report.name + ".exit").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def launch(command: str, nproc: int, torchrun_args: Sequence[str] = ()) -> tuple[int, str]:
     """Run `fedtune-trainer <command>` in `nproc` processes under torch's elastic agent and
     return (exit code, termination text): rank 0's summary when every process succeeded;
@@ -78,7 +92,7 @@ def launch(command: str, nproc: int, torchrun_args: Sequence[str] = ()) -> tuple
         try:
             run(args)  # torchrun's main, minus its error-file handling (see the module doc)
         except ChildFailedError as e:
-            return _failure(Path(tmp), {rank: f.exitcode for rank, f in e.failures.items()})
+            return first_failure(Path(tmp), {rank: f.exitcode for rank, f in e.failures.items()})
         finally:
             if previous is None:
                 os.environ.pop(WORKER_DIR_ENV, None)
@@ -89,14 +103,16 @@ def launch(command: str, nproc: int, torchrun_args: Sequence[str] = ()) -> tuple
         return 0, main.read_text() if main.exists() else ""
 
 
-def _failure(reports: Path, exit_codes: Mapping[int, int]) -> tuple[int, str]:
-    """The first failure among the workers' reports, or a generic line for a worker that died
-    without one (killed by a signal, out of memory)."""
+def first_failure(reports: Path, exit_codes: Mapping[int, int]) -> tuple[int, str]:
+    """The first failure among the workers' reports, with the exit code its worker chose (even
+    if the agent then killed it), or a generic line for a worker that died without a report
+    (killed by a signal, out of memory)."""
     written = []
     for rank, code in exit_codes.items():
         path = reports / f"rank-{rank}"
         if path.exists() and path.read_text().startswith("error:"):
-            written.append((path.stat().st_mtime_ns, rank, code, path.read_text()))
+            chosen = recorded_exit_code(path) or code
+            written.append((path.stat().st_mtime_ns, rank, chosen, path.read_text()))
     if written:
         _, rank, code, text = min(written)
         return (code if code > 0 else 1), text
