@@ -47,7 +47,11 @@ from bench.common import (
     run_child,
     save_figure,
 )
-from fedtune_trainer.task import AdapterSpec, AggregateTask, DeltaSpec, StorageLocation
+from fedtune_trainer.adapter.lora import read_global
+from fedtune_trainer.aggregation.server import server_step
+from fedtune_trainer.codec.container import DELTA_FILE
+from fedtune_trainer.wire.settings import AdapterSpec, DeltaSpec, StorageLocation
+from fedtune_trainer.wire.task import AggregateTask
 
 NAME = "aggregation"
 TITLE = "Streaming aggregation against load-everything: wall time and peak RSS"
@@ -112,10 +116,10 @@ def prepare(root: Path, sizes: Sizes) -> None:
     """Global adapter 0 and max(clients) committed deltas, as the clients would commit them."""
     import torch
 
-    from fedtune_trainer import delta as codec
-    from fedtune_trainer import lora
-    from fedtune_trainer import store as st
-    from fedtune_trainer.task import client_prefix, global_prefix
+    from fedtune_trainer.adapter import lora
+    from fedtune_trainer.codec import encoding as codec
+    from fedtune_trainer.storage import store as st
+    from fedtune_trainer.wire.layout import client_prefix, global_prefix
 
     store = st.FileStore(root)
     gen = torch.Generator().manual_seed(0)
@@ -135,7 +139,7 @@ def prepare(root: Path, sizes: Sizes) -> None:
             steps=10,
             train_loss=1.0,
         )
-        st.commit(store, client_prefix(1, name), {codec.DELTA_FILE: encoded.blob}, meta)
+        st.commit(store, client_prefix(1, name), {DELTA_FILE: encoded.blob}, meta)
         del delta, encoded
 
 
@@ -151,8 +155,9 @@ def load_everything(task: AggregateTask, store: Any, log: Any) -> Any:
     tensor (torch.stack over clients)."""
     import torch
 
-    from fedtune_trainer import aggregate, lora, merge
-    from fedtune_trainer.reducers import FirstPass
+    from fedtune_trainer import aggregate
+    from fedtune_trainer.adapter import lora
+    from fedtune_trainer.aggregation.reducers import FirstPass
 
     class Hold(FirstPass):
         """collect's per-tensor hook keeps every checked tensor instead of summing it."""
@@ -169,7 +174,7 @@ def load_everything(task: AggregateTask, store: Any, log: Any) -> Any:
         def done(self, client: str, weight: float) -> None:
             self.held[client] = self.current
 
-    global_tensors, config = aggregate.read_global(store, task.round - 1)
+    global_tensors, config = read_global(store, task.round - 1)
     names = lora.trainable_names(list(global_tensors), task.adapter)
     expected = {n: tuple(global_tensors[n].shape) for n in names}
     hold = Hold()
@@ -182,7 +187,7 @@ def load_everything(task: AggregateTask, store: Any, log: Any) -> Any:
         stack = torch.stack([hold.held[a.client][name] * a.scale for a in accepted]).double()
         update[name] = (torch.tensordot(w, stack, dims=1) / w.sum()).float()
         del stack
-    new_global, _ = merge.server_step(task.aggregation, global_tensors, update, None)
+    new_global, _ = server_step(task.aggregation, global_tensors, update, None)
     record = aggregate.round_record(task, accepted, rejected, weighing)
     return aggregate.Merged(record, new_global, config)
 
@@ -197,7 +202,7 @@ def worker(method: str, root: Path, sizes: Sizes, n: int) -> dict[str, Any]:
     import torch  # noqa: F401  (imported before the RSS reading: the same for both methods)
 
     from fedtune_trainer import aggregate
-    from fedtune_trainer import store as st
+    from fedtune_trainer.storage import store as st
 
     store = st.FileStore(root)
     task = task_for(store.uri, sizes, n)
@@ -215,9 +220,9 @@ def worker(method: str, root: Path, sizes: Sizes, n: int) -> dict[str, Any]:
 
 
 def global_adapter(root: Path) -> dict[str, Any]:
-    from fedtune_trainer import lora
-    from fedtune_trainer import store as st
-    from fedtune_trainer.task import global_prefix
+    from fedtune_trainer.adapter import lora
+    from fedtune_trainer.storage import store as st
+    from fedtune_trainer.wire.layout import global_prefix
 
     _, files = st.read_committed(st.FileStore(root), global_prefix(1), [lora.ADAPTER_WEIGHTS])
     return lora.parse_weights(files[lora.ADAPTER_WEIGHTS])

@@ -137,11 +137,13 @@ def worker(method: str, model_dir: Path, data: Path, sizes: Sizes) -> dict[str, 
     """Load, warm up, time `sizes.steps` optimizer steps; report tokens, seconds and loss."""
     import torch
 
-    from fedtune_trainer import lora
-    from fedtune_trainer.data import load_dataset
-    from fedtune_trainer.runtime import load_base, load_tokenizer, pick_runtime, quiet_hf
-    from fedtune_trainer.task import AdapterSpec, TrainingSpec
-    from fedtune_trainer.training import batch_stream, enable_gradient_checkpointing, train
+    from fedtune_trainer.adapter import lora
+    from fedtune_trainer.learning.batches import batch_stream
+    from fedtune_trainer.learning.data import load_dataset
+    from fedtune_trainer.learning.loading import load_base, load_tokenizer, quiet_hf
+    from fedtune_trainer.learning.runtime import pick_runtime
+    from fedtune_trainer.learning.training import enable_gradient_checkpointing, train
+    from fedtune_trainer.wire.settings import AdapterSpec, TrainingSpec
 
     quiet_hf()
     torch.manual_seed(0)
@@ -200,8 +202,8 @@ def plain_loop(
     their token-weighted mean loss)."""
     import torch
 
-    from fedtune_trainer.data import IGNORE
-    from fedtune_trainer.training import collate
+    from fedtune_trainer.learning.batches import collate
+    from fedtune_trainer.learning.data import IGNORE
 
     params = [p for p in model.parameters() if p.requires_grad]
 

@@ -318,8 +318,8 @@ class TinyAssets(_DataFiles):
 def tiny_assets(work: Path, sizes: TinySizes) -> TinyAssets:
     """The demo data (one task kind per client: the non-IID split) and the tiny Llama trained
     tokenizer + random model on it; made once per work directory and sizes, then reused."""
-    from fedtune_trainer.demo_data import make_demo_data
-    from fedtune_trainer.tiny import TinyConfig, make_tiny_model
+    from fedtune_trainer.fixtures.demo_data import make_demo_data
+    from fedtune_trainer.fixtures.tiny import TinyConfig, make_tiny_model
 
     s = sizes
     root = work / f"tiny-c{s.clients}-s{s.samples}-e{s.eval_samples}-h{s.hidden_size}-l{s.layers}"

@@ -46,7 +46,8 @@ from bench.common import (
     tiny_assets,
 )
 from bench.federation import Recipe, RunResult, federate, quiet
-from fedtune_trainer.task import DeltaSpec, QuantizationSpec
+from fedtune_trainer.aggregation.reducers import WeightedMean
+from fedtune_trainer.wire.settings import DeltaSpec, QuantizationSpec
 
 NAME = "communication"
 TITLE = "Bytes uploaded per client per round, and the eval loss they buy"
@@ -142,18 +143,11 @@ def full_model_fedavg(assets: Assets, recipe: Recipe, clients: dict[str, Path]) 
     import safetensors.torch
     import torch
 
-    from fedtune_trainer import merge
-    from fedtune_trainer.data import load_examples
-    from fedtune_trainer.runtime import (
-        Runtime,
-        derive_seed,
-        load_base,
-        load_tokenizer,
-        pick_runtime,
-        seed_everything,
-    )
-    from fedtune_trainer.task import TrainingSpec
-    from fedtune_trainer.training import mean_loss, train
+    from fedtune_trainer.learning.data import load_examples
+    from fedtune_trainer.learning.loading import load_base, load_tokenizer
+    from fedtune_trainer.learning.runtime import Runtime, derive_seed, pick_runtime, seed_everything
+    from fedtune_trainer.learning.training import mean_loss, train
+    from fedtune_trainer.wire.settings import TrainingSpec
 
     auto = pick_runtime("auto")
     # Trained weights stay fp32 (as LoRA weights do); autocast as the LoRA runs use it.
@@ -187,7 +181,7 @@ def full_model_fedavg(assets: Assets, recipe: Recipe, clients: dict[str, Path]) 
         seed=recipe.seed,
     )
     for r in range(1, recipe.rounds + 1):
-        mean = merge.WeightedMean()
+        mean = WeightedMean()
         loss_sum, samples = 0.0, 0
         for name in sorted(clients):
             load(global_)
@@ -243,7 +237,7 @@ def shape_rows(shape: LlamaShape, rank: int, seed: int = 0) -> list[dict[str, An
     adapter's exact shapes) for one round's upload."""
     import torch
 
-    from fedtune_trainer import delta as codec
+    from fedtune_trainer.codec import encoding as codec
 
     count, targets = shape_of(shape)
     gen = torch.Generator().manual_seed(seed)
@@ -314,8 +308,8 @@ def plot(runs: dict[str, RunResult], out: Path) -> Path:
 
 
 def run(sizes: Sizes, work: Path, out: Path) -> Result:
-    from fedtune_trainer import store as st
-    from fedtune_trainer.task import REPORT_PREFIX
+    from fedtune_trainer.storage import store as st
+    from fedtune_trainer.wire.layout import REPORT_PREFIX
 
     real = sizes.model == "real"
     assets = real_assets(work, sizes.real) if real else tiny_assets(work, sizes.tiny)

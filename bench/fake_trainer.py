@@ -1,7 +1,7 @@
 """A FAKE `fedtune-trainer`, used only by the `operator` benchmark to measure orchestration cost.
 
 It trains nothing, reads and writes no storage: it parses the task the operator gave the Job
-(FEDTUNE_TASK, validated by the real `fedtune_trainer.task` models), writes a valid
+(FEDTUNE_TASK, validated by the real `fedtune_trainer.wire.task` models), writes a valid
 `ClientSummary` or `AggregateSummary` to the termination log, and exits 0 at once. With it on the
 pods' PATH in place of the real trainer, what remains of a round's wall time is the operator's,
 the Job controller's and the (process) kubelet's. Never installed, never on a user's PATH: the
@@ -15,15 +15,10 @@ import os
 import sys
 from pathlib import Path
 
-from fedtune_trainer.contract import TERMINATION_LOG, TERMINATION_LOG_ENV
-from fedtune_trainer.results import AggregateSummary, ClientSummary, RoundRecord, dump_summary
-from fedtune_trainer.task import (
-    FINAL_PREFIX,
-    AggregateTask,
-    ClientTask,
-    global_prefix,
-    load_task,
-)
+from fedtune_trainer.wire.contract import TERMINATION_LOG, TERMINATION_LOG_ENV
+from fedtune_trainer.wire.layout import FINAL_PREFIX, global_prefix
+from fedtune_trainer.wire.results import AggregateSummary, ClientSummary, RoundRecord, dump_summary
+from fedtune_trainer.wire.task import AggregateTask, ClientTask, load_task
 
 FAKE_SHA256 = "0" * 64
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Assets
-from fedtune_trainer.task import AdapterSpec, AggregationSpec, DeltaSpec
+from fedtune_trainer.wire.settings import AdapterSpec, AggregationSpec, DeltaSpec
 
 
 @dataclass(frozen=True)
@@ -96,16 +96,14 @@ def federate(
     takes every step). With `report`, the aggregator also renders the run report each round.
     """
     from fedtune_trainer import aggregate, client, evaluate
-    from fedtune_trainer import store as st
-    from fedtune_trainer.task import (
-        AggregateTask,
-        ClientTask,
+    from fedtune_trainer.storage import store as st
+    from fedtune_trainer.wire.settings import (
         DataSpec,
-        EvaluateTask,
         EvaluationSpec,
         StorageLocation,
         TrainingSpec,
     )
+    from fedtune_trainer.wire.task import AggregateTask, ClientTask, EvaluateTask
 
     variant = variant or Variant()
     agg = variant.aggregation

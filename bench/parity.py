@@ -36,7 +36,7 @@ from bench.common import (
     tiny_assets,
 )
 from bench.federation import Recipe, RunResult, Variant, federate
-from fedtune_trainer.task import AggregationSpec, DeltaSpec
+from fedtune_trainer.wire.settings import AggregationSpec, DeltaSpec
 
 NAME = "parity"
 TITLE = "Federated against centralized training (same data, same total optimizer steps)"

@@ -13,7 +13,7 @@ from typing import Literal
 
 from fedtune_operator.api import FederatedFineTuneSpec, FederatedFineTuneStatus, RoundRecord
 from fedtune_operator.rounds import JobState
-from fedtune_trainer.results import AggregateSummary, ClientSummary, EvaluationSummary
+from fedtune_trainer.wire.results import AggregateSummary, ClientSummary, EvaluationSummary
 
 Role = Literal["client", "aggregator", "evaluator"]
 

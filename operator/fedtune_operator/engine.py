@@ -54,8 +54,8 @@ from fedtune_operator.status_updates import (
     set_condition,
     set_outcome,
 )
-from fedtune_trainer import results
-from fedtune_trainer.results import AggregateSummary, ClientSummary, EvaluationSummary
+from fedtune_trainer.wire import results
+from fedtune_trainer.wire.results import AggregateSummary, ClientSummary, EvaluationSummary
 
 # ---------------------------------------------------------------------------------------------
 # The state machine

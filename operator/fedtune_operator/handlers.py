@@ -39,7 +39,7 @@ from fedtune_operator.api import (
 from fedtune_operator.kube import Conflict, Kube, NamespaceTerminating
 from fedtune_operator.observe import compact_job, jobs_needing_pods, observe_jobs
 from fedtune_operator.validation import SpecError, parse_spec, parse_status, validate_spec
-from fedtune_trainer.contract import FINALIZER, LABEL_RUN
+from fedtune_trainer.wire.contract import FINALIZER, LABEL_RUN
 
 log = logging.getLogger("fedtune.operator")
 

@@ -32,7 +32,7 @@ from fedtune_operator.objects import (
 )
 from fedtune_operator.rounds import clients_per_round, quorum
 from fedtune_operator.volumes import all_local, cache_volume, local_uri, pvc_volumes
-from fedtune_trainer.contract import (
+from fedtune_trainer.wire.contract import (
     AWS_CREDENTIAL_ENV,
     AWS_ENDPOINT_ENV,
     AWS_REGION_ENV,
@@ -55,13 +55,8 @@ from fedtune_trainer.contract import (
     client_command,
     processes_for,
 )
-from fedtune_trainer.task import (
-    AdapterSpec,
-    AggregateTask,
-    CleanupTask,
-    ClientTask,
-    EvaluateTask,
-)
+from fedtune_trainer.wire.settings import AdapterSpec
+from fedtune_trainer.wire.task import AggregateTask, CleanupTask, ClientTask, EvaluateTask
 
 # ---------------------------------------------------------------------------------------------
 # Pod settings merge

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 from fedtune_operator.api import FederatedFineTuneSpec
 from fedtune_operator.objects import drop_empty, job_name, owner_reference
 from fedtune_operator.volumes import all_local
-from fedtune_trainer.contract import LABEL_RUN
+from fedtune_trainer.wire.contract import LABEL_RUN
 
 ANY_ADDRESS: tuple[dict[str, Any], ...] = (
     {"ipBlock": {"cidr": "0.0.0.0/0"}},

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from fedtune_operator.api import FederatedFineTuneStatus
 from fedtune_operator.decision import ObservedJob
 from fedtune_operator.rounds import job_state
-from fedtune_trainer.contract import (
+from fedtune_trainer.wire.contract import (
     CONTAINER,
     LABEL_ATTEMPT,
     LABEL_CLIENT,
@@ -24,7 +24,7 @@ from fedtune_trainer.contract import (
     ROLE_CLIENT,
     ROLE_EVALUATOR,
 )
-from fedtune_trainer.results import parse_summary
+from fedtune_trainer.wire.results import parse_summary
 
 Obj = Mapping[str, Any]
 

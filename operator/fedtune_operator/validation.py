@@ -27,8 +27,8 @@ from fedtune_operator.api.schema import (
 from fedtune_operator.api.spec import FederatedFineTuneSpec, PodSettings, PodTemplate
 from fedtune_operator.api.status import FederatedFineTuneStatus
 from fedtune_operator.rounds import clients_per_round
-from fedtune_trainer.contract import AWS_CREDENTIAL_ENV, RESERVED_ENV_PREFIX, RESERVED_PREFIX
-from fedtune_trainer.task import SCAFFOLD_ALGORITHMS, Model, lora_mode_problems
+from fedtune_trainer.wire.contract import AWS_CREDENTIAL_ENV, RESERVED_ENV_PREFIX, RESERVED_PREFIX
+from fedtune_trainer.wire.settings import SCAFFOLD_ALGORITHMS, Model, lora_mode_problems
 
 # --------------------------------------------------------------------------------------------
 # Parsing
@@ -216,7 +216,7 @@ def validate_spec(spec: FederatedFineTuneSpec, *, name: str | None = None) -> li
     * no AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in env when credentialsSecret provides them;
     * aggregation.lora exact only with fedavg, without freezeA and DP noise, and per-client
       ranks (clients[].adapter.r) only in exact mode and at most adapter.r
-      (`fedtune_trainer.task.lora_mode_problems`, which the aggregator's task checks too).
+      (`fedtune_trainer.wire.settings.lora_mode_problems`, which the aggregator's task checks too).
     * training.driftControl scaffold only with a mean-based aggregation, without DP noise and
       with aggregation.lora separate.
     """

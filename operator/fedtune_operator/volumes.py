@@ -12,7 +12,7 @@ from typing import Any
 
 from fedtune_operator.api import FederatedFineTuneSpec, ModelCache
 from fedtune_operator.objects import EVALUATE_CACHE, drop_empty, owner_reference
-from fedtune_trainer.contract import (
+from fedtune_trainer.wire.contract import (
     CACHE_DIR_ENV,
     LABEL_CLIENT,
     LABEL_ROLE,

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel
 
 from fedtune_operator import api, crd, crd_docs, validation
-from fedtune_trainer.task import Model
+from fedtune_trainer.wire.settings import Model
 from tests.api.api_cases import EXAMPLE_NAMES, INVALID, REPO, example
 from tests.api.test_api_status import full_status
 

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from fedtune_operator import api, manifests, validation
-from fedtune_trainer import contract
-from fedtune_trainer.task import StorageLocation
+from fedtune_trainer.wire import contract
+from fedtune_trainer.wire.settings import StorageLocation
 from tests.api.api_cases import (
     EXAMPLE_NAMES,
     INVALID,

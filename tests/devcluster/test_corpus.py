@@ -97,7 +97,7 @@ def test_records_load_with_the_real_tokenizer(real_model: Path, tmp_path: Path, 
     """Every record is one the trainer trains on: none rejected, none dropped as empty."""
     from transformers import AutoTokenizer
 
-    from fedtune_trainer.data import load_examples
+    from fedtune_trainer.learning.data import load_examples
 
     tok = AutoTokenizer.from_pretrained(real_model)
     layout = corpus.build_corpus(tmp_path, clients=4, fmt=fmt, records=40, eval_records=16)

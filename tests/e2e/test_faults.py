@@ -16,8 +16,9 @@ from kubernetes import client
 
 from devcluster.faultproxy import FaultProxy
 from devcluster.testing import DevCluster, wait_for
-from fedtune_trainer import store as st
-from fedtune_trainer.task import client_prefix, global_prefix, round_prefix
+from fedtune_trainer.storage import store as st
+from fedtune_trainer.storage.locate import open_store
+from fedtune_trainer.wire.layout import client_prefix, global_prefix, round_prefix
 from tests.e2e.support import (
     BUCKET,
     PAIR,
@@ -37,7 +38,7 @@ RUN_TIMEOUT = 420
 
 def run_store(dc: DevCluster, name: str) -> st.Store:
     s3 = dc.s3
-    return st.open_store(
+    return open_store(
         f"s3://{BUCKET}/runs/{name}",
         st.S3Settings(
             endpoint=s3.endpoint, access_key_id=s3.access_key, secret_access_key=s3.secret_key

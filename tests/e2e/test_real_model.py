@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from devcluster.testing import DevCluster
-from fedtune_trainer.task import EVALUATION_FILE, round_prefix
+from fedtune_trainer.wire.layout import EVALUATION_FILE, round_prefix
 from tests.e2e.support import BUCKET, CLIENTS, Assets, Manifest, Operator, wait_condition
 
 RUN_TIMEOUT = 1500

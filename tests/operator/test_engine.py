@@ -21,7 +21,7 @@ from fedtune_operator.decision import (
 )
 from fedtune_operator.status_updates import get_condition
 from fedtune_operator.validation import parse_spec
-from fedtune_trainer.results import (
+from fedtune_trainer.wire.results import (
     AggregateSummary,
     ClientSummary,
     Contribution,

@@ -9,7 +9,7 @@ import pytest
 
 from fedtune_operator import manifests, network_policy, objects, volumes
 from fedtune_operator.validation import parse_spec, validate_spec
-from fedtune_trainer.task import AggregateTask, ClientTask, parse_task
+from fedtune_trainer.wire.task import AggregateTask, ClientTask, parse_task
 
 SPEC: dict[str, Any] = {
     "baseModel": "pvc://models/llama-1b",

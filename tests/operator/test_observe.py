@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from fedtune_operator.observe import observe_jobs
-from fedtune_trainer.results import ClientSummary
+from fedtune_trainer.wire.results import ClientSummary
 
 SUMMARY = ClientSummary(
     round=1,

@@ -10,17 +10,13 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from fedtune_trainer import delta as codec
-from fedtune_trainer import lora
-from fedtune_trainer import store as st
-from fedtune_trainer.task import (
-    AggregateTask,
-    AggregationSpec,
-    DeltaSpec,
-    StorageLocation,
-    client_prefix,
-    global_prefix,
-)
+from fedtune_trainer.adapter import lora
+from fedtune_trainer.codec import encoding as codec
+from fedtune_trainer.codec.container import DELTA_FILE
+from fedtune_trainer.storage import store as st
+from fedtune_trainer.wire.layout import client_prefix, global_prefix
+from fedtune_trainer.wire.settings import AggregationSpec, DeltaSpec, StorageLocation
+from fedtune_trainer.wire.task import AggregateTask
 
 PREFIX = "base_model.model.model.layers"
 SHAPES = {
@@ -62,7 +58,7 @@ def put_delta(
     meta = codec.manifest_fields(
         enc, run="t", round_=round_, client=client, samples=samples, steps=1, train_loss=train_loss
     )
-    st.commit(store, client_prefix(round_, client), {codec.DELTA_FILE: enc.blob}, meta)
+    st.commit(store, client_prefix(round_, client), {DELTA_FILE: enc.blob}, meta)
     return enc
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedtune_trainer import store as st
+from fedtune_trainer.storage import store as st
 from tests.trainer.support import VENV_BIN, Demo, Storage
 
 torch.set_num_threads(1)
@@ -22,8 +22,8 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
-    from fedtune_trainer.demo_data import make_demo_data
-    from fedtune_trainer.tiny import make_tiny_model
+    from fedtune_trainer.fixtures.demo_data import make_demo_data
+    from fedtune_trainer.fixtures.tiny import make_tiny_model
 
     root = tmp_path_factory.mktemp("demo")
     make_demo_data(root / "data", clients=3, samples=48, eval_samples=24, fmt="chat", seed=0)

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedtune_trainer import delta as codec
-from fedtune_trainer import store as st
-from fedtune_trainer.task import client_prefix
+from fedtune_trainer.codec.container import DELTA_FILE, METADATA_KEY
+from fedtune_trainer.storage import store as st
+from fedtune_trainer.wire.layout import client_prefix
 
 
 @dataclass
@@ -38,7 +38,7 @@ class RawDelta:
     def parse(cls, blob: bytes) -> RawDelta:
         (size,) = struct.unpack("<Q", blob[:8])
         header = json.loads(blob[8 : 8 + size])
-        document = json.loads(header.pop("__metadata__")[codec.METADATA_KEY])
+        document = json.loads(header.pop("__metadata__")[METADATA_KEY])
         body = blob[8 + size :]
         parts = {
             key: RawPart(
@@ -58,7 +58,7 @@ class RawDelta:
 
     def build(self) -> bytes:
         header: dict[str, Any] = {
-            "__metadata__": {codec.METADATA_KEY: json.dumps(self.document, separators=(",", ":"))}
+            "__metadata__": {METADATA_KEY: json.dumps(self.document, separators=(",", ":"))}
         }
         offset = 0
         for key, part in self.parts.items():
@@ -107,7 +107,7 @@ def commit_blob(
     else:
         size, digest = len(blob), hashlib.sha256(blob).hexdigest()
     meta = {**delta_manifest(size, digest, round_, client), **(manifest or {})}
-    st.commit(store, client_prefix(round_, client), {codec.DELTA_FILE: blob}, meta)
+    st.commit(store, client_prefix(round_, client), {DELTA_FILE: blob}, meta)
 
 
 def zstd_bomb(content_bytes: int, window_log: int | None = None) -> bytes:
@@ -139,7 +139,7 @@ def oversized_file(path: Path, base: bytes, extra_bytes: int) -> Path:
     raw = RawDelta.parse(base)
     raw.parts["99.v"] = RawPart("U8", [extra_bytes], b"")
     header: dict[str, Any] = {
-        "__metadata__": {codec.METADATA_KEY: json.dumps(raw.document, separators=(",", ":"))}
+        "__metadata__": {METADATA_KEY: json.dumps(raw.document, separators=(",", ":"))}
     }
     offset = 0
     for key, part in raw.parts.items():

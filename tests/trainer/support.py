@@ -9,7 +9,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedtune_trainer import store as st
+from fedtune_trainer.storage import store as st
+from fedtune_trainer.storage.locate import open_store
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -37,7 +38,7 @@ class Storage:
     env: dict[str, str] = field(default_factory=dict)
 
     def open(self) -> st.Store:
-        return st.open_store(self.uri)
+        return open_store(self.uri)
 
 
 # `fedtune-trainer <kind>` (cli.main, what the console script runs) that writes its own peak RSS

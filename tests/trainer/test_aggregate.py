@@ -9,20 +9,22 @@ import numpy as np
 import pytest
 import torch
 
-from fedtune_trainer import aggregate, intake, merge
-from fedtune_trainer import delta as codec
-from fedtune_trainer import store as st
-from fedtune_trainer.errors import QuorumError
-from fedtune_trainer.results import AggregateSummary, RoundRecord
-from fedtune_trainer.task import (
+from fedtune_trainer import aggregate
+from fedtune_trainer.aggregation import bounds, intake
+from fedtune_trainer.aggregation.reducers import WeightedMean
+from fedtune_trainer.aggregation.robust import coordinate_median, trimmed_mean
+from fedtune_trainer.codec import encoding as codec
+from fedtune_trainer.codec.container import DELTA_FILE
+from fedtune_trainer.storage import store as st
+from fedtune_trainer.wire.errors import QuorumError
+from fedtune_trainer.wire.layout import (
     SERVER_STATE_PREFIX,
-    AdapterSpec,
-    AggregationSpec,
-    PrivacySpec,
     client_prefix,
     global_prefix,
     round_prefix,
 )
+from fedtune_trainer.wire.results import AggregateSummary, RoundRecord
+from fedtune_trainer.wire.settings import AdapterSpec, AggregationSpec, PrivacySpec
 from tests.trainer.aggregation_support import (
     SHAPES,
     as_numpy,
@@ -98,7 +100,7 @@ def test_every_algorithm_matches_a_float64_reference_over_two_rounds(
 def test_weighted_mean_streams_in_any_order() -> None:
     deltas = [random_tensors(i) for i in range(6)]
     weights = [1.0, 2.0, 3.0, 0.5, 7.0, 1.5]
-    forward, backward = merge.WeightedMean(), merge.WeightedMean()
+    forward, backward = WeightedMean(), WeightedMean()
     for d, w in zip(deltas, weights, strict=True):
         forward.add(d, w)
     for d, w in reversed(list(zip(deltas, weights, strict=True))):
@@ -116,8 +118,8 @@ def test_robust_statistics_on_known_values(
     n: int, expected_median: float, expected_trimmed: float
 ) -> None:
     values = torch.tensor([4.0, 1.0, 0.0, 2.0, 100.0][:n]).view(n, 1)
-    assert float(merge.coordinate_median(values)) == pytest.approx(expected_median)
-    assert float(merge.trimmed_mean(values, 0.34)) == pytest.approx(expected_trimmed)
+    assert float(coordinate_median(values)) == pytest.approx(expected_median)
+    assert float(trimmed_mean(values, 0.34)) == pytest.approx(expected_trimmed)
 
 
 # ------------------------------------------------------------------------------------------
@@ -156,13 +158,13 @@ def _unknown_tensor(store: st.Store) -> None:
 
 def _truncated(store: st.Store) -> None:
     put_delta(store, 1, "echo", random_tensors(9, 0.1))
-    key = st.join(client_prefix(1, "echo"), codec.DELTA_FILE)
+    key = st.join(client_prefix(1, "echo"), DELTA_FILE)
     store.put_bytes(key, store.get_bytes(key)[:-50])
 
 
 def _bad_checksum(store: st.Store) -> None:
     put_delta(store, 1, "echo", random_tensors(9, 0.1))
-    key = st.join(client_prefix(1, "echo"), codec.DELTA_FILE)
+    key = st.join(client_prefix(1, "echo"), DELTA_FILE)
     data = bytearray(store.get_bytes(key))
     data[-3] ^= 0xFF
     store.put_bytes(key, bytes(data))
@@ -174,19 +176,19 @@ def _oversized_norm(store: st.Store) -> None:
 
 def _uncommitted(store: st.Store) -> None:
     enc = codec.encode(random_tensors(9, 0.1), codec.DeltaSpec(dtype="fp32"))
-    store.put_bytes(st.join(client_prefix(1, "echo"), codec.DELTA_FILE), enc.blob)
+    store.put_bytes(st.join(client_prefix(1, "echo"), DELTA_FILE), enc.blob)
 
 
 def _garbage(store: st.Store) -> None:
     blob = b"\x10\x00\x00\x00\x00\x00\x00\x00" + b"not a header at all" * 3
     meta = {"round": 1, "client": "echo", "samples": 3}
-    st.commit(store, client_prefix(1, "echo"), {codec.DELTA_FILE: blob}, meta)
+    st.commit(store, client_prefix(1, "echo"), {DELTA_FILE: blob}, meta)
 
 
 def _bad_manifest_fields(store: st.Store) -> None:
     enc = codec.encode(random_tensors(9, 0.1), codec.DeltaSpec(dtype="fp32"))
     meta = {"round": 1, "client": "echo", "samples": 3, "train_loss": "NaN-ish"}
-    st.commit(store, client_prefix(1, "echo"), {codec.DELTA_FILE: enc.blob}, meta)
+    st.commit(store, client_prefix(1, "echo"), {DELTA_FILE: enc.blob}, meta)
 
 
 def _wrong_round(store: st.Store) -> None:
@@ -194,7 +196,7 @@ def _wrong_round(store: st.Store) -> None:
     meta = codec.manifest_fields(
         enc, run="t", round_=0, client="echo", samples=1, steps=1, train_loss=1.0
     )
-    st.commit(store, client_prefix(1, "echo"), {codec.DELTA_FILE: enc.blob}, meta)
+    st.commit(store, client_prefix(1, "echo"), {DELTA_FILE: enc.blob}, meta)
 
 
 BAD: list[tuple[str, Callable[[st.Store], None], str]] = [
@@ -289,7 +291,7 @@ def test_clipping_bounds_each_client_and_noise_has_the_stated_std(file_store: st
     for c, d in zip(clients, deltas, strict=True):
         put_delta(file_store, 1, c, d, samples=SAMPLES[c])
     clip = 5.0
-    norms = [merge.l2_norm(d) for d in deltas]
+    norms = [bounds.l2_norm(d) for d in deltas]
     assert min(norms) < clip < max(norms)  # some clipped, some not
     clipped = [
         {k: v * min(1.0, clip / n) for k, v in d.items()}
@@ -474,8 +476,8 @@ def test_the_mean_is_folded_from_the_checking_decode_unless_a_factor_changes(
     merged = accepted(summary)
     assert opened.count("alpha") == decodes
     assert all(opened.count(c) == decodes for c in merged)
-    norms = [float(merge.l2_norm(deltas[c])) for c in merged]
-    bound = spec.outlier_norm_factor * merge.lower_median(norms)
+    norms = [float(bounds.l2_norm(deltas[c])) for c in merged]
+    bound = spec.outlier_norm_factor * bounds.lower_median(norms)
     scaled = [
         as_numpy({n: t * min(1.0, bound / x) for n, t in deltas[c].items()})
         for c, x in zip(merged, norms, strict=True)
@@ -512,10 +514,10 @@ def test_a_delta_is_checked_tensor_by_tensor_as_it_decodes(
 
     shapes = {"a": (2, 2), "b": (1, 2)}
     if reason is None:
-        assert merge.checked_norm(decode, shapes, max_norm) == pytest.approx(
+        assert bounds.checked_norm(decode, shapes, max_norm) == pytest.approx(
             float(value.double().norm())
         )
         assert read == ["a", "b"]
     else:
         with pytest.raises(ValueError, match=reason):
-            merge.checked_norm(decode, shapes, max_norm)
+            bounds.checked_norm(decode, shapes, max_norm)

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from devcluster.s3 import S3Account
-from fedtune_trainer import cache, store_s3
-from fedtune_trainer import store as st
+from fedtune_trainer.storage import cache
+from fedtune_trainer.storage import store as st
+from fedtune_trainer.storage.s3 import S3Store
 
 pytestmark = pytest.mark.integration
 
@@ -25,12 +26,12 @@ MODEL = {
 
 
 @pytest.fixture
-def bucket(s3: S3Account, monkeypatch: pytest.MonkeyPatch) -> store_s3.S3Store:
+def bucket(s3: S3Account, monkeypatch: pytest.MonkeyPatch) -> S3Store:
     """A fresh bucket holding MODEL under models/m/, with AWS_* set as in a Job."""
     name = s3.bucket(f"cache-{uuid.uuid4().hex[:12]}").removeprefix("s3://")
     for key, value in s3.env().items():
         monkeypatch.setenv(key, value)
-    store = store_s3.S3Store(name, "", st.S3Settings())
+    store = S3Store(name, "", st.S3Settings())
     for key, data in MODEL.items():
         store.put_bytes(f"models/m/{key}", data)
     return store
@@ -41,7 +42,7 @@ def root(tmp_path: Path) -> Path:
     return tmp_path / "cache"
 
 
-def uri(store: store_s3.S3Store, key: str = "models/m/") -> str:
+def uri(store: S3Store, key: str = "models/m/") -> str:
     return f"s3://{store.bucket}/{key}"
 
 
@@ -60,7 +61,7 @@ SIZE = sum(len(v) for v in MODEL.values())
 
 
 def test_a_second_fetch_downloads_nothing(
-    bucket: store_s3.S3Store, root: Path, monkeypatch: pytest.MonkeyPatch
+    bucket: S3Store, root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     first = cache.fetch_s3(uri(bucket), root=root)
     assert (first.downloaded, first.reused) == (SIZE, 0)
@@ -69,20 +70,18 @@ def test_a_second_fetch_downloads_nothing(
     def no_download(*_: object, **__: object) -> None:
         raise AssertionError("a valid cache must not download")
 
-    monkeypatch.setattr(store_s3.S3Store, "get_file", no_download)
+    monkeypatch.setattr(S3Store, "get_file", no_download)
     second = cache.fetch_s3(uri(bucket), root=root)
     assert (second.path, second.downloaded, second.reused) == (first.path, 0, SIZE)
     assert len(versions(root)) == 1
 
 
-def _overwrite_same_size(s: store_s3.S3Store) -> None:
+def _overwrite_same_size(s: S3Store) -> None:
     data = MODEL["model.safetensors"]
     s.put_bytes("models/m/model.safetensors", bytes(reversed(data)))
 
 
-CHANGES: list[
-    tuple[str, Callable[[store_s3.S3Store], None], Callable[[dict[str, bytes]], None]]
-] = [
+CHANGES: list[tuple[str, Callable[[S3Store], None], Callable[[dict[str, bytes]], None]]] = [
     (
         "same size, new content (only the ETag tells)",
         _overwrite_same_size,
@@ -110,9 +109,9 @@ CHANGES: list[
     ("change", "expect"), [c[1:] for c in CHANGES], ids=[c[0] for c in CHANGES]
 )
 def test_a_changed_model_is_downloaded_again_and_the_old_version_removed(
-    bucket: store_s3.S3Store,
+    bucket: S3Store,
     root: Path,
-    change: Callable[[store_s3.S3Store], None],
+    change: Callable[[S3Store], None],
     expect: Callable[[dict[str, bytes]], None],
 ) -> None:
     old = cache.fetch_s3(uri(bucket), root=root)
@@ -127,7 +126,7 @@ def test_a_changed_model_is_downloaded_again_and_the_old_version_removed(
     assert len(versions(root)) == 1
 
 
-def test_a_damaged_copy_is_replaced(bucket: store_s3.S3Store, root: Path) -> None:
+def test_a_damaged_copy_is_replaced(bucket: S3Store, root: Path) -> None:
     first = cache.fetch_s3(uri(bucket), root=root)
     (first.path / "model.safetensors").write_bytes(b"truncated")
     second = cache.fetch_s3(uri(bucket), root=root)
@@ -135,7 +134,7 @@ def test_a_damaged_copy_is_replaced(bucket: store_s3.S3Store, root: Path) -> Non
     assert content(second.path) == MODEL
 
 
-def test_a_single_object_is_cached_by_its_own_etag(bucket: store_s3.S3Store, root: Path) -> None:
+def test_a_single_object_is_cached_by_its_own_etag(bucket: S3Store, root: Path) -> None:
     key = "models/m/config.json"
     first = cache.fetch_s3(uri(bucket, key), root=root)
     assert first.path.name == "config.json"
@@ -147,20 +146,18 @@ def test_a_single_object_is_cached_by_its_own_etag(bucket: store_s3.S3Store, roo
 
 
 def test_an_object_replaced_mid_download_is_not_cached_under_the_old_etag(
-    bucket: store_s3.S3Store, root: Path, monkeypatch: pytest.MonkeyPatch
+    bucket: S3Store, root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = store_s3.S3Store.get_file
+    real = S3Store.get_file
     replaced = threading.Event()
 
-    def get_then_replace(
-        self: store_s3.S3Store, key: str, path: Path, *a: object, **kw: object
-    ) -> None:
+    def get_then_replace(self: S3Store, key: str, path: Path, *a: object, **kw: object) -> None:
         real(self, key, path, *a, **kw)
         if not replaced.is_set():
             replaced.set()
             self.put_bytes("models/m/config.json", b'{"replaced": true}')
 
-    monkeypatch.setattr(store_s3.S3Store, "get_file", get_then_replace)
+    monkeypatch.setattr(S3Store, "get_file", get_then_replace)
     got = cache.fetch_s3(uri(bucket), root=root)
     assert content(got.path)["config.json"] == b'{"replaced": true}'
     assert len(versions(root)) == 1
@@ -168,7 +165,7 @@ def test_an_object_replaced_mid_download_is_not_cached_under_the_old_etag(
 
 @pytest.mark.parametrize("flock", [True, False], ids=["with flock", "without flock"])
 def test_concurrent_fetches_end_with_one_valid_copy(
-    bucket: store_s3.S3Store, root: Path, monkeypatch: pytest.MonkeyPatch, flock: bool
+    bucket: S3Store, root: Path, monkeypatch: pytest.MonkeyPatch, flock: bool
 ) -> None:
     """Jobs sharing a volume start together. With flock one downloads and the others wait and
     reuse; without it (a filesystem that has none) each may download, the rename picks one copy
@@ -199,9 +196,7 @@ def test_concurrent_fetches_end_with_one_valid_copy(
     assert len(versions(root)) == 1  # no partial or losing copy left behind
 
 
-def test_partials_of_crashed_jobs_are_removed_under_the_lock(
-    bucket: store_s3.S3Store, root: Path
-) -> None:
+def test_partials_of_crashed_jobs_are_removed_under_the_lock(bucket: S3Store, root: Path) -> None:
     first = cache.fetch_s3(uri(bucket), root=root)
     crashed = first.path.parent.parent / f"{cache.PARTIAL}dead"
     (crashed / "dir").mkdir(parents=True)
@@ -210,7 +205,7 @@ def test_partials_of_crashed_jobs_are_removed_under_the_lock(
     assert not crashed.exists()
 
 
-def test_the_ledger_counts_per_uri(bucket: store_s3.S3Store, root: Path) -> None:
+def test_the_ledger_counts_per_uri(bucket: S3Store, root: Path) -> None:
     u = uri(bucket)
     before = cache.bytes_downloaded(u), cache.bytes_reused(u)
     cache.fetch_s3(u, root=root)
@@ -219,6 +214,6 @@ def test_the_ledger_counts_per_uri(bucket: store_s3.S3Store, root: Path) -> None
     assert cache.bytes_reused(u.rstrip("/")) - before[1] == SIZE
 
 
-def test_missing_objects_are_an_error(bucket: store_s3.S3Store, root: Path) -> None:
+def test_missing_objects_are_an_error(bucket: S3Store, root: Path) -> None:
     with pytest.raises(FileNotFoundError):
         cache.fetch_s3(uri(bucket, "models/none/"), root=root)

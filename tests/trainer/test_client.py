@@ -10,25 +10,24 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fedtune_trainer import aggregate, client, lora, store_s3
-from fedtune_trainer import delta as codec
-from fedtune_trainer import store as st
-from fedtune_trainer.data import load_examples
-from fedtune_trainer.runtime import pick_runtime
-from fedtune_trainer.task import (
+from fedtune_trainer import aggregate, client
+from fedtune_trainer.adapter import lora
+from fedtune_trainer.codec.container import DELTA_FILE
+from fedtune_trainer.codec.decoding import decode
+from fedtune_trainer.learning.data import load_examples
+from fedtune_trainer.learning.runtime import pick_runtime
+from fedtune_trainer.learning.training import mean_loss
+from fedtune_trainer.storage import s3
+from fedtune_trainer.storage import store as st
+from fedtune_trainer.wire.layout import client_prefix, client_state_prefix, global_prefix
+from fedtune_trainer.wire.settings import (
     AdapterSpec,
-    AggregateTask,
-    CleanupTask,
-    ClientTask,
     DeltaSpec,
     QuantizationSpec,
     StorageLocation,
     TrainingSpec,
-    client_prefix,
-    client_state_prefix,
-    global_prefix,
 )
-from fedtune_trainer.training import mean_loss
+from fedtune_trainer.wire.task import AggregateTask, CleanupTask, ClientTask
 from tests.trainer.support import Demo, Storage
 
 # PEFT calls an API that transformers 5 deprecates; nothing a user can act on.
@@ -108,11 +107,11 @@ def test_client_uploads_a_delta_that_improves_its_own_loss(
     )
 
     manifest, files = st.read_committed(file_store, client_prefix(1, "client-0"))
-    blob = files[codec.DELTA_FILE]
+    blob = files[DELTA_FILE]
     assert summary.samples == manifest["samples"] == 48
     assert summary.steps == manifest["steps"] == TRAINING.local_steps
     assert summary.bytes_sent == len(blob) == manifest["encoded_bytes"]
-    assert summary.sha256 == manifest["sha256"] == manifest["files"][codec.DELTA_FILE]["sha256"]
+    assert summary.sha256 == manifest["sha256"] == manifest["files"][DELTA_FILE]["sha256"]
     g0 = global_tensors(file_store, 0)
     assert summary.raw_bytes == 4 * sum(t.numel() for t in g0.values())
     params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(demo.model).parameters())
@@ -121,7 +120,7 @@ def test_client_uploads_a_delta_that_improves_its_own_loss(
     assert summary.train_loss == manifest["train_loss"]
     assert any(line.startswith("step 6/6 loss ") and "tokens/s" in line for line in lines)
 
-    delta = codec.decode(blob)
+    delta = decode(blob)
     assert set(delta) == set(g0)
     local = {k: g0[k] + delta[k] for k in g0}
     assert client_loss(demo, local) < client_loss(demo, g0) - 0.05
@@ -162,7 +161,7 @@ def test_a_rerun_overwrites_and_never_feeds_the_residual_back_twice(
     assert again.sha256 == first.sha256  # seeded: the same delta, under the same keys
     assert residual(1) == residual_1
     assert file_store.list(client_prefix(1, "client-0") + "/") == [
-        f"{client_prefix(1, 'client-0')}/{codec.DELTA_FILE}",
+        f"{client_prefix(1, 'client-0')}/{DELTA_FILE}",
         f"{client_prefix(1, 'client-0')}/manifest.json",
     ]
     # Round 2 trains from global 1 and feeds back residual 1, on every rerun alike.
@@ -181,10 +180,10 @@ def test_a_rerun_overwrites_and_never_feeds_the_residual_back_twice(
     # Exactly one residual is fed back: sent 2 + residual 2 == true delta 2 + residual 1. Training
     # does not depend on the encoding, so a lossless run of the same round shows the true delta.
     key = client_prefix(2, "client-0")
-    sent = codec.decode(st.read_committed(file_store, key)[1][codec.DELTA_FILE])
+    sent = decode(st.read_committed(file_store, key)[1][DELTA_FILE])
     res1, res2 = lora.parse_weights(residual_1), lora.parse_weights(residual(2))
     client.run(client_task(demo, file_store, 2, DeltaSpec(dtype="fp32")), file_store, quiet)
-    true = codec.decode(st.read_committed(file_store, key)[1][codec.DELTA_FILE])
+    true = decode(st.read_committed(file_store, key)[1][DELTA_FILE])
     assert set(sent) == set(res1) == set(res2) == set(true)
     for k in sent:
         assert float(res1[k].abs().max()) > 0
@@ -268,8 +267,8 @@ def test_cleanup_deletes_the_run_and_nothing_else(
     for key in ("rounds/000000/global/manifest.json", "state/server/000001/x", "final/a"):
         s.put_bytes(key, b"x")
     if storage.uri.startswith("s3://"):
-        bucket, _ = store_s3.split_s3(storage.uri)
-        outside = store_s3.S3Store(bucket, "runs/test-other", st.S3Settings())
+        bucket, _ = s3.split_s3(storage.uri)
+        outside = s3.S3Store(bucket, "runs/test-other", st.S3Settings())
     else:
         outside = st.FileStore(tmp_path / "store-other")
     outside.put_bytes("keep.bin", b"k")
@@ -285,7 +284,7 @@ def test_cleanup_deletes_the_run_and_nothing_else(
 
 
 def test_a_tokenizer_may_live_apart_from_the_model(demo: Demo, tmp_path: Path) -> None:
-    from fedtune_trainer.runtime import load_tokenizer, model_dir
+    from fedtune_trainer.learning.loading import load_tokenizer, model_dir
 
     tok_dir = tmp_path / "tokenizer"
     tok_dir.mkdir()

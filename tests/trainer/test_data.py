@@ -11,7 +11,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from fedtune_trainer.data import (
+from fedtune_trainer.learning.batches import collate
+from fedtune_trainer.learning.data import (
     IGNORE,
     DataError,
     bos_ids,
@@ -20,7 +21,6 @@ from fedtune_trainer.data import (
     load_dataset,
     load_examples,
 )
-from fedtune_trainer.training import collate
 from tests.trainer.support import Demo
 
 

@@ -13,8 +13,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as stg
 
-from fedtune_trainer import delta as codec
-from fedtune_trainer.task import DeltaSpec, QuantizationSpec
+from fedtune_trainer.codec import encoding as codec
+from fedtune_trainer.codec.container import FORMAT, DeltaFormatError, qmax
+from fedtune_trainer.codec.decoding import (
+    decode,
+    dequantize,
+    layout_from_metadata,
+    read_layout,
+    unpack_mask,
+)
+from fedtune_trainer.wire.settings import DeltaSpec, QuantizationSpec
 
 FAST = settings(max_examples=60, deadline=None)
 
@@ -53,7 +61,7 @@ def block_absmax(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def assert_decode_is_sent(enc: codec.Encoded) -> dict[str, torch.Tensor]:
-    out = codec.decode(enc.blob)
+    out = decode(enc.blob)
     assert out.keys() == enc.sent.keys()
     for name in out:
         assert torch.equal(out[name], enc.sent[name]), name
@@ -126,7 +134,7 @@ def test_top_k_keeps_the_largest_entries(
 ) -> None:
     enc = codec.encode(d, spec(dtype="fp32", top_k=top_k, bits=bits, error_feedback=False))
     out = assert_decode_is_sent(enc)
-    layout = codec.read_layout(enc.blob)
+    layout = read_layout(enc.blob)
     for name, x in d.items():
         x = x.double().reshape(-1)
         n = x.numel()
@@ -154,7 +162,7 @@ def test_top_k_keeps_the_largest_entries(
 def test_positions_use_the_smaller_coding(n: int, top_k: float, coding: str) -> None:
     x = {"t": torch.randn(n, generator=torch.Generator().manual_seed(n))}
     enc = codec.encode(x, spec(dtype="fp32", top_k=top_k, compression="none", error_feedback=False))
-    assert codec.read_layout(enc.blob).tensors["t"]["pos"] == coding
+    assert read_layout(enc.blob).tensors["t"]["pos"] == coding
     out = assert_decode_is_sent(enc)
     kept = out["t"] != 0
     assert torch.equal(out["t"][kept], x["t"][kept])
@@ -165,7 +173,7 @@ def test_positions_use_the_smaller_coding(n: int, top_k: float, coding: str) -> 
 def test_bitmap_round_trip(n: int, data: stg.DataObject) -> None:
     idx = sorted(data.draw(stg.sets(stg.integers(0, n - 1), min_size=0, max_size=n)))
     t = torch.tensor(idx, dtype=torch.int64)
-    assert codec.unpack_mask(codec.pack_mask(t, n), n).tolist() == idx
+    assert unpack_mask(codec.pack_mask(t, n), n).tolist() == idx
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -183,13 +191,13 @@ def test_quantized_codes_fit_their_width(bits: int) -> None:
     else:
         assert codes.dtype == torch.int8
         assert int(codes.abs().max()) == 127
-    back = codec.dequantize(codes, scales, bits, 64, 257)
-    assert float((back - x).abs().max()) <= 3 / codec.qmax(bits) / 2 + 1e-6
+    back = dequantize(codes, scales, bits, 64, 257)
+    assert float((back - x).abs().max()) <= 3 / qmax(bits) / 2 + 1e-6
 
 
 def test_zero_blocks_decode_to_zero() -> None:
     x = {"t": torch.zeros(3, 50)}
-    out = codec.decode(codec.encode(x, spec(dtype="fp32", bits=4, block=16)).blob)
+    out = decode(codec.encode(x, spec(dtype="fp32", bits=4, block=16)).blob)
     assert torch.equal(out["t"], x["t"])
 
 
@@ -264,8 +272,8 @@ def test_container_is_safetensors_with_the_encoding_in_its_metadata(tmp_path: ob
     path.write_bytes(blob)
     with safetensors.safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
-        assert json.loads(meta["fedtune"])["format"] == codec.FORMAT
-        layout = codec.layout_from_metadata(meta)
+        assert json.loads(meta["fedtune"])["format"] == FORMAT
+        layout = layout_from_metadata(meta)
     assert layout.encoding == {
         "dtype": "bf16", "top_k": 0.1, "bits": 8, "block_size": 64, "compression": "zstd",
         "error_feedback": True,
@@ -327,27 +335,27 @@ GOOD = codec.encode({"w": torch.randn(20, 20)}, spec(dtype="fp32", top_k=0.2, bi
         (_header_blob({}), "not a fedtune.delta/v1"),
         (_header_blob({"fedtune": "{"}), "bad metadata"),
         (_header_blob({"fedtune": '{"format": "other/v9"}'}), "format 'other/v9'"),
-        (_header_blob({"fedtune": json.dumps({"format": codec.FORMAT, "encoding": {"bits": 3},
+        (_header_blob({"fedtune": json.dumps({"format": FORMAT, "encoding": {"bits": 3},
                                               "tensors": {}})}), "bad encoding"),
         (GOOD[: len(GOOD) - 7], "corrupt safetensors"),
         (_header_blob({"fedtune": json.dumps({
-            "format": codec.FORMAT, "encoding": {"bits": 8, "block_size": 64, "dtype": "fp32"},
+            "format": FORMAT, "encoding": {"bits": 8, "block_size": 64, "dtype": "fp32"},
             "tensors": {"w": {"i": 0, "shape": [4]}}})}),
          "missing part"),
         (safetensors.torch.save({"0.v": torch.zeros(3)}, metadata={"fedtune": json.dumps({
-            "format": codec.FORMAT, "encoding": {"bits": 0, "block_size": 64, "dtype": "fp32"},
+            "format": FORMAT, "encoding": {"bits": 0, "block_size": 64, "dtype": "fp32"},
             "tensors": {"w": {"i": 0, "shape": [4]}}})}),
          r"w.v: stored as torch.float32 \[3\], expected torch.float32 \[4\]"),
         (safetensors.torch.save({"0.v": torch.zeros(9, dtype=torch.uint8)}, metadata={
             "fedtune": json.dumps({
-            "format": codec.FORMAT, "encoding": {"bits": 0, "block_size": 64, "dtype": "fp32"},
+            "format": FORMAT, "encoding": {"bits": 0, "block_size": 64, "dtype": "fp32"},
             "tensors": {"w": {"i": 0, "shape": [4], "z": "v"}}})}),
          "w.v: zstd"),
     ],
 )  # fmt: skip
 def test_malformed_files_raise_a_format_error(blob: bytes, message: str) -> None:
-    with pytest.raises(codec.DeltaFormatError, match=message):
-        codec.decode(blob)
+    with pytest.raises(DeltaFormatError, match=message):
+        decode(blob)
 
 
 def test_compute_delta_is_local_minus_global_for_named_tensors() -> None:

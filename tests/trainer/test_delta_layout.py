@@ -18,9 +18,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as stg
 
-from fedtune_trainer import delta as codec
-from fedtune_trainer import delta_check
-from fedtune_trainer.task import DeltaSpec, QuantizationSpec
+from fedtune_trainer.codec import encoding as codec
+from fedtune_trainer.codec import precheck
+from fedtune_trainer.codec.container import DeltaFormatError
+from fedtune_trainer.codec.decoding import decompress_bounded
+from fedtune_trainer.wire.settings import DeltaSpec, QuantizationSpec
 from tests.trainer.hostile_support import RawDelta, RawPart, zstd_bomb
 
 FAST = settings(max_examples=60, deadline=None)
@@ -75,12 +77,12 @@ def test_every_legitimate_delta_fits_the_bound_and_passes_the_layout_check(
     shapes: dict[str, tuple[int, ...]], spec: DeltaSpec, seed: int, kind: str
 ) -> None:
     blob = codec.encode(values(shapes, seed, kind), spec).blob
-    expected = delta_check.ExpectedLayout(shapes, spec)
-    bound = delta_check.max_encoded_size(shapes, spec)
+    expected = precheck.ExpectedLayout(shapes, spec)
+    bound = precheck.max_encoded_size(shapes, spec)
     assert len(blob) <= bound
     (header,) = struct.unpack("<Q", blob[:8])
     assert header <= expected.max_header()
-    layout = delta_check.check_file_layout(blob, expected, len(blob))
+    layout = precheck.check_file_layout(blob, expected, len(blob))
     assert layout.shapes == shapes
 
 
@@ -91,7 +93,7 @@ def test_the_bound_is_tight(shapes: dict[str, tuple[int, ...]], spec: DeltaSpec,
     even 10% larger, beyond a few hundred bytes) never fits."""
     plain = spec.model_copy(update={"compression": "none", "error_feedback": False})
     largest = len(codec.encode(values(shapes, seed, "randn"), plain).blob)
-    bound = delta_check.max_encoded_size(shapes, spec)
+    bound = precheck.max_encoded_size(shapes, spec)
     assert largest <= bound
     assert bound - largest <= 128 + 16 * len(shapes)
     assert 10 * largest > bound
@@ -182,15 +184,15 @@ def test_each_lie_in_a_header_is_caught_before_any_tensor_is_read(
     change: Callable[[RawDelta], None], reason: str
 ) -> None:
     blob = _edit(change)
-    expected = delta_check.ExpectedLayout(SHAPES, RUN)
+    expected = precheck.ExpectedLayout(SHAPES, RUN)
     (size,) = struct.unpack("<Q", blob[:8])
     head = blob[: 8 + size]  # only the header is handed over: nothing past it could be read
-    with pytest.raises(codec.DeltaFormatError, match=reason):
-        delta_check.check_file_layout(head, expected, len(blob))
+    with pytest.raises(DeltaFormatError, match=reason):
+        precheck.check_file_layout(head, expected, len(blob))
 
 
 def test_duplicate_keys_and_overlapping_parts_are_refused() -> None:
-    expected = delta_check.ExpectedLayout(SHAPES, RUN)
+    expected = precheck.ExpectedLayout(SHAPES, RUN)
     blob = legit().build()
     (size,) = struct.unpack("<Q", blob[:8])
     header = json.loads(blob[8 : 8 + size])
@@ -198,8 +200,8 @@ def test_duplicate_keys_and_overlapping_parts_are_refused() -> None:
     # A key twice: Python and the Rust reader could disagree about which one counts.
     text = json.dumps(header, separators=(",", ":"))
     doubled = text[:-1] + ',"0.v":' + json.dumps(header["0.v"]) + "}"
-    with pytest.raises(codec.DeltaFormatError, match=r"duplicate key '0\.v'"):
-        delta_check.check_header(doubled.encode(), expected, body_size)
+    with pytest.raises(DeltaFormatError, match=r"duplicate key '0\.v'"):
+        precheck.check_header(doubled.encode(), expected, body_size)
     # Two parts over the same bytes.
     first, second = sorted(
         (k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0]
@@ -210,8 +212,8 @@ def test_duplicate_keys_and_overlapping_parts_are_refused() -> None:
         + header[second]["data_offsets"][1]
         - header[second]["data_offsets"][0],
     ]
-    with pytest.raises(codec.DeltaFormatError, match="do not tile"):
-        delta_check.check_header(json.dumps(header).encode(), expected, body_size)
+    with pytest.raises(DeltaFormatError, match="do not tile"):
+        precheck.check_header(json.dumps(header).encode(), expected, body_size)
 
 
 @pytest.mark.parametrize(
@@ -225,8 +227,8 @@ def test_duplicate_keys_and_overlapping_parts_are_refused() -> None:
 def test_a_header_length_is_checked_before_the_header_is_read(
     header_bytes: bytes, file_size: int, reason: str
 ) -> None:
-    with pytest.raises(codec.DeltaFormatError, match=reason):
-        delta_check.header_size(header_bytes, delta_check.ExpectedLayout(SHAPES, RUN), file_size)
+    with pytest.raises(DeltaFormatError, match=reason):
+        precheck.header_size(header_bytes, precheck.ExpectedLayout(SHAPES, RUN), file_size)
 
 
 @pytest.mark.parametrize(
@@ -243,9 +245,9 @@ def test_a_header_length_is_checked_before_the_header_is_read(
     ids=["large-window", "small-window", "short", "trailing-garbage"],
 )
 def test_decompression_is_bounded_by_the_parts_size(frame: bytes, reason: str) -> None:
-    with pytest.raises(codec.DeltaFormatError, match=reason):
-        codec.decompress_bounded(frame, 4096, "t.v")
-    assert codec.decompress_bounded(zstd_bomb(4096, window_log=12), 4096, "t.v") == bytes(4096)
+    with pytest.raises(DeltaFormatError, match=reason):
+        decompress_bounded(frame, 4096, "t.v")
+    assert decompress_bounded(zstd_bomb(4096, window_log=12), 4096, "t.v") == bytes(4096)
 
 
 def test_a_legit_part_decompresses_within_its_window() -> None:
@@ -255,4 +257,4 @@ def test_a_legit_part_decompresses_within_its_window() -> None:
     for size in (1, 100, 4096, 5000, 1 << 20, (1 << 20) + 3):
         raw = bytes(range(256)) * math.ceil(size / 256)
         frame = zstandard.ZstdCompressor(level=19).compress(raw[:size])
-        assert codec.decompress_bounded(frame, size, "t.v") == raw[:size]
+        assert decompress_bounded(frame, size, "t.v") == raw[:size]

@@ -14,22 +14,19 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fedtune_trainer import aggregate, client, drift, lora
-from fedtune_trainer import delta as codec
-from fedtune_trainer import store as st
-from fedtune_trainer.data import load_examples
-from fedtune_trainer.runtime import pick_runtime
-from fedtune_trainer.task import (
-    AdapterSpec,
-    AggregateTask,
-    ClientTask,
-    DeltaSpec,
-    StorageLocation,
-    TrainingSpec,
-    client_prefix,
-    control_prefix,
-)
-from fedtune_trainer.training import train
+from fedtune_trainer import aggregate, client
+from fedtune_trainer.adapter import lora
+from fedtune_trainer.codec import encoding as codec
+from fedtune_trainer.codec.container import DELTA_FILE
+from fedtune_trainer.codec.decoding import decode
+from fedtune_trainer.learning import drift
+from fedtune_trainer.learning.data import load_examples
+from fedtune_trainer.learning.runtime import pick_runtime
+from fedtune_trainer.learning.training import train
+from fedtune_trainer.storage import store as st
+from fedtune_trainer.wire.layout import client_prefix, control_prefix
+from fedtune_trainer.wire.settings import AdapterSpec, DeltaSpec, StorageLocation, TrainingSpec
+from fedtune_trainer.wire.task import AggregateTask, ClientTask
 from tests.trainer.support import Demo
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
@@ -134,8 +131,8 @@ def test_the_client_keeps_what_the_server_decodes() -> None:
     new = {"w": torch.randn(64, generator=gen)}
     change = drift.control_change(new, old)
     encoded = codec.encode(change, DeltaSpec(dtype="bf16", top_k=0.25))
-    kept = drift.kept_control(old, codec.decode(encoded.blob))
-    torch.testing.assert_close(kept["w"] - old["w"], codec.decode(encoded.blob)["w"])
+    kept = drift.kept_control(old, decode(encoded.blob))
+    torch.testing.assert_close(kept["w"] - old["w"], decode(encoded.blob)["w"])
     assert not torch.equal(kept["w"], new["w"])  # lossy: the dropped part is not kept
     assert torch.equal(drift.control_change(new, None)["w"], new["w"])
 
@@ -280,7 +277,7 @@ def control(store: st.Store, round_: int, client: str | None = None) -> dict[str
 
 def uploaded_change(store: st.Store, round_: int, client: str) -> dict[str, torch.Tensor]:
     files = st.read_committed(store, client_prefix(round_, client))[1]
-    return codec.decode(files[drift.CONTROL_FILE])
+    return decode(files[drift.CONTROL_FILE])
 
 
 def test_scaffold_two_rounds_two_clients_idempotent_under_reruns(
@@ -298,7 +295,7 @@ def test_scaffold_two_rounds_two_clients_idempotent_under_reruns(
         for s in summaries:
             manifest, files = st.read_committed(file_store, client_prefix(r, s.client))
             assert s.control_bytes == len(files[drift.CONTROL_FILE]) > 0
-            assert s.bytes_sent == len(files[codec.DELTA_FILE]) + s.control_bytes
+            assert s.bytes_sent == len(files[DELTA_FILE]) + s.control_bytes
             assert s.raw_bytes == 2 * manifest["raw_bytes"]
         before = snapshot(file_store)
         again = client.run(client_task(demo, file_store, r, 1), file_store, quiet)
@@ -336,7 +333,7 @@ def _bad_control(store: st.Store, client: str, how: str) -> None:
     """Recommit the client's upload with a bad control change (its manifest vouching for it)."""
     manifest, files = st.read_committed(store, client_prefix(1, client))
     meta = {k: v for k, v in manifest.items() if k not in ("format", "files")}
-    change = codec.decode(files[drift.CONTROL_FILE])
+    change = decode(files[drift.CONTROL_FILE])
     name = sorted(change)[0]
     if how == "missing":
         del files[drift.CONTROL_FILE]

@@ -16,10 +16,12 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from fedtune_trainer import lora, report
-from fedtune_trainer import store as st
-from fedtune_trainer.contract import SUMMARY_MAX_BYTES
-from fedtune_trainer.results import (
+from fedtune_trainer import report
+from fedtune_trainer.adapter import lora
+from fedtune_trainer.storage import store as st
+from fedtune_trainer.wire.contract import SUMMARY_MAX_BYTES
+from fedtune_trainer.wire.layout import global_prefix
+from fedtune_trainer.wire.results import (
     AggregateSummary,
     AnySummary,
     ClientSummary,
@@ -27,7 +29,8 @@ from fedtune_trainer.results import (
     RoundRecord,
     parse_summary,
 )
-from fedtune_trainer.task import AggregateTask, ClientTask, EvaluateTask, Model, global_prefix
+from fedtune_trainer.wire.settings import Model
+from fedtune_trainer.wire.task import AggregateTask, ClientTask, EvaluateTask
 from tests.trainer.support import Demo, Storage
 
 # PEFT calls an API that transformers 5 deprecates; nothing a user can act on.

@@ -6,15 +6,10 @@ from __future__ import annotations
 import pytest
 
 from fedtune_trainer import aggregate, evaluate, report
-from fedtune_trainer import store as st
-from fedtune_trainer.results import EvaluationSummary
-from fedtune_trainer.task import (
-    AdapterSpec,
-    AggregateTask,
-    EvaluateTask,
-    EvaluationSpec,
-    StorageLocation,
-)
+from fedtune_trainer.storage import store as st
+from fedtune_trainer.wire.results import EvaluationSummary
+from fedtune_trainer.wire.settings import AdapterSpec, EvaluationSpec, StorageLocation
+from fedtune_trainer.wire.task import AggregateTask, EvaluateTask
 from tests.trainer.support import Demo
 
 ADAPTER = AdapterSpec(r=4, alpha=8, dropout=0.0)

@@ -9,9 +9,10 @@ import math
 import pytest
 import torch
 
-from fedtune_trainer import aggregate, client, exact
-from fedtune_trainer import store as st
-from fedtune_trainer.task import AdapterSpec, AggregationSpec, DeltaSpec
+from fedtune_trainer import aggregate, client
+from fedtune_trainer.adapter import exact
+from fedtune_trainer.storage import store as st
+from fedtune_trainer.wire.settings import AdapterSpec, AggregationSpec, DeltaSpec
 from tests.trainer.aggregation_support import SHAPES, put_delta, random_tensors, task, write_global
 from tests.trainer.support import Demo
 from tests.trainer.test_client import ADAPTER, client_task, global_tensors, init_task, quiet

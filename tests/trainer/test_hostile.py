@@ -26,10 +26,12 @@ import pytest
 import torch
 
 from fedtune_trainer import aggregate
-from fedtune_trainer import delta as codec
-from fedtune_trainer import store as st
-from fedtune_trainer.results import AggregateSummary, parse_summary
-from fedtune_trainer.task import AggregationSpec, DeltaSpec, client_prefix
+from fedtune_trainer.codec import encoding as codec
+from fedtune_trainer.codec.container import DELTA_FILE
+from fedtune_trainer.storage import store as st
+from fedtune_trainer.wire.layout import client_prefix
+from fedtune_trainer.wire.results import AggregateSummary, parse_summary
+from fedtune_trainer.wire.settings import AggregationSpec, DeltaSpec
 from tests.trainer.aggregation_support import random_tensors, task, write_global
 from tests.trainer.hostile_support import (
     RawDelta,
@@ -104,14 +106,14 @@ def _wrong_part_dtype(store: st.Store, _: Path, client: str) -> None:
 def _truncated(store: st.Store, _: Path, client: str) -> None:
     blob = encode(honest_delta(9))
     commit_blob(store, 1, client, blob)
-    store.put_bytes(st.join(client_prefix(1, client), codec.DELTA_FILE), blob[:-100])
+    store.put_bytes(st.join(client_prefix(1, client), DELTA_FILE), blob[:-100])
 
 
 def _bad_checksum(store: st.Store, _: Path, client: str) -> None:
     blob = bytearray(encode(honest_delta(9)))
     commit_blob(store, 1, client, bytes(blob))
     blob[-3] ^= 0xFF
-    store.put_bytes(st.join(client_prefix(1, client), codec.DELTA_FILE), bytes(blob))
+    store.put_bytes(st.join(client_prefix(1, client), DELTA_FILE), bytes(blob))
 
 
 def _path_like_name(store: st.Store, _: Path, client: str) -> None:
@@ -178,7 +180,7 @@ def _undeclared_oversized(store: st.Store, tmp: Path, client: str) -> None:
         f.write(blob)
         for _ in range(64):
             f.write(bytes(1 << 20))
-    store.put_file(st.join(client_prefix(1, client), codec.DELTA_FILE), path)
+    store.put_file(st.join(client_prefix(1, client), DELTA_FILE), path)
 
 
 def _manifest_bomb(store: st.Store, _: Path, client: str) -> None:
@@ -447,7 +449,7 @@ def _declared_oversized_small(store: st.Store, tmp: Path, client: str) -> None:
 def _undeclared_oversized_small(store: st.Store, tmp: Path, client: str) -> None:
     blob = encode(honest_delta(9))
     commit_blob(store, 1, client, blob)
-    store.put_bytes(st.join(client_prefix(1, client), codec.DELTA_FILE), blob + bytes(4 << 20))
+    store.put_bytes(st.join(client_prefix(1, client), DELTA_FILE), blob + bytes(4 << 20))
 
 
 def _manifest_bomb_small(store: st.Store, _: Path, client: str) -> None:

@@ -11,8 +11,8 @@ import torch
 from pydantic import ValidationError
 from transformers import AutoModelForCausalLM
 
-from fedtune_trainer import lora
-from fedtune_trainer.task import AdapterSpec
+from fedtune_trainer.adapter import lora
+from fedtune_trainer.wire.settings import AdapterSpec
 from tests.trainer.support import Demo
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")

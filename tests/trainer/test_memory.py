@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fedtune_trainer import store as st
-from fedtune_trainer.results import AggregateSummary, parse_summary
+from fedtune_trainer.storage import store as st
+from fedtune_trainer.wire.results import AggregateSummary, parse_summary
 from tests.trainer.aggregation_support import put_delta, random_tensors, task, write_global
 from tests.trainer.support import run_job_measured
 

@@ -14,21 +14,16 @@ import torch
 
 from devcluster.net import free_port
 from fedtune_trainer import aggregate, client
-from fedtune_trainer import delta as codec
-from fedtune_trainer import store as st
-from fedtune_trainer.contract import client_command, gpu_count, processes_for
-from fedtune_trainer.drift import CONTROL_FILE
+from fedtune_trainer.codec.container import DELTA_FILE
+from fedtune_trainer.codec.decoding import decode
 from fedtune_trainer.launch import first_failure, multi_node_client_command, record_exit_code
-from fedtune_trainer.results import parse_summary
-from fedtune_trainer.task import (
-    AdapterSpec,
-    AggregateTask,
-    ClientTask,
-    DeltaSpec,
-    StorageLocation,
-    TrainingSpec,
-    client_prefix,
-)
+from fedtune_trainer.learning.drift import CONTROL_FILE
+from fedtune_trainer.storage import store as st
+from fedtune_trainer.wire.contract import client_command, gpu_count, processes_for
+from fedtune_trainer.wire.layout import client_prefix
+from fedtune_trainer.wire.results import parse_summary
+from fedtune_trainer.wire.settings import AdapterSpec, DeltaSpec, StorageLocation, TrainingSpec
+from fedtune_trainer.wire.task import AggregateTask, ClientTask
 from tests.trainer.support import Demo
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
@@ -164,12 +159,12 @@ def run_two_processes(
 
 
 def sent_delta(store: st.Store) -> dict[str, torch.Tensor]:
-    return codec.decode(st.read_committed(store, client_prefix(1, "client-0"))[1][codec.DELTA_FILE])
+    return decode(st.read_committed(store, client_prefix(1, "client-0"))[1][DELTA_FILE])
 
 
 def sent_control(store: st.Store) -> dict[str, torch.Tensor]:
     files = st.read_committed(store, client_prefix(1, "client-0"))[1]
-    return codec.decode(files[CONTROL_FILE])
+    return decode(files[CONTROL_FILE])
 
 
 @pytest.mark.integration

@@ -9,15 +9,12 @@ import math
 import pytest
 from dp_accounting import dp_event, pld, rdp
 
-from fedtune_trainer import aggregate, dp_steps, privacy
-from fedtune_trainer import store as st
-from fedtune_trainer.task import (
-    CLIP_STATE_PREFIX,
-    AdaptiveClipping,
-    AggregateTask,
-    AggregationSpec,
-    PrivacySpec,
-)
+from fedtune_trainer import aggregate
+from fedtune_trainer.aggregation import privacy
+from fedtune_trainer.storage import store as st
+from fedtune_trainer.wire.layout import CLIP_STATE_PREFIX
+from fedtune_trainer.wire.settings import AdaptiveClipping, AggregationSpec, PrivacySpec
+from fedtune_trainer.wire.task import AggregateTask
 from tests.trainer.aggregation_support import put_delta, random_tensors, task, write_global
 from tests.trainer.support import Demo
 
@@ -140,7 +137,7 @@ ADAPTIVE = AdaptiveClipping(target_quantile=0.5, learning_rate=0.5, count_noise_
 
 def clip_state(store: st.Store, r: int) -> bytes:
     prefix = st.versioned_prefix(CLIP_STATE_PREFIX, r)
-    return st.read_committed(store, prefix, [dp_steps.CLIP_FILE])[1][dp_steps.CLIP_FILE]
+    return st.read_committed(store, prefix, [privacy.CLIP_FILE])[1][privacy.CLIP_FILE]
 
 
 def test_adaptive_clipping_moves_the_clip_geometrically_and_reruns_alike(

@@ -15,19 +15,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from fedtune_trainer import aggregate, client, lora
-from fedtune_trainer import store as st
-from fedtune_trainer.data import IGNORE, bos_ids, load_dataset
-from fedtune_trainer.task import (
-    FINAL_PREFIX,
-    AdapterSpec,
-    AggregateTask,
-    ClientTask,
-    DeltaSpec,
-    StorageLocation,
-    TrainingSpec,
-)
-from fedtune_trainer.training import collate, token_loss_sum
+from fedtune_trainer import aggregate, client
+from fedtune_trainer.adapter import lora
+from fedtune_trainer.learning.batches import collate
+from fedtune_trainer.learning.data import IGNORE, bos_ids, load_dataset
+from fedtune_trainer.learning.loss import token_loss_sum
+from fedtune_trainer.storage import store as st
+from fedtune_trainer.wire.layout import FINAL_PREFIX
+from fedtune_trainer.wire.settings import AdapterSpec, DeltaSpec, StorageLocation, TrainingSpec
+from fedtune_trainer.wire.task import AggregateTask, ClientTask
 
 pytestmark = [
     pytest.mark.integration,

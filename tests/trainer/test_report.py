@@ -1,9 +1,8 @@
 """The run report: the aggregator renders report/ after every round from the committed metrics,
-and `fedtune report` fetches it (or renders it) for a run of the current kubeconfig context."""
+and `fedtune-trainer report` fetches it (or renders it) from a run's storage root."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -14,12 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from devcluster.testing import DevCluster
-from fedtune_operator import cli
-from fedtune_trainer import aggregate, report, store_s3
-from fedtune_trainer import store as st
-from fedtune_trainer.results import RoundRecord
-from fedtune_trainer.task import REPORT_PREFIX, StorageLocation, round_prefix
+from fedtune_trainer import aggregate, report
+from fedtune_trainer.storage import store as st
+from fedtune_trainer.storage.locate import open_store
+from fedtune_trainer.wire.layout import REPORT_PREFIX, round_prefix
+from fedtune_trainer.wire.results import RoundRecord
 from tests.trainer.aggregation_support import put_delta, random_tensors, task, write_global
 
 ROUNDS = 3
@@ -183,125 +181,71 @@ def test_a_failing_report_does_not_fail_the_round(
 
 
 # ---------------------------------------------------------------------------------------------
-# fedtune report
+# fedtune-trainer report
 # ---------------------------------------------------------------------------------------------
 
 
-def run_object(name: str, uri: str, endpoint: str | None, report_uri: str | None) -> dict:
-    storage = {"uri": uri, **({"endpoint": endpoint} if endpoint else {})}
-    status = {"reportUri": report_uri} if report_uri else {}
-    return {"metadata": {"name": name}, "spec": {"storage": storage}, "status": status}
-
-
 @pytest.fixture
-def s3_run(s3, monkeypatch: pytest.MonkeyPatch) -> st.Store:
-    """A run root in a fresh bucket of the real S3 server; AWS_* set as a user's shell would
-    (credentials only: the endpoint comes from the run's spec)."""
+def s3_run(s3) -> st.Store:
+    """A run root in a fresh bucket of the real S3 server."""
     bucket = s3.bucket(f"report-{uuid.uuid4().hex[:10]}")
-    for key, value in s3.env().items():
-        if key != "AWS_ENDPOINT_URL":
-            monkeypatch.setenv(key, value)
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    return st.open_store(StorageLocation(uri=f"{bucket}/runs/r1", endpoint=s3.endpoint))
-
-
-@pytest.mark.integration
-def test_fetch_report_downloads_the_committed_report_from_s3(
-    s3_run: st.Store, s3, tmp_path: Path
-) -> None:
-    summaries = run_rounds(s3_run, rounds=2)
-    uri = summaries[-1].report_uri
-    assert uri == s3_run.url("report/report.html")
-    _, committed = st.read_committed(s3_run, REPORT_PREFIX)
-
-    paths = cli.fetch_report(run_object("t", s3_run.uri, s3.endpoint, uri), tmp_path / "got")
-    assert sorted(p.name for p in paths) == sorted(committed)
-    assert {p.name: p.read_bytes() for p in paths} == committed
-
-    # Without status.reportUri: rendered locally from the run's metrics, the same report.
-    paths = cli.fetch_report(run_object("t", s3_run.uri, s3.endpoint, None), tmp_path / "made")
-    assert {p.name: p.read_bytes() for p in paths} == committed
-
-
-@pytest.mark.integration
-def test_fetch_report_says_what_is_missing(
-    s3_run: st.Store, s3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    obj = run_object("t", s3_run.uri, s3.endpoint, s3_run.url("report/report.html"))
-    monkeypatch.setitem(sys.modules, "boto3", None)  # as if boto3 were not installed
-    with pytest.raises(cli.ReportError, match="boto3"):
-        cli.fetch_report(obj, tmp_path)
-
-
-def test_fedtune_report_command_on_the_devcluster(devcluster: DevCluster, tmp_path: Path) -> None:
-    """`fedtune report RUN -n NS --out DIR` as a user runs it: the run from the kubeconfig's
-    current context, the report from the devcluster's S3 with AWS_* credentials only."""
-    ns, name, bucket = "fedtune-report", f"report-{uuid.uuid4().hex[:6]}", "fedtune-report"
-    devcluster.apply_crds()
-    devcluster.kubectl("create", "namespace", ns, check=False)
-    s3 = devcluster.s3
-    s3.bucket(bucket)
-    uri = f"s3://{bucket}/runs/{name}"
-    store = store_s3.S3Store(
-        bucket,
-        f"runs/{name}",
-        st.S3Settings(
-            endpoint=s3.endpoint, access_key_id=s3.access_key, secret_access_key=s3.secret_key
-        ),
+    settings = st.S3Settings(
+        endpoint=s3.endpoint, access_key_id=s3.access_key, secret_access_key=s3.secret_key
     )
-    run_rounds(store, rounds=1)
-    _, committed = st.read_committed(store, REPORT_PREFIX)
-    manifest = {
-        "apiVersion": "fedtune.dev/v1alpha1",
-        "kind": "FederatedFineTune",
-        "metadata": {"name": name, "namespace": ns},
-        "spec": {
-            "baseModel": "s3://fedtune-report/models/none",
-            "storage": {"uri": uri, "endpoint": s3.endpoint},
-            "clients": [{"name": "alice", "dataUri": "s3://fedtune-report/data/a.jsonl"}],
-        },
-    }
-    devcluster.kubectl("apply", "-f", "-", input=json.dumps(manifest))
-    patch = {"status": {"reportUri": store.url("report/report.html")}}
-    devcluster.kubectl(
-        "patch",
-        "fft",
-        name,
-        "-n",
-        ns,
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        json.dumps(patch),
-    )
+    return open_store(f"s3://{bucket}/runs/r1", settings)
+
+
+def report_command(s3, *args: str) -> subprocess.CompletedProcess[str]:
+    """`fedtune-trainer report ...` as a user runs it: AWS_* credentials in the environment,
+    the endpoint as a flag (the run's spec.storage.endpoint)."""
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
-        "KUBECONFIG": str(devcluster.kubeconfig),
         "AWS_ACCESS_KEY_ID": s3.access_key,
         "AWS_SECRET_ACCESS_KEY": s3.secret_key,
     }
-    fedtune = str(Path(sys.executable).parent / "fedtune")
-    out = tmp_path / "out"
-    done = subprocess.run(
-        [fedtune, "report", name, "-n", ns, "--out", str(out)],
+    trainer = str(Path(sys.executable).parent / "fedtune-trainer")
+    return subprocess.run(
+        [trainer, "report", *args, "--endpoint", s3.endpoint],
         env=env,
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
+
+
+@pytest.mark.integration
+def test_report_fetch_downloads_the_committed_report_or_renders_it(
+    s3_run: st.Store, tmp_path: Path
+) -> None:
+    summaries = run_rounds(s3_run, rounds=2)
+    assert summaries[-1].report_uri == s3_run.url("report/report.html")
+    _, committed = st.read_committed(s3_run, REPORT_PREFIX)
+
+    paths = report.fetch(s3_run, tmp_path / "got", quiet)
+    assert sorted(p.name for p in paths) == sorted(committed)
+    assert {p.name: p.read_bytes() for p in paths} == committed
+
+    # No committed report (an older run, a report that failed): rendered here, the same files.
+    s3_run.delete_prefix(REPORT_PREFIX + "/")
+    lines: list[str] = []
+    paths = report.fetch(s3_run, tmp_path / "made", lines.append)
+    assert {p.name: p.read_bytes() for p in paths} == committed
+    assert any("no committed report; rendering one" in line for line in lines)
+
+
+@pytest.mark.integration
+def test_report_command_as_a_user_runs_it(s3_run: st.Store, s3, tmp_path: Path) -> None:
+    run_rounds(s3_run, rounds=1)
+    _, committed = st.read_committed(s3_run, REPORT_PREFIX)
+    out = tmp_path / "out"
+    done = report_command(s3, s3_run.uri, "--out", str(out))
     assert done.returncode == 0, done.stderr
     assert sorted(Path(p).name for p in done.stdout.split()) == sorted(committed)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == committed
 
-    missing = subprocess.run(
-        [fedtune, "report", "no-such-run", "-n", ns, "--out", str(tmp_path / "none")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    missing = report_command(s3, "s3://no-such-bucket/runs/r1", "--out", str(tmp_path / "none"))
     assert missing.returncode == 1
-    assert f"no FederatedFineTune 'no-such-run' in namespace '{ns}'" in missing.stderr
-    devcluster.kubectl("delete", "fft", name, "-n", ns, "--wait=false")
+    assert missing.stderr.startswith("fedtune-trainer report: ")
+    assert "Traceback" not in missing.stderr
+    assert not (tmp_path / "none").exists()

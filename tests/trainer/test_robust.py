@@ -18,17 +18,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as stg
 
-from fedtune_trainer import aggregate, cli, merge, reducers
-from fedtune_trainer import store as st
-from fedtune_trainer.contract import EXIT_FAILED
-from fedtune_trainer.errors import QuorumError
-from fedtune_trainer.results import AggregateSummary, RoundRecord
-from fedtune_trainer.task import (
-    SERVER_STATE_PREFIX,
-    AggregationSpec,
-    global_prefix,
-    round_prefix,
-)
+from fedtune_trainer import aggregate, cli
+from fedtune_trainer.aggregation import bounds
+from fedtune_trainer.aggregation.robust import pairwise_distances
+from fedtune_trainer.storage import store as st
+from fedtune_trainer.wire.contract import EXIT_FAILED
+from fedtune_trainer.wire.errors import QuorumError
+from fedtune_trainer.wire.layout import SERVER_STATE_PREFIX, global_prefix, round_prefix
+from fedtune_trainer.wire.results import AggregateSummary, RoundRecord
+from fedtune_trainer.wire.settings import AggregationSpec
 from tests.trainer.aggregation_support import (
     SHAPES,
     as_numpy,
@@ -57,7 +55,7 @@ def run(
 def moved(store: st.Store, g0: Mapping[str, torch.Tensor]) -> float:
     """How far round 1 moved the global adapter (L2 over all tensors)."""
     g1 = read_global(store, 1)
-    return merge.l2_norm({k: g1[k] - g0[k] for k in g0})
+    return bounds.l2_norm({k: g1[k] - g0[k] for k in g0})
 
 
 # ------------------------------------------------------------------------------------------
@@ -71,7 +69,7 @@ def moved(store: st.Store, g0: Mapping[str, torch.Tensor]) -> float:
     share=stg.floats(0.01, 1.0),
 )
 def test_capped_weights_match_a_bisection_reference(weights: list[float], share: float) -> None:
-    got, cap = merge.capped_weights(weights, share)
+    got, cap = bounds.capped_weights(weights, share)
     want = reference_capped_weights(weights, share)
     assert cap == pytest.approx(min(1.0, max(share, 1 / len(weights))))
     shares, ref = np.array(got) / sum(got), np.array(want) / sum(want)
@@ -99,13 +97,13 @@ def test_absurd_sample_counts_are_refused_before_any_float_maths(
     value: object, reason: str
 ) -> None:
     with pytest.raises(ValueError, match=reason):
-        merge.sample_count(value)
+        bounds.sample_count(value)
 
 
 def test_sample_counts_above_the_runs_data_limit_are_refused() -> None:
-    assert merge.sample_count(500, limit=500) == 500
+    assert bounds.sample_count(500, limit=500) == 500
     with pytest.raises(ValueError, match=r"outside \[1, 500\]"):
-        merge.sample_count(501, limit=500)
+        bounds.sample_count(501, limit=500)
 
 
 def test_a_lying_sample_count_gets_at_most_the_share_cap(file_store: st.FileStore) -> None:
@@ -163,7 +161,7 @@ def test_one_huge_delta_cannot_move_the_global_by_orders_of_magnitude(
         put_delta(file_store, 1, c, d)
     put_delta(file_store, 1, CLIENTS[4], random_tensors(99, 5e4))
     # The lower median of the five norms: the third smallest, an honest one.
-    median = sorted(merge.l2_norm(d) for d in honest)[2]
+    median = sorted(bounds.l2_norm(d) for d in honest)[2]
     summary = run(file_store, CLIENTS[:5], AggregationSpec(outlier_norm_factor=factor))
     record = summary.record
     distance = moved(file_store, g0)
@@ -193,8 +191,8 @@ def test_one_huge_delta_cannot_move_the_global_by_orders_of_magnitude(
     ],
 )
 def test_the_outlier_bound_with_few_clients(norms: list[float], bound: float | None) -> None:
-    assert merge.outlier_bound(norms, 10.0) == bound
-    assert merge.outlier_bound(norms, None) is None
+    assert bounds.outlier_bound(norms, 10.0) == bound
+    assert bounds.outlier_bound(norms, None) is None
 
 
 # ------------------------------------------------------------------------------------------
@@ -263,7 +261,7 @@ def test_krum_picks_an_honest_client_under_attack(
     record = run(file_store, CLIENTS, spec).record
     (picked,) = [c.client for c in record.contributions if c.selected]
     assert picked in honest
-    assert moved(file_store, g0) == pytest.approx(merge.l2_norm(honest[picked]), rel=1e-5)
+    assert moved(file_store, g0) == pytest.approx(bounds.l2_norm(honest[picked]), rel=1e-5)
 
 
 def test_krum_needs_2f_plus_3_deltas(file_store: st.FileStore) -> None:
@@ -283,7 +281,7 @@ def test_pairwise_distances_stream_the_same_as_numpy(file_store: st.FileStore) -
     t = task(file_store, 1, CLIENTS[:4])
     with tempfile.TemporaryDirectory() as tmp:
         accepted, _ = aggregate.collect(t, file_store, SHAPES, Path(tmp), quiet)
-        got = reducers.pairwise_distances(accepted, SHAPES).numpy()
+        got = pairwise_distances(accepted, SHAPES).numpy()
     vectors = [flat(d) for d in deltas]
     want = np.array([[np.sum((a - b) ** 2) for b in vectors] for a in vectors])
     np.testing.assert_allclose(got, want, rtol=1e-12)
@@ -316,7 +314,7 @@ def test_a_non_finite_result_commits_nothing_and_the_retry_can_succeed(
     clients = CLIENTS[:3]
     for i, c in enumerate(clients):
         put_delta(file_store, 1, c, huge(i, magnitude))
-    with pytest.raises(merge.NonFiniteError) as info:
+    with pytest.raises(bounds.NonFiniteError) as info:
         run(file_store, clients, spec)
     message = str(info.value)
     assert re.search(
@@ -339,6 +337,6 @@ def test_publish_refuses_a_non_finite_adapter(file_store: st.FileStore) -> None:
     tensors = random_tensors(0)
     next(iter(tensors.values()))[0, 0] = float("inf")
     merged = aggregate.Merged(RoundRecord(run="t", round=1, algorithm="fedavg"), tensors, b"{}")
-    with pytest.raises(merge.NonFiniteError, match="global adapter to publish has 1 non-finite"):
+    with pytest.raises(bounds.NonFiniteError, match="global adapter to publish has 1 non-finite"):
         aggregate.publish(task(file_store, 1, []), file_store, merged, 0.0, quiet)
     assert file_store.list("") == []

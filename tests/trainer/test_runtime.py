@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from devcluster.s3 import S3Account
-from fedtune_trainer import lora
-from fedtune_trainer import store as st
-from fedtune_trainer.data import load_examples
-from fedtune_trainer.errors import SettingError
-from fedtune_trainer.runtime import config_source, load_base, load_tokenizer, pick_runtime
-from fedtune_trainer.task import AdapterSpec, TrainingSpec
-from fedtune_trainer.training import train
+from fedtune_trainer.adapter import lora
+from fedtune_trainer.learning.data import load_examples
+from fedtune_trainer.learning.loading import config_source, load_base, load_tokenizer
+from fedtune_trainer.learning.runtime import pick_runtime
+from fedtune_trainer.learning.training import train
+from fedtune_trainer.storage.locate import open_store
+from fedtune_trainer.wire.errors import SettingError
+from fedtune_trainer.wire.settings import AdapterSpec, TrainingSpec
 from tests.trainer.support import Demo
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
@@ -88,7 +89,7 @@ def test_round_zero_fetches_the_config_and_no_weights(
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("FEDTUNE_CACHE_DIR", str(tmp_path / "cache"))
     bucket = s3.bucket(f"fedtune-{uuid.uuid4().hex[:12]}")
-    store = st.open_store(f"{bucket}/models/tiny")
+    store = open_store(f"{bucket}/models/tiny")
     for path in demo.model.iterdir():
         store.put_file(path.name, path)
     source = config_source(f"{bucket}/models/tiny")

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from fedtune_trainer import store as st
-from fedtune_trainer import store_s3
-from fedtune_trainer.task import StorageLocation
+from fedtune_trainer.storage import s3
+from fedtune_trainer.storage import store as st
+from fedtune_trainer.storage.locate import fetch, open_store
+from fedtune_trainer.wire.settings import StorageLocation
 from tests.trainer.support import Storage
 
 
@@ -49,8 +50,8 @@ def test_put_get_list_delete(storage: Storage, tmp_path: Path) -> None:
 def test_s3_multipart_upload_round_trips(storage: Storage, tmp_path: Path) -> None:
     """Above the threshold boto3 switches to a multipart upload (file:// just copies)."""
     if storage.uri.startswith("s3://"):
-        bucket, prefix = store_s3.split_s3(storage.uri)
-        s = store_s3.S3Store(
+        bucket, prefix = s3.split_s3(storage.uri)
+        s = s3.S3Store(
             bucket, prefix, st.S3Settings(multipart_threshold=5 << 20, multipart_chunksize=5 << 20)
         )
     else:
@@ -150,12 +151,12 @@ def test_versioned_state_reads_the_newest_before_a_round(storage: Storage) -> No
     [
         ("file:///tmp/run", st.FileStore, "file:///tmp/run"),
         ("/tmp/run", st.FileStore, "file:///tmp/run"),
-        ("s3://bucket/runs/a/", store_s3.S3Store, "s3://bucket/runs/a"),
-        ("s3://bucket", store_s3.S3Store, "s3://bucket"),
+        ("s3://bucket/runs/a/", s3.S3Store, "s3://bucket/runs/a"),
+        ("s3://bucket", s3.S3Store, "s3://bucket"),
     ],
 )
 def test_open_store_picks_the_backend(uri: str, kind: type, expected: str) -> None:
-    s = st.open_store(StorageLocation(uri=uri, endpoint="http://127.0.0.1:9"))
+    s = open_store(StorageLocation(uri=uri, endpoint="http://127.0.0.1:9"))
     assert isinstance(s, kind)
     assert s.uri == expected
 
@@ -163,7 +164,7 @@ def test_open_store_picks_the_backend(uri: str, kind: type, expected: str) -> No
 @pytest.mark.parametrize("uri", ["http://example.com/x", "gs://bucket/x", "file://remote/x"])
 def test_open_store_rejects_other_schemes(uri: str) -> None:
     with pytest.raises(ValueError, match=r"unsupported|local"):
-        st.open_store(uri)
+        open_store(uri)
 
 
 def test_s3_store_takes_endpoint_and_addressing_from_the_location(
@@ -171,14 +172,14 @@ def test_s3_store_takes_endpoint_and_addressing_from_the_location(
 ) -> None:
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     loc = StorageLocation(uri="s3://b/p", endpoint="http://127.0.0.1:9", region="eu-west-3")
-    s = st.open_store(loc)
-    assert isinstance(s, store_s3.S3Store)
+    s = open_store(loc)
+    assert isinstance(s, s3.S3Store)
     assert s.client.meta.endpoint_url == "http://127.0.0.1:9"
     assert s.client.meta.region_name == "eu-west-3"
     assert s.client.meta.config.s3["addressing_style"] == "path"
     assert s.client.meta.config.retries["mode"] == "standard"
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:8")
-    assert st.open_store("s3://b/p").client.meta.endpoint_url == "http://127.0.0.1:8"
+    assert open_store("s3://b/p").client.meta.endpoint_url == "http://127.0.0.1:8"
 
 
 def test_fetch_downloads_an_s3_directory_once(
@@ -189,14 +190,14 @@ def test_fetch_downloads_an_s3_directory_once(
     s.put_bytes("model/config.json", json.dumps({"a": 1}).encode())
     s.put_bytes("model/sub/weights.bin", b"w")
     s.put_bytes("data/train.jsonl", b'{"text": "x"}\n')
-    directory = st.fetch(s.url("model"))
+    directory = fetch(s.url("model"))
     assert (directory / "config.json").read_text() == '{"a": 1}'
     assert (directory / "sub" / "weights.bin").read_bytes() == b"w"
-    single = st.fetch(s.url("data/train.jsonl"))
+    single = fetch(s.url("data/train.jsonl"))
     assert single.read_bytes() == b'{"text": "x"}\n'
-    assert st.fetch(s.url("model")) == directory  # the same version, reused (test_cache.py)
+    assert fetch(s.url("model")) == directory  # the same version, reused (test_cache.py)
     with pytest.raises(FileNotFoundError):
-        st.fetch(s.url("nothing-here") + "/")
+        fetch(s.url("nothing-here") + "/")
 
 
 def test_concurrent_fetches_share_one_cache_safely(
@@ -211,7 +212,7 @@ def test_concurrent_fetches_share_one_cache_safely(
     for key, data in files.items():
         s.put_bytes(key, data)
     with ThreadPoolExecutor(4) as pool:
-        dirs = list(pool.map(lambda _: st.fetch(s.url("model")), range(8)))
+        dirs = list(pool.map(lambda _: fetch(s.url("model")), range(8)))
     assert len(set(dirs)) == 1
     for key, data in files.items():
         assert (dirs[0] / key.removeprefix("model/")).read_bytes() == data

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fedtune_trainer.demo_data import TASKS, make_demo_data
+from fedtune_trainer.fixtures.demo_data import TASKS, make_demo_data
 from tests.trainer.support import Demo
 
 
@@ -39,7 +39,7 @@ def test_tiny_model_loads_with_the_auto_classes(demo: Demo) -> None:
 
 
 def test_tiny_model_is_seeded(demo: Demo, tmp_path: Path) -> None:
-    from fedtune_trainer.tiny import make_tiny_model
+    from fedtune_trainer.fixtures.tiny import make_tiny_model
 
     data = sorted(demo.data.glob("*.jsonl"))
     make_tiny_model(tmp_path / "again", data)
@@ -101,7 +101,7 @@ def test_demo_answers_are_right() -> None:
     [("Qwen/Qwen2.5-0.5B", True), ("meta-llama/Llama-3.2-1B", True), ("s3://b/models/x", False)],
 )
 def test_hub_ids_pass_through_to_transformers(uri: str, is_hub: bool) -> None:
-    from fedtune_trainer.runtime import HUB_ID
+    from fedtune_trainer.learning.loading import HUB_ID
 
     assert bool(HUB_ID.match(uri)) is is_hub
 
@@ -109,7 +109,7 @@ def test_hub_ids_pass_through_to_transformers(uri: str, is_hub: bool) -> None:
 def test_a_local_directory_wins_over_a_hub_id_of_the_same_shape(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fedtune_trainer.runtime import local_dir
+    from fedtune_trainer.learning.loading import local_dir
 
     (tmp_path / "org" / "model").mkdir(parents=True)
     (tmp_path / "org" / "model" / "config.json").write_text("{}")

@@ -11,23 +11,21 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fedtune_trainer import lora, training
-from fedtune_trainer.data import load_examples
-from fedtune_trainer.runtime import pick_runtime
-from fedtune_trainer.task import AdapterSpec, TrainingSpec
-from fedtune_trainer.training import (
+from fedtune_trainer.adapter import lora
+from fedtune_trainer.learning import loss
+from fedtune_trainer.learning.batches import collate, pack, real_tokens
+from fedtune_trainer.learning.data import load_examples
+from fedtune_trainer.learning.loss import chunked_loss_matches, token_loss_sum
+from fedtune_trainer.learning.runtime import pick_runtime
+from fedtune_trainer.learning.training import (
     backward,
-    chunked_loss_matches,
-    collate,
     enable_gradient_checkpointing,
     lr_factor,
     mean_loss,
-    pack,
-    real_tokens,
-    token_loss_sum,
     total_steps,
     train,
 )
+from fedtune_trainer.wire.settings import AdapterSpec, TrainingSpec
 from tests.trainer.support import Demo
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
@@ -167,7 +165,7 @@ def test_chunked_loss_equals_the_full_logits_loss(
     examples = load_examples(str(demo.client_data(0)), "chat", tok, 512)[:6]
     model = lora_model(demo, AdapterSpec(r=4, target_modules=targets))
     batch = collate(examples, tok.pad_token_id, torch.device("cpu"))
-    monkeypatch.setattr(training, "CE_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(loss, "CE_CHUNK_BYTES", chunk_bytes)
     assert_same(loss_and_grads(model, batch, True), loss_and_grads(model, batch, False))
 
 
@@ -250,7 +248,7 @@ def test_a_model_whose_logits_are_not_head_of_hidden_falls_back_to_its_own_logit
 HEAD_MEMORY = """
 import os, sys, torch
 import torch.nn.functional as F
-from fedtune_trainer.training import head_cross_entropy
+from fedtune_trainer.learning.loss import head_cross_entropy
 torch.set_num_threads(1)
 torch.manual_seed(0)
 n, hidden, vocab = 4096, 64, 32768

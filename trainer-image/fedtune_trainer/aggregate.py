@@ -13,20 +13,20 @@ Round r >= 1 is `merge_round`, steps over the committed global adapter r-1, one 
    than the quorum fail the round, writing nothing global;
 2. weigh: bounded influence: the share cap on weights (maxClientShare), the outlier clip (norm
    above outlierNormFactor x the round's median) and the DP clip;
-3. reduce (reducers.py): the weighted mean is folded from step 1's decode when step 2 changed
-   no client's factor, else streamed again client by client from the verified files on disk
-   (memory: the global tensors, a float64 accumulator and one decoded tensor, whatever the
-   number of clients); median and trimmed mean go tensor by tensor (memory: one tensor times
-   the number of clients); krum/multiKrum compute pairwise distances tensor by tensor, then
-   average the selected deltas;
-4. privatise: client-level DP when configured: Gaussian noise of std
+3. reduce (aggregation/reducers.py, robust.py): the weighted mean is folded from step 1's
+   decode when step 2 changed no client's factor, else streamed again client by client from
+   the verified files on disk (memory: the global tensors, a float64 accumulator and one
+   decoded tensor, whatever the number of clients); median and trimmed mean go tensor by
+   tensor (memory: one tensor times the number of clients); krum/multiKrum compute pairwise
+   distances tensor by tensor, then average the selected deltas;
+4. privatise (aggregation/privacy.py): client-level DP when configured: Gaussian noise of std
    noise_multiplier * clip_norm / n on the reduced delta (uniform weights when noise is on, so
    that one client's influence, the sensitivity, is clip_norm / n);
-5. server step: the server rule (merge.server_step) with its state read from the newest version
-   before r and written as version r, so that a rerun of round r reads the same state and never
-   steps twice; SCAFFOLD's server control (drift.py) is versioned alike. The new global and
-   state must be finite or the attempt fails (NonFiniteError, retryable) having committed
-   nothing;
+5. server step (aggregation/server.py): the server rule with its state read from the newest
+   version before r and written as version r, so that a rerun of round r reads the same state
+   and never steps twice; SCAFFOLD's server control (learning/drift.py) is versioned alike. The
+   new global and state must be finite or the attempt fails (NonFiniteError, retryable) having
+   committed nothing;
 6. publish: the round record as rounds/<r>/metrics.json, then global r (checked finite again)
    as a PEFT directory with its manifest last, and on the last round the same adapter under
    final/.
@@ -48,23 +48,42 @@ from pathlib import Path
 
 import torch
 
-from . import delta_check, dp_steps, drift, exact, lora, merge
-from . import store as st
-from .errors import QuorumError
-from .intake import Accepted, decode_file, fetch_client, fetch_control, reason_of
-from .reducers import FirstPass, reduce_exact, reduce_krum, reduce_mean, reduce_robust
-from .results import AggregateSummary, Rejection, RoundRecord, initial_record
-from .runtime import derive_seed
-from .task import (
+from fedtune_trainer import report
+from fedtune_trainer.adapter import exact, lora
+from fedtune_trainer.adapter.lora import read_global
+from fedtune_trainer.aggregation import bounds, privacy
+from fedtune_trainer.aggregation.intake import (
+    Accepted,
+    decode_file,
+    fetch_client,
+    fetch_control,
+    reason_of,
+)
+from fedtune_trainer.aggregation.privacy import privatise
+from fedtune_trainer.aggregation.reducers import (
+    FirstPass,
+    reduce_exact,
+    reduce_krum,
+    reduce_mean,
+    reduce_robust,
+)
+from fedtune_trainer.aggregation.server import server_update
+from fedtune_trainer.codec import precheck
+from fedtune_trainer.learning import drift
+from fedtune_trainer.learning.loading import config_source
+from fedtune_trainer.storage import store as st
+from fedtune_trainer.storage.locate import open_store
+from fedtune_trainer.wire.errors import QuorumError
+from fedtune_trainer.wire.layout import (
     FINAL_PREFIX,
-    SERVER_STATE_PREFIX,
-    AggregateTask,
     global_prefix,
     round_prefix,
 )
+from fedtune_trainer.wire.results import AggregateSummary, Rejection, RoundRecord, initial_record
+from fedtune_trainer.wire.settings import KRUM_ALGORITHMS, MEAN_ALGORITHMS
+from fedtune_trainer.wire.task import AggregateTask
 
 METRICS_FILE = "metrics.json"
-STATE_FILE = "state.safetensors"
 Log = Callable[[str], None]
 
 
@@ -136,7 +155,7 @@ def collect(
     rejected: list[Rejection] = []
     # Each client's shapes: the adapter's, at the client's own rank in exact mode.
     own = {c: exact.shapes_at_rank(shapes, task.client_ranks.get(c)) for c in clients}
-    expected = {c: delta_check.ExpectedLayout(own[c], task.delta) for c in clients}
+    expected = {c: precheck.ExpectedLayout(own[c], task.delta) for c in clients}
     # The fetches run one at a time in a worker thread, ahead of the checks; on any way out, the
     # ones not yet started are cancelled (an error must not wait for every remaining download).
     fetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fetch")
@@ -158,7 +177,7 @@ def collect(
                     )
                     control_bytes = control[0].stat().st_size
                     control_raw = 4 * sum(math.prod(s) for s in own[client].values())
-                norm = merge.checked_norm(
+                norm = bounds.checked_norm(
                     decode_file(path, layout),
                     own[client],
                     task.aggregation.max_delta_norm,
@@ -206,11 +225,11 @@ def weigh(
     """
     spec = task.aggregation
     norms = [a.norm for a in accepted]
-    bound = merge.outlier_bound(norms, spec.outlier_norm_factor)
-    median = merge.lower_median(norms) if norms else None
+    bound = bounds.outlier_bound(norms, spec.outlier_norm_factor)
+    median = bounds.lower_median(norms) if norms else None
     items = []
     for a in accepted:
-        scale = merge.clip_factor(a.norm, task.privacy.clip_norm)
+        scale = bounds.clip_factor(a.norm, task.privacy.clip_norm)
         outlier = bound is not None and a.norm > bound
         if outlier:
             assert bound is not None
@@ -218,8 +237,8 @@ def weigh(
             log(f"clipped {a.client}: norm {a.norm:.4g} above {bound:.4g} (outlier bound)")
         items.append(replace(a, scale=scale, outlier=outlier))
     cap: float | None = None
-    if spec.algorithm in merge.MEAN_ALGORITHMS:
-        weights, cap = merge.capped_weights([a.weight for a in items], spec.max_client_share)
+    if spec.algorithm in MEAN_ALGORITHMS:
+        weights, cap = bounds.capped_weights([a.weight for a in items], spec.max_client_share)
         total = sum(weights)
         items = [
             replace(a, weight=w, share=w / total, capped=w < a.weight)
@@ -231,76 +250,6 @@ def weigh(
     else:
         items = [replace(a, weight=1.0, share=1.0 / len(items)) for a in items]
     return items, Weighing(cap, median, bound)
-
-
-def privatise(task: AggregateTask, update: dict[str, torch.Tensor], n_clients: int) -> None:
-    """Step 4: Gaussian noise added in place to the reduced delta, seeded by the round (a rerun
-    adds the same noise)."""
-    std = merge.dp_noise_std(task.privacy.noise_multiplier, task.privacy.clip_norm, n_clients)
-    if std <= 0:
-        return
-    gen = torch.Generator().manual_seed(derive_seed(task.seed, task.run, task.round, "dp-noise"))
-    for name in sorted(update):
-        update[name].add_(merge.gaussian_noise(tuple(update[name].shape), std, gen))
-
-
-def read_server_state(
-    store: st.Store, task: AggregateTask, log: Log
-) -> tuple[int | None, dict[str, torch.Tensor] | None]:
-    """The newest server state written before this round, if it fits this algorithm."""
-    if task.aggregation.algorithm not in merge.STATE_KEYS:
-        return None, None
-    version = st.latest_version_before(store, SERVER_STATE_PREFIX, task.round)
-    if version is None:
-        return None, None
-    manifest, files = st.read_committed(
-        store, st.versioned_prefix(SERVER_STATE_PREFIX, version), [STATE_FILE]
-    )
-    if manifest.get("algorithm") != task.aggregation.algorithm:
-        log(f"server state of round {version} is for {manifest.get('algorithm')}; starting afresh")
-        return version, None
-    return version, lora.parse_weights(files[STATE_FILE])
-
-
-def server_update(
-    task: AggregateTask,
-    store: st.Store,
-    global_tensors: dict[str, torch.Tensor],
-    update: dict[str, torch.Tensor],
-    log: Log,
-) -> None:
-    """Step 5: the server rule, its state read from before round r and written as version r.
-
-    In place and tensor by tensor: `global_tensors` becomes the new global and `update` is
-    consumed, so that the step holds the adapter once (plus the server state), not old and new
-    side by side. Every new tensor and moment is checked finite before the state is committed
-    (an Inf in FedAdam's second moment would freeze its coordinates for every later round); a
-    failure leaves storage untouched, and the caller's tensors are then discarded with the
-    attempt.
-    """
-    r, spec = task.round, task.aggregation
-    what = f"round {r}: the {spec.algorithm} step gives"
-    merge.check_finite(update, f"round {r}: the reduced delta has")
-    state_version, state = read_server_state(store, task, log)
-    state = state or {}
-    new_state: dict[str, torch.Tensor] = {}
-    for name in sorted(update):
-        moments = {k: state.pop(f"{k}/{name}") for k in ("m", "v") if f"{k}/{name}" in state}
-        x, moments = merge.server_step_tensor(spec, global_tensors[name], update.pop(name), moments)
-        merge.check_finite({name: x}, f"{what} a global adapter with")
-        named = {f"{k}/{name}": t for k, t in moments.items()}
-        merge.check_finite(named, f"{what} a server state with")
-        global_tensors[name] = x
-        new_state.update(named)
-    if new_state:
-        st.commit(
-            store,
-            st.versioned_prefix(SERVER_STATE_PREFIX, r),
-            {STATE_FILE: lora.weights_bytes(new_state)},
-            {"kind": "server-state", "algorithm": spec.algorithm, "round": r},
-        )
-        if state_version is not None:
-            st.prune_versions_before(store, SERVER_STATE_PREFIX, state_version)
 
 
 def scaffold_control(
@@ -317,7 +266,7 @@ def scaffold_control(
     version, old = drift.read_control(store, task.round)
     total = max(task.total_clients or len(task.clients), len(accepted))
     new = drift.server_control(old, [a.control_change() for a in accepted], shapes, total)
-    merge.check_finite(new, f"round {task.round}: the SCAFFOLD server control has")
+    bounds.check_finite(new, f"round {task.round}: the SCAFFOLD server control has")
     log(f"scaffold: server control of round {version} + {len(accepted)}/{total} mean change")
     return version, new
 
@@ -349,40 +298,32 @@ def round_record(
     )
 
 
-def read_global(store: st.Store, round_: int) -> tuple[dict[str, torch.Tensor], bytes]:
-    """The committed global adapter of `round_`: its tensors and its adapter_config.json."""
-    _, files = st.read_committed(
-        store, global_prefix(round_), [lora.ADAPTER_CONFIG, lora.ADAPTER_WEIGHTS]
-    )
-    return lora.parse_weights(files[lora.ADAPTER_WEIGHTS]), files[lora.ADAPTER_CONFIG]
-
-
 def merge_round(task: AggregateTask, store: st.Store, log: Log) -> Merged:
     """Round r >= 1: global r-1 and the clients' deltas -> global r, in steps 1-5 above."""
     global_tensors, config = read_global(store, task.round - 1)
     names = lora.trainable_names(list(global_tensors), task.adapter)
     shapes = {n: tuple(global_tensors[n].shape) for n in names}
     algorithm = task.aggregation.algorithm
-    plan, clip = dp_steps.round_clip(store, task, log)
-    mean_based = algorithm in merge.MEAN_ALGORITHMS and task.aggregation.lora != "exact"
+    plan, clip = privacy.round_clip(store, task, log)
+    mean_based = algorithm in MEAN_ALGORITHMS and task.aggregation.lora != "exact"
     first = FirstPass() if mean_based else None
     with tempfile.TemporaryDirectory(prefix="fedtune-aggregate-") as tmp:
         accepted, rejected = collect(plan, store, shapes, Path(tmp), log, first)  # 1
         accepted, weighing = weigh(plan, accepted, log)  # 2
         if clip is not None:
-            fraction = dp_steps.adapt_clip(store, task, accepted, clip, log)
+            fraction = privacy.adapt_clip(store, task, accepted, clip, log)
             weighing = replace(weighing, clip_norm=clip, clip_fraction=fraction)
         if task.aggregation.lora == "exact":  # 3 and 5 at once, layer by layer
             new_global, cut = reduce_exact(task, accepted, global_tensors, names)
-            merge.check_finite(new_global, f"round {task.round}: the exact merge gives")
+            bounds.check_finite(new_global, f"round {task.round}: the exact merge gives")
             log(f"exact merge: truncation error {cut.total:.3g} (largest layer {cut.max:.3g})")
             record = round_record(task, accepted, rejected, weighing).model_copy(
                 update={"truncation_error": cut.total, "truncation_error_max": cut.max}
             )
-            return Merged(dp_steps.account(task, store, record, log), new_global, config)
+            return Merged(privacy.account(task, store, record, log), new_global, config)
         if mean_based:  # 3
             update = reduce_mean(accepted, first, log)
-        elif algorithm in merge.KRUM_ALGORITHMS:
+        elif algorithm in KRUM_ALGORITHMS:
             accepted, update = reduce_krum(task, accepted, shapes, log)
         else:
             update = reduce_robust(accepted, shapes, task)
@@ -392,15 +333,13 @@ def merge_round(task: AggregateTask, store: st.Store, log: Log) -> Merged:
     if control is not None:
         drift.write_control(store, task.run, task.round, control[1], control[0])
     record = round_record(task, accepted, rejected, weighing)
-    return Merged(dp_steps.account(task, store, record, log), global_tensors, config)
+    return Merged(privacy.account(task, store, record, log), global_tensors, config)
 
 
 def initialize(task: AggregateTask, store: st.Store, log: Log) -> Merged:
     """Round 0: the initial adapter, seeded, from the base model's config alone (its shapes on
     the meta device): the aggregator never loads base weights."""
-    from .runtime import config_source
-
-    dp_steps.check_run_budget(task, log)
+    privacy.check_run_budget(task, log)
     tensors = lora.initial_adapter(config_source(task.base_model), task.adapter, task.seed)
     values = sum(t.numel() for t in tensors.values())
     log(f"initial adapter: {len(tensors)} tensors, {values} values")
@@ -413,7 +352,7 @@ def publish(
 ) -> AggregateSummary:
     """Step 6: the round record, then global r (manifest last) and, on the last round, final/."""
     r = task.round
-    merge.check_finite(merged.tensors, f"round {r}: the global adapter to publish has")
+    bounds.check_finite(merged.tensors, f"round {r}: the global adapter to publish has")
     files = lora.peft_files(merged.tensors, merged.config)
     record = merged.record.model_copy(
         update={
@@ -461,8 +400,6 @@ def write_report(
     view of what storage already holds (`fedtune report` can render it later), so a plotting
     problem must not fail, and so retry, a round whose adapter is already written.
     """
-    from . import report
-
     try:
         uri = report.write(store, task.run, task.round)
     except Exception as e:
@@ -474,7 +411,7 @@ def write_report(
 
 def run(task: AggregateTask, store: st.Store | None = None, log: Log = _stderr) -> AggregateSummary:
     """Aggregate (or, at round 0, initialise) one round, then render the report."""
-    store = store or st.open_store(task.storage)
+    store = store or open_store(task.storage)
     start = time.perf_counter()
     merged = initialize(task, store, log) if task.round == 0 else merge_round(task, store, log)
     summary = publish(task, store, merged, start, log)

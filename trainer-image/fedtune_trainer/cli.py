@@ -6,6 +6,10 @@ FEDTUNE_TASK (task.py), print progress on stderr and, on exit, write to the term
 one line `error: <reason>` (failure: exit 2 for input no retry can fix, else 1), which Kubernetes
 copies into the pod status for the operator to read.
 
+`report URI --out DIR` downloads a run's report (report.html and its plots) from the run's storage
+root with the standard AWS_* credentials, or renders it from the stored round records when none is
+committed: what a person runs on a laptop (`pip install 'fedtune[trainer]'`) or with this image.
+
 `client --nproc-per-node N` (N > 1) trains one client on N processes, one per GPU, started by
 torch's elastic agent (launch.py); the launcher writes the termination log for all of them.
 """
@@ -19,22 +23,28 @@ import sys
 import traceback
 from pathlib import Path
 
-from .contract import (
+from fedtune_trainer.wire.contract import (
     EXIT_FAILED,
     EXIT_INVALID_INPUT,
     SUMMARY_MAX_BYTES,
     TERMINATION_LOG,
     TERMINATION_LOG_ENV,
 )
-from .results import dump_summary
-from .task import AggregateTask, CleanupTask, ClientTask, EvaluateTask, load_task
+from fedtune_trainer.wire.results import dump_summary
+from fedtune_trainer.wire.task import (
+    AggregateTask,
+    CleanupTask,
+    ClientTask,
+    EvaluateTask,
+    load_task,
+)
 
 
 def exit_code(error: BaseException) -> int:
     from pydantic import ValidationError
 
-    from .data import DataError
-    from .errors import QuorumError, SettingError
+    from fedtune_trainer.learning.data import DataError
+    from fedtune_trainer.wire.errors import QuorumError, SettingError
 
     permanent = (DataError, ValidationError, json.JSONDecodeError, QuorumError, SettingError)
     return EXIT_INVALID_INPUT if isinstance(error, permanent) else EXIT_FAILED
@@ -62,7 +72,7 @@ def failure_reason(error: BaseException) -> str:
 
 def cleanup(task: CleanupTask) -> str:
     """Delete every object under the run's storage root (storage.cleanupPolicy: Delete)."""
-    from .store import open_store
+    from fedtune_trainer.storage.locate import open_store
 
     store = open_store(task.storage)
     deleted = store.delete_prefix("")
@@ -71,10 +81,29 @@ def cleanup(task: CleanupTask) -> str:
     return json.dumps(summary, separators=(",", ":"))
 
 
+def report(uri: str, endpoint: str | None, region: str | None, out: Path) -> int:
+    """`fedtune-trainer report`: the paths written on stdout, or one line saying what failed."""
+    from fedtune_trainer import report as run_report
+    from fedtune_trainer.storage.locate import open_store
+    from fedtune_trainer.wire.settings import StorageLocation
+
+    try:
+        store = open_store(StorageLocation(uri=uri, endpoint=endpoint, region=region))
+        paths = run_report.fetch(store, out)
+    except Exception as e:  # storage, credentials, a damaged commit: a line, not a traceback
+        print(
+            f"fedtune-trainer report: {failure_reason(e).removeprefix('error: ')}", file=sys.stderr
+        )
+        return EXIT_FAILED
+    for path in paths:
+        print(path)
+    return 0
+
+
 def run_job(kind: str) -> int:
     """Run one Job's task in this process. A worker of a multi-process client (launch.py)
     reports to its own file for the launcher, and only rank 0 has a summary to report."""
-    from .launch import record_exit_code, worker_file
+    from fedtune_trainer.launch import record_exit_code, worker_file
 
     worker = worker_file()
     if worker is not None:
@@ -90,18 +119,18 @@ def run_job(kind: str) -> int:
         if not isinstance(task, expected):
             raise ValueError(f"`{kind}` was given a {task.kind} task")
         if isinstance(task, ClientTask):
-            from .client import run
+            from fedtune_trainer.client import run
 
             summary = run(task)
             if summary is None:  # a worker other than rank 0: it uploaded nothing
                 return 0
             text = dump_summary(summary)
         elif isinstance(task, AggregateTask):
-            from .aggregate import run as run_aggregate
+            from fedtune_trainer.aggregate import run as run_aggregate
 
             text = dump_summary(run_aggregate(task))
         elif isinstance(task, EvaluateTask):
-            from .evaluate import run as run_evaluate
+            from fedtune_trainer.evaluate import run as run_evaluate
 
             text = dump_summary(run_evaluate(task))
         else:
@@ -122,7 +151,7 @@ def run_job(kind: str) -> int:
 
 def run_launcher(kind: str, nproc: int, torchrun_args: list[str]) -> int:
     """Run `kind` in `nproc` worker processes and report for all of them (launch.launch)."""
-    from .launch import launch
+    from fedtune_trainer.launch import launch
 
     try:
         code, text = launch(kind, nproc, torchrun_args)
@@ -157,6 +186,17 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("aggregate", help="merge one round's deltas (round 0: the initial adapter)")
     sub.add_parser("evaluate", help="evaluate one round's global adapter on held-out data")
     sub.add_parser("cleanup", help="delete everything under the run's storage root")
+    rep = sub.add_parser(
+        "report",
+        help="download a run's report (report.html and plots) from its storage root",
+        description="Reads with the standard AWS_* credentials; renders the report from the "
+        "run's round records when none is committed. The root is the run's spec.storage.uri: "
+        "kubectl get fft RUN -o jsonpath='{.spec.storage.uri}'",
+    )
+    rep.add_argument("uri", help="the run's storage root (s3://bucket/prefix or a path)")
+    rep.add_argument("--endpoint", help="S3 endpoint (spec.storage.endpoint)")
+    rep.add_argument("--region", help="S3 region (spec.storage.region)")
+    rep.add_argument("--out", type=Path, default=Path("report"), help="default: ./report")
     tiny = sub.add_parser("make-tiny-model", help="write a tiny Llama model and tokenizer")
     tiny.add_argument("--out", type=Path, required=True)
     tiny.add_argument("--data", type=Path, nargs="+", required=True, help="jsonl files")
@@ -183,8 +223,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_launcher("client", args.nproc_per_node, spread)
     if args.command in ("client", "aggregate", "evaluate", "cleanup"):
         return run_job(args.command)
+    if args.command == "report":
+        return report(args.uri, args.endpoint, args.region, args.out)
     if args.command == "make-tiny-model":
-        from .tiny import TinyConfig, make_tiny_model
+        from fedtune_trainer.fixtures.tiny import TinyConfig, make_tiny_model
 
         config = TinyConfig(
             vocab_size=args.vocab_size,
@@ -195,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         info = make_tiny_model(args.out, args.data, config)
     else:
-        from .demo_data import make_demo_data
+        from fedtune_trainer.fixtures.demo_data import make_demo_data
 
         info = make_demo_data(
             args.out, args.clients, args.samples, args.eval_samples, args.format, args.seed

@@ -24,25 +24,27 @@ from collections.abc import Callable
 
 import torch
 
-from . import delta as codec
-from . import drift as dc
-from . import exact, lora
-from . import store as st
-from .cache import bytes_downloaded
-from .data import load_dataset
-from .parallel import World
-from .results import ClientSummary
-from .runtime import (
+from fedtune_trainer.adapter import exact, lora
+from fedtune_trainer.codec import encoding as codec
+from fedtune_trainer.codec.container import DELTA_FILE
+from fedtune_trainer.learning import drift as dc
+from fedtune_trainer.learning.data import load_dataset
+from fedtune_trainer.learning.loading import load_base, load_tokenizer
+from fedtune_trainer.learning.parallel import World
+from fedtune_trainer.learning.runtime import (
     Runtime,
     derive_seed,
-    load_base,
-    load_tokenizer,
     parameter_count,
     pick_runtime,
     seed_everything,
 )
-from .task import ClientTask, client_prefix, client_state_prefix, global_prefix
-from .training import enable_gradient_checkpointing, train
+from fedtune_trainer.learning.training import enable_gradient_checkpointing, train
+from fedtune_trainer.storage import store as st
+from fedtune_trainer.storage.cache import bytes_downloaded
+from fedtune_trainer.storage.locate import open_store
+from fedtune_trainer.wire.layout import client_prefix, client_state_prefix, global_prefix
+from fedtune_trainer.wire.results import ClientSummary
+from fedtune_trainer.wire.task import ClientTask
 
 RESIDUAL_FILE = "residual.safetensors"
 Log = Callable[[str], None]
@@ -106,7 +108,7 @@ def run(
     )
     world.start()
     try:
-        return _run(task, store or st.open_store(task.storage), log, world, runtime, start)
+        return _run(task, store or open_store(task.storage), log, world, runtime, start)
     finally:
         world.stop()
 
@@ -175,7 +177,7 @@ def _run(
         log(f"error feedback: residual of round {previous}")
     encoded = codec.encode(delta, task.delta, residual)
     _check_finite(encoded, "delta", task)
-    files = {codec.DELTA_FILE: encoded.blob}
+    files = {DELTA_FILE: encoded.blob}
     control: codec.Encoded | None = None
     if scaffold:
         assert drift is not None

@@ -17,10 +17,18 @@ import sys
 import time
 from collections.abc import Callable
 
-from . import lora
-from . import store as st
-from .results import EvaluationSummary
-from .task import EVALUATION_FILE, EvaluateTask, round_prefix
+from fedtune_trainer import report
+from fedtune_trainer.adapter import lora
+from fedtune_trainer.adapter.lora import read_global
+from fedtune_trainer.learning.data import load_examples
+from fedtune_trainer.learning.loading import load_base, load_tokenizer
+from fedtune_trainer.learning.runtime import pick_runtime
+from fedtune_trainer.learning.training import mean_loss
+from fedtune_trainer.storage import store as st
+from fedtune_trainer.storage.locate import open_store
+from fedtune_trainer.wire.layout import EVALUATION_FILE, round_prefix
+from fedtune_trainer.wire.results import EvaluationSummary
+from fedtune_trainer.wire.task import EvaluateTask
 
 Log = Callable[[str], None]
 
@@ -35,14 +43,9 @@ def evaluation_key(round_: int) -> str:
 
 def run(task: EvaluateTask, store: st.Store | None = None, log: Log = _stderr) -> EvaluationSummary:
     """Evaluate global `task.round` (base + adapter) on `task.evaluation.data_uri`."""
-    from .aggregate import read_global
-    from .data import load_examples
-    from .runtime import load_base, load_tokenizer, pick_runtime
-    from .training import mean_loss
-
     if task.evaluation.data_uri is None:
         raise ValueError("evaluation.dataUri is not set: nothing to evaluate")
-    store = store or st.open_store(task.storage)
+    store = store or open_store(task.storage)
     start = time.perf_counter()
     tensors, _ = read_global(store, task.round)
     runtime = pick_runtime("auto")
@@ -74,8 +77,6 @@ def run(task: EvaluateTask, store: st.Store | None = None, log: Log = _stderr) -
 def _write_report(task: EvaluateTask, store: st.Store, log: Log) -> None:
     """Re-render the report so it shows this loss; a failure is logged, never raised (the report
     is a view of storage, and the evaluation is already recorded)."""
-    from . import report
-
     latest = report.latest_round(store)
     try:
         report.write(store, task.run, max(task.round, latest or 0))

@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .contract import client_command
+from fedtune_trainer.wire.contract import client_command
 
 WORKER_DIR_ENV = "FEDTUNE_WORKER_DIR"
 """Set by the launcher for its workers: each writes `rank-<RANK>` there instead of the

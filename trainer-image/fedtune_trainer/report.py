@@ -3,8 +3,8 @@
 The aggregator calls `write` after every round it publishes, so a person can open the report while
 the run is still going. The report is derived *only* from the per-round records the aggregator has
 already committed (`rounds/<r>/metrics.json`), never from in-memory state, so a rerun of round r
-renders the same report again, and `fedtune report` can render it on a laptop from the bucket
-alone when no report was written (an older run, or a report that failed to render).
+renders the same report again, and `fedtune-trainer report` can render it on a laptop from the
+bucket alone when no report was written (an older run, or a report that failed to render).
 
 Files (committed like every other artifact: the data first, `manifest.json` last):
 
@@ -29,9 +29,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from . import store as st
-from .results import EvaluationSummary, RoundRecord
-from .task import REPORT_PREFIX
+from fedtune_trainer.storage import store as st
+from fedtune_trainer.wire.layout import REPORT_PREFIX
+from fedtune_trainer.wire.results import EvaluationSummary, RoundRecord
 
 HTML_FILE = "report.html"
 LOSS_PLOT = "loss.png"
@@ -363,3 +363,14 @@ def save(files: Mapping[str, bytes], out: Path) -> list[Path]:
         (out / name).write_bytes(data)
         paths.append(out / name)
     return paths
+
+
+def fetch(store: st.Store, out: Path, log: Callable[[str], None] = _stderr) -> list[Path]:
+    """The run's committed report/ downloaded into `out` (each file verified against its
+    manifest), or, when none is committed, one rendered here from the stored round records."""
+    try:
+        manifest = st.fetch_committed(store, REPORT_PREFIX, out)
+    except st.ObjectNotFound:
+        log(f"{store.url(REPORT_PREFIX)}: no committed report; rendering one")
+        return save(render(store), out)
+    return [out / name for name in sorted(manifest["files"])]

@@ -104,7 +104,7 @@ from fedtune_operator.api.status import (
     RoundRecord,
     StatusModel,
 )
-from fedtune_trainer.contract import GROUP
+from fedtune_trainer.wire.contract import GROUP
 
 __all__ = [
     "API_VERSION",

@@ -14,7 +14,7 @@ from fedtune_operator.api.schema import (
     cel,
     k8s_extensions,
 )
-from fedtune_trainer.task import Model
+from fedtune_trainer.wire.settings import Model
 
 # --------------------------------------------------------------------------------------------
 # Network policy

@@ -22,8 +22,8 @@ from fedtune_operator.api.schema import (
     k8s_extensions,
     map_list,
 )
-from fedtune_trainer.contract import RESERVED_ENV_PREFIX, RESERVED_PREFIX
-from fedtune_trainer.task import Model
+from fedtune_trainer.wire.contract import RESERVED_ENV_PREFIX, RESERVED_PREFIX
+from fedtune_trainer.wire.settings import Model
 
 # --------------------------------------------------------------------------------------------
 # Pod settings

@@ -20,8 +20,9 @@ from pydantic import (
     WithJsonSchema,
 )
 
-from fedtune_trainer.contract import GROUP
-from fedtune_trainer.task import AggregateTask, Model
+from fedtune_trainer.wire.contract import GROUP
+from fedtune_trainer.wire.settings import Model
+from fedtune_trainer.wire.task import AggregateTask
 
 # --------------------------------------------------------------------------------------------
 # Names

@@ -23,7 +23,7 @@ from fedtune_operator.api.schema import (
     k8s_extensions,
     map_list,
 )
-from fedtune_trainer.task import ClientName, Model, Uri
+from fedtune_trainer.wire.settings import ClientName, Model, Uri
 
 # --------------------------------------------------------------------------------------------
 # Status

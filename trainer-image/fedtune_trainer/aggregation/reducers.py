@@ -14,12 +14,63 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from . import exact, merge
-from .errors import QuorumError
-from .intake import Accepted
-from .task import AggregateTask
+from fedtune_trainer.adapter import exact
+from fedtune_trainer.aggregation import bounds
+from fedtune_trainer.aggregation.bounds import check_weight
+from fedtune_trainer.aggregation.intake import Accepted
+from fedtune_trainer.aggregation.robust import krum_select, pairwise_distances, robust_reduce
+from fedtune_trainer.wire.errors import QuorumError
+from fedtune_trainer.wire.task import AggregateTask
 
 Log = Callable[[str], None]
+
+
+@dataclass
+class WeightedMean:
+    """A streaming weighted mean: memory is one float64 accumulator per tensor (2x the adapter's
+    fp32 size), whatever the number of clients.
+
+    Accumulates in float64 so that the order clients arrive in does not change the result beyond
+    the final fp32 rounding.
+    """
+
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    total_weight: float = 0.0
+    count: int = 0
+
+    def add(self, delta: Mapping[str, torch.Tensor], weight: float, scale: float = 1.0) -> None:
+        """Add `weight * scale * delta`; the mean divides by the sum of the weights alone.
+
+        `scale` is a clip: it shrinks a delta, not its client's say in the mean. `delta` may be
+        lazy (each tensor decoded when it is read): it is read once, in name order, and each
+        tensor is folded in place into its float64 sum, so one decoded tensor is held at a time.
+        """
+        check_weight(weight)
+        for name in sorted(delta):
+            self.add_tensor(name, delta[name], weight * scale)
+        self.count_client(weight)
+
+    def add_tensor(self, name: str, t: torch.Tensor, factor: float) -> None:
+        """Fold `factor * t` into the sum of `name` (one tensor of a client's delta)."""
+        acc = self.sums.get(name)
+        if acc is None:
+            self.sums[name] = t.to(torch.float64).mul_(factor)
+        else:
+            acc.add_(t, alpha=factor)
+
+    def count_client(self, weight: float) -> None:
+        """Count a client whose tensors were all folded in, with its `weight` in the divisor."""
+        self.total_weight += weight
+        self.count += 1
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """The mean, fp32. Consumes the sums tensor by tensor, so that the float64 sums and the
+        fp32 result are never both held whole: call it once."""
+        if self.count == 0:
+            raise ValueError("no deltas to average")
+        return {
+            name: self.sums.pop(name).div_(self.total_weight).float() for name in sorted(self.sums)
+        }
 
 
 @dataclass
@@ -34,13 +85,13 @@ class FirstPass:
     never corrected by subtraction, which would cancel catastrophically against a huge delta.
     """
 
-    mean: merge.WeightedMean = field(default_factory=merge.WeightedMean)
+    mean: WeightedMean = field(default_factory=WeightedMean)
     factors: dict[str, float] = field(default_factory=dict)
     spoiled: bool = False
 
     def fold(self, weight: float) -> Callable[[str, torch.Tensor], None]:
         """The per-tensor hook for `checked_norm` while one client's delta is checked."""
-        merge.check_weight(weight)
+        bounds.check_weight(weight)
 
         def add(name: str, t: torch.Tensor) -> None:
             self.spoiled = True  # a part of a delta is in the sums until `done` says it is whole
@@ -73,7 +124,7 @@ def reduce_mean(
         first.mean.sums.clear()  # free the guess before the second pass builds its own
         if log is not None:
             log("decoding the deltas again: a clip, a share cap or a late rejection changed it")
-    mean = merge.WeightedMean()
+    mean = WeightedMean()
     for a in accepted:
         mean.add(a.delta(), a.weight, a.scale)
     return mean.result()
@@ -87,31 +138,9 @@ def reduce_robust(
     out = {}
     for name in sorted(shapes):
         stack = torch.stack([tensor(name) for tensor in readers])
-        out[name] = merge.robust_reduce(stack, task.aggregation)
+        out[name] = robust_reduce(stack, task.aggregation)
         del stack
     return out
-
-
-def pairwise_distances(
-    accepted: list[Accepted], shapes: Mapping[str, tuple[int, ...]]
-) -> torch.Tensor:
-    """Squared L2 distances between the (scaled) deltas, n x n, float64.
-
-    Streams tensor by tensor: memory is one tensor of every client plus one pair's difference,
-    never a whole delta per client, nor an n x n x values broadcast.
-    """
-    n = len(accepted)
-    distances = torch.zeros(n, n, dtype=torch.float64)
-    readers = [a.tensors() for a in accepted]
-    for name in sorted(shapes):
-        values = [tensor(name).double() for tensor in readers]
-        for i in range(n):
-            for j in range(i + 1, n):
-                d = float((values[i] - values[j]).pow_(2).sum())
-                distances[i, j] += d
-                distances[j, i] += d
-        del values
-    return distances
 
 
 def reduce_krum(
@@ -126,7 +155,7 @@ def reduce_krum(
             f"{2 * f + 3} valid deltas, got {n}"
         )
     m = 1 if spec.algorithm == "krum" else (spec.multi_krum_selected or n - f)
-    chosen = set(merge.krum_select(pairwise_distances(accepted, shapes), f, m))
+    chosen = set(krum_select(pairwise_distances(accepted, shapes), f, m))
     items = [
         replace(
             a, selected=i in chosen, weight=float(i in chosen), share=(i in chosen) / len(chosen)
@@ -164,7 +193,7 @@ def reduce_exact(
         layers.append(layer)
     paired = {n for pair in pairs for n in pair}
     if others := [n for n in names if n not in paired]:
-        mean = merge.WeightedMean()
+        mean = WeightedMean()
         for w, tensor in readers:
             mean.add({n: tensor(n) for n in others}, w)
         for n, d in mean.result().items():

@@ -15,11 +15,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .task import ALL_LINEAR, AdapterSpec
+from fedtune_trainer.wire.settings import ALL_LINEAR, AdapterSpec
 
 if TYPE_CHECKING:
     from peft import LoraConfig, PeftModel
     from transformers import PretrainedConfig, PreTrainedModel
+from fedtune_trainer.storage import store as st
+from fedtune_trainer.wire.layout import global_prefix
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -170,3 +172,9 @@ def config_summary(config: bytes) -> dict[str, object]:
     """The few fields of an adapter config worth showing in a manifest."""
     data = json.loads(config)
     return {k: data.get(k) for k in ("peft_type", "r", "lora_alpha", "target_modules")}
+
+
+def read_global(store: st.Store, round_: int) -> tuple[dict[str, torch.Tensor], bytes]:
+    """The committed global adapter of `round_`: its tensors and its adapter_config.json."""
+    _, files = st.read_committed(store, global_prefix(round_), [ADAPTER_CONFIG, ADAPTER_WEIGHTS])
+    return parse_weights(files[ADAPTER_WEIGHTS]), files[ADAPTER_CONFIG]

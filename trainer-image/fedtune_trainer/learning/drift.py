@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import lora
-from . import store as st
-from .task import control_prefix
+from fedtune_trainer.adapter import lora
+from fedtune_trainer.storage import store as st
+from fedtune_trainer.wire.layout import control_prefix
 
 CONTROL_FILE = "control.safetensors"
 Tensors = dict[str, torch.Tensor]

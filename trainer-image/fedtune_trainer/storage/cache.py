@@ -44,9 +44,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .contract import CACHE_DIR_ENV
-from .store import S3Settings, local_path
-from .store_s3 import S3Store, split_s3
+from fedtune_trainer.storage.s3 import S3Store, split_s3
+from fedtune_trainer.storage.store import S3Settings, local_path
+from fedtune_trainer.wire.contract import CACHE_DIR_ENV
 
 PARTIAL = ".partial-"
 TRASH = ".trash-"

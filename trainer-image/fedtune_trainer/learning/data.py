@@ -1,6 +1,6 @@
 """Training and evaluation data: jsonl records in three formats, tokenized with loss masks.
 
-Formats (task.DataSpec.format):
+Formats (settings.DataSpec.format):
 - text:   {"text": "..."}: every token is trained;
 - alpaca: {"instruction": "...", "input": "..." (optional), "output": "..."}: only the output
           (and the end-of-sequence token) is trained, the prompt is masked with -100;
@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from . import store
-from .contract import DATA_CREDENTIALS_PREFIX
+from fedtune_trainer.storage import store
+from fedtune_trainer.storage.locate import fetch
+from fedtune_trainer.wire.contract import DATA_CREDENTIALS_PREFIX
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -81,7 +82,7 @@ def data_settings(environ: Mapping[str, str] | None = None) -> store.S3Settings:
 def jsonl_files(uri: str) -> list[tuple[str, Path]]:
     """(name, local path) of the jsonl files a data URI names: one file, or every *.jsonl under
     a directory/prefix. The name is the URI a person recognises, not the download cache path."""
-    path = store.fetch(uri, data_settings())
+    path = fetch(uri, data_settings())
     if path.is_dir():
         files = sorted(p for p in path.rglob("*.jsonl") if p.is_file())
         if not files:

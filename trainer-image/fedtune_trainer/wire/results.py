@@ -17,8 +17,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from .contract import SUMMARY_MAX_BYTES
-from .task import Algorithm, Model
+from fedtune_trainer.wire.contract import SUMMARY_MAX_BYTES
+from fedtune_trainer.wire.settings import Algorithm, Model
 
 REASON_MAX = 200
 """A rejection's reason is one line, so that many of them still fit a status and a report."""

@@ -1,25 +1,17 @@
-"""What the operator asks of a Job: the settings models and the tasks built from them.
-
-With contract.py (the names both sides agree on) and results.py (what a Job reports back), this
-is the Job contract between the operator and the trainer. Torch-free on purpose: the operator
-imports this module to build the task it hands each Job, and the settings models below are also
-the building blocks of the `FederatedFineTune` spec (`fedtune_operator.api`), so a default or a
-bound is written exactly once, here.
+"""The settings a run is made of: adapter, training, data, delta codec, aggregation, privacy,
+evaluation and storage location. The `FederatedFineTune` spec (`fedtune_operator.api`) is built
+from these models and the tasks carry them, so a default, a bound or a cross-field rule is
+written exactly once, here.
 
 Field names are snake_case in Python and camelCase on the wire (the CRD and the task JSON alike).
 """
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from pydantic.alias_generators import to_camel
-
-from .contract import TASK_ENV, TASK_FILE_ENV
 
 # DNS-1123 label, at most 40 characters so that `<run>-r<round>-<client>` stays readable.
 ClientName = Annotated[
@@ -422,139 +414,10 @@ class StorageLocation(Model):
     )
 
 
-# --------------------------------------------------------------------------------------------
-# Storage layout (docs/architecture.md, "Storage layout")
-# --------------------------------------------------------------------------------------------
-
-
-def round_prefix(round_: int) -> str:
-    return f"rounds/{round_:06d}"
-
-
-def global_prefix(round_: int) -> str:
-    return f"{round_prefix(round_)}/global"
-
-
-def client_prefix(round_: int, client: str) -> str:
-    return f"{round_prefix(round_)}/clients/{client}"
-
-
-SERVER_STATE_PREFIX = "state/server"
-CLIP_STATE_PREFIX = "state/clip"
-CONTROL_PREFIX = "state/control"
-"""SCAFFOLD's control variates: server/<round>/ (c) and clients/<client>/<round>/ (c_i)."""
-FINAL_PREFIX = "final"
-REPORT_PREFIX = "report"
-
-
-EVALUATION_FILE = "evaluation.json"
-"""rounds/<r>/evaluation.json: the evaluation Job's result for global r."""
-
-
-def client_state_prefix(client: str) -> str:
-    return f"state/clients/{client}"
-
-
-def control_prefix(client: str | None = None) -> str:
-    """Where SCAFFOLD's control variate of `client` (None: the server's) lives, by round."""
-    return f"{CONTROL_PREFIX}/clients/{client}" if client else f"{CONTROL_PREFIX}/server"
-
-
-# --------------------------------------------------------------------------------------------
-# Tasks
-# --------------------------------------------------------------------------------------------
-
-
-class _TaskBase(Model):
-    run: ShortStr
-    round: int = Field(ge=0, le=1_000_000)
-    base_model: Uri
-    tokenizer: Uri | None = None
-    adapter: AdapterSpec = Field(default_factory=AdapterSpec)
-    storage: StorageLocation
-
-
-class ClientTask(_TaskBase):
-    """Train round `round` (>= 1) from the global adapter of round `round - 1`."""
-
-    kind: Literal["client"] = "client"
-    client: ClientName
-    data_uri: Uri
-    data: DataSpec = Field(default_factory=DataSpec)
-    training: TrainingSpec = Field(default_factory=TrainingSpec)
-    delta: DeltaSpec = Field(default_factory=DeltaSpec)
-
-
-class AggregateTask(_TaskBase):
-    """Round 0: write the initial adapter. Round r >= 1: merge round r's deltas into global r."""
-
-    kind: Literal["aggregate"] = "aggregate"
-    rounds: int = Field(ge=1, le=100_000, description="Total rounds: the last one writes final/.")
-    clients: list[ClientName] = Field(default_factory=list, max_length=1000)
-    client_weights: dict[str, float] = Field(default_factory=dict)
-    client_ranks: dict[str, Annotated[int, Field(ge=1, le=512)]] = Field(
-        default_factory=dict,
-        description="Clients that train at a LoRA rank other than adapter.r (exact mode only).",
-    )
-    min_clients: int = Field(1, ge=1)
-    aggregation: AggregationSpec = Field(default_factory=AggregationSpec)
-    privacy: PrivacySpec = Field(default_factory=PrivacySpec)
-    delta: DeltaSpec = Field(default_factory=DeltaSpec)
-    seed: int = Field(0, ge=0, le=2**31 - 1)
-    sampling_rate: float = Field(
-        1.0, gt=0, le=1, description="Clients sampled per round / all clients (for accounting)."
-    )
-
-    @model_validator(mode="after")
-    def _lora_mode(self) -> AggregateTask:
-        ranks = {f"clientRanks[{c}]": r for c, r in self.client_ranks.items()}
-        if problems := lora_mode_problems(self.aggregation, self.adapter, self.privacy, ranks):
-            raise ValueError("; ".join(problems))
-        return self
-
-    drift_control: Literal["none", "scaffold"] = Field(
-        "none", description="training.driftControl: scaffold also updates the server control."
-    )
-    total_clients: int | None = Field(
-        None, ge=1, description="N of SCAFFOLD's c += |S|/N mean(dc_i); defaults to the round's."
-    )
-
-
-class EvaluateTask(_TaskBase):
-    """Evaluate the committed global adapter of `round` on held-out data (its own Job, so that
-    the aggregator never loads base weights and the evaluation can have a GPU of its own)."""
-
-    kind: Literal["evaluate"] = "evaluate"
-    data: DataSpec = Field(default_factory=DataSpec)
-    evaluation: EvaluationSpec
-    max_seq_length: int = Field(512, ge=8, le=131072)
-
-
-class CleanupTask(Model):
-    """Delete everything under the run's storage root (storage.cleanupPolicy: Delete)."""
-
-    kind: Literal["cleanup"] = "cleanup"
-    run: ShortStr
-    storage: StorageLocation
-
-
-AnyTask = ClientTask | AggregateTask | EvaluateTask | CleanupTask
-Task = Annotated[AnyTask, Field(discriminator="kind")]
-
-
-class _TaskDoc(BaseModel):
-    task: Task
-
-
-def parse_task(text: str) -> AnyTask:
-    return _TaskDoc.model_validate({"task": json.loads(text)}).task
-
-
-def load_task(environ: dict[str, str] | None = None) -> AnyTask:
-    """Read the task from the mounted file or the environment variable, in that order."""
-    env = os.environ if environ is None else environ
-    if path := env.get(TASK_FILE_ENV):
-        return parse_task(Path(path).read_text())
-    if text := env.get(TASK_ENV):
-        return parse_task(text)
-    raise RuntimeError(f"no task: set {TASK_FILE_ENV} or {TASK_ENV}")
+MEAN_ALGORITHMS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
+"""Algorithms that reduce the deltas to a weighted mean and so can stream client by client."""
+ROBUST_ALGORITHMS = ("median", "trimmedMean")
+"""Coordinate-wise statistics that need every client's value of a tensor at once."""
+KRUM_ALGORITHMS = ("krum", "multiKrum")
+"""Select whole deltas by their distances to the others, then average the selected ones."""
+STATELESS_ALGORITHMS = ("fedavg", *ROBUST_ALGORITHMS, *KRUM_ALGORITHMS)

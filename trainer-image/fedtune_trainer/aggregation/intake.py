@@ -20,11 +20,15 @@ from typing import Any
 
 import torch
 
-from . import delta as codec
-from . import delta_check, merge
-from . import store as st
-from .results import Contribution
-from .task import AggregateTask, client_prefix
+from fedtune_trainer.aggregation import bounds
+from fedtune_trainer.codec import precheck
+from fedtune_trainer.codec.container import DELTA_FILE, DeltaFormatError
+from fedtune_trainer.codec.decoding import Layout, decode_one
+from fedtune_trainer.learning.drift import CONTROL_FILE
+from fedtune_trainer.storage import store as st
+from fedtune_trainer.wire.layout import client_prefix
+from fedtune_trainer.wire.results import Contribution
+from fedtune_trainer.wire.task import AggregateTask
 
 
 @dataclass(frozen=True)
@@ -37,7 +41,7 @@ class Accepted:
 
     client: str
     path: Path
-    layout: codec.Layout
+    layout: Layout
     """Its layout, checked against the adapter: what decoding it again may read."""
     samples: int
     weight: float
@@ -51,7 +55,7 @@ class Accepted:
     outlier: bool = False
     selected: bool | None = None
     share: float = 0.0
-    control: tuple[Path, codec.Layout] | None = None
+    control: tuple[Path, Layout] | None = None
     """SCAFFOLD's checked control change (its file and layout), when the run uses it."""
 
     def contribution(self) -> Contribution:
@@ -111,7 +115,7 @@ class LazyDelta(Mapping[str, torch.Tensor]):
 # --------------------------------------------------------------------------------------------
 
 
-def decode_file(path: Path, layout: codec.Layout) -> Callable[[str], torch.Tensor]:
+def decode_file(path: Path, layout: Layout) -> Callable[[str], torch.Tensor]:
     """A lazy decoder of the tensors of a delta file whose header was checked (`layout`).
 
     Each part is read into a buffer of its own with an explicit read at its byte range, not
@@ -127,29 +131,29 @@ def decode_file(path: Path, layout: codec.Layout) -> Callable[[str], torch.Tenso
             header = json.loads(f.read(size))
         header.pop("__metadata__", None)
     except (OSError, ValueError, struct.error) as e:
-        raise codec.DeltaFormatError(f"undecodable delta: {reason_of(e)}") from e
+        raise DeltaFormatError(f"undecodable delta: {reason_of(e)}") from e
     body = 8 + size
 
     def part(key: str) -> torch.Tensor:
         info = header.get(key)
         if not isinstance(info, dict):
-            raise codec.DeltaFormatError(f"missing part {key!r}")
+            raise DeltaFormatError(f"missing part {key!r}")
         begin, end = info["data_offsets"]
         buffer = bytearray(end - begin)
         with open(path, "rb") as f:
             f.seek(body + begin)
             if f.readinto(buffer) != len(buffer):
-                raise codec.DeltaFormatError(f"part {key!r} runs past the end of the file")
-        dtype = delta_check.TORCH_DTYPES[info["dtype"]]
+                raise DeltaFormatError(f"part {key!r} runs past the end of the file")
+        dtype = precheck.TORCH_DTYPES[info["dtype"]]
         if not buffer:
             return torch.empty(info["shape"], dtype=dtype)
         return torch.frombuffer(buffer, dtype=dtype).view(info["shape"])
 
     def tensor(name: str) -> torch.Tensor:
         try:
-            return codec.decode_one(layout, name, part)
+            return decode_one(layout, name, part)
         except Exception as e:
-            raise codec.DeltaFormatError(f"undecodable delta: {reason_of(e)}") from e
+            raise DeltaFormatError(f"undecodable delta: {reason_of(e)}") from e
 
     return tensor
 
@@ -167,14 +171,14 @@ def check_manifest(
             f"manifest names round {str(manifest.get('round'))[:12]} "
             f"client {str(manifest.get('client'))[:40]!r}"
         )
-    samples = merge.sample_count(manifest.get("samples"))
+    samples = bounds.sample_count(manifest.get("samples"))
     loss = manifest.get("train_loss")
     if loss is not None and not (type(loss) in (int, float) and math.isfinite(loss)):
         raise ValueError(f"bad train loss {str(loss)[:40]!r}")
     raw = manifest.get("raw_bytes", 0)
     if type(raw) is not int or not 0 <= raw <= 1 << 50:
         raise ValueError(f"bad raw byte count {str(raw)[:40]!r}")
-    return samples, declared_size(manifest, codec.DELTA_FILE, limit)
+    return samples, declared_size(manifest, DELTA_FILE, limit)
 
 
 def declared_size(manifest: Mapping[str, Any], name: str, limit: int) -> int:
@@ -201,8 +205,8 @@ def fetch_client(
     task: AggregateTask,
     client: str,
     workdir: Path,
-    expected: delta_check.ExpectedLayout,
-) -> tuple[dict[str, Any], Path, codec.Layout]:
+    expected: precheck.ExpectedLayout,
+) -> tuple[dict[str, Any], Path, Layout]:
     """The client's manifest, its delta file on local disk and the file's checked layout.
 
     In the order that spends least on a bad delta: the manifest (at most 1 MiB) and its fields;
@@ -217,9 +221,7 @@ def fetch_client(
     if manifest is None:
         raise LookupError("no committed delta (manifest.json missing)")
     _, size = check_manifest(manifest, task, client, expected.max_size())
-    path, layout = fetch_file(
-        store, prefix, manifest, codec.DELTA_FILE, size, workdir / client, expected
-    )
+    path, layout = fetch_file(store, prefix, manifest, DELTA_FILE, size, workdir / client, expected)
     return manifest, path, layout
 
 
@@ -230,13 +232,13 @@ def fetch_file(
     name: str,
     size: int,
     workdir: Path,
-    expected: delta_check.ExpectedLayout,
-) -> tuple[Path, codec.Layout]:
+    expected: precheck.ExpectedLayout,
+) -> tuple[Path, Layout]:
     """One encoded file of a commit whose manifest declares it `size` bytes: header checked
     first (a ranged read), then streamed to `workdir`, verified and its header checked again."""
     key = st.join(prefix, name)
     head_size = 8 + expected.max_header()
-    delta_check.check_file_layout(store.get_range(key, 0, head_size), expected, size)
+    precheck.check_file_layout(store.get_range(key, 0, head_size), expected, size)
     path = workdir / name
     try:
         store.get_file(key, path, max_bytes=size)
@@ -244,7 +246,7 @@ def fetch_file(
         raise st.IntegrityError(f"{name}: listed in the manifest but missing") from e
     st.verify_entry(manifest, name, path.stat().st_size, st.sha256_file(path))
     with open(path, "rb") as f:
-        layout = delta_check.check_file_layout(f.read(head_size), expected, size)
+        layout = precheck.check_file_layout(f.read(head_size), expected, size)
     return path, layout
 
 
@@ -254,19 +256,17 @@ def fetch_control(
     client: str,
     manifest: Mapping[str, Any],
     workdir: Path,
-    expected: delta_check.ExpectedLayout,
-) -> tuple[Path, codec.Layout]:
+    expected: precheck.ExpectedLayout,
+) -> tuple[Path, Layout]:
     """SCAFFOLD's control change a client committed with its delta, checked like the delta
     (same layout, same size bound, then decoded and finite): its file and layout."""
-    from .drift import CONTROL_FILE
-
     prefix = client_prefix(task.round, client)
     size = declared_size(manifest, CONTROL_FILE, expected.max_size())
     path, layout = fetch_file(
         store, prefix, manifest, CONTROL_FILE, size, workdir / client, expected
     )
     try:
-        merge.checked_norm(decode_file(path, layout), expected.shapes, None)
+        bounds.checked_norm(decode_file(path, layout), expected.shapes, None)
     except ValueError as e:
         raise ValueError(f"control change: {reason_of(e)}") from e
     return path, layout

@@ -20,17 +20,16 @@ from typing import Any
 
 import torch
 
-from .delta import (
+from fedtune_trainer.codec.container import (
     FORMAT,
     METADATA_KEY,
     DeltaFormatError,
-    Layout,
     kept_count,
-    part_spec,
     position_coding,
-    run_encoding,
 )
-from .task import DeltaSpec
+from fedtune_trainer.codec.decoding import Layout, part_spec
+from fedtune_trainer.codec.encoding import run_encoding
+from fedtune_trainer.wire.settings import DeltaSpec
 
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_]+(?:[.-][A-Za-z0-9_]+)*")
 """A tensor name as PEFT writes them: words joined by dots (no '/', '\\', '..', leading dot)."""

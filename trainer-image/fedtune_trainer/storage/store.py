@@ -31,8 +31,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from .task import StorageLocation
-
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "fedtune.manifest/v1"
 _CHUNK = 1 << 20
@@ -272,26 +270,6 @@ def local_path(uri: str) -> Path | None:
     return None
 
 
-def open_store(where: StorageLocation | str, settings: S3Settings | None = None) -> Store:
-    """The store for a task's storage location or a plain URI."""
-    if isinstance(where, StorageLocation):
-        uri = where.uri
-        settings = S3Settings(
-            endpoint=where.endpoint, region=where.region, force_path_style=where.force_path_style
-        )
-    else:
-        uri = where
-    if uri.startswith("s3://"):
-        from .store_s3 import S3Store, split_s3  # boto3 only where s3:// is used
-
-        bucket, prefix = split_s3(uri)
-        return S3Store(bucket, prefix, settings or S3Settings())
-    path = local_path(uri)
-    if path is None:
-        raise ValueError(f"unsupported storage URI {uri!r} (use s3:// or file://)")
-    return FileStore(path)
-
-
 # --------------------------------------------------------------------------------------------
 # Commits: data first, manifest last
 # --------------------------------------------------------------------------------------------
@@ -429,20 +407,3 @@ def prune_versions_before(store: Store, prefix: str, round_: int) -> None:
     for r in committed_versions(store, prefix):
         if r < round_:
             store.delete_prefix(versioned_prefix(prefix, r) + "/")
-
-
-# --------------------------------------------------------------------------------------------
-# Fetching models and data sets named by URI
-# --------------------------------------------------------------------------------------------
-
-
-def fetch(uri: str, settings: S3Settings | None = None) -> Path:
-    """A local path for a file or directory named by a local path, file:// or s3:// URI.
-
-    s3 objects go through the download cache (`cache.py`: keyed by the objects' ETags and sizes,
-    filled atomically, shared safely by concurrent Jobs); a URI ending in '/' or naming no single
-    object is treated as a directory prefix.
-    """
-    from .cache import fetch as cached  # cache.py builds on this module
-
-    return cached(uri, settings).path

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from .store import (
+from fedtune_trainer.storage.store import (
     ObjectNotFound,
     ObjectTooLarge,
     S3Settings,

@@ -1,0 +1,41 @@
+"""Where each artifact of a run lives under its storage root (docs/architecture.md, "Storage
+layout"): the keys the client, the aggregator, the evaluation and the report agree on."""
+
+from __future__ import annotations
+
+# --------------------------------------------------------------------------------------------
+# Storage layout (docs/architecture.md, "Storage layout")
+# --------------------------------------------------------------------------------------------
+
+
+def round_prefix(round_: int) -> str:
+    return f"rounds/{round_:06d}"
+
+
+def global_prefix(round_: int) -> str:
+    return f"{round_prefix(round_)}/global"
+
+
+def client_prefix(round_: int, client: str) -> str:
+    return f"{round_prefix(round_)}/clients/{client}"
+
+
+SERVER_STATE_PREFIX = "state/server"
+CLIP_STATE_PREFIX = "state/clip"
+CONTROL_PREFIX = "state/control"
+"""SCAFFOLD's control variates: server/<round>/ (c) and clients/<client>/<round>/ (c_i)."""
+FINAL_PREFIX = "final"
+REPORT_PREFIX = "report"
+
+
+EVALUATION_FILE = "evaluation.json"
+"""rounds/<r>/evaluation.json: the evaluation Job's result for global r."""
+
+
+def client_state_prefix(client: str) -> str:
+    return f"state/clients/{client}"
+
+
+def control_prefix(client: str | None = None) -> str:
+    """Where SCAFFOLD's control variate of `client` (None: the server's) lives, by round."""
+    return f"{CONTROL_PREFIX}/clients/{client}" if client else f"{CONTROL_PREFIX}/server"

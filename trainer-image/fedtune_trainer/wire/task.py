@@ -1,0 +1,135 @@
+"""What the operator asks of a Job: the settings models and the tasks built from them.
+
+With contract.py (the names both sides agree on) and results.py (what a Job reports back), this
+is the Job contract between the operator and the trainer. Torch-free on purpose: the operator
+imports this module to build the task it hands each Job, and the settings models below are also
+the building blocks of the `FederatedFineTune` spec (`fedtune_operator.api`), so a default or a
+bound is written exactly once, here.
+
+Field names are snake_case in Python and camelCase on the wire (the CRD and the task JSON alike).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+from fedtune_trainer.wire.contract import TASK_ENV, TASK_FILE_ENV
+from fedtune_trainer.wire.settings import (
+    AdapterSpec,
+    AggregationSpec,
+    ClientName,
+    DataSpec,
+    DeltaSpec,
+    EvaluationSpec,
+    Model,
+    PrivacySpec,
+    ShortStr,
+    StorageLocation,
+    TrainingSpec,
+    Uri,
+    lora_mode_problems,
+)
+
+# --------------------------------------------------------------------------------------------
+# Tasks
+# --------------------------------------------------------------------------------------------
+
+
+class _TaskBase(Model):
+    run: ShortStr
+    round: int = Field(ge=0, le=1_000_000)
+    base_model: Uri
+    tokenizer: Uri | None = None
+    adapter: AdapterSpec = Field(default_factory=AdapterSpec)
+    storage: StorageLocation
+
+
+class ClientTask(_TaskBase):
+    """Train round `round` (>= 1) from the global adapter of round `round - 1`."""
+
+    kind: Literal["client"] = "client"
+    client: ClientName
+    data_uri: Uri
+    data: DataSpec = Field(default_factory=DataSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    delta: DeltaSpec = Field(default_factory=DeltaSpec)
+
+
+class AggregateTask(_TaskBase):
+    """Round 0: write the initial adapter. Round r >= 1: merge round r's deltas into global r."""
+
+    kind: Literal["aggregate"] = "aggregate"
+    rounds: int = Field(ge=1, le=100_000, description="Total rounds: the last one writes final/.")
+    clients: list[ClientName] = Field(default_factory=list, max_length=1000)
+    client_weights: dict[str, float] = Field(default_factory=dict)
+    client_ranks: dict[str, Annotated[int, Field(ge=1, le=512)]] = Field(
+        default_factory=dict,
+        description="Clients that train at a LoRA rank other than adapter.r (exact mode only).",
+    )
+    min_clients: int = Field(1, ge=1)
+    aggregation: AggregationSpec = Field(default_factory=AggregationSpec)
+    privacy: PrivacySpec = Field(default_factory=PrivacySpec)
+    delta: DeltaSpec = Field(default_factory=DeltaSpec)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    sampling_rate: float = Field(
+        1.0, gt=0, le=1, description="Clients sampled per round / all clients (for accounting)."
+    )
+
+    @model_validator(mode="after")
+    def _lora_mode(self) -> AggregateTask:
+        ranks = {f"clientRanks[{c}]": r for c, r in self.client_ranks.items()}
+        if problems := lora_mode_problems(self.aggregation, self.adapter, self.privacy, ranks):
+            raise ValueError("; ".join(problems))
+        return self
+
+    drift_control: Literal["none", "scaffold"] = Field(
+        "none", description="training.driftControl: scaffold also updates the server control."
+    )
+    total_clients: int | None = Field(
+        None, ge=1, description="N of SCAFFOLD's c += |S|/N mean(dc_i); defaults to the round's."
+    )
+
+
+class EvaluateTask(_TaskBase):
+    """Evaluate the committed global adapter of `round` on held-out data (its own Job, so that
+    the aggregator never loads base weights and the evaluation can have a GPU of its own)."""
+
+    kind: Literal["evaluate"] = "evaluate"
+    data: DataSpec = Field(default_factory=DataSpec)
+    evaluation: EvaluationSpec
+    max_seq_length: int = Field(512, ge=8, le=131072)
+
+
+class CleanupTask(Model):
+    """Delete everything under the run's storage root (storage.cleanupPolicy: Delete)."""
+
+    kind: Literal["cleanup"] = "cleanup"
+    run: ShortStr
+    storage: StorageLocation
+
+
+AnyTask = ClientTask | AggregateTask | EvaluateTask | CleanupTask
+Task = Annotated[AnyTask, Field(discriminator="kind")]
+
+
+class _TaskDoc(BaseModel):
+    task: Task
+
+
+def parse_task(text: str) -> AnyTask:
+    return _TaskDoc.model_validate({"task": json.loads(text)}).task
+
+
+def load_task(environ: dict[str, str] | None = None) -> AnyTask:
+    """Read the task from the mounted file or the environment variable, in that order."""
+    env = os.environ if environ is None else environ
+    if path := env.get(TASK_FILE_ENV):
+        return parse_task(Path(path).read_text())
+    if text := env.get(TASK_ENV):
+        return parse_task(text)
+    raise RuntimeError(f"no task: set {TASK_FILE_ENV} or {TASK_ENV}")
