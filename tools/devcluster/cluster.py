@@ -18,73 +18,23 @@ import json
 import os
 import secrets
 import signal
-import ssl
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from devcluster import net, pki, s3
 from devcluster.net import free_port
+from devcluster.processes import Processes
+from devcluster.realnode import NODE_COMPONENTS, NODE_IP, RealNode, registry_port
+from devcluster.state import NODE_KINDS, NODE_NAME, REPO_ROOT, ClusterState
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_ROOT / "tools" / "build-binaries.sh"
-NODE_NAME = "devnode"
 SERVICE_CIDR = "10.0.0.0/24"
 ISSUER = "https://kubernetes.default.svc.cluster.local"
 COMPONENTS = ("s3", "etcd", "kube-apiserver", "kube-controller-manager", "kubelet")
 CONTROL_PLANE = ("s3", "etcd", "kube-apiserver", "kube-controller-manager")
-NODE_KINDS = ("process", "real")
-
-
-class StartupError(RuntimeError):
-    pass
-
-
-@dataclass
-class ClusterState:
-    """What a running cluster is: where it listens and what its S3 root account is."""
-
-    etcd_port: int
-    etcd_peer_port: int
-    api_port: int
-    kcm_port: int
-    s3_port: int
-    s3_access_key: str
-    s3_secret_key: str
-    bin_dir: str
-    node: str = "process"
-    registry_port: int = 0
-    sched_port: int = 0
-    proxy_port: int = 0
-
-    @property
-    def api_url(self) -> str:
-        return f"https://127.0.0.1:{self.api_port}"
-
-    @property
-    def s3_endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.s3_port}"
-
-
-def process_exists(pid: int) -> bool:
-    """True while `pid` runs; reaps it first when it is our own exited child (a zombie)."""
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie whose parent is gone waits for PID 1 to reap it: it has exited.
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def build_binaries() -> Path:
@@ -132,18 +82,22 @@ class Cluster:
         if node not in NODE_KINDS:
             raise ValueError(f"node must be one of {NODE_KINDS}, not {node!r}")
         self.node = node
-        self.real = None
-        if node == "real":
-            from devcluster.realnode import RealNode
-
-            self.real = RealNode(self)
+        self.real = (
+            RealNode(self.dir, pki_dir=self.pki_dir, pid_dir=self.pid_dir, log_dir=self.log_dir)
+            if node == "real"
+            else None
+        )
+        self.processes = Processes(
+            self.dir,
+            log_dir=self.log_dir,
+            pid_dir=self.pid_dir,
+            enter=self.real.prefix if self.real is not None else None,
+        )
 
     @property
     def components(self) -> tuple[str, ...]:
         if self.real is None:
             return COMPONENTS
-        from devcluster.realnode import NODE_COMPONENTS
-
         return ("forward", *CONTROL_PLANE, *NODE_COMPONENTS)
 
     # -- state -----------------------------------------------------------------------------------
@@ -156,15 +110,7 @@ class Cluster:
         return ClusterState(**json.loads(self.state_file.read_text()))
 
     def is_running(self) -> bool:
-        return self.state_file.exists() and all(self._alive(c) for c in self.components)
-
-    def _pid(self, component: str) -> int | None:
-        f = self.pid_dir / f"{component}.pid"
-        return int(f.read_text()) if f.exists() else None
-
-    def _alive(self, component: str) -> bool:
-        pid = self._pid(component)
-        return pid is not None and process_exists(pid)
+        return self.state_file.exists() and all(self.processes.alive(c) for c in self.components)
 
     def s3_account(self) -> s3.S3Account:
         st = self.state()
@@ -180,42 +126,21 @@ class Cluster:
 
     # -- processes -------------------------------------------------------------------------------
 
-    def _spawn(self, component: str, argv: list[str], env: dict[str, str] | None = None) -> None:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.pid_dir.mkdir(parents=True, exist_ok=True)
-        # What start_component replays: the same command, ports and data directory.
-        launch = self._launch_file(component)
-        launch.write_text(json.dumps({"argv": argv, "env": env or {}}))
-        launch.chmod(0o600)  # the S3 server's environment holds its root secret
-        if self.real is not None:
-            argv = [*self.real.prefix(), *argv]
-        with (self.log_dir / f"{component}.log").open("ab") as logf:
-            proc = subprocess.Popen(
-                argv,
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                env={**os.environ, **(env or {})},
-                cwd=self.dir,
-            )
-        (self.pid_dir / f"{component}.pid").write_text(str(proc.pid))
-
-    def _launch_file(self, component: str) -> Path:
-        return self.pid_dir / f"{component}.launch.json"
-
     def _ready(self, component: str) -> Callable[[], bool]:
         """The readiness check of a control-plane component or the process kubelet."""
         state = self.state()
         admin = pki.CertPair(self.pki_dir / "admin.crt", self.pki_dir / "admin.key")
+        ca = self.pki_dir / "ca.crt"
         checks: dict[str, Callable[[], bool]] = {
             "s3": lambda: s3.health_status(state.s3_endpoint) == 200,
             "etcd": lambda: net.http_status(f"http://127.0.0.1:{state.etcd_port}/health") == 200,
-            "kube-apiserver": lambda: self._https_ok(f"{state.api_url}/readyz", admin),
-            "kube-controller-manager": lambda: self._https_ok(
-                f"https://127.0.0.1:{state.kcm_port}/healthz"
+            "kube-apiserver": lambda: net.https_ok(f"{state.api_url}/readyz", ca, admin),
+            "kube-controller-manager": lambda: net.https_ok(
+                f"https://127.0.0.1:{state.kcm_port}/healthz", ca
             ),
-            "kubelet": self._node_ready,
+            "kubelet": lambda: net.node_ready(
+                Path(state.bin_dir) / "kubectl", self.kubeconfig, NODE_NAME
+            ),
         }
         return checks[component]
 
@@ -223,17 +148,16 @@ class Cluster:
         """Stop one component as an outage would (SIGTERM, SIGKILL after `grace`), leaving the
         rest running: what the fault tests do to S3 and the API server."""
         self._restartable(component)
-        self._stop(component, grace)
+        self.processes.stop(component, grace)
 
     def start_component(self, component: str) -> None:
         """Start a component stopped by `stop_component` again, with the command it was first
         started with (same port, same data), and wait until it is ready."""
         self._restartable(component)
-        if self._alive(component):
+        if self.processes.alive(component):
             raise RuntimeError(f"{component} is running")
-        launch = json.loads(self._launch_file(component).read_text())
-        self._spawn(component, launch["argv"], launch["env"])
-        self._wait(component, self._ready(component), timeout=120)
+        self.processes.relaunch(component)
+        self.processes.wait(component, self._ready(component), timeout=120)
 
     def _restartable(self, component: str) -> None:
         if self.real is not None or component not in COMPONENTS:
@@ -243,41 +167,7 @@ class Cluster:
             )
 
     def log_tail(self, component: str, lines: int = 40) -> str:
-        f = self.log_dir / f"{component}.log"
-        if not f.exists():
-            return "(no log)"
-        return "\n".join(f.read_text(errors="replace").splitlines()[-lines:])
-
-    def _wait(self, component: str, ready: Callable[[], bool], timeout: float = 90.0) -> None:
-        """Poll a readiness check until it passes; fail early if the process died."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if ready():
-                print(f"[devcluster] {component} ready", file=sys.stderr)
-                return
-            if not self._alive(component):
-                raise StartupError(
-                    f"{component} exited during startup; last log lines:\n"
-                    f"{self.log_tail(component)}"
-                )
-            time.sleep(0.25)
-        raise StartupError(
-            f"{component} not ready after {timeout:.0f}s; last log lines:\n"
-            f"{self.log_tail(component)}"
-        )
-
-    def _https_ok(self, url: str, client_cert: pki.CertPair | None = None) -> bool:
-        ctx = ssl.create_default_context(cafile=str(self.pki_dir / "ca.crt"))
-        if client_cert is not None:
-            ctx.load_cert_chain(str(client_cert.cert), str(client_cert.key))
-        else:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        try:
-            with urllib.request.urlopen(url, context=ctx, timeout=2) as r:
-                return r.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        return self.processes.log_tail(component, lines)
 
     # -- up / down -------------------------------------------------------------------------------
 
@@ -305,8 +195,6 @@ class Cluster:
             node=self.node,
         )
         if self.real is not None:
-            from devcluster.realnode import registry_port
-
             state.registry_port = registry_port()
             state.sched_port = free_port()
             state.proxy_port = free_port()
@@ -339,8 +227,6 @@ class Cluster:
         sa = pki.ensure_service_account_keys(self.pki_dir)
         node_kubeconfigs: dict[str, Path] = {}
         if self.real is not None:
-            from devcluster.realnode import NODE_IP
-
             pki.ensure_cert(
                 self.pki_dir,
                 "kubelet-serving",
@@ -385,7 +271,7 @@ class Cluster:
             )
         s3_dir = self.dir / "s3-data"
         s3_dir.mkdir(exist_ok=True)
-        self._spawn(
+        self.processes.spawn(
             "s3",
             # On the real node, pods reach S3 at the node's address.
             s3.server_argv(
@@ -398,7 +284,7 @@ class Cluster:
             env=s3.server_env(state.s3_access_key, state.s3_secret_key),
         )
         etcd_data = self.dir / "etcd-data"
-        self._spawn(
+        self.processes.spawn(
             "etcd",
             [
                 str(b / "etcd"),
@@ -421,7 +307,7 @@ class Cluster:
                 "warn",
             ],
         )
-        self._wait("etcd", self._ready("etcd"))
+        self.processes.wait("etcd", self._ready("etcd"))
         if self.real is None:
             api_network = [
                 "--bind-address",
@@ -432,8 +318,6 @@ class Cluster:
                 "none",
             ]
         else:
-            from devcluster.realnode import NODE_IP
-
             # Pods reach it through the `kubernetes` Service at the node's address, and it
             # reaches the kubelet there (kubectl logs).
             api_network = [
@@ -448,7 +332,7 @@ class Cluster:
                 "--kubelet-client-key",
                 str(admin.key),
             ]
-        self._spawn(
+        self.processes.spawn(
             "kube-apiserver",
             [
                 str(b / "kube-apiserver"),
@@ -483,8 +367,8 @@ class Cluster:
                 str(self.pki_dir / "apiserver-generated"),
             ],
         )
-        self._wait("kube-apiserver", self._ready("kube-apiserver"), timeout=120)
-        self._spawn(
+        self.processes.wait("kube-apiserver", self._ready("kube-apiserver"), timeout=120)
+        self.processes.spawn(
             "kube-controller-manager",
             [
                 str(b / "kube-controller-manager"),
@@ -518,11 +402,12 @@ class Cluster:
                 "10",
             ],
         )
-        self._wait("kube-controller-manager", self._ready("kube-controller-manager"))
-        self._wait("s3", self._ready("s3"))
+        self.processes.wait("kube-controller-manager", self._ready("kube-controller-manager"))
+        self.processes.wait("s3", self._ready("s3"))
         if self.real is not None:
             node_kubeconfigs["kubelet"] = kubelet_config
-            self.real.start(state, b, node_kubeconfigs)
+            node_kubeconfigs["admin"] = self.kubeconfig
+            self.real.start(state, b, node_kubeconfigs, self.processes)
             return state
         kubelet_argv = [
             sys.executable,
@@ -541,38 +426,19 @@ class Cluster:
         ]
         for k, v in (pod_env or {}).items():
             kubelet_argv += ["--pod-env", f"{k}={v}"]
-        self._spawn("kubelet", kubelet_argv, env={"PYTHONPATH": str(REPO_ROOT / "tools")})
-        self._wait("kubelet", self._ready("kubelet"))
+        self.processes.spawn("kubelet", kubelet_argv, env={"PYTHONPATH": str(REPO_ROOT / "tools")})
+        self.processes.wait("kubelet", self._ready("kubelet"))
         return state
-
-    def _node_ready(self) -> bool:
-        kubectl = Path(self.state().bin_dir) / "kubectl"
-        result = subprocess.run(
-            [
-                str(kubectl),
-                "--kubeconfig",
-                str(self.kubeconfig),
-                "get",
-                "node",
-                NODE_NAME,
-                "-o",
-                "jsonpath={.status.conditions[?(@.type=='Ready')].status}",
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        return result.stdout.strip() == "True"
 
     def down(self, *, quiet: bool = False) -> None:
         """Stop the kubelet first (it stops its pods), then the control plane, then storage.
         On the real node, everything left in its namespaces and cgroups goes too."""
-        if self.real is not None and self._alive("containerd"):
-            self._stop("kubelet", grace=10)
+        if self.real is not None and self.processes.alive("containerd"):
+            self.processes.stop("kubelet", grace=10)
             with contextlib.suppress(subprocess.SubprocessError, OSError, AssertionError):
-                self.real._clean_containers()
+                self.real.clean_containers()
         for component in reversed(self.components):
-            self._stop(component, grace=20 if component == "kubelet" else 10)
+            self.processes.stop(component, grace=20 if component == "kubelet" else 10)
         if self.real is not None:
             self.real.stop()
         # Pods the kubelet could not stop (it was killed itself) are stopped here.
@@ -582,16 +448,3 @@ class Cluster:
             pid_file.unlink(missing_ok=True)
         if not quiet:
             print(f"[devcluster] stopped ({self.dir})", file=sys.stderr)
-
-    def _stop(self, component: str, grace: float) -> None:
-        pid = self._pid(component)
-        if pid is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while process_exists(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
-        (self.pid_dir / f"{component}.pid").unlink(missing_ok=True)

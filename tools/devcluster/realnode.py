@@ -44,11 +44,12 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from devcluster.cluster import Cluster, ClusterState
+from devcluster import net
+from devcluster.processes import Processes, StartupError
+from devcluster.state import NODE_NAME, REPO_ROOT, ClusterState
 
 NODE_IP = "10.254.0.2"  # only ever inside the tier's network namespace
 POD_CIDR = "10.244.0.0/24"
@@ -82,8 +83,6 @@ def cache_root() -> Path:
 
 
 def ensure_packages() -> None:
-    from devcluster.cluster import REPO_ROOT
-
     subprocess.run([str(REPO_ROOT / "tools" / "apt-ensure.sh"), *DEBIAN_PACKAGES], check=True)
 
 
@@ -93,15 +92,13 @@ def registry_port() -> int:
     registry's storage is the cache's: at the same address a push skips the layers already there,
     where a new address (one per clone, CI's fresh clone each time) compresses and sends the
     trainer image's 6.5 GB again."""
-    from devcluster.net import free_port
-
     key = str(cache_root() / "registry").encode()
     port = 20000 + int(hashlib.sha256(key).hexdigest(), 16) % 10000
     with socket.socket() as s:
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
-            return free_port()
+            return net.free_port()
     return port
 
 
@@ -190,12 +187,16 @@ def pause_archive(
 
 
 class RealNode:
-    """The namespaces and node components of one real-node cluster."""
+    """The namespaces and node components of one real-node cluster, whose state directory is
+    `cluster_dir` (certificates in `pki_dir`, pid files in `pid_dir`, logs in `log_dir`)."""
 
-    def __init__(self, cluster: Cluster) -> None:
-        self.cluster = cluster
-        self.dir = cluster.dir / "node"
-        self.id = hashlib.sha256(str(cluster.dir).encode()).hexdigest()[:8]
+    def __init__(self, cluster_dir: Path, *, pki_dir: Path, pid_dir: Path, log_dir: Path) -> None:
+        self.cluster_dir = cluster_dir
+        self.pki_dir = pki_dir
+        self.pid_dir = pid_dir
+        self.log_dir = log_dir
+        self.dir = cluster_dir / "node"
+        self.id = hashlib.sha256(str(cluster_dir).encode()).hexdigest()[:8]
         self.cgroup = f"{CGROUP_PREFIX}-{self.id}"
         self.sock = self.dir / "containerd.sock"
 
@@ -203,7 +204,7 @@ class RealNode:
 
     @property
     def holder_pid_file(self) -> Path:
-        return self.cluster.pid_dir / "netns.pid"
+        return self.pid_dir / "netns.pid"
 
     def holder_pid(self) -> int | None:
         f = self.holder_pid_file
@@ -221,13 +222,11 @@ class RealNode:
         return subprocess.run([*self.prefix(), *argv], text=True, **kw)
 
     def create_namespaces(self) -> None:
-        from devcluster.cluster import StartupError
-
         if os.geteuid() != 0:
             raise StartupError("the real-node tier needs root (namespaces, cgroups, containerd)")
         ensure_packages()
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.cluster.pid_dir.mkdir(parents=True, exist_ok=True)
+        self.pid_dir.mkdir(parents=True, exist_ok=True)
         holder = subprocess.Popen(
             ["unshare", "--net", "--mount", "--propagation", "private", "sleep", "infinity"],
             start_new_session=True,
@@ -278,8 +277,8 @@ class RealNode:
             "devcluster.forward",
             *(f"{s.fileno()}:{p}" for s, p in zip(listeners, ports, strict=True)),
         ]
-        self.cluster.log_dir.mkdir(parents=True, exist_ok=True)
-        log = (self.cluster.log_dir / "forward.log").open("ab")
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = (self.log_dir / "forward.log").open("ab")
         proc = subprocess.Popen(
             argv,
             pass_fds=[s.fileno() for s in listeners],
@@ -292,7 +291,7 @@ class RealNode:
         log.close()
         for s in listeners:
             s.close()
-        (self.cluster.pid_dir / "forward.pid").write_text(str(proc.pid))
+        (self.pid_dir / "forward.pid").write_text(str(proc.pid))
 
     # -- node components ----------------------------------------------------------------------
 
@@ -308,8 +307,10 @@ class RealNode:
                 return self.dir / "containerd-root"
         return shared
 
-    def write_configs(self, state: ClusterState, bin_dir: Path) -> dict[str, Path]:
-        pki = self.cluster.pki_dir
+    def write_configs(
+        self, state: ClusterState, bin_dir: Path, proxy_kubeconfig: Path
+    ) -> dict[str, Path]:
+        pki = self.pki_dir
         d = self.dir
         (d / "cni" / "net.d").mkdir(parents=True, exist_ok=True)
         (d / "certs.d" / MIRRORED_REGISTRY).mkdir(parents=True, exist_ok=True)
@@ -432,10 +433,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                 {
                     "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
                     "kind": "KubeProxyConfiguration",
-                    "clientConnection": {"kubeconfig": str(self.cluster.dir / "proxy.kubeconfig")},
+                    "clientConnection": {"kubeconfig": str(proxy_kubeconfig)},
                     "mode": "iptables",
                     "clusterCIDR": POD_CIDR,
-                    "hostnameOverride": self.node_name,
+                    "hostnameOverride": NODE_NAME,
                     "bindAddress": "127.0.0.1",
                     "healthzBindAddress": f"127.0.0.1:{state.proxy_port}",
                     # 0: leave the conntrack sysctls alone (some are not per network namespace).
@@ -469,12 +470,6 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         pause_archive(bin_dir / "pause", pause_tar)
         return {"root": root}
 
-    @property
-    def node_name(self) -> str:
-        from devcluster.cluster import NODE_NAME
-
-        return NODE_NAME
-
     def create_cgroups(self) -> None:
         """The kubelet's cgroup root, in every v1 hierarchy (cpuset needs its cpus and mems)."""
         for h in self.hierarchies():
@@ -493,13 +488,22 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             if p.is_dir() and not p.is_symlink() and (p / "cgroup.procs").exists()
         )
 
-    def start(self, state: ClusterState, bin_dir: Path, kubeconfigs: dict[str, Path]) -> None:
-        c = self.cluster
+    def start(
+        self,
+        state: ClusterState,
+        bin_dir: Path,
+        kubeconfigs: dict[str, Path],
+        processes: Processes,
+    ) -> None:
+        """Start the node's components as `processes` of the cluster, in its namespaces, and
+        wait for them: `kubeconfigs` has the scheduler's, the kubelet's, the proxy's and the
+        admin's (to see the Node Ready)."""
+        c = processes
         b = bin_dir
         d = self.dir
-        self.write_configs(state, b)
+        self.write_configs(state, b, kubeconfigs["proxy"])
         self.create_cgroups()
-        c._spawn(
+        c.spawn(
             "registry",
             [str(b / "registry"), "serve", str(d / "registry.yaml")],
             env={"OTEL_TRACES_EXPORTER": "none", "OTEL_SDK_DISABLED": "true"},
@@ -512,7 +516,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                 if line.startswith("root =")
             )
         )
-        c._spawn(
+        c.spawn(
             "containerd",
             [
                 "flock",
@@ -523,13 +527,13 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                 str(d / "containerd.toml"),
             ],
         )
-        c._wait("registry", lambda: self._http_ok(state.registry_port, "/v2/"))
-        c._wait("containerd", self._containerd_ok, timeout=60)
-        self._clean_containers()
+        c.wait("registry", lambda: self._http_ok(state.registry_port, "/v2/"))
+        c.wait("containerd", self._containerd_ok, timeout=60)
+        self.clean_containers()
         imported = self.ctr("images", "ls", "-q", check=False).stdout.split()
         if PAUSE_IMAGE not in imported:
             self.ctr("images", "import", str(d / "pause.oci.tar"))
-        c._spawn(
+        c.spawn(
             "kube-scheduler",
             [
                 str(b / "kube-scheduler"),
@@ -546,7 +550,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                 "--leader-elect=false",
             ],
         )
-        c._spawn(
+        c.spawn(
             "kubelet",
             [
                 str(b / "kubelet"),
@@ -555,7 +559,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                 "--kubeconfig",
                 str(kubeconfigs["kubelet"]),
                 "--hostname-override",
-                self.node_name,
+                NODE_NAME,
                 "--node-ip",
                 NODE_IP,
                 "--root-dir",
@@ -564,22 +568,26 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                 "1",
             ],
         )
-        c._spawn(
+        c.spawn(
             "kube-proxy",
             [str(b / "kube-proxy"), "--config", str(d / "kube-proxy.yaml")],
             env={"PATH": f"/usr/sbin:/sbin:{os.environ.get('PATH', '')}"},
         )
-        c._wait(
+        c.wait(
             "kube-scheduler",
-            lambda: self.cluster._https_ok(f"https://127.0.0.1:{state.sched_port}/healthz"),
+            lambda: net.https_ok(
+                f"https://127.0.0.1:{state.sched_port}/healthz", self.pki_dir / "ca.crt"
+            ),
         )
-        c._wait("kubelet", c._node_ready, timeout=120)
-        c._wait("kube-proxy", lambda: self._http_ok(state.proxy_port, "/healthz"), timeout=60)
+        c.wait(
+            "kubelet",
+            lambda: net.node_ready(bin_dir / "kubectl", kubeconfigs["admin"], NODE_NAME),
+            timeout=120,
+        )
+        c.wait("kube-proxy", lambda: self._http_ok(state.proxy_port, "/healthz"), timeout=60)
 
     @staticmethod
     def _http_ok(port: int, path: str) -> bool:
-        from devcluster import net
-
         return net.http_status(f"http://127.0.0.1:{port}{path}") == 200
 
     def ctr(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -590,7 +598,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     def _containerd_ok(self) -> bool:
         return self.sock.exists() and self.ctr("version", check=False).returncode == 0
 
-    def _clean_containers(self) -> None:
+    def clean_containers(self) -> None:
         """Containers a previous cluster left in the cached root (it was killed): remove them."""
         for cid in self.ctr("containers", "ls", "-q", check=False).stdout.split():
             self.ctr("tasks", "kill", "--signal", "SIGKILL", cid, check=False)
@@ -632,7 +640,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             shutil.rmtree(self.dir / sub, ignore_errors=True)
 
     @staticmethod
-    def _kill_where(match) -> None:
+    def _kill_where(match: Callable[[int], bool]) -> None:
         for _ in range(50):
             victims = []
             for entry in Path("/proc").iterdir():
@@ -693,6 +701,6 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             found += [
                 f"mount {line.split()[4]}"
                 for line in f
-                if str(self.cluster.dir) in line or str(cache_root() / "containerd") in line
+                if str(self.cluster_dir) in line or str(cache_root() / "containerd") in line
             ]
         return found
