@@ -5,10 +5,10 @@ With `node="real"` (devcluster up --node real) the node is a real one instead: k
 containerd, kube-scheduler, kube-proxy and a local registry, the whole cluster inside namespaces
 of its own (devcluster/realnode.py); the host reaches it at the same 127.0.0.1 ports.
 
-Every component runs detached (its own session), so `devcluster up` returns while the cluster
-keeps running; `devcluster down` stops them all, pods included, and leaves no process behind.
-Startup waits on each component's readiness endpoint and, when one does not come up, fails with
-the tail of that component's log.
+Every component runs detached (devcluster/processes.py), so `devcluster up` returns while the
+cluster keeps running; `devcluster down` stops them all, pods included, and leaves no process
+behind. Startup waits on each component's readiness endpoint and, when one does not come up, fails
+with the tail of that component's log.
 """
 
 from __future__ import annotations
@@ -24,15 +24,14 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from devcluster import net, pki, s3
+from devcluster import controlplane, net, pki, s3
+from devcluster.controlplane import ADMIN, Certificates
 from devcluster.net import free_port
 from devcluster.processes import Processes
 from devcluster.realnode import NODE_COMPONENTS, NODE_IP, RealNode, registry_port
 from devcluster.state import NODE_KINDS, NODE_NAME, REPO_ROOT, ClusterState
 
 BUILD_SCRIPT = REPO_ROOT / "tools" / "build-binaries.sh"
-SERVICE_CIDR = "10.0.0.0/24"
-ISSUER = "https://kubernetes.default.svc.cluster.local"
 COMPONENTS = ("s3", "etcd", "kube-apiserver", "kube-controller-manager", "kubelet")
 CONTROL_PLANE = ("s3", "etcd", "kube-apiserver", "kube-controller-manager")
 
@@ -45,30 +44,10 @@ def build_binaries() -> Path:
     return Path(result.stdout.strip().splitlines()[-1])
 
 
-def kubeconfig_text(state: ClusterState, ca: Path, cert: Path, key: Path, user: str) -> str:
-    return json.dumps(
-        {
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [
-                {
-                    "name": "devcluster",
-                    "cluster": {"server": state.api_url, "certificate-authority": str(ca)},
-                }
-            ],
-            "users": [
-                {"name": user, "user": {"client-certificate": str(cert), "client-key": str(key)}}
-            ],
-            "contexts": [
-                {"name": "devcluster", "context": {"cluster": "devcluster", "user": user}}
-            ],
-            "current-context": "devcluster",
-        },
-        indent=2,
-    )
-
-
 class Cluster:
+    """One devcluster, kept in `directory` (its state, certificates, logs and data): started by
+    `up`, stopped by `down`, and found running again by a later process."""
+
     def __init__(self, directory: Path, node: str | None = None) -> None:
         self.dir = directory.resolve()
         self.pki_dir = self.dir / "pki"
@@ -169,19 +148,49 @@ class Cluster:
     def log_tail(self, component: str, lines: int = 40) -> str:
         return self.processes.log_tail(component, lines)
 
-    # -- up / down -------------------------------------------------------------------------------
+    # -- up --------------------------------------------------------------------------------------
 
     def up(self, *, pod_env: dict[str, str] | None = None) -> ClusterState:
+        """Start the cluster, each component waited for before the ones that need it; a cluster
+        already running is left as it is."""
         if self.is_running():
             print(f"[devcluster] already running ({self.dir})", file=sys.stderr)
             return self.state()
         self.down(quiet=True)
+        state = self._new_state(self._link_binaries())
+        certs = controlplane.issue_certificates(self.pki_dir, node_ip=self._node_ip)
+        kubeconfigs = self._write_kubeconfigs(state, certs)
+        if self.real is not None:
+            self.real.isolate(state)
+        self._start_s3(state)
+        self._start_etcd(state)
+        self._start_apiserver(state, certs)
+        self._start_controller_manager(state, certs, kubeconfigs["kcm"])
+        # Started first, S3 came up meanwhile; it is waited for once the control plane is.
+        self.processes.wait("s3", self._ready("s3"))
+        if self.real is not None:
+            self.real.start(state, Path(state.bin_dir), kubeconfigs, self.processes)
+        else:
+            self._start_process_kubelet(state, kubeconfigs["kubelet"], pod_env or {})
+        return state
+
+    @property
+    def _node_ip(self) -> str | None:
+        """Where pods reach the control plane: the real node's address, None on the process
+        node (they share the host's loopback)."""
+        return NODE_IP if self.real is not None else None
+
+    def _link_binaries(self) -> Path:
+        """The binaries, built or found cached, linked as `bin` in the state directory."""
         bin_dir = build_binaries()
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "bin").unlink(missing_ok=True)
         (self.dir / "bin").symlink_to(bin_dir)
-        self.pki_dir.mkdir(parents=True, exist_ok=True)
+        return bin_dir
 
+    def _new_state(self, bin_dir: Path) -> ClusterState:
+        """Fresh ports, written to `state.json`; the S3 account of an earlier start is kept, so
+        that credentials handed out before stay valid."""
         previous = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
         state = ClusterState(
             etcd_port=free_port(),
@@ -200,82 +209,29 @@ class Cluster:
             state.proxy_port = free_port()
         self.state_file.write_text(json.dumps(asdict(state), indent=2))
         self.state_file.chmod(0o600)
+        return state
 
-        ca = pki.ensure_ca(self.pki_dir)
-        serving = pki.ensure_cert(
-            self.pki_dir,
-            "apiserver",
-            ca,
-            common_name="kube-apiserver",
-            server=True,
-            dns=(
-                "localhost",
-                "kubernetes",
-                "kubernetes.default",
-                "kubernetes.default.svc",
-                "kubernetes.default.svc.cluster.local",
-            ),
-            ips=("127.0.0.1", "10.0.0.1"),
-        )
-        admin = pki.ensure_cert(
-            self.pki_dir, "admin", ca, common_name="devcluster-admin", org="system:masters"
-        )
-        kcm = pki.ensure_cert(self.pki_dir, "kcm", ca, common_name="system:kube-controller-manager")
-        kubelet = pki.ensure_cert(
-            self.pki_dir, "kubelet", ca, common_name="devcluster-kubelet", org="system:masters"
-        )
-        sa = pki.ensure_service_account_keys(self.pki_dir)
-        node_kubeconfigs: dict[str, Path] = {}
-        if self.real is not None:
-            pki.ensure_cert(
-                self.pki_dir,
-                "kubelet-serving",
-                ca,
-                common_name=f"system:node:{NODE_NAME}",
-                server=True,
-                dns=(NODE_NAME,),
-                ips=(NODE_IP,),
-            )
-            for name, cn in (
-                ("scheduler", "system:kube-scheduler"),
-                ("proxy", "system:kube-proxy"),
-            ):
-                pair = pki.ensure_cert(self.pki_dir, name, ca, common_name=cn)
-                node_kubeconfigs[name] = self.dir / f"{name}.kubeconfig"
-                node_kubeconfigs[name].write_text(
-                    kubeconfig_text(state, ca.cert, pair.cert, pair.key, name)
-                )
-        self.kubeconfig.write_text(kubeconfig_text(state, ca.cert, admin.cert, admin.key, "admin"))
-        self.kubeconfig.chmod(0o600)
-        kcm_config = self.dir / "kcm.kubeconfig"
-        kcm_config.write_text(kubeconfig_text(state, ca.cert, kcm.cert, kcm.key, "kcm"))
-        kubelet_config = self.dir / "kubelet.kubeconfig"
-        kubelet_config.write_text(
-            kubeconfig_text(state, ca.cert, kubelet.cert, kubelet.key, "kubelet")
-        )
+    def _write_kubeconfigs(self, state: ClusterState, certs: Certificates) -> dict[str, Path]:
+        """One kubeconfig per client of the API server, `<user>.kubeconfig`; the admin's is the
+        cluster's own (`kubeconfig`), readable by its owner only."""
+        paths = {}
+        for user, client in certs.clients.items():
+            path = self.kubeconfig if user == ADMIN else self.dir / f"{user}.kubeconfig"
+            path.write_text(controlplane.kubeconfig_text(state, certs.ca.cert, client, user))
+            if user == ADMIN:
+                path.chmod(0o600)
+            paths[user] = path
+        return paths
 
-        b = Path(state.bin_dir)
-        if self.real is not None:
-            # The namespaces first; then every port the host uses is forwarded into them.
-            self.real.create_namespaces()
-            self.real.forward(
-                [
-                    state.etcd_port,
-                    state.api_port,
-                    state.kcm_port,
-                    state.s3_port,
-                    state.registry_port,
-                    state.sched_port,
-                    state.proxy_port,
-                ]
-            )
+    def _start_s3(self, state: ClusterState) -> None:
+        """Started, not waited for: it comes up while the control plane does."""
         s3_dir = self.dir / "s3-data"
         s3_dir.mkdir(exist_ok=True)
         self.processes.spawn(
             "s3",
             # On the real node, pods reach S3 at the node's address.
             s3.server_argv(
-                b,
+                Path(state.bin_dir),
                 state.s3_port,
                 s3_dir,
                 "0.0.0.0" if self.real else "127.0.0.1",
@@ -283,138 +239,45 @@ class Cluster:
             ),
             env=s3.server_env(state.s3_access_key, state.s3_secret_key),
         )
-        etcd_data = self.dir / "etcd-data"
-        self.processes.spawn(
-            "etcd",
-            [
-                str(b / "etcd"),
-                "--name",
-                "devcluster",
-                "--data-dir",
-                str(etcd_data),
-                "--listen-client-urls",
-                f"http://127.0.0.1:{state.etcd_port}",
-                "--advertise-client-urls",
-                f"http://127.0.0.1:{state.etcd_port}",
-                "--listen-peer-urls",
-                f"http://127.0.0.1:{state.etcd_peer_port}",
-                "--initial-advertise-peer-urls",
-                f"http://127.0.0.1:{state.etcd_peer_port}",
-                "--initial-cluster",
-                f"devcluster=http://127.0.0.1:{state.etcd_peer_port}",
-                "--unsafe-no-fsync",
-                "--log-level",
-                "warn",
-            ],
-        )
+
+    def _start_etcd(self, state: ClusterState) -> None:
+        argv = controlplane.etcd_argv(Path(state.bin_dir), state, self.dir / "etcd-data")
+        self.processes.spawn("etcd", argv)
         self.processes.wait("etcd", self._ready("etcd"))
-        if self.real is None:
-            api_network = [
-                "--bind-address",
-                "127.0.0.1",
-                "--advertise-address",
-                "127.0.0.1",
-                "--endpoint-reconciler-type",
-                "none",
-            ]
-        else:
-            # Pods reach it through the `kubernetes` Service at the node's address, and it
-            # reaches the kubelet there (kubectl logs).
-            api_network = [
-                "--bind-address",
-                "0.0.0.0",
-                "--advertise-address",
-                NODE_IP,
-                "--kubelet-preferred-address-types",
-                "InternalIP,Hostname",
-                "--kubelet-client-certificate",
-                str(admin.cert),
-                "--kubelet-client-key",
-                str(admin.key),
-            ]
-        self.processes.spawn(
-            "kube-apiserver",
-            [
-                str(b / "kube-apiserver"),
-                "--etcd-servers",
-                f"http://127.0.0.1:{state.etcd_port}",
-                *api_network,
-                "--secure-port",
-                str(state.api_port),
-                "--tls-cert-file",
-                str(serving.cert),
-                "--tls-private-key-file",
-                str(serving.key),
-                "--client-ca-file",
-                str(ca.cert),
-                "--authorization-mode",
-                "RBAC",
-                "--enable-admission-plugins",
-                "NamespaceLifecycle,ServiceAccount,PodSecurity,"
-                "LimitRanger,DefaultTolerationSeconds,ResourceQuota,"
-                "MutatingAdmissionPolicy,ValidatingAdmissionPolicy",
-                "--service-account-issuer",
-                ISSUER,
-                "--service-account-key-file",
-                str(sa.cert),
-                "--service-account-signing-key-file",
-                str(sa.key),
-                "--service-cluster-ip-range",
-                SERVICE_CIDR,
-                "--allow-privileged=true",
-                "--profiling=false",
-                "--cert-dir",
-                str(self.pki_dir / "apiserver-generated"),
-            ],
+
+    def _start_apiserver(self, state: ClusterState, certs: Certificates) -> None:
+        argv = controlplane.apiserver_argv(
+            Path(state.bin_dir), state, certs, self.pki_dir, self._node_ip
         )
+        self.processes.spawn("kube-apiserver", argv)
         self.processes.wait("kube-apiserver", self._ready("kube-apiserver"), timeout=120)
-        self.processes.spawn(
-            "kube-controller-manager",
-            [
-                str(b / "kube-controller-manager"),
-                "--kubeconfig",
-                str(kcm_config),
-                "--authentication-kubeconfig",
-                str(kcm_config),
-                "--authorization-kubeconfig",
-                str(kcm_config),
-                "--bind-address",
-                "127.0.0.1",
-                "--secure-port",
-                str(state.kcm_port),
-                "--cert-dir",
-                str(self.pki_dir / "kcm-generated"),
-                "--controllers",
-                # The real node's taints are the node lifecycle controller's to lift.
-                ("*," if self.real else "*,-nodelifecycle,") + "-nodeipam,-cloud-node-lifecycle,"
-                "-service-lb-controller,-node-route-controller,-persistentvolume-binder",
-                "--service-account-private-key-file",
-                str(sa.key),
-                "--root-ca-file",
-                str(ca.cert),
-                "--use-service-account-credentials",
-                "--leader-elect=false",
-                "--kube-api-qps",
-                "100",
-                "--kube-api-burst",
-                "200",
-                "--concurrent-job-syncs",
-                "10",
-            ],
+
+    def _start_controller_manager(
+        self, state: ClusterState, certs: Certificates, kubeconfig: Path
+    ) -> None:
+        argv = controlplane.controller_manager_argv(
+            Path(state.bin_dir),
+            state,
+            certs,
+            kubeconfig,
+            self.pki_dir,
+            # The real node's taints are the node lifecycle controller's to lift.
+            node_lifecycle=self.real is not None,
         )
+        self.processes.spawn("kube-controller-manager", argv)
         self.processes.wait("kube-controller-manager", self._ready("kube-controller-manager"))
-        self.processes.wait("s3", self._ready("s3"))
-        if self.real is not None:
-            node_kubeconfigs["kubelet"] = kubelet_config
-            node_kubeconfigs["admin"] = self.kubeconfig
-            self.real.start(state, b, node_kubeconfigs, self.processes)
-            return state
-        kubelet_argv = [
+
+    def _start_process_kubelet(
+        self, state: ClusterState, kubeconfig: Path, pod_env: dict[str, str]
+    ) -> None:
+        """The process node: devcluster.kubelet, its pods in this repository's environment with
+        `pod_env` added."""
+        argv = [
             sys.executable,
             "-m",
             "devcluster.kubelet",
             "--kubeconfig",
-            str(kubelet_config),
+            str(kubeconfig),
             "--state-dir",
             str(self.dir),
             "--node-name",
@@ -424,11 +287,12 @@ class Cluster:
             "--workdir",
             str(REPO_ROOT),
         ]
-        for k, v in (pod_env or {}).items():
-            kubelet_argv += ["--pod-env", f"{k}={v}"]
-        self.processes.spawn("kubelet", kubelet_argv, env={"PYTHONPATH": str(REPO_ROOT / "tools")})
+        for k, v in pod_env.items():
+            argv += ["--pod-env", f"{k}={v}"]
+        self.processes.spawn("kubelet", argv, env={"PYTHONPATH": str(REPO_ROOT / "tools")})
         self.processes.wait("kubelet", self._ready("kubelet"))
-        return state
+
+    # -- down ------------------------------------------------------------------------------------
 
     def down(self, *, quiet: bool = False) -> None:
         """Stop the kubelet first (it stops its pods), then the control plane, then storage.

@@ -258,6 +258,22 @@ class RealNode:
             script.append(f"mount --bind -o ro {f} /proc/sys/{name}")
         self.run(["sh", "-c", "\n".join(script)])
 
+    def isolate(self, state: ClusterState) -> None:
+        """The namespaces, before any component starts; then every port the host uses is
+        forwarded into them."""
+        self.create_namespaces()
+        self.forward(
+            [
+                state.etcd_port,
+                state.api_port,
+                state.kcm_port,
+                state.s3_port,
+                state.registry_port,
+                state.sched_port,
+                state.proxy_port,
+            ]
+        )
+
     def forward(self, ports: list[int]) -> None:
         """Listen on the host's 127.0.0.1 at each port; relay into the namespace's loopback."""
         listeners = []
