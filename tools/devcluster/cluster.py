@@ -26,9 +26,11 @@ from pathlib import Path
 
 from devcluster import controlplane, net, pki, s3
 from devcluster.controlplane import ADMIN, Certificates
+from devcluster.namespaces import NODE_IP
 from devcluster.net import free_port
 from devcluster.processes import Processes
-from devcluster.realnode import NODE_COMPONENTS, NODE_IP, RealNode, registry_port
+from devcluster.realnode import NODE_COMPONENTS, RealNode
+from devcluster.registry import registry_port
 from devcluster.state import NODE_KINDS, NODE_NAME, REPO_ROOT, ClusterState
 
 BUILD_SCRIPT = REPO_ROOT / "tools" / "build-binaries.sh"

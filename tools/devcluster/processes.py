@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 
@@ -38,6 +38,19 @@ def process_exists(pid: int) -> bool:
     except OSError:
         return False
     return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def kill_until_gone(find: Callable[[], Iterable[int]]) -> None:
+    """SIGKILL every process `find` names until it names none (at most 50 rounds, 0.1 s apart):
+    a process forked while the others die is found in the next round."""
+    for _ in range(50):
+        victims = list(find())
+        if not victims:
+            return
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
 
 
 class Processes:

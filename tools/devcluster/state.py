@@ -1,17 +1,27 @@
-"""What every part of the devcluster agrees on: the repository it runs from, the node's name, and
-`ClusterState`, what a running cluster is (kept in `state.json`).
+"""What every part of the devcluster agrees on: the repository it runs from, the cache every clone
+shares, the node's name, and `ClusterState`, what a running cluster is (kept in `state.json`).
 
 It imports nothing of the devcluster, so the cluster, the real node and the tools all share it.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NODE_NAME = "devnode"
 NODE_KINDS = ("process", "real")
+
+
+def cache_root() -> Path:
+    """The cache every clone shares, as tools/setup-python.sh and build-binaries.sh compute it."""
+    explicit = os.environ.get("FEDTUNE_CACHE")
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "fedtune"
 
 
 @dataclass
