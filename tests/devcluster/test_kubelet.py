@@ -6,7 +6,7 @@ import pytest
 import urllib3
 from kubernetes.client.rest import ApiException
 
-from devcluster.kubelet import api_server_away
+from devcluster.statusreport import api_server_away
 
 REFUSED = urllib3.exceptions.MaxRetryError(
     urllib3.HTTPConnectionPool("127.0.0.1", 1), "/api/v1/secrets", reason=ConnectionRefusedError()

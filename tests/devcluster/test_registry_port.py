@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from devcluster.realnode import registry_port
+from devcluster.registry import registry_port
 
 
 def test_the_registry_port_is_keyed_by_the_cache_not_by_the_clone(

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from devcluster.cluster import REPO_ROOT, Cluster
-from devcluster.realnode import NODE_IP
+from devcluster.namespaces import NODE_IP
 from devcluster.testing import DevCluster, make_tiny_assets, wait_for
 
 REAL_CLUSTER_DIR = Path(

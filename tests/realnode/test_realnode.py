@@ -17,7 +17,9 @@ from typing import Any
 
 import pytest
 
-from devcluster.realnode import BRIDGE, NODE_IP, pause_archive
+from devcluster.containerd import BRIDGE
+from devcluster.namespaces import NODE_IP
+from devcluster.pauseimage import pause_archive
 from devcluster.testing import wait_for
 from tests.realnode.conftest import BUCKET, RealCluster, host_sysctls, wait_pod
 
@@ -307,7 +309,7 @@ def test_root_image_is_refused_under_run_as_non_root(realnode: RealCluster) -> N
         pause_archive(rc.dc.bin_dir / "pause", archive, name=ROOT_IMAGE, user="")
         node = rc.cluster.real
         assert node is not None
-        node.ctr("images", "import", str(archive))
+        node.containerd.ctr("images", "import", str(archive))
     rc.dc.kubectl(
         "apply",
         "-f",
@@ -409,7 +411,7 @@ def test_down_leaves_nothing_behind(realnode: RealCluster) -> None:
     """Last: stop the tier and look for processes, mounts, cgroups, links and chains."""
     node = realnode.cluster.real
     assert node is not None
-    holder = node.holder_pid()
+    holder = node.namespaces.holder_pid()
     assert holder is not None
     ns_net = Path(f"/proc/{holder}/ns/net").readlink()
     realnode.cluster.down(quiet=True)

@@ -19,7 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from devcluster.cluster import NODE_KINDS, REPO_ROOT, Cluster, StartupError
+from devcluster.cluster import NODE_KINDS, REPO_ROOT, Cluster
+from devcluster.processes import StartupError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "status":
         for c in cluster.components:
-            print(f"{c:25} {'running' if cluster._alive(c) else 'stopped'}")
+            print(f"{c:25} {'running' if cluster.processes.alive(c) else 'stopped'}")
         return 0 if cluster.is_running() else 1
     if args.command == "env":
         if not cluster.state_file.exists():
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (
             cluster.state_file.exists()
             and cluster.state().registry_port
-            and cluster._alive("registry")
+            and cluster.processes.alive("registry")
         ):
             return 1
         print(f"127.0.0.1:{cluster.state().registry_port}")

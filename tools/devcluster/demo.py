@@ -31,10 +31,11 @@ from typing import Any
 
 import yaml
 
-from devcluster.cluster import REPO_ROOT, Cluster, StartupError
+from devcluster.cluster import REPO_ROOT, Cluster
 from devcluster.corpus import build_corpus
 from devcluster.net import free_port
 from devcluster.pretrained import ensure_model
+from devcluster.processes import StartupError
 from devcluster.testing import DevCluster
 
 NAMESPACE = "fedtune-demo"

