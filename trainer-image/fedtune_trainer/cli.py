@@ -33,6 +33,7 @@ from fedtune_trainer.wire.contract import (
 from fedtune_trainer.wire.results import dump_summary
 from fedtune_trainer.wire.task import (
     AggregateTask,
+    AnyTask,
     CleanupTask,
     ClientTask,
     EvaluateTask,
@@ -100,6 +101,20 @@ def report(uri: str, endpoint: str | None, region: str | None, out: Path) -> int
     return 0
 
 
+def without_bitsandbytes(task: AnyTask) -> None:
+    """Make bitsandbytes unimportable for a task whose base model is not 4-bit (nf4).
+
+    peft and transformers import bitsandbytes whenever it is installed, and the trainer image
+    installs it for QLoRA clients: that is seconds of every Job's start, and a warning about a
+    missing `kernels` package that a person reading the log takes for an error. Only an nf4 base
+    uses it. A None entry in sys.modules is Python's own way of saying "not importable", and both
+    libraries then take it as not installed.
+    """
+    adapter = getattr(task, "adapter", None)
+    if adapter is None or adapter.base_quantization != "nf4":
+        sys.modules.setdefault("bitsandbytes", None)
+
+
 def run_job(kind: str) -> int:
     """Run one Job's task in this process. A worker of a multi-process client (launch.py)
     reports to its own file for the launcher, and only rank 0 has a summary to report."""
@@ -118,6 +133,7 @@ def run_job(kind: str) -> int:
         task = load_task()
         if not isinstance(task, expected):
             raise ValueError(f"`{kind}` was given a {task.kind} task")
+        without_bitsandbytes(task)
         if isinstance(task, ClientTask):
             from fedtune_trainer.client import run
 
