@@ -1,14 +1,18 @@
-"""docs/architecture.md stays true to the code: its layer table is the import-linter contract, it
-names every operator module and every contract, and no document or comment in the repository
-points at a file or a section that does not exist.
+"""docs/architecture.md stays true to the code: its layer tables are the import-linter contracts,
+it names every module of the operator and the trainer, every contract and every name of the Job
+contract, and no document or comment in the repository points at a file or a section that does
+not exist.
 """
 
 from __future__ import annotations
 
+import ast
 import re
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from devcluster.cluster import REPO_ROOT
 
@@ -25,12 +29,18 @@ def importlinter() -> dict:
     return tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
 
 
-def section(title: str) -> str:
-    """The text under `## title`, up to the next `## ` heading."""
-    text = DOC.read_text()
-    start = text.index(f"\n## {title}\n")
-    end = text.find("\n## ", start + 1)
+def section(title: str, level: int = 2, text: str | None = None) -> str:
+    """The text under the heading `title` of this level, up to the next heading as high."""
+    text = DOC.read_text() if text is None else text
+    mark = "#" * level
+    start = text.index(f"\n{mark} {title}\n")
+    ends = [text.find(f"\n{'#' * n} ", start + 1) for n in range(2, level + 1)]
+    end = min((e for e in ends if e != -1), default=-1)
     return text[start : end if end != -1 else None]
+
+
+def subsection(parent: str, title: str) -> str:
+    return section(title, 3, section(parent))
 
 
 def tables(text: str) -> list[list[list[str]]]:
@@ -53,16 +63,27 @@ def backticked(cell: str) -> list[str]:
     return re.findall(r"`([^`]+)`", cell)
 
 
-def test_the_layer_table_is_the_contract() -> None:
-    (contract,) = (c for c in importlinter()["contracts"] if c["type"] == "layers")
-    layers_table = tables(section("Layers"))[0]
+LAYER_TABLES = {"operator-layers": "The operator", "trainer-layers": "The trainer"}
+"""Each layers contract, and the heading under "Layers" whose first table is that contract."""
+
+
+def test_every_layers_contract_has_its_table() -> None:
+    layered = {c["id"] for c in importlinter()["contracts"] if c["type"] == "layers"}
+    assert layered == set(LAYER_TABLES)
+
+
+@pytest.mark.parametrize(("contract_id", "heading"), sorted(LAYER_TABLES.items()))
+def test_the_layer_table_is_the_contract(contract_id: str, heading: str) -> None:
+    (contract,) = (c for c in importlinter()["contracts"] if c["id"] == contract_id)
+    layers_table = tables(subsection("Layers", heading))[0]
     documented = [sorted(backticked(cells[1])) for cells in layers_table]
     declared = [sorted(m.strip() for m in layer.split("|")) for layer in contract["layers"]]
     assert documented == declared
 
 
 def test_every_contract_is_explained() -> None:
-    documented = {backticked(cells[0])[0] for cells in tables(section("Layers"))[1]}
+    contracts_table = tables(subsection("Layers", "The contracts"))[0]
+    documented = {backticked(cells[0])[0] for cells in contracts_table}
     missing = [c["id"] for c in importlinter()["contracts"] if c["id"] not in documented]
     assert not missing, f"contracts missing from the table in docs/architecture.md: {missing}"
 
@@ -78,20 +99,39 @@ def mapped_modules(package_heading: str) -> set[str]:
     return names
 
 
+def docstring_only(path: Path) -> bool:
+    """A package's __init__.py that says what the package holds and holds nothing itself."""
+    body = ast.parse(path.read_text()).body
+    return all(isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant) for n in body)
+
+
 def package_modules(root: Path) -> set[str]:
+    """Every module with code, by path under `root` (not __main__, not docstring-only inits)."""
     return {
         p.relative_to(root).as_posix()
         for p in root.rglob("*.py")
-        if p.name not in ("__main__.py",) and not (p.name == "__init__.py" and p.parent == root)
+        if p.name != "__main__.py" and not (p.name == "__init__.py" and docstring_only(p))
     }
 
 
-def test_the_module_map_names_every_operator_module() -> None:
-    assert mapped_modules("**Operator**") == package_modules(OPERATOR)
+@pytest.mark.parametrize(
+    ("heading", "root"), [("**Operator**", OPERATOR), ("**Trainer**", TRAINER)]
+)
+def test_the_module_map_names_every_module(heading: str, root: Path) -> None:
+    assert mapped_modules(heading) == package_modules(root)
 
 
-def test_the_module_map_names_only_trainer_modules_that_exist() -> None:
-    assert mapped_modules("**Trainer**") <= package_modules(TRAINER)
+def test_the_contract_table_names_every_name_of_the_contract() -> None:
+    contract = TRAINER / "wire" / "contract.py"
+    declared = {
+        node.target.id
+        for node in ast.parse(contract.read_text()).body
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+    }
+    text = section("The Job contract")
+    table = tables(text[text.index("**`wire/contract.py`") :])[0]
+    documented = {name for cells in table for name in backticked(cells[0])}
+    assert declared == documented
 
 
 def project_files() -> Iterator[Path]:

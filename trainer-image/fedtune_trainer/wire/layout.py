@@ -1,5 +1,5 @@
-"""Where each artifact of a run lives under its storage root (docs/architecture.md, "Storage
-layout"): the keys the client, the aggregator, the evaluation and the report agree on."""
+"""Where each artifact of a run lives under its storage root: the keys the client, the
+aggregator, the evaluation and the report agree on (docs/architecture.md, "Storage layout")."""
 
 from __future__ import annotations
 
