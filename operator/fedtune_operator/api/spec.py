@@ -4,7 +4,8 @@ This is the single source of truth for the spec's defaults and validation. The C
 (`crds/fedtune.dev_federatedfinetunes.yaml`) and the field reference (`docs/api.md`) are generated
 from it by `fedtune_operator.crd`, and tests hold the three in agreement. The training, data,
 delta, aggregation, privacy and evaluation settings are the Job contract's own models from
-`fedtune_trainer.wire.settings`, reused here as they are, so that a default or a bound is written once.
+`fedtune_trainer.wire.settings`, reused here as they are, so that a default or a bound is written
+once.
 
 Rules that span fields live beside the models they guard as CEL; `validation.py` checks the same
 rules again in the operator (Helm never upgrades a CRD, so the installed schema may be older than
