@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from fedtune_operator import api, manifests, validation
-from fedtune_trainer.wire import contract
+from fedtune_trainer.wire import contract, settings
 from fedtune_trainer.wire.settings import StorageLocation
 from tests.api.api_cases import (
     EXAMPLE_NAMES,
@@ -209,6 +209,21 @@ def test_message_says_what_is_wrong(change: dict[str, Any], expected: str) -> No
     with pytest.raises(validation.SpecError) as err:
         validation.parse_spec(body)
     assert expected in str(err.value)
+
+
+@pytest.mark.parametrize(("byzantine", "quorum"), [(0, 3), (1, 5), (2, 7), (300, 603)])
+def test_krum_quorum_is_2f_plus_3(byzantine: int, quorum: int) -> None:
+    """The one statement of the rule (the CRD, the operator and the aggregator use it)."""
+    assert settings.krum_min_clients(byzantine) == quorum
+    assert settings.KRUM_QUORUM == "2f + 3"
+
+
+def test_krum_message_names_the_rule_and_the_numbers() -> None:
+    spec = spec_with(aggregation={"algorithm": "multiKrum", "byzantineClients": 2})
+    assert validation.validate_spec(spec) == [
+        "spec.aggregation.byzantineClients: multiKrum with byzantineClients 2 needs at least "
+        "2f + 3 = 7 clients per round, but the run selects 2"
+    ]
 
 
 def test_missing_field_is_named() -> None:

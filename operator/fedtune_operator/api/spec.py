@@ -32,10 +32,14 @@ from fedtune_operator.api.schema import (
     SecretKey,
     StorageUri,
     cel,
+    cel_strings,
     k8s_extensions,
     map_list,
 )
 from fedtune_trainer.wire.settings import (
+    KRUM_ALGORITHMS,
+    KRUM_CLIENTS_PER_FAULTY,
+    KRUM_EXTRA_CLIENTS,
     AdapterSpec,
     AggregationSpec,
     ClientName,
@@ -217,16 +221,20 @@ _SELECTED = (
     ": size(self.clients))"
 )
 _BYZANTINE = "(has(self.aggregation.byzantineClients) ? self.aggregation.byzantineClients : 1)"
+_KRUM_MIN = f"({KRUM_CLIENTS_PER_FAULTY} * {_BYZANTINE} + {KRUM_EXTRA_CLIENTS})"
+"""`krum_min_clients` in CEL, from the same constants."""
 _KRUM_CEL = (
-    "!has(self.aggregation.algorithm) || !(self.aggregation.algorithm in ['krum', 'multiKrum']) "
-    # With clientFraction: ceil(fraction x clients) >= 2f + 3, with rounds.clients_per_round's
+    "!has(self.aggregation.algorithm) "
+    f"|| !(self.aggregation.algorithm in {cel_strings(KRUM_ALGORITHMS)}) "
+    # With clientFraction: ceil(fraction x clients) >= minimum, with rounds.clients_per_round's
     # epsilon (ceil(x) >= k is x > k - 1).
     "|| (has(self.aggregation.clientFraction) "
     "? self.aggregation.clientFraction * double(size(self.clients)) - 1e-9 "
-    f"> double(2 * {_BYZANTINE} + 2) "
-    f": {_SELECTED} >= 2 * {_BYZANTINE} + 3)"
+    f"> double({_KRUM_MIN} - 1) "
+    f": {_SELECTED} >= {_KRUM_MIN})"
 )
-"""Krum's n >= 2f + 3 against the clients selected per round (validation.krum_minimum)."""
+"""Krum's quorum (`fedtune_trainer.wire.settings.krum_min_clients`) against the clients selected
+per round."""
 
 
 class FederatedFineTuneSpec(Model):
@@ -257,9 +265,7 @@ class FederatedFineTuneSpec(Model):
         json_schema_extra=map_list(
             "name",
             cel(
-                "self.all(c, !(c.name in ["
-                + ", ".join(f"'{n}'" for n in RESERVED_CLIENT_NAMES)
-                + "]))",
+                f"self.all(c, !(c.name in {cel_strings(RESERVED_CLIENT_NAMES)}))",
                 "client names "
                 + " and ".join(RESERVED_CLIENT_NAMES)
                 + " are reserved for the aggregator's and the evaluation's Jobs",
@@ -340,7 +346,8 @@ class FederatedFineTuneSpec(Model):
             ),
             cel(
                 _KRUM_CEL,
-                "krum and multiKrum need at least 2 x byzantineClients + 3 clients per round",
+                f"{' and '.join(KRUM_ALGORITHMS)} need at least {KRUM_CLIENTS_PER_FAULTY} x "
+                f"byzantineClients + {KRUM_EXTRA_CLIENTS} clients per round",
                 field_path=".aggregation.byzantineClients",
             ),
         )
