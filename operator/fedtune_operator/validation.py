@@ -288,28 +288,3 @@ def validate_spec(spec: FederatedFineTuneSpec, *, name: str | None = None) -> li
                     "removes with the run"
                 )
     return problems
-
-
-def is_started(status: FederatedFineTuneStatus) -> bool:
-    """The run has started (see STARTED_CEL): from now on IMMUTABLE_ONCE_STARTED holds."""
-    return status.start_time is not None or (status.current_round or 0) > 0
-
-
-def immutable_changes(
-    old: FederatedFineTuneSpec, new: FederatedFineTuneSpec, status: FederatedFineTuneStatus
-) -> list[str]:
-    """The changes from `old` to `new` that ROOT_RULES forbid, given the run's status."""
-    problems = []
-    if status.current_round is not None and new.rounds < status.current_round:
-        problems.append("spec.rounds: cannot go below status.currentRound")
-    if not is_started(status):
-        return problems
-    pairs = [
-        ("spec.baseModel", old.base_model, new.base_model),
-        ("spec.tokenizer", old.tokenizer, new.tokenizer),
-        ("spec.adapter", old.adapter, new.adapter),
-        ("spec.storage.uri", old.storage.uri, new.storage.uri),
-        ("spec.clients", [c.name for c in old.clients], [c.name for c in new.clients]),
-    ]
-    problems += [f"{path}: immutable once the run has started" for path, a, b in pairs if a != b]
-    return problems

@@ -323,3 +323,17 @@ VALID_EDGES: tuple[Invalid, ...] = (
     Invalid("noise-with-clip-norm", _spec(privacy={"noiseMultiplier": 1.0, "clipNorm": 0.5}), ""),
 )
 """Valid manifests at the edge of a rule (reusing the case shape, with no field to name)."""
+
+
+IMMUTABLE_CHANGES: tuple[tuple[str, Any, str], ...] = (
+    ("merge", {"spec": {"baseModel": "org/other-model"}}, "spec.baseModel"),
+    ("merge", {"spec": {"tokenizer": "org/other-tokenizer"}}, "spec.tokenizer"),
+    ("merge", {"spec": {"adapter": {"r": 16}}}, "spec.adapter"),
+    ("merge", {"spec": {"storage": {"uri": "s3://elsewhere/run"}}}, "spec.storage.uri"),
+    ("json", [{"op": "replace", "path": "/spec/clients/1/name", "value": "c"}], "spec.clients"),
+    ("json", [{"op": "remove", "path": "/spec/clients/1"}], "spec.clients"),
+    ("merge", {"spec": {"rounds": 1}}, "spec.rounds"),
+)
+"""Changes to a started run (`kubectl patch --type`, the patch) that the API server refuses,
+each with the field its message must name: at least one for every row of
+api.IMMUTABLE_ONCE_STARTED, and spec.rounds below status.currentRound."""

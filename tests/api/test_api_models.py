@@ -446,50 +446,6 @@ def test_run_name(name: str, ok: bool) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Immutability once started
-# --------------------------------------------------------------------------------------------
-
-STARTED = api.FederatedFineTuneStatus.model_validate(
-    {"startTime": "2025-01-01T00:00:00Z", "currentRound": 2}
-)
-
-
-@pytest.mark.parametrize(
-    ("change", "field"),
-    [
-        ({"baseModel": "org/other"}, "spec.baseModel"),
-        ({"tokenizer": "org/other"}, "spec.tokenizer"),
-        ({"adapter": {"r": 16}}, "spec.adapter"),
-        ({"storage": {"uri": "s3://elsewhere/run"}}, "spec.storage.uri"),
-        ({"rounds": 1}, "spec.rounds"),
-    ],
-)
-def test_immutable_once_started(change: dict[str, Any], field: str) -> None:
-    old = validation.parse_spec(base()["spec"])
-    new = spec_with(**change)
-    assert [p.partition(":")[0] for p in validation.immutable_changes(old, new, STARTED)] == [field]
-    if field != "spec.rounds":
-        assert validation.immutable_changes(old, new, api.FederatedFineTuneStatus()) == []
-
-
-def test_client_names_immutable_but_their_data_may_change() -> None:
-    old = validation.parse_spec(base()["spec"])
-    body = base()["spec"]
-    body["clients"][0]["dataUri"] = "s3://elsewhere/a.jsonl"
-    assert validation.immutable_changes(old, validation.parse_spec(body), STARTED) == []
-    body["clients"][1]["name"] = "renamed"
-    problems = validation.immutable_changes(old, validation.parse_spec(body), STARTED)
-    assert problems == ["spec.clients: immutable once the run has started"]
-
-
-def test_started_means_start_time_or_past_round_zero() -> None:
-    assert not validation.is_started(api.FederatedFineTuneStatus())
-    assert not validation.is_started(api.FederatedFineTuneStatus(current_round=0))
-    assert validation.is_started(api.FederatedFineTuneStatus(current_round=1))
-    assert validation.is_started(STARTED.model_copy(update={"current_round": 0}))
-
-
-# --------------------------------------------------------------------------------------------
 # Pod settings merge and the storage location of a task
 # --------------------------------------------------------------------------------------------
 
