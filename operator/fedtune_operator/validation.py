@@ -28,7 +28,14 @@ from fedtune_operator.api.spec import FederatedFineTuneSpec, PodSettings, PodTem
 from fedtune_operator.api.status import FederatedFineTuneStatus
 from fedtune_operator.rounds import clients_per_round
 from fedtune_trainer.wire.contract import AWS_CREDENTIAL_ENV, RESERVED_ENV_PREFIX, RESERVED_PREFIX
-from fedtune_trainer.wire.settings import SCAFFOLD_ALGORITHMS, Model, lora_mode_problems
+from fedtune_trainer.wire.settings import (
+    KRUM_ALGORITHMS,
+    KRUM_QUORUM,
+    SCAFFOLD_ALGORITHMS,
+    Model,
+    krum_min_clients,
+    lora_mode_problems,
+)
 
 # --------------------------------------------------------------------------------------------
 # Parsing
@@ -172,13 +179,6 @@ def validate_run_name(name: str) -> list[str]:
     return []
 
 
-def krum_minimum(byzantine_clients: int) -> int:
-    """The clients a krum/multiKrum round needs to tolerate f faulty ones: Blanchard et al.'s
-    n > 2f + 2. The aggregator refuses a round with fewer valid deltas; a run that can never
-    select that many is refused here, before it spends a round of training to find out."""
-    return 2 * byzantine_clients + 3
-
-
 def _drift_problems(spec: FederatedFineTuneSpec) -> list[str]:
     """SCAFFOLD needs every accepted client in a mean (its control update averages all their
     control changes) and no DP noise (the control changes are neither clipped nor noised, so
@@ -208,7 +208,7 @@ def validate_spec(spec: FederatedFineTuneSpec, *, name: str | None = None) -> li
     """Every rule that spans fields, as "<field path>: <problem>" lines (empty when valid).
 
     Mirrors the CRD's CEL rules (client names unique, quorum and clientsPerRound against the
-    clients, krum's 2f + 3 clients per round, endpoint only for s3://, reserved env names and
+    clients, krum's quorum (`krum_min_clients`), endpoint only for s3://, reserved env names and
     label keys, the run name when given), and adds what the CRD leaves to the operator:
 
     * with storage.cleanupPolicy Delete, no data, model or tokenizer may lie under storage.uri,
@@ -255,12 +255,14 @@ def validate_spec(spec: FederatedFineTuneSpec, *, name: str | None = None) -> li
         if c.adapter is not None and c.adapter.r is not None and c.adapter.r != spec.adapter.r
     }
     problems += lora_mode_problems(spec.aggregation, spec.adapter, spec.privacy, ranks, "spec.")
-    if agg.algorithm in ("krum", "multiKrum") and selected < krum_minimum(agg.byzantine_clients):
+    # A run that can never select krum's quorum is refused here, before it spends a round of
+    # training to have the aggregator refuse it.
+    krum_needs = krum_min_clients(agg.byzantine_clients)
+    if agg.algorithm in KRUM_ALGORITHMS and selected < krum_needs:
         problems.append(
             f"spec.aggregation.byzantineClients: {agg.algorithm} with byzantineClients "
-            f"{agg.byzantine_clients} needs at least 2f + 3 = "
-            f"{krum_minimum(agg.byzantine_clients)} clients per round, but the run selects "
-            f"{selected}"
+            f"{agg.byzantine_clients} needs at least {KRUM_QUORUM} = {krum_needs} clients per "
+            f"round, but the run selects {selected}"
         )
     problems += _drift_problems(spec)
 
@@ -285,29 +287,4 @@ def validate_spec(spec: FederatedFineTuneSpec, *, name: str | None = None) -> li
                     f"{path}: {uri} lies under spec.storage.uri, which cleanupPolicy Delete "
                     "removes with the run"
                 )
-    return problems
-
-
-def is_started(status: FederatedFineTuneStatus) -> bool:
-    """The run has started (see STARTED_CEL): from now on IMMUTABLE_ONCE_STARTED holds."""
-    return status.start_time is not None or (status.current_round or 0) > 0
-
-
-def immutable_changes(
-    old: FederatedFineTuneSpec, new: FederatedFineTuneSpec, status: FederatedFineTuneStatus
-) -> list[str]:
-    """The changes from `old` to `new` that ROOT_RULES forbid, given the run's status."""
-    problems = []
-    if status.current_round is not None and new.rounds < status.current_round:
-        problems.append("spec.rounds: cannot go below status.currentRound")
-    if not is_started(status):
-        return problems
-    pairs = [
-        ("spec.baseModel", old.base_model, new.base_model),
-        ("spec.tokenizer", old.tokenizer, new.tokenizer),
-        ("spec.adapter", old.adapter, new.adapter),
-        ("spec.storage.uri", old.storage.uri, new.storage.uri),
-        ("spec.clients", [c.name for c in old.clients], [c.name for c in new.clients]),
-    ]
-    problems += [f"{path}: immutable once the run has started" for path, a, b in pairs if a != b]
     return problems

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from fedtune_trainer.wire.settings import krum_min_clients
+
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
 EXAMPLE_NAMES = ("minimal", "full", "demo", "demo-smollm2")
@@ -95,6 +97,12 @@ def _clients(n: int, **aggregation: Any) -> Callable[[dict[str, Any]], None]:
         body["spec"]["aggregation"] = aggregation
 
     return change
+
+
+_KRUM_F2_SHORT = (krum_min_clients(2) - 1) / 10
+"""A client fraction of 10 clients that selects one client fewer than krum's quorum for f = 2.
+The krum cases take the quorum from `krum_min_clients`, so that the CRD and the operator are
+held to the one statement of the rule."""
 
 
 INVALID: tuple[Invalid, ...] = (
@@ -190,13 +198,13 @@ INVALID: tuple[Invalid, ...] = (
     ),
     Invalid(
         "krum-with-fewer-than-2f-plus-3-clients",
-        _spec(aggregation={"algorithm": "krum"}),
+        _clients(krum_min_clients(1) - 1, algorithm="krum"),
         "spec.aggregation.byzantineClients",
     ),
     Invalid(
         "multi-krum-with-too-small-a-client-fraction",
         # 0.6 x 10 = 6 clients per round, one short of 2 x 2 + 3.
-        _clients(10, algorithm="multiKrum", byzantineClients=2, clientFraction=0.6),
+        _clients(10, algorithm="multiKrum", byzantineClients=2, clientFraction=_KRUM_F2_SHORT),
         "spec.aggregation.byzantineClients",
     ),
     Invalid(
@@ -286,16 +294,28 @@ VALID_EDGES: tuple[Invalid, ...] = (
     Invalid("fraction-float-error", _clients(30, minClients=3, clientFraction=0.1), ""),
     Invalid("quorum-one-with-tiny-fraction", _clients(3, minClients=1, clientFraction=0.01), ""),
     Invalid("clients-per-round-equals-count", _clients(4, clientsPerRound=4), ""),
-    Invalid("krum-with-2f-plus-3-clients", _clients(5, algorithm="krum"), ""),
-    Invalid("krum-tolerating-none-with-3", _clients(3, algorithm="krum", byzantineClients=0), ""),
+    Invalid("krum-with-2f-plus-3-clients", _clients(krum_min_clients(1), algorithm="krum"), ""),
+    Invalid(
+        "krum-tolerating-none-with-3",
+        _clients(krum_min_clients(0), algorithm="krum", byzantineClients=0),
+        "",
+    ),
     Invalid(
         "multi-krum-with-2f-plus-3-per-round",
-        _clients(8, algorithm="multiKrum", byzantineClients=2, clientsPerRound=7),
+        _clients(
+            krum_min_clients(2) + 1,
+            algorithm="multiKrum",
+            byzantineClients=2,
+            clientsPerRound=krum_min_clients(2),
+        ),
         "",
     ),
     Invalid(
         "multi-krum-fraction-rounded-up-to-2f-plus-3",
-        _clients(10, algorithm="multiKrum", byzantineClients=2, clientFraction=0.61),
+        # 0.61 x 10 = 6.1 is 7 clients per round.
+        _clients(
+            10, algorithm="multiKrum", byzantineClients=2, clientFraction=_KRUM_F2_SHORT + 0.01
+        ),
         "",
     ),
     Invalid("forty-character-client-name", _client(0, name="c" * 40), ""),
@@ -303,3 +323,17 @@ VALID_EDGES: tuple[Invalid, ...] = (
     Invalid("noise-with-clip-norm", _spec(privacy={"noiseMultiplier": 1.0, "clipNorm": 0.5}), ""),
 )
 """Valid manifests at the edge of a rule (reusing the case shape, with no field to name)."""
+
+
+IMMUTABLE_CHANGES: tuple[tuple[str, Any, str], ...] = (
+    ("merge", {"spec": {"baseModel": "org/other-model"}}, "spec.baseModel"),
+    ("merge", {"spec": {"tokenizer": "org/other-tokenizer"}}, "spec.tokenizer"),
+    ("merge", {"spec": {"adapter": {"r": 16}}}, "spec.adapter"),
+    ("merge", {"spec": {"storage": {"uri": "s3://elsewhere/run"}}}, "spec.storage.uri"),
+    ("json", [{"op": "replace", "path": "/spec/clients/1/name", "value": "c"}], "spec.clients"),
+    ("json", [{"op": "remove", "path": "/spec/clients/1"}], "spec.clients"),
+    ("merge", {"spec": {"rounds": 1}}, "spec.rounds"),
+)
+"""Changes to a started run (`kubectl patch --type`, the patch) that the API server refuses,
+each with the field its message must name: at least one for every row of
+api.IMMUTABLE_ONCE_STARTED, and spec.rounds below status.currentRound."""

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from fedtune_operator import api, manifests, validation
-from fedtune_trainer.wire import contract
+from fedtune_trainer.wire import contract, settings
 from fedtune_trainer.wire.settings import StorageLocation
 from tests.api.api_cases import (
     EXAMPLE_NAMES,
@@ -209,6 +209,21 @@ def test_message_says_what_is_wrong(change: dict[str, Any], expected: str) -> No
     with pytest.raises(validation.SpecError) as err:
         validation.parse_spec(body)
     assert expected in str(err.value)
+
+
+@pytest.mark.parametrize(("byzantine", "quorum"), [(0, 3), (1, 5), (2, 7), (300, 603)])
+def test_krum_quorum_is_2f_plus_3(byzantine: int, quorum: int) -> None:
+    """The one statement of the rule (the CRD, the operator and the aggregator use it)."""
+    assert settings.krum_min_clients(byzantine) == quorum
+    assert settings.KRUM_QUORUM == "2f + 3"
+
+
+def test_krum_message_names_the_rule_and_the_numbers() -> None:
+    spec = spec_with(aggregation={"algorithm": "multiKrum", "byzantineClients": 2})
+    assert validation.validate_spec(spec) == [
+        "spec.aggregation.byzantineClients: multiKrum with byzantineClients 2 needs at least "
+        "2f + 3 = 7 clients per round, but the run selects 2"
+    ]
 
 
 def test_missing_field_is_named() -> None:
@@ -428,50 +443,6 @@ def test_reserved_annotation_prefix() -> None:
 )
 def test_run_name(name: str, ok: bool) -> None:
     assert (validation.validate_run_name(name) == []) is ok
-
-
-# --------------------------------------------------------------------------------------------
-# Immutability once started
-# --------------------------------------------------------------------------------------------
-
-STARTED = api.FederatedFineTuneStatus.model_validate(
-    {"startTime": "2025-01-01T00:00:00Z", "currentRound": 2}
-)
-
-
-@pytest.mark.parametrize(
-    ("change", "field"),
-    [
-        ({"baseModel": "org/other"}, "spec.baseModel"),
-        ({"tokenizer": "org/other"}, "spec.tokenizer"),
-        ({"adapter": {"r": 16}}, "spec.adapter"),
-        ({"storage": {"uri": "s3://elsewhere/run"}}, "spec.storage.uri"),
-        ({"rounds": 1}, "spec.rounds"),
-    ],
-)
-def test_immutable_once_started(change: dict[str, Any], field: str) -> None:
-    old = validation.parse_spec(base()["spec"])
-    new = spec_with(**change)
-    assert [p.partition(":")[0] for p in validation.immutable_changes(old, new, STARTED)] == [field]
-    if field != "spec.rounds":
-        assert validation.immutable_changes(old, new, api.FederatedFineTuneStatus()) == []
-
-
-def test_client_names_immutable_but_their_data_may_change() -> None:
-    old = validation.parse_spec(base()["spec"])
-    body = base()["spec"]
-    body["clients"][0]["dataUri"] = "s3://elsewhere/a.jsonl"
-    assert validation.immutable_changes(old, validation.parse_spec(body), STARTED) == []
-    body["clients"][1]["name"] = "renamed"
-    problems = validation.immutable_changes(old, validation.parse_spec(body), STARTED)
-    assert problems == ["spec.clients: immutable once the run has started"]
-
-
-def test_started_means_start_time_or_past_round_zero() -> None:
-    assert not validation.is_started(api.FederatedFineTuneStatus())
-    assert not validation.is_started(api.FederatedFineTuneStatus(current_round=0))
-    assert validation.is_started(api.FederatedFineTuneStatus(current_round=1))
-    assert validation.is_started(STARTED.model_copy(update={"current_round": 0}))
 
 
 # --------------------------------------------------------------------------------------------

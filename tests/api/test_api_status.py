@@ -10,9 +10,48 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedtune_operator import api, status_updates, validation
+from fedtune_trainer.wire import results
 
 T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
 T1 = T0 + timedelta(minutes=5)
+
+
+# status.history's fields that are the aggregator's round record's, and the record's names.
+FROM_ROUND_RECORD = [
+    ("round", "round"),
+    ("clients_succeeded", "accepted"),
+    ("rejected", "rejected"),
+    ("train_loss", "train_loss"),
+    ("eval_loss", "eval_loss"),
+    ("bytes_received", "bytes_received"),
+    ("truncation_error", "truncation_error"),
+    ("epsilon", "epsilon"),
+]
+
+
+def field_schema(model: type[api.StatusModel] | type[results.RoundRecord], field: str) -> dict:
+    """A field's JSON schema: its type, bounds, default and description, not its title."""
+    alias = model.model_fields[field].alias or field
+    schema = dict(model.model_json_schema(by_alias=True)["properties"][alias])
+    schema.pop("title", None)
+    return schema
+
+
+@pytest.mark.parametrize(("field", "source"), FROM_ROUND_RECORD)
+def test_history_fields_are_the_round_records(field: str, source: str) -> None:
+    """One account of a round: status.history states what results.RoundRecord states, with the
+    same type, default and description, and at most a tighter bound (round <= MAX_ROUNDS)."""
+    ours = field_schema(api.RoundRecord, field)
+    theirs = field_schema(results.RoundRecord, source)
+    assert ours.pop("maximum", None) in (None, api.MAX_ROUNDS)
+    assert ours == theirs
+
+
+def test_history_has_only_the_round_records_fields_and_the_operators() -> None:
+    """A field added to the history entry either comes from the round record or is the
+    operator's own observation of the round's Jobs."""
+    operators = {"attempt", "started_at", "completed_at", "clients_failed"}
+    assert set(api.RoundRecord.model_fields) == {f for f, _ in FROM_ROUND_RECORD} | operators
 
 
 def test_new_condition_is_appended_with_now() -> None:

@@ -15,7 +15,15 @@ import yaml
 
 from devcluster.testing import DevCluster
 from fedtune_operator import api, status_updates, validation
-from tests.api.api_cases import EXAMPLE_NAMES, INVALID, VALID_EDGES, Invalid, base, example
+from tests.api.api_cases import (
+    EXAMPLE_NAMES,
+    IMMUTABLE_CHANGES,
+    INVALID,
+    VALID_EDGES,
+    Invalid,
+    base,
+    example,
+)
 from tests.api.test_api_status import full_status
 
 pytestmark = pytest.mark.e2e
@@ -70,13 +78,16 @@ def test_manifest_at_the_edge_of_a_rule_is_accepted(
     assert result.returncode == 0, result.stderr
 
 
-def started(dc: DevCluster, ns: str) -> str:
-    """A run whose status says it has started (as the operator would have written it)."""
+STARTED = {"startTime": "2025-01-01T00:00:00Z", "currentRound": 2, "phase": "Running"}
+
+
+def started(dc: DevCluster, ns: str, status: dict[str, Any] = STARTED) -> str:
+    """A run with this status (by default one that has started, as the operator would have
+    written it)."""
     body = unique(base())
     result = create(dc, ns, body, dry_run=False)
     assert result.returncode == 0, result.stderr
     name = body["metadata"]["name"]
-    status = {"startTime": "2025-01-01T00:00:00Z", "currentRound": 2, "phase": "Running"}
     dc.kubectl(
         "patch", "fft", name, "-n", ns, "--subresource=status", "--type=merge",
         "-p", json.dumps({"status": status}),
@@ -88,17 +99,6 @@ def patch(dc: DevCluster, ns: str, name: str, kind: str, body: Any) -> Any:
     return dc.kubectl(
         "patch", "fft", name, "-n", ns, f"--type={kind}", "-p", json.dumps(body), check=False
     )
-
-
-IMMUTABLE_CHANGES = [
-    ("merge", {"spec": {"baseModel": "org/other-model"}}, "spec.baseModel"),
-    ("merge", {"spec": {"tokenizer": "org/other-tokenizer"}}, "spec.tokenizer"),
-    ("merge", {"spec": {"adapter": {"r": 16}}}, "spec.adapter"),
-    ("merge", {"spec": {"storage": {"uri": "s3://elsewhere/run"}}}, "spec.storage.uri"),
-    ("json", [{"op": "replace", "path": "/spec/clients/1/name", "value": "c"}], "spec.clients"),
-    ("json", [{"op": "remove", "path": "/spec/clients/1"}], "spec.clients"),
-    ("merge", {"spec": {"rounds": 1}}, "spec.rounds"),
-]
 
 
 @pytest.mark.parametrize(("kind", "change", "field"), IMMUTABLE_CHANGES, ids=lambda v: str(v)[:30])
@@ -121,6 +121,25 @@ def test_immutable_fields_may_change_before_the_start(
         if field != "spec.rounds":
             result = patch(devcluster, namespace, name, kind, change)
             assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("status", "is_started"),
+    [
+        ({"startTime": "2025-01-01T00:00:00Z", "currentRound": 0}, True),
+        ({"startTime": "2025-01-01T00:00:00Z"}, True),
+        ({"currentRound": 1}, True),
+        ({"currentRound": 0, "phase": "Pending"}, False),
+        ({"phase": "Pending"}, False),
+    ],
+)
+def test_started_means_start_time_or_past_round_zero(
+    devcluster: DevCluster, namespace: str, status: dict[str, Any], is_started: bool
+) -> None:
+    """api.STARTED_CEL: the rules bind once the operator set startTime, or past round 0."""
+    name = started(devcluster, namespace, status)
+    result = patch(devcluster, namespace, name, "merge", {"spec": {"baseModel": "org/other"}})
+    assert (result.returncode != 0) is is_started, result.stderr
 
 
 def test_a_started_run_takes_other_changes(devcluster: DevCluster, namespace: str) -> None:

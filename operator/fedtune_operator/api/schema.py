@@ -8,6 +8,7 @@ these; nothing here knows about a run.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -187,6 +188,12 @@ def _four_digits(value: float) -> float:
 
 Loss = Annotated[float, Field(allow_inf_nan=False), AfterValidator(_four_digits)]
 Count = Annotated[int, Field(ge=0)]
+
+
+def cel_strings(values: Iterable[str]) -> str:
+    """A CEL list literal of strings, so that a rule tests membership in the Python tuple the
+    operator uses rather than in a copy of it."""
+    return "[" + ", ".join(f"'{v}'" for v in values) + "]"
 
 
 def cel(

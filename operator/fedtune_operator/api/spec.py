@@ -9,12 +9,13 @@ written once.
 
 Rules that span fields live beside the models they guard as CEL; `validation.py` checks the same
 rules again in the operator (Helm never upgrades a CRD, so the installed schema may be older than
-the operator).
+the operator). The rules on a change (ROOT_RULES: what is immutable once a run has started) need
+the old object and are the API server's alone.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import ConfigDict, Field
 
@@ -32,10 +33,14 @@ from fedtune_operator.api.schema import (
     SecretKey,
     StorageUri,
     cel,
+    cel_strings,
     k8s_extensions,
     map_list,
 )
 from fedtune_trainer.wire.settings import (
+    KRUM_ALGORITHMS,
+    KRUM_CLIENTS_PER_FAULTY,
+    KRUM_EXTRA_CLIENTS,
     AdapterSpec,
     AggregationSpec,
     ClientName,
@@ -217,16 +222,20 @@ _SELECTED = (
     ": size(self.clients))"
 )
 _BYZANTINE = "(has(self.aggregation.byzantineClients) ? self.aggregation.byzantineClients : 1)"
+_KRUM_MIN = f"({KRUM_CLIENTS_PER_FAULTY} * {_BYZANTINE} + {KRUM_EXTRA_CLIENTS})"
+"""`krum_min_clients` in CEL, from the same constants."""
 _KRUM_CEL = (
-    "!has(self.aggregation.algorithm) || !(self.aggregation.algorithm in ['krum', 'multiKrum']) "
-    # With clientFraction: ceil(fraction x clients) >= 2f + 3, with rounds.clients_per_round's
+    "!has(self.aggregation.algorithm) "
+    f"|| !(self.aggregation.algorithm in {cel_strings(KRUM_ALGORITHMS)}) "
+    # With clientFraction: ceil(fraction x clients) >= minimum, with rounds.clients_per_round's
     # epsilon (ceil(x) >= k is x > k - 1).
     "|| (has(self.aggregation.clientFraction) "
     "? self.aggregation.clientFraction * double(size(self.clients)) - 1e-9 "
-    f"> double(2 * {_BYZANTINE} + 2) "
-    f": {_SELECTED} >= 2 * {_BYZANTINE} + 3)"
+    f"> double({_KRUM_MIN} - 1) "
+    f": {_SELECTED} >= {_KRUM_MIN})"
 )
-"""Krum's n >= 2f + 3 against the clients selected per round (validation.krum_minimum)."""
+"""Krum's quorum (`fedtune_trainer.wire.settings.krum_min_clients`) against the clients selected
+per round."""
 
 
 class FederatedFineTuneSpec(Model):
@@ -257,9 +266,7 @@ class FederatedFineTuneSpec(Model):
         json_schema_extra=map_list(
             "name",
             cel(
-                "self.all(c, !(c.name in ["
-                + ", ".join(f"'{n}'" for n in RESERVED_CLIENT_NAMES)
-                + "]))",
+                f"self.all(c, !(c.name in {cel_strings(RESERVED_CLIENT_NAMES)}))",
                 "client names "
                 + " and ".join(RESERVED_CLIENT_NAMES)
                 + " are reserved for the aggregator's and the evaluation's Jobs",
@@ -340,7 +347,8 @@ class FederatedFineTuneSpec(Model):
             ),
             cel(
                 _KRUM_CEL,
-                "krum and multiKrum need at least 2 x byzantineClients + 3 clients per round",
+                f"{' and '.join(KRUM_ALGORITHMS)} need at least {KRUM_CLIENTS_PER_FAULTY} x "
+                f"byzantineClients + {KRUM_EXTRA_CLIENTS} clients per round",
                 field_path=".aggregation.byzantineClients",
             ),
         )
@@ -358,39 +366,46 @@ STARTED_CEL = (
 """A run has started once the operator set status.startTime (or is past round 0)."""
 
 
-def _immutable(expr_new: str, expr_old: str, path: str) -> dict[str, str]:
-    return cel(
-        f"!({STARTED_CEL}) || {expr_new} == {expr_old}",
-        f"{path} is immutable once the run has started",
-        field_path=f".{path}",
-        reason="FieldValueForbidden",
-    )
+class Immutable(NamedTuple):
+    """A part of the spec that may not change once the run has started: one row of the table
+    that the CRD's immutability rules are generated from."""
+
+    path: str
+    """Where the API server reports a change, e.g. spec.baseModel."""
+    value: str
+    """Its CEL value on `{o}` (self, then oldSelf); the rule holds when the two are equal."""
+    message: str = ""
+    """The API server's message, where "<path> is immutable once the run has started" would not
+    say what is meant."""
+
+    def rule(self) -> dict[str, str]:
+        """The CEL rule: unchanged, or the run has not started."""
+        new, old = self.value.format(o="self"), self.value.format(o="oldSelf")
+        return cel(
+            f"!({STARTED_CEL}) || {new} == {old}",
+            self.message or f"{self.path} is immutable once the run has started",
+            field_path=f".{self.path}",
+            reason="FieldValueForbidden",
+        )
 
 
-IMMUTABLE_ONCE_STARTED = (
-    "spec.baseModel",
-    "spec.tokenizer",
-    "spec.adapter",
-    "spec.storage.uri",
-    "spec.clients[*].name",
+IMMUTABLE_ONCE_STARTED: tuple[Immutable, ...] = (
+    Immutable("spec.baseModel", "{o}.spec.baseModel"),
+    Immutable("spec.tokenizer", "(has({o}.spec.tokenizer) ? {o}.spec.tokenizer : '')"),
+    Immutable("spec.adapter", "{o}.spec.adapter"),
+    Immutable("spec.storage.uri", "{o}.spec.storage.uri"),
+    # A client's data and pod settings may change; its name is its Jobs', keys' and state's.
+    Immutable(
+        "spec.clients",
+        "{o}.spec.clients.map(c, c.name)",
+        "the client names (in order) are immutable once the run has started",
+    ),
 )
+"""What may not change once a run has started: the API server enforces it through ROOT_RULES
+(the operator keeps no copy; tests/api/test_crd_apiserver.py checks every row on a real one)."""
 
 ROOT_RULES: tuple[dict[str, str], ...] = (
-    _immutable("self.spec.baseModel", "oldSelf.spec.baseModel", "spec.baseModel"),
-    _immutable(
-        "(has(self.spec.tokenizer) ? self.spec.tokenizer : '')",
-        "(has(oldSelf.spec.tokenizer) ? oldSelf.spec.tokenizer : '')",
-        "spec.tokenizer",
-    ),
-    _immutable("self.spec.adapter", "oldSelf.spec.adapter", "spec.adapter"),
-    _immutable("self.spec.storage.uri", "oldSelf.spec.storage.uri", "spec.storage.uri"),
-    cel(
-        f"!({STARTED_CEL}) || "
-        "self.spec.clients.map(c, c.name) == oldSelf.spec.clients.map(c, c.name)",
-        "the client names (in order) are immutable once the run has started",
-        field_path=".spec.clients",
-        reason="FieldValueForbidden",
-    ),
+    *(immutable.rule() for immutable in IMMUTABLE_ONCE_STARTED),
     cel(
         "!has(oldSelf.status) || !has(oldSelf.status.currentRound) "
         "|| self.spec.rounds >= oldSelf.status.currentRound",
@@ -398,4 +413,4 @@ ROOT_RULES: tuple[dict[str, str], ...] = (
         field_path=".spec.rounds",
     ),
 )
-"""CEL rules on the whole object (the CRD's root schema). `immutable_changes` mirrors them."""
+"""CEL rules on the whole object (the CRD's root schema)."""

@@ -6,9 +6,9 @@ a status (conditions flipping together, history kept bounded) are in `status_upd
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, create_model
 
 from fedtune_operator.api.schema import (
     CONDITION_TYPE_PATTERN,
@@ -23,6 +23,7 @@ from fedtune_operator.api.schema import (
     k8s_extensions,
     map_list,
 )
+from fedtune_trainer.wire import results
 from fedtune_trainer.wire.settings import ClientName, Model, Uri
 
 # --------------------------------------------------------------------------------------------
@@ -71,32 +72,48 @@ class Condition(StatusModel):
     )
 
 
-class RoundRecord(StatusModel):
+def _recorded(name: str, narrower: Any = None, *bounds: Any) -> tuple[Any, Any]:
+    """A `status.history` field taken from the aggregator's round record
+    (`results.RoundRecord.<name>`): its type, bounds, default and description, so that the
+    operator's account of a round cannot drift from the aggregator's. `narrower` replaces the type
+    by a narrower one, `bounds` add bounds (both what status and the CRD need, never a change of
+    meaning)."""
+    source = results.RoundRecord.model_fields[name]
+    metadata = (*source.metadata, *bounds)
+    kind = narrower or source.annotation
+    return (
+        Annotated[(kind, *metadata)] if metadata else kind,
+        Field(source.default, description=source.description),
+    )
+
+
+_RecordedRound = create_model(
+    "_RecordedRound",
+    __base__=StatusModel,
+    round=_recorded("round", None, Field(le=MAX_ROUNDS)),
+    clients_succeeded=_recorded("accepted"),
+    rejected=_recorded("rejected"),
+    train_loss=_recorded("train_loss", Loss | None),
+    eval_loss=_recorded("eval_loss", Loss | None),
+    bytes_received=_recorded("bytes_received"),
+    truncation_error=_recorded("truncation_error"),
+    epsilon=_recorded("epsilon"),
+)
+"""The part of a history entry that is the aggregator's round record, derived from it field by
+field (the operator copies the values in `engine.record_aggregate`; the evaluation Job's loss
+fills evalLoss later). clientsSucceeded is the record's `accepted`: the clients whose delta was
+merged."""
+
+
+class RoundRecord(_RecordedRound):
     """What happened in one round (the latest attempt of it)."""
 
-    round: int = Field(ge=0, le=MAX_ROUNDS, description="The round.")
     attempt: int = Field(0, ge=0, le=1000, description="Retries of this round before this one.")
     started_at: Timestamp | None = Field(
         None, description="When the round's first Job was created."
     )
     completed_at: Timestamp | None = Field(None, description="When its aggregation finished.")
-    clients_succeeded: Count = Field(0, description="Client Jobs that uploaded a delta.")
     clients_failed: Count = Field(0, description="Client Jobs that failed for good.")
-    rejected: Count = Field(0, description="Deltas the aggregator refused.")
-    train_loss: Loss | None = Field(None, description="Sample-weighted mean of the clients'.")
-    eval_loss: Loss | None = Field(
-        None, description="Loss of the new global adapter on held-out data."
-    )
-    bytes_received: Count = Field(0, description="Encoded delta bytes the aggregator read.")
-    truncation_error: float | None = Field(
-        None,
-        ge=0,
-        description="aggregation.lora exact: relative Frobenius norm of what the rank-r "
-        "truncation dropped, over all layers.",
-    )
-    epsilon: float | None = Field(
-        None, ge=0, description="Client-level DP: epsilon spent through this round, at delta."
-    )
 
 
 class ClientStatus(StatusModel):

@@ -20,6 +20,7 @@ from fedtune_trainer.aggregation.bounds import check_weight
 from fedtune_trainer.aggregation.intake import Accepted
 from fedtune_trainer.aggregation.robust import krum_select, pairwise_distances, robust_reduce
 from fedtune_trainer.wire.errors import QuorumError
+from fedtune_trainer.wire.settings import KRUM_QUORUM, krum_min_clients
 from fedtune_trainer.wire.task import AggregateTask
 
 Log = Callable[[str], None]
@@ -149,10 +150,10 @@ def reduce_krum(
     """Step 3 for krum/multiKrum: select by distances, then the unweighted mean of the selected."""
     spec, n = task.aggregation, len(accepted)
     f = spec.byzantine_clients
-    if n < 2 * f + 3:
+    if n < (need := krum_min_clients(f)):
         raise QuorumError(
             f"round {task.round}: {spec.algorithm} with byzantineClients {f} needs at least "
-            f"{2 * f + 3} valid deltas, got {n}"
+            f"{KRUM_QUORUM} = {need} valid deltas, got {n}"
         )
     m = 1 if spec.algorithm == "krum" else (spec.multi_krum_selected or n - f)
     chosen = set(krum_select(pairwise_distances(accepted, shapes), f, m))

@@ -5,7 +5,8 @@ writes it as `rounds/<r>/metrics.json`, the run report renders it, and the aggre
 termination message carries it to the operator, which maps it into `status.history`. Its counts
 (`accepted`, `rejected`) are fields of their own, not the lengths of its lists, so that cutting a
 list to fit the kubelet's 4 KiB termination message can never change a number the operator
-records or a metric it exports.
+records or a metric it exports. The history's fields that come from here take their types,
+bounds and descriptions from here (`fedtune_operator.api.status`): write them for both readers.
 
 Torch-free, like task.py: the operator imports it.
 """
@@ -95,12 +96,14 @@ class RoundRecord(Model):
     """One aggregation round: its true counts, losses and bytes, and the per-client detail."""
 
     run: str
-    round: int = Field(ge=0)
+    round: int = Field(ge=0, description="The round; 0 writes the initial adapter.")
     algorithm: Algorithm
-    accepted: int = Field(0, ge=0, description="Deltas merged.")
-    rejected: int = Field(0, ge=0, description="Deltas refused.")
+    accepted: int = Field(0, ge=0, description="Client deltas merged into the new adapter.")
+    rejected: int = Field(0, ge=0, description="Client deltas the aggregator refused.")
     train_loss: float | None = Field(None, description="Sample-weighted mean of the clients'.")
-    eval_loss: float | None = Field(None, description="The new global on held-out data.")
+    eval_loss: float | None = Field(
+        None, description="Loss of the new global adapter on held-out data."
+    )
     bytes_received: int = Field(0, ge=0, description="Encoded bytes of the merged deltas.")
     raw_bytes: int = Field(0, ge=0, description="The merged deltas as dense fp32.")
     adapter_bytes: int | None = Field(None, ge=0, description="The published adapter's weights.")

@@ -199,6 +199,23 @@ c += |S|/N mean(dc_i) assumes (a median or Krum's selection would drop some delt
 their control changes)."""
 
 
+KRUM_CLIENTS_PER_FAULTY = 2
+KRUM_EXTRA_CLIENTS = 3
+KRUM_QUORUM = f"{KRUM_CLIENTS_PER_FAULTY}f + {KRUM_EXTRA_CLIENTS}"
+"""Krum's quorum, n >= 2f + 3 for f faulty clients, as people read it in messages and docs."""
+
+
+def krum_min_clients(byzantine_clients: int) -> int:
+    """The deltas a krum/multiKrum round needs to tolerate `byzantine_clients` faulty ones.
+
+    Blanchard et al. (NeurIPS 2017) prove Krum resilient for n > 2f + 2: each delta's score sums
+    its distances to its n - f - 2 nearest others, which must outnumber the faulty ones. The one
+    statement of the rule: the aggregator refuses a round with fewer deltas, the operator a run
+    that selects fewer clients, and the CRD's CEL rule is generated from the same constants.
+    """
+    return KRUM_CLIENTS_PER_FAULTY * byzantine_clients + KRUM_EXTRA_CLIENTS
+
+
 class AggregationSpec(Model):
     algorithm: Algorithm = Field(
         "fedavg",
@@ -260,7 +277,7 @@ class AggregationSpec(Model):
         ge=0,
         le=300,
         description="krum/multiKrum: f, the faulty clients tolerated; a round needs at least "
-        "2f + 3 accepted deltas.",
+        f"{KRUM_QUORUM} accepted deltas.",
     )
     multi_krum_selected: int | None = Field(
         None,
