@@ -188,11 +188,11 @@ def test_a_failing_report_does_not_fail_the_round(
 @pytest.fixture
 def s3_run(s3) -> st.Store:
     """A run root in a fresh bucket of the real S3 server."""
-    bucket = s3.bucket(f"report-{uuid.uuid4().hex[:10]}")
+    bucket = s3.bucket(f"report-{uuid.uuid4().hex[:10]}")  # s3://<name>
     settings = st.S3Settings(
         endpoint=s3.endpoint, access_key_id=s3.access_key, secret_access_key=s3.secret_key
     )
-    return open_store(f"s3://{bucket}/runs/r1", settings)
+    return open_store(f"{bucket}/runs/r1", settings)
 
 
 def report_command(s3, *args: str) -> subprocess.CompletedProcess[str]:
