@@ -116,13 +116,19 @@ class DevCluster:
         return config.new_client_from_config(config_file=str(self.kubeconfig))
 
     def apply_crds(self) -> None:
+        """Apply the CRDs and wait until the API server serves them. Not `kubectl wait
+        --for=condition=Established`: on a CRD whose status has no conditions yet it fails at
+        once ("<nil> is of the type <nil>") instead of waiting."""
         self.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO_ROOT / "crds"))
-        self.kubectl(
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/federatedfinetunes.fedtune.dev",
-        )
+        established = "{.status.conditions[?(@.type=='Established')].status}"
+
+        def served() -> bool:
+            got = self.kubectl(
+                "get", "crd/federatedfinetunes.fedtune.dev", "-o", f"jsonpath={established}"
+            )
+            return got.stdout.strip() == "True"
+
+        wait_for(served, timeout=60, what="the FederatedFineTune CRD to be Established")
 
     def logs(self, lines: int = 40) -> str:
         """The controller manager's and kubelet's warnings and every recent pod log, for a
