@@ -17,6 +17,7 @@ import json
 from typing import Any
 
 from fedtune_operator.api import (
+    ClientSigning,
     FederatedFineTuneSpec,
     PodSettings,
     Resources,
@@ -49,6 +50,7 @@ from fedtune_trainer.wire.contract import (
     ROLE_CLEANUP,
     ROLE_CLIENT,
     ROLE_EVALUATOR,
+    SIGNING_KEY_ENV,
     TASK_ENV,
     TERMINATION_LOG,
     USER_ID,
@@ -133,7 +135,13 @@ def client_task(run: str, spec: FederatedFineTuneSpec, round_: int, client: str)
         data=spec.data,
         training=spec.training,
         delta=spec.delta,
+        sign=entry.signing is not None,
     )
+
+
+def client_keys(spec: FederatedFineTuneSpec, clients: list[str]) -> dict[str, str]:
+    """The pinned public keys of the signing clients among `clients`."""
+    return {c.name: c.signing.public_key for c in spec.clients if c.signing and c.name in clients}
 
 
 def aggregate_task(
@@ -151,6 +159,7 @@ def aggregate_task(
         clients=clients,
         client_weights=weights,
         min_clients=max(1, min(quorum(spec), len(clients))) if clients else 1,
+        client_keys=client_keys(spec, clients),
         aggregation=spec.aggregation,
         privacy=spec.privacy,
         delta=spec.delta,
@@ -198,6 +207,15 @@ def _secret_env(prefix: str, creds: S3Credentials | None) -> list[dict[str, Any]
             "valueFrom": {"secretKeyRef": {"name": creds.name, "key": creds.secret_access_key_key}},
         },
     ]
+
+
+def _signing_env(signing: ClientSigning | None) -> list[dict[str, Any]]:
+    """The client's private signing key, in its own pods alone (a secretKeyRef: the operator
+    never reads it)."""
+    if signing is None:
+        return []
+    ref = {"name": signing.secret_name, "key": signing.secret_key}
+    return [{"name": SIGNING_KEY_ENV, "valueFrom": {"secretKeyRef": ref}}]
 
 
 def security_context() -> tuple[dict[str, Any], dict[str, Any]]:
@@ -373,7 +391,10 @@ def client_job(
         # One process per GPU the client's container asks for (torch's elastic agent inside).
         command=client_command(processes_for(dump(settings.resources))),
         task_json=json.dumps(task.wire(), separators=(",", ":")),
-        extra_env=_secret_env(DATA_CREDENTIALS_PREFIX, data_creds),
+        extra_env=[
+            *_secret_env(DATA_CREDENTIALS_PREFIX, data_creds),
+            *_signing_env(entry.signing),
+        ],
         uris=(spec.base_model, spec.tokenizer, entry.data_uri),
         backoff_limit=spec.backoff_limit,
         cache=cache_volume(run, spec, client),

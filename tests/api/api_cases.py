@@ -138,6 +138,22 @@ INVALID: tuple[Invalid, ...] = (
         "client-name-reserved", _client(1, name="evaluate"), "spec.clients", "spec.clients[1].name"
     ),
     Invalid("client-name-too-long", _client(0, name="h" * 41), "spec.clients[0].name"),
+    Invalid(
+        "signing-key-not-ed25519",
+        _client(0, signing={"publicKey": "rsa:" + "A" * 48, "secretName": "a-signing"}),
+        "spec.clients[0].signing.publicKey",
+    ),
+    Invalid(
+        # 44 characters of base64 that decode to 32 bytes only when the last one's low bits are 0
+        "signing-key-not-32-bytes",
+        _client(0, signing={"publicKey": "ed25519:" + "A" * 42 + "B=", "secretName": "a-signing"}),
+        "spec.clients[0].signing.publicKey",
+    ),
+    Invalid(
+        "signing-key-without-secret",
+        _client(0, signing={"publicKey": "ed25519:" + "A" * 43 + "="}),
+        "spec.clients[0].signing.secretName",
+    ),
     Invalid("client-name-with-slash", _client(0, name="a/b"), "spec.clients[0].name"),
     Invalid("client-weight-zero", _client(0, weight=0), "spec.clients[0].weight"),
     Invalid(

@@ -140,6 +140,53 @@ def test_credentials_come_only_from_secret_references() -> None:
     assert "FEDTUNE_DATA_AWS_ACCESS_KEY_ID" not in env_of(client_job("hospital-b"))
 
 
+PUBLIC_KEY = "ed25519:" + "A" * 43 + "="
+
+
+def signing_spec() -> dict[str, Any]:
+    """SPEC with hospital-a signing (hospital-b does not)."""
+    a, b = SPEC["clients"]
+    signing = {"publicKey": PUBLIC_KEY, "secretName": "hospital-a-signing"}
+    return {**SPEC, "clients": [{**a, "signing": signing}, b]}
+
+
+def test_a_signing_key_reaches_its_own_client_alone() -> None:
+    spec = parse_spec(signing_spec())
+    job = manifests.client_job(
+        run="demo", namespace="ns", uid="u", spec=spec, round_=2, attempt=0, client="hospital-a"
+    )
+    env = env_of(job)
+    assert env["FEDTUNE_SIGNING_KEY"] == {
+        "secretKeyRef": {"name": "hospital-a-signing", "key": "signing.key"}
+    }
+    task = parse_task(env["FEDTUNE_TASK"])
+    assert isinstance(task, ClientTask)
+    assert task.sign
+    others = [
+        manifests.client_job(
+            run="demo", namespace="ns", uid="u", spec=spec, round_=2, attempt=0, client="hospital-b"
+        ),
+        manifests.aggregate_job(
+            run="demo",
+            namespace="ns",
+            uid="u",
+            spec=spec,
+            round_=2,
+            attempt=0,
+            clients=["hospital-a", "hospital-b"],
+        ),
+    ]
+    for other in others:
+        assert "FEDTUNE_SIGNING_KEY" not in env_of(other)
+        assert "hospital-a-signing" not in json.dumps(other)
+    b_task = parse_task(env_of(others[0])["FEDTUNE_TASK"])
+    assert isinstance(b_task, ClientTask)
+    assert not b_task.sign
+    aggregate = parse_task(env_of(others[1])["FEDTUNE_TASK"])
+    assert isinstance(aggregate, AggregateTask)
+    assert aggregate.client_keys == {"hospital-a": PUBLIC_KEY}
+
+
 def test_the_task_is_the_contract_the_trainer_parses() -> None:
     task = parse_task(env_of(client_job())["FEDTUNE_TASK"])
     assert isinstance(task, ClientTask)

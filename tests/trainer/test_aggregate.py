@@ -181,13 +181,13 @@ def _uncommitted(store: st.Store) -> None:
 
 def _garbage(store: st.Store) -> None:
     blob = b"\x10\x00\x00\x00\x00\x00\x00\x00" + b"not a header at all" * 3
-    meta = {"round": 1, "client": "echo", "samples": 3}
+    meta = {"run": "t", "round": 1, "client": "echo", "samples": 3}
     st.commit(store, client_prefix(1, "echo"), {DELTA_FILE: blob}, meta)
 
 
 def _bad_manifest_fields(store: st.Store) -> None:
     enc = codec.encode(random_tensors(9, 0.1), codec.DeltaSpec(dtype="fp32"))
-    meta = {"round": 1, "client": "echo", "samples": 3, "train_loss": "NaN-ish"}
+    meta = {"run": "t", "round": 1, "client": "echo", "samples": 3, "train_loss": "NaN-ish"}
     st.commit(store, client_prefix(1, "echo"), {DELTA_FILE: enc.blob}, meta)
 
 
@@ -211,7 +211,7 @@ BAD: list[tuple[str, Callable[[st.Store], None], str]] = [
     ("oversized-norm", _oversized_norm, "exceeds maxDeltaNorm"),
     ("uncommitted", _uncommitted, "no committed delta"),
     ("garbage", _garbage, "corrupt header"),
-    ("wrong-round", _wrong_round, "manifest names round 0"),
+    ("wrong-round", _wrong_round, "replayed: the manifest names run .* round 0"),
     ("bad-manifest-fields", _bad_manifest_fields, "bad train loss"),
 ]
 

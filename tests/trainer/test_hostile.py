@@ -229,12 +229,12 @@ ROWS = [
     Row(
         "wrong-round",
         _commit(encode(honest_delta(9)), round=0),
-        r"manifest names round 0 client 'wrong-round'",
+        r"replayed: the manifest names run 't' round 0 client 'wrong-round'",
     ),
     Row(
         "wrong-client",
         _commit(encode(honest_delta(9)), client="h1"),
-        r"manifest names round 1 client 'h1'",
+        r"replayed: the manifest names run 't' round 1 client 'h1'",
     ),
     Row("path-like-name", _path_like_name, r"path-like or malformed tensor name '\.\./\.\./"),
     Row("extra-tensor", _extra_tensor, r"header of \d+ bytes, above the \d+ this adapter can need"),

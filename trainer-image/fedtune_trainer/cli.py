@@ -10,6 +10,9 @@ copies into the pod status for the operator to read.
 root with the standard AWS_* credentials, or renders it from the stored round records when none is
 committed: what a person runs on a laptop (`pip install 'fedtune[trainer]'`) or with this image.
 
+`keygen --out FILE` makes a client's signing key (storage/signing.py): the private key into a
+new file of mode 0600 for the client's own Secret, the public key on stdout for the run's spec.
+
 `client --nproc-per-node N` (N > 1) trains one client on N processes, one per GPU, started by
 torch's elastic agent (launch.py); the launcher writes the termination log for all of them.
 """
@@ -26,6 +29,7 @@ from pathlib import Path
 from fedtune_trainer.wire.contract import (
     EXIT_FAILED,
     EXIT_INVALID_INPUT,
+    SIGNING_KEY_SECRET_KEY,
     SUMMARY_MAX_BYTES,
     TERMINATION_LOG,
     TERMINATION_LOG_ENV,
@@ -113,6 +117,28 @@ def without_bitsandbytes(task: AnyTask) -> None:
     adapter = getattr(task, "adapter", None)
     if adapter is None or adapter.base_quantization != "nf4":
         sys.modules.setdefault("bitsandbytes", None)
+
+
+def keygen(out: Path) -> int:
+    """`fedtune-trainer keygen`: the private key only into a new file of the user's alone."""
+    from fedtune_trainer.storage import signing
+
+    pem, public = signing.generate()
+    try:
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        print(f"fedtune-trainer keygen: {out} exists; not overwriting a key", file=sys.stderr)
+        return EXIT_FAILED
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    print(public)
+    print(
+        f"private key in {out}; give it to the client alone, e.g.\n"
+        f"  kubectl create secret generic <client>-signing "
+        f"--from-file={SIGNING_KEY_SECRET_KEY}={out}",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def run_job(kind: str) -> int:
@@ -213,6 +239,15 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--endpoint", help="S3 endpoint (spec.storage.endpoint)")
     rep.add_argument("--region", help="S3 region (spec.storage.region)")
     rep.add_argument("--out", type=Path, default=Path("report"), help="default: ./report")
+    key = sub.add_parser(
+        "keygen",
+        help="make a client's signing key: the private key into a file, the public key printed",
+        description="Writes a new Ed25519 private key (PEM, mode 0600) for a client's own Secret "
+        "and prints its public key for the run's spec.clients[].signing.publicKey.",
+    )
+    key.add_argument(
+        "--out", type=Path, default=Path(SIGNING_KEY_SECRET_KEY), help="default: ./signing.key"
+    )
     tiny = sub.add_parser("make-tiny-model", help="write a tiny Llama model and tokenizer")
     tiny.add_argument("--out", type=Path, required=True)
     tiny.add_argument("--data", type=Path, nargs="+", required=True, help="jsonl files")
@@ -241,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_job(args.command)
     if args.command == "report":
         return report(args.uri, args.endpoint, args.region, args.out)
+    if args.command == "keygen":
+        return keygen(args.out)
     if args.command == "make-tiny-model":
         from fedtune_trainer.fixtures.tiny import TinyConfig, make_tiny_model
 

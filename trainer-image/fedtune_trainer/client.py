@@ -1,7 +1,8 @@
 """`fedtune-trainer client`: one client's round r.
 
 Load the base model and global adapter r-1, train locally, encode `delta = local - global` and
-commit it to rounds/<r>/clients/<client>/ (delta.safetensors, then manifest.json).
+commit it to rounds/<r>/clients/<client>/ (delta.safetensors, then manifest.json), signed with
+the client's own key when the run pins one (storage/signing.py).
 
 Idempotent by construction: every key written is round-scoped and a rerun overwrites it, and the
 error-feedback residual is versioned by round: round r reads the newest residual written *before*
@@ -18,9 +19,10 @@ delta and reports the summary.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -39,9 +41,12 @@ from fedtune_trainer.learning.runtime import (
     seed_everything,
 )
 from fedtune_trainer.learning.training import enable_gradient_checkpointing, train
+from fedtune_trainer.storage import signing
 from fedtune_trainer.storage import store as st
 from fedtune_trainer.storage.cache import bytes_downloaded
 from fedtune_trainer.storage.locate import open_store
+from fedtune_trainer.wire.contract import SIGNING_KEY_ENV
+from fedtune_trainer.wire.errors import SettingError
 from fedtune_trainer.wire.layout import client_prefix, client_state_prefix, global_prefix
 from fedtune_trainer.wire.results import ClientSummary
 from fedtune_trainer.wire.task import ClientTask
@@ -106,11 +111,31 @@ def run(
     runtime = pick_runtime(
         task.training.precision, task.adapter.base_quantization, world.local_rank
     )
+    sign = commit_signer(task)
     world.start()
     try:
-        return _run(task, store or open_store(task.storage), log, world, runtime, start)
+        return _run(task, store or open_store(task.storage), log, world, runtime, start, sign)
     finally:
         world.stop()
+
+
+def commit_signer(
+    task: ClientTask, environ: Mapping[str, str] | None = None
+) -> Callable[[bytes], bytes] | None:
+    """What signs this client's commit when the run pins its key: its private key, from its own
+    Secret through FEDTUNE_SIGNING_KEY. A task that must sign without a usable key fails before
+    any work (exit 2: the Secret must change, a retry cannot fix it)."""
+    if not task.sign:
+        return None
+    pem = (os.environ if environ is None else environ).get(SIGNING_KEY_ENV, "")
+    if not pem.strip():
+        raise SettingError(
+            f"the run pins a signing key for {task.client}, but {SIGNING_KEY_ENV} is empty"
+        )
+    try:
+        return signing.signer(signing.load_private(pem.encode()))
+    except signing.SignatureError as e:
+        raise SettingError(f"{SIGNING_KEY_ENV}: {e}") from e
 
 
 def _run(
@@ -120,6 +145,7 @@ def _run(
     world: World,
     runtime: Runtime,
     start: float,
+    sign: Callable[[bytes], bytes] | None,
 ) -> ClientSummary | None:
     if not world.main:
         log = _quiet
@@ -202,7 +228,7 @@ def _run(
         "truncated_records": data.stats.truncated,
         "dropped_records": data.stats.dropped,
     }
-    st.commit(store, client_prefix(task.round, task.client), files, meta)
+    st.commit(store, client_prefix(task.round, task.client), files, meta, sign=sign)
     control_bytes = control.encoded_bytes if control is not None else 0
     sent = encoded.encoded_bytes + control_bytes
     raw = encoded.raw_bytes + (control.raw_bytes if control is not None else 0)

@@ -37,6 +37,7 @@ from fedtune_operator.api.schema import (
     k8s_extensions,
     map_list,
 )
+from fedtune_trainer.wire.contract import SIGNING_KEY_SECRET_KEY
 from fedtune_trainer.wire.settings import (
     KRUM_ALGORITHMS,
     KRUM_CLIENTS_PER_FAULTY,
@@ -49,6 +50,7 @@ from fedtune_trainer.wire.settings import (
     EvaluationSpec,
     Model,
     PrivacySpec,
+    PublicKey,
     StorageLocation,
     TrainingSpec,
 )
@@ -128,6 +130,23 @@ class ClientAdapter(Model):
     )
 
 
+class ClientSigning(Model):
+    """The client's signing key: its public half pinned in the run, its private half in a Secret
+    that only this client's pods get (`fedtune-trainer keygen` makes both). The client signs each
+    delta it commits; the aggregator refuses this client's unsigned, mis-signed or replayed deltas
+    before it downloads them."""
+
+    public_key: PublicKey = Field(
+        description="The client's Ed25519 public key, `ed25519:<base64>` (keygen prints it)."
+    )
+    secret_name: ObjectName = Field(
+        description="The Secret in the run's namespace that holds the private key (PEM)."
+    )
+    secret_key: SecretKey = Field(
+        SIGNING_KEY_SECRET_KEY, description="Key of the private key in that Secret."
+    )
+
+
 class _ClientData(Model):
     """The client's own fields; a separate base only so that they come first in the schema."""
 
@@ -149,6 +168,9 @@ class _ClientData(Model):
         None,
         description="Credentials for this client's data, read through spec.storage.endpoint; "
         "defaults to the storage credentials.",
+    )
+    signing: ClientSigning | None = Field(
+        None, description="The client's signing key; without it its deltas are not signed."
     )
 
 

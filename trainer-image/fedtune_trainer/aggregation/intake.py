@@ -25,6 +25,7 @@ from fedtune_trainer.codec import precheck
 from fedtune_trainer.codec.container import DELTA_FILE, DeltaFormatError
 from fedtune_trainer.codec.decoding import Layout, decode_one
 from fedtune_trainer.learning.drift import CONTROL_FILE
+from fedtune_trainer.storage import signing
 from fedtune_trainer.storage import store as st
 from fedtune_trainer.wire.layout import client_prefix
 from fedtune_trainer.wire.results import Contribution
@@ -166,10 +167,14 @@ def check_manifest(
     Every number is checked as the type it must be before any arithmetic: a JSON int may have
     309 digits, and `true` is an int to Python.
     """
-    if manifest.get("round") != task.round or manifest.get("client") != client:
+    if (
+        manifest.get("run") != task.run
+        or manifest.get("round") != task.round
+        or manifest.get("client") != client
+    ):
         raise ValueError(
-            f"manifest names round {str(manifest.get('round'))[:12]} "
-            f"client {str(manifest.get('client'))[:40]!r}"
+            f"replayed: the manifest names run {str(manifest.get('run'))[:40]!r} "
+            f"round {str(manifest.get('round'))[:12]} client {str(manifest.get('client'))[:40]!r}"
         )
     samples = bounds.sample_count(manifest.get("samples"))
     loss = manifest.get("train_loss")
@@ -209,7 +214,9 @@ def fetch_client(
 ) -> tuple[dict[str, Any], Path, Layout]:
     """The client's manifest, its delta file on local disk and the file's checked layout.
 
-    In the order that spends least on a bad delta: the manifest (at most 1 MiB) and its fields;
+    In the order that spends least on a bad delta: the manifest (at most 1 MiB), its signature
+    when the run pins the client's key (an unsigned or mis-signed commit goes no further), and its
+    fields (the run, round and client it names: a signed manifest of another is a replay);
     the declared size against the largest delta of this adapter; the file's header alone (a
     ranged read) against the layout the adapter and the run's codec settings prescribe; only
     then the file, streamed and abandoned as soon as it passes its declared size; then size and
@@ -217,7 +224,8 @@ def fetch_client(
     reason.
     """
     prefix = client_prefix(task.round, client)
-    manifest = st.read_manifest(store, prefix)
+    key = task.client_keys.get(client)
+    manifest = st.read_manifest(store, prefix, signing.verifier(key) if key else None)
     if manifest is None:
         raise LookupError("no committed delta (manifest.json missing)")
     _, size = check_manifest(manifest, task, client, expected.max_size())

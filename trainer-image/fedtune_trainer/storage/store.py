@@ -25,7 +25,7 @@ import re
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,10 @@ class ObjectTooLarge(IntegrityError):
 
 MANIFEST_MAX_BYTES = 1 << 20
 """A manifest lists a handful of files; anything larger is not one (and is never read whole)."""
+SIGNATURE = "manifest.sig"
+"""A signed commit's signature of its manifest (signing.py makes and checks it)."""
+SIGNATURE_MAX_BYTES = 1024
+"""An Ed25519 signature is 64 bytes; a reader never takes more than this."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,12 +292,21 @@ def sha256_file(path: Path) -> str:
 
 
 def commit(
-    store: Store, prefix: str, files: Mapping[str, bytes | Path], meta: Mapping[str, Any]
+    store: Store,
+    prefix: str,
+    files: Mapping[str, bytes | Path],
+    meta: Mapping[str, Any],
+    sign: Callable[[bytes], bytes] | None = None,
 ) -> dict[str, Any]:
-    """Write `files` under `prefix`, then the manifest that vouches for them; returns it."""
-    if MANIFEST in files:
-        raise ValueError(f"{MANIFEST} is reserved")
+    """Write `files` under `prefix`, then the manifest that vouches for them; returns it.
+
+    With `sign`, the manifest's exact bytes are signed and the signature written just before the
+    manifest (signing.py): a reader that finds the manifest finds its signature.
+    """
+    if MANIFEST in files or SIGNATURE in files:
+        raise ValueError(f"{MANIFEST} and {SIGNATURE} are reserved")
     store.delete(join(prefix, MANIFEST))  # a reader must never pair the old manifest with new data
+    store.delete(join(prefix, SIGNATURE))
     entries: dict[str, dict[str, Any]] = {}
     for name, content in files.items():
         if isinstance(content, Path):
@@ -303,16 +316,32 @@ def commit(
             entries[name] = {"bytes": len(content), "sha256": sha256_bytes(content)}
             store.put_bytes(join(prefix, name), content)
     manifest = {"format": MANIFEST_FORMAT, **meta, "files": entries}
-    store.put_bytes(join(prefix, MANIFEST), json.dumps(manifest, indent=1).encode())
+    raw = json.dumps(manifest, indent=1).encode()
+    if sign is not None:
+        store.put_bytes(join(prefix, SIGNATURE), sign(raw))
+    store.put_bytes(join(prefix, MANIFEST), raw)
     return manifest
 
 
-def read_manifest(store: Store, prefix: str) -> dict[str, Any] | None:
-    """The manifest of a commit, or None when nothing is committed there."""
+def read_manifest(
+    store: Store, prefix: str, verify: Callable[[bytes, bytes | None], None] | None = None
+) -> dict[str, Any] | None:
+    """The manifest of a commit, or None when nothing is committed there.
+
+    With `verify`, the manifest's bytes and its signature (None when there is none) are handed
+    to it before they are parsed: a commit that is not the signer's is refused (`verify` raises)
+    before anything in it is believed.
+    """
     try:
         raw = store.get_bytes(join(prefix, MANIFEST), max_bytes=MANIFEST_MAX_BYTES)
     except ObjectNotFound:
         return None
+    if verify is not None:
+        try:
+            signature = store.get_bytes(join(prefix, SIGNATURE), max_bytes=SIGNATURE_MAX_BYTES)
+        except ObjectNotFound:
+            signature = None
+        verify(raw, signature)
     try:
         manifest = json.loads(raw)
     except json.JSONDecodeError as e:

@@ -20,6 +20,14 @@ ClientName = Annotated[
 ]
 ShortStr = Annotated[str, StringConstraints(min_length=1, max_length=253)]
 Uri = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
+PublicKey = Annotated[
+    str,
+    StringConstraints(
+        min_length=52, max_length=52, pattern=r"^ed25519:[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$"
+    ),
+]
+"""A client's Ed25519 public key: `ed25519:` and the base64 of its 32 bytes (`fedtune-trainer
+keygen` prints it). The pattern admits exactly the encodings of 32 bytes."""
 
 
 class Model(BaseModel):

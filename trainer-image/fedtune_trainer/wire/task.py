@@ -28,6 +28,7 @@ from fedtune_trainer.wire.settings import (
     EvaluationSpec,
     Model,
     PrivacySpec,
+    PublicKey,
     ShortStr,
     StorageLocation,
     TrainingSpec,
@@ -58,6 +59,11 @@ class ClientTask(_TaskBase):
     data: DataSpec = Field(default_factory=DataSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     delta: DeltaSpec = Field(default_factory=DeltaSpec)
+    sign: bool = Field(
+        False,
+        description="Sign the commit with the private key in FEDTUNE_SIGNING_KEY (the run pins "
+        "the public key, and the aggregator refuses this client's unsigned deltas).",
+    )
 
 
 class AggregateTask(_TaskBase):
@@ -72,6 +78,11 @@ class AggregateTask(_TaskBase):
         description="Clients that train at a LoRA rank other than adapter.r (exact mode only).",
     )
     min_clients: int = Field(1, ge=1)
+    client_keys: dict[str, PublicKey] = Field(
+        default_factory=dict,
+        description="Each signing client's pinned public key: its delta counts only when its "
+        "manifest's signature verifies with it.",
+    )
     aggregation: AggregationSpec = Field(default_factory=AggregationSpec)
     privacy: PrivacySpec = Field(default_factory=PrivacySpec)
     delta: DeltaSpec = Field(default_factory=DeltaSpec)
