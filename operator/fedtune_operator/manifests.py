@@ -46,6 +46,8 @@ from fedtune_trainer.wire.contract import (
     LABEL_ROLE,
     LABEL_ROUND,
     LABEL_RUN,
+    NOISE_KEY_ENV,
+    NOISE_KEY_SECRET_KEY,
     ROLE_AGGREGATOR,
     ROLE_CLEANUP,
     ROLE_CLIENT,
@@ -216,6 +218,14 @@ def _signing_env(signing: ClientSigning | None) -> list[dict[str, Any]]:
         return []
     ref = {"name": signing.secret_name, "key": signing.secret_key}
     return [{"name": SIGNING_KEY_ENV, "valueFrom": {"secretKeyRef": ref}}]
+
+
+def _noise_key_env(secret: str | None) -> list[dict[str, Any]]:
+    """The key of the DP noise, in the aggregator's pods alone (privacy.noiseKeySecret)."""
+    if secret is None:
+        return []
+    ref = {"name": secret, "key": NOISE_KEY_SECRET_KEY}
+    return [{"name": NOISE_KEY_ENV, "valueFrom": {"secretKeyRef": ref}}]
 
 
 def security_context() -> tuple[dict[str, Any], dict[str, Any]]:
@@ -422,7 +432,7 @@ def aggregate_job(
         settings=merge_pod_settings(spec.template, spec.aggregator),
         command=[COMMAND, "aggregate"],
         task_json=json.dumps(task.wire(), separators=(",", ":")),
-        extra_env=[],
+        extra_env=_noise_key_env(spec.privacy.noise_key_secret),
         uris=(spec.base_model, spec.tokenizer),
         backoff_limit=spec.backoff_limit,
     )

@@ -187,6 +187,28 @@ def test_a_signing_key_reaches_its_own_client_alone() -> None:
     assert aggregate.client_keys == {"hospital-a": PUBLIC_KEY}
 
 
+def test_the_noise_key_reaches_the_aggregator_alone() -> None:
+    privacy = {"clipNorm": 1.0, "noiseMultiplier": 1.0, "noiseKeySecret": "dp-noise-key"}
+    spec = parse_spec({**SPEC, "privacy": privacy})
+    aggregator = manifests.aggregate_job(
+        run="demo", namespace="ns", uid="u", spec=spec, round_=2, attempt=0, clients=["hospital-a"]
+    )
+    assert env_of(aggregator)["FEDTUNE_DP_NOISE_KEY"] == {
+        "secretKeyRef": {"name": "dp-noise-key", "key": "noise.key"}
+    }
+    others = [
+        manifests.client_job(
+            run="demo", namespace="ns", uid="u", spec=spec, round_=2, attempt=0, client=c
+        )
+        for c in ("hospital-a", "hospital-b")
+    ]
+    others.append(manifests.evaluate_job(run="demo", namespace="ns", uid="u", spec=spec, round_=2))
+    for other in others:
+        assert "FEDTUNE_DP_NOISE_KEY" not in env_of(other)
+        container = other["spec"]["template"]["spec"]["containers"][0]
+        assert "dp-noise-key" not in json.dumps(container["env"][1:])  # the task names it only
+
+
 def test_the_task_is_the_contract_the_trainer_parses() -> None:
     task = parse_task(env_of(client_job())["FEDTUNE_TASK"])
     assert isinstance(task, ClientTask)

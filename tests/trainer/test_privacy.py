@@ -5,17 +5,23 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
+import torch
 from dp_accounting import dp_event, pld, rdp
 
 from fedtune_trainer import aggregate
-from fedtune_trainer.aggregation import privacy
+from fedtune_trainer.aggregation import bounds, privacy
+from fedtune_trainer.learning.runtime import derive_seed
 from fedtune_trainer.storage import store as st
+from fedtune_trainer.wire.contract import NOISE_KEY_ENV
+from fedtune_trainer.wire.errors import SettingError
 from fedtune_trainer.wire.layout import CLIP_STATE_PREFIX
 from fedtune_trainer.wire.settings import AdaptiveClipping, AggregationSpec, PrivacySpec
 from fedtune_trainer.wire.task import AggregateTask
 from tests.trainer.aggregation_support import put_delta, random_tensors, task, write_global
+from tests.trainer.aggregation_support import read_global as read_global_tensors
 from tests.trainer.support import Demo
 
 CLIENTS = ["alpha", "bravo", "charlie", "delta"]
@@ -141,14 +147,18 @@ def clip_state(store: st.Store, r: int) -> bytes:
 
 
 def test_adaptive_clipping_moves_the_clip_geometrically_and_reruns_alike(
-    file_store: st.FileStore,
+    file_store: st.FileStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Four clients of norms far above the initial clip: none is within it, so the noised
     fraction is the count's noise alone, and the next clip is clip * exp(-eta (fraction - q)).
-    A rerun of round 1 reads the same clip state (version 0: the initial clipNorm) and draws the
-    same count noise: it writes the same state and the same global."""
+    A rerun of round 1 reads the same clip state (version 0: the initial clipNorm) and, with the
+    noise keyed by the aggregator's secret, draws the same count noise: it writes the same state
+    and the same global."""
     write_global(file_store, 0, random_tensors(0))
-    spec = PrivacySpec(clip_norm=0.05, noise_multiplier=1.0, adaptive_clipping=ADAPTIVE)
+    monkeypatch.setenv(NOISE_KEY_ENV, NOISE_KEY)
+    spec = PrivacySpec(
+        clip_norm=0.05, noise_multiplier=1.0, adaptive_clipping=ADAPTIVE, noise_key_secret="k"
+    )
     clip = 0.05
     for r in (1, 2):
         for i, c in enumerate(CLIENTS):
@@ -175,3 +185,88 @@ def test_the_count_takes_its_share_of_the_noise() -> None:
     assert z_delta**-2 + 4.0**-2 == pytest.approx(1.0)
     with pytest.raises(ValueError, match="exceed"):
         privacy.update_noise_multiplier(1.0, 0.4)
+
+
+# ---------------------------------------------------------------------------------------------
+# The noise: never derivable from what the run makes public
+# ---------------------------------------------------------------------------------------------
+
+NOISE_KEY = "k" * 48
+"""A stand-in for the aggregator's noise key (privacy.noiseKeySecret)."""
+
+
+def noisy_round(store: st.Store, spec: PrivacySpec) -> tuple[dict, dict]:
+    """Round 1 of four clients under `spec`: (the published global, the exact clipped mean
+    the noise must hide, as global 0 plus the uniform mean of the clipped deltas)."""
+    g0 = random_tensors(0)
+    write_global(store, 0, g0)
+    deltas = [random_tensors(10 + i, 1.0) for i in range(len(CLIENTS))]
+    for c, d in zip(CLIENTS, deltas, strict=True):
+        put_delta(store, 1, c, d)
+    aggregate.run(task(store, 1, CLIENTS, aggregation=PLAIN, privacy=spec), store, quiet)
+    clip = spec.clip_norm
+    assert clip is not None
+    exact = {
+        k: g0[k].double()
+        + sum(d[k].double() * min(1.0, clip / bounds.l2_norm(d)) for d in deltas) / len(deltas)
+        for k in g0
+    }
+    published = {k: v.double() for k, v in read_global_tensors(store, 1).items()}
+    return published, exact
+
+
+DP = PrivacySpec(clip_norm=1.0, noise_multiplier=2.0)
+
+
+def test_the_noise_cannot_be_recomputed_from_what_the_run_publishes(tmp_path: Path) -> None:
+    """What the aggregator once did (noise seeded by the spec's seed, the run and the round) let
+    anyone who reads the run subtract the noise and see the exact clipped mean to 1e-7. Every
+    input of that recomputation is public; the noise now depends on none of them."""
+    store = st.FileStore(tmp_path / "run")
+    published, exact = noisy_round(store, DP)
+    t = task(store, 1, CLIENTS, aggregation=PLAIN, privacy=DP)
+    std = DP.noise_multiplier * 1.0 / len(CLIENTS)
+    gen = torch.Generator().manual_seed(derive_seed(t.seed, t.run, t.round, "dp-noise"))
+    for k in sorted(published):
+        recomputed = torch.randn(published[k].shape, generator=gen, dtype=torch.float64) * std
+        left = published[k] - recomputed - exact[k]
+        # What is left is two independent noises (std about sqrt(2) std), not rounding error.
+        assert float(left.std()) > std / 2
+        assert float((published[k] - exact[k]).std()) == pytest.approx(std, rel=0.5)
+
+
+@pytest.mark.parametrize(
+    ("key_a", "key_b", "same"),
+    [
+        (None, None, False),  # the OS's CSPRNG: two identical runs publish different noise
+        (NOISE_KEY, NOISE_KEY, True),  # the aggregator's key: a rerun publishes the same noise
+        (NOISE_KEY, "j" * 48, False),  # another key, other noise
+    ],
+)
+def test_identical_runs_share_noise_only_through_the_aggregators_key(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    key_a: str | None,
+    key_b: str | None,
+    same: bool,
+) -> None:
+    published = []
+    for i, key in enumerate((key_a, key_b)):
+        spec = DP
+        if key is not None:
+            monkeypatch.setenv(NOISE_KEY_ENV, key)
+            spec = DP.model_copy(update={"noise_key_secret": "dp-noise-key"})
+        published.append(noisy_round(st.FileStore(tmp_path / f"run-{i}"), spec)[0])
+    first, second = published
+    assert all(torch.equal(first[k], second[k]) for k in first) is same
+
+
+def test_a_run_that_names_a_noise_key_needs_a_real_one(tmp_path: Path) -> None:
+    t = task(
+        st.FileStore(tmp_path), 1, CLIENTS, privacy=DP.model_copy(update={"noise_key_secret": "x"})
+    )
+    with pytest.raises(SettingError, match="32 or more"):
+        privacy.noise_source(t, {NOISE_KEY_ENV: "short"})
+    with pytest.raises(SettingError, match="holds 0 bytes"):
+        privacy.noise_source(t, {})
+    assert privacy.noise_source(t, {NOISE_KEY_ENV: NOISE_KEY}).key == NOISE_KEY.encode()

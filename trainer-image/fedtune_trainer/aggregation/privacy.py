@@ -21,19 +21,21 @@ for the whole configured run and after every round for the rounds so far (`accou
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from fedtune_trainer.aggregation.intake import (
     Accepted,
 )
-from fedtune_trainer.learning.runtime import derive_seed
 from fedtune_trainer.report import read_records
 from fedtune_trainer.storage import store as st
+from fedtune_trainer.wire.contract import NOISE_KEY_ENV
 from fedtune_trainer.wire.errors import SettingError
 from fedtune_trainer.wire.layout import (
     CLIP_STATE_PREFIX,
@@ -43,19 +45,66 @@ from fedtune_trainer.wire.task import AggregateTask
 
 
 def privatise(task: AggregateTask, update: dict[str, torch.Tensor], n_clients: int) -> None:
-    """Step 4: Gaussian noise added in place to the reduced delta, seeded by the round (a rerun
-    adds the same noise)."""
+    """Step 4: Gaussian noise added in place to the reduced delta, from the round's secret
+    randomness (`noise_source`)."""
     std = dp_noise_std(task.privacy.noise_multiplier, task.privacy.clip_norm, n_clients)
     if std <= 0:
         return
-    gen = torch.Generator().manual_seed(derive_seed(task.seed, task.run, task.round, "dp-noise"))
+    source = noise_source(task)
     for name in sorted(update):
-        update[name].add_(gaussian_noise(tuple(update[name].shape), std, gen))
+        noise = source.gaussian(tuple(update[name].shape), f"dp-noise/{name}")
+        update[name].add_(noise.mul_(std).float())
 
 
-def gaussian_noise(shape: tuple[int, ...], std: float, generator: torch.Generator) -> torch.Tensor:
-    """Seeded Gaussian noise (a rerun of the round draws the same noise)."""
-    return torch.randn(shape, generator=generator, dtype=torch.float64).mul_(std).float()
+class NoiseSource:
+    """The randomness of the DP noise: never derivable from anything the run makes public.
+
+    The noise is the privacy: anyone who could recompute it could subtract it from the published
+    adapter and read the exact clipped mean. So no seed from the spec, the run's name or the round
+    (all public): the bytes come from the operating system's CSPRNG, or, with
+    privacy.noiseKeySecret, from SHAKE-256 keyed by a secret only the aggregator holds and by the
+    run, round and tensor (a rerun then draws the same noise, so a round published twice is still
+    one release). Gaussians by Box-Muller over 53-bit uniforms from those bytes.
+    """
+
+    def __init__(self, key: bytes | None, context: str) -> None:
+        self.key = key
+        self.context = context
+
+    def bytes(self, n: int, label: str) -> bytes:
+        if self.key is None:
+            return os.urandom(n)
+        message = b"\x00".join([self.key, self.context.encode(), label.encode()])
+        return hashlib.shake_256(message).digest(n)
+
+    def uniform(self, n: int, label: str) -> torch.Tensor:
+        """n float64 values uniform in (0, 1), never 0."""
+        raw = torch.frombuffer(bytearray(self.bytes(8 * n, label)), dtype=torch.int64)
+        bits = raw.bitwise_and((1 << 63) - 1).bitwise_right_shift(10)  # 53 random bits
+        return (bits.double() + 0.5) * 2.0**-53
+
+    def gaussian(self, shape: tuple[int, ...], label: str) -> torch.Tensor:
+        """Standard normal float64 values of `shape`."""
+        n = math.prod(shape)
+        u = self.uniform(2 * n, label)
+        radius = torch.sqrt(-2.0 * torch.log(u[:n]))
+        return (radius * torch.cos(2.0 * math.pi * u[n:])).view(shape)
+
+
+def noise_source(task: AggregateTask, environ: Mapping[str, str] | None = None) -> NoiseSource:
+    """The round's noise source: keyed by privacy.noiseKeySecret's key (from the environment, where
+    only the aggregator's pods have it) when the run names one, else the OS's CSPRNG. A run that
+    names a key the Job lacks fails before anything is published (exit 2)."""
+    context = f"{task.run}\x00{task.round}"
+    if task.privacy.noise_key_secret is None:
+        return NoiseSource(None, context)
+    key = (os.environ if environ is None else environ).get(NOISE_KEY_ENV, "").encode()
+    if len(key) < 32:
+        raise SettingError(
+            f"privacy.noiseKeySecret: {NOISE_KEY_ENV} holds {len(key)} bytes; the noise key needs "
+            "32 or more (e.g. head -c 48 /dev/urandom | base64)"
+        )
+    return NoiseSource(key, context)
 
 
 def dp_noise_std(noise_multiplier: float, clip_norm: float | None, n_clients: int) -> float:
@@ -181,11 +230,11 @@ def adapt_clip(
     store: st.Store, task: AggregateTask, accepted: list[Accepted], clip: float, log: Log
 ) -> float:
     """Andrew et al.'s step: next round's clip from the fraction of clients within this one's
-    (the count noised, seeded by the round), committed as version r; returns the fraction."""
+    (the count noised from the round's secret randomness), committed as version r; returns the
+    fraction."""
     adaptive = task.privacy.adaptive_clipping
     assert adaptive is not None
-    gen = torch.Generator().manual_seed(derive_seed(task.seed, task.run, task.round, "clip-count"))
-    noise = float(torch.randn((), generator=gen, dtype=torch.float64))
+    noise = float(noise_source(task).gaussian((), "clip-count"))
     noise *= adaptive.count_noise_multiplier
     fraction, new_clip = next_clip_norm(
         clip, [a.norm for a in accepted], adaptive.target_quantile, adaptive.learning_rate, noise

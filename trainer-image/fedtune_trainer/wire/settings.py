@@ -359,6 +359,16 @@ class PrivacySpec(Model):
         description="The privacy budget: the aggregator refuses to start a run whose configured "
         "rounds would spend more epsilon (at delta), and fails a round that would exceed it.",
     )
+    noise_key_secret: str | None = Field(
+        None,
+        min_length=1,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="A Secret (key noise.key: 32 or more random bytes) that only the aggregator's "
+        "pods get: the noise is then keyed by it, so a rerun of a round draws the same noise. "
+        "Without it every draw comes fresh from the OS's CSPRNG. Never derivable from what the "
+        "run makes public, either way.",
+    )
 
     @model_validator(mode="after")
     def _noise_needs_clip(self) -> PrivacySpec:
