@@ -119,10 +119,12 @@ def reference_round(
     return out
 
 
-def reference_capped_weights(weights: list[float], max_share: float) -> list[float]:
+def reference_capped_weights(weights: list[float], max_share: float | None) -> list[float]:
     """Weights with no share above max(max_share, 1/n): min(w, t) for the largest level t at
-    which t <= max_share * sum(min(w, t)). Found by bisection, not by the code's water-filling."""
-    cap = max(max_share, 1 / len(weights))
+    which t <= max_share * sum(min(w, t)). Found by bisection, not by the code's water-filling.
+    max_share None is maxClientShare's default: twice a fair share, 2/n."""
+    share = 2 / len(weights) if max_share is None else max_share
+    cap = max(share, 1 / len(weights))
     if cap >= 1:
         return list(weights)
 

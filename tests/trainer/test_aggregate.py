@@ -81,7 +81,8 @@ def test_every_algorithm_matches_a_float64_reference_over_two_rounds(
     write_global(file_store, 0, g0)
     x = as_numpy(g0)
     state: dict = {}
-    weights = [SAMPLES[c] * CLIENT_WEIGHTS.get(c, 1.0) for c in CLIENTS]
+    raw = [SAMPLES[c] * CLIENT_WEIGHTS.get(c, 1.0) for c in CLIENTS]
+    weights = reference_capped_weights(raw, spec.max_client_share)
     for r in (1, 2):
         deltas = [random_tensors(100 * r + i, scale=0.1) for i in range(len(CLIENTS))]
         for c, d in zip(CLIENTS, deltas, strict=True):
@@ -369,12 +370,12 @@ def test_last_round_writes_final_and_metrics(file_store: st.FileStore) -> None:
     assert record.train_loss == pytest.approx(expected_loss)
     assert record.bytes_received > 0
     assert [c.client for c in record.contributions] == ["alpha", "bravo"]
-    # Two clients: the default share cap (0.5) makes their weights equal; the loss stays
-    # sample-weighted (a report of what the clients said, not an input of the merge).
-    assert [c.weight for c in record.contributions] == [10, 10]
-    assert [c.share for c in record.contributions] == [0.5, 0.5]
-    assert [c.capped for c in record.contributions] == [False, True]
-    assert record.max_client_share == 0.5
+    # Two clients: the default share cap, twice a fair share (2 / 2), caps nothing; the loss is
+    # sample-weighted too (a report of what the clients said, not an input of the merge).
+    assert [c.weight for c in record.contributions] == [10, 30]
+    assert [c.share for c in record.contributions] == [0.25, 0.75]
+    assert [c.capped for c in record.contributions] == [False, False]
+    assert record.max_client_share == 1.0
     assert record.raw_bytes == 2 * 4 * sum(np.prod(s) for s in SHAPES.values())
 
 
@@ -478,7 +479,7 @@ def test_the_mean_is_folded_from_the_checking_decode_unless_a_factor_changes(
     assert opened.count("alpha") == decodes
     assert all(opened.count(c) == decodes for c in merged)
     norms = [float(bounds.l2_norm(deltas[c])) for c in merged]
-    bound = spec.outlier_norm_factor * bounds.lower_median(norms)
+    bound = spec.outlier_clip_factor * bounds.lower_median(norms)
     scaled = [
         as_numpy({n: t * min(1.0, bound / x) for n, t in deltas[c].items()})
         for c, x in zip(merged, norms, strict=True)

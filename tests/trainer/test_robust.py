@@ -145,14 +145,15 @@ def test_uniform_weighting_ignores_reported_counts(file_store: st.FileStore) -> 
 
 
 @pytest.mark.parametrize(
-    "factor",
+    ("reject", "clip", "outcome"),
     [
-        10.0,  # the default: the huge delta is clipped to 10x the median norm
-        None,  # off: what one client could do before
+        (10.0, 3.0, "rejected"),  # the defaults: 1e6 medians out is an attack, not a straggler
+        (None, 3.0, "clipped"),  # no rejection: clipped to 3 medians
+        (None, None, "moves it"),  # both off: what one client could do before
     ],
 )
 def test_one_huge_delta_cannot_move_the_global_by_orders_of_magnitude(
-    file_store: st.FileStore, factor: float | None
+    file_store: st.FileStore, reject: float | None, clip: float | None, outcome: str
 ) -> None:
     g0 = random_tensors(0)
     write_global(file_store, 0, g0)
@@ -162,29 +163,129 @@ def test_one_huge_delta_cannot_move_the_global_by_orders_of_magnitude(
     put_delta(file_store, 1, CLIENTS[4], random_tensors(99, 5e4))
     # The lower median of the five norms: the third smallest, an honest one.
     median = sorted(bounds.l2_norm(d) for d in honest)[2]
-    summary = run(file_store, CLIENTS[:5], AggregationSpec(outlier_norm_factor=factor))
-    record = summary.record
+    spec = AggregationSpec(outlier_norm_factor=reject, outlier_clip_factor=clip)
+    record = run(file_store, CLIENTS[:5], spec).record
     distance = moved(file_store, g0)
-    attacker = record.contributions[-1]
-    if factor is None:
-        assert distance > 1e4 * median  # the attack works without the rule
-        assert not attacker.outlier
+    honest_mean = bounds.l2_norm({k: sum(d[k] for d in honest) / len(honest) for k in honest[0]})
+    if outcome == "moves it":
+        assert distance > 1e4 * median  # the attack works without the rules
+        assert not record.contributions[-1].outlier
         return
     assert record.median_norm == pytest.approx(median)
-    assert record.outlier_norm_bound == pytest.approx(10 * median)
+    if outcome == "rejected":
+        assert [r.client for r in record.rejections] == [CLIENTS[4]]
+        assert re.match(
+            r"outlier: norm \S+ above 10 x the round's median", record.rejections[0].reason
+        )
+        assert record.accepted == 4
+        assert distance == pytest.approx(honest_mean, rel=1e-5)  # exactly the honest round
+        return
+    attacker = record.contributions[-1]
+    assert record.outlier_norm_bound == pytest.approx(3 * median)
     assert attacker.outlier
-    assert attacker.norm * attacker.scale == pytest.approx(10 * median)
-    # Its weight is 1/5 under the cap: the global moves by at most 1/5 of 10 medians plus the
-    # honest mean, never by the 5e4-scale delta.
-    assert distance <= (10 * median) / 5 + median
+    assert attacker.norm * attacker.scale == pytest.approx(3 * median)
+    # Its share is at most 2/5 under the default cap: the global moves by at most that share of 3
+    # medians plus the honest mean, never by the 5e4-scale delta.
+    assert distance <= (2 / 5) * 3 * median + honest_mean
     assert all(not c.outlier for c in record.contributions[:-1])
+
+
+# ------------------------------------------------------------------------------------------
+# One hostile client among four honest ones, under the defaults: how far it moves the global
+# ------------------------------------------------------------------------------------------
+
+HONEST = CLIENTS[:4]
+HOSTILE = CLIENTS[4]
+DIRECTION = random_tensors(1000, 0.05)
+"""What the honest clients agree on: each sends it plus noise of its own, so that their mean is
+a real update (random deltas alone would cancel out) and an attack has something to pull on."""
+
+
+def honest_deltas() -> list[dict[str, torch.Tensor]]:
+    noise = [random_tensors(2000 + i, 0.02) for i in range(len(HONEST))]
+    return [{k: DIRECTION[k] + n[k] for k in DIRECTION} for n in noise]
+
+
+def against(scale_in_medians: float) -> dict[str, torch.Tensor]:
+    """A delta opposite to the honest direction, `scale_in_medians` honest norms long."""
+    norm = sorted(bounds.l2_norm(d) for d in honest_deltas())[1]  # the lower median of 4
+    unit = bounds.l2_norm(DIRECTION)
+    return {k: -v * (scale_in_medians * norm / unit) for k, v in DIRECTION.items()}
+
+
+ATTACKS: list[tuple[str, dict[str, torch.Tensor], int, dict[str, float], str]] = [
+    # (attack, the hostile delta, its reported samples, aggregation settings, what happens)
+    ("norm 1e8, honest sample count", random_tensors(99, 1e8), 10, {}, "rejected"),
+    (
+        "values 3e38, 1,000 samples, server lr 2",
+        {k: torch.full_like(v, 3e38) for k, v in DIRECTION.items()},
+        1000,
+        {"server_learning_rate": 2.0},
+        "rejected",
+    ),
+    ("9 medians against the honest direction", against(9), 10, {}, "clipped"),
+    ("9 medians against, 10^6 samples", against(9), 10**6, {}, "clipped and capped"),
+    ("2.9 medians against, 10^6 samples", against(2.9), 10**6, {}, "capped"),
+    ("an honest-looking delta, 10^6 samples", random_tensors(7, 0.05), 10**6, {}, "capped"),
+]
+
+
+def honest_global(root: Path, settings: dict[str, float]) -> dict[str, torch.Tensor]:
+    store = st.FileStore(root)
+    write_global(store, 0, random_tensors(0))
+    for c, d in zip(HONEST, honest_deltas(), strict=True):
+        put_delta(store, 1, c, d)
+    run(store, HONEST, AggregationSpec(**settings))
+    return read_global(store, 1)
+
+
+@pytest.mark.parametrize(
+    ("attack", "delta", "samples", "settings", "outcome"), ATTACKS, ids=[a[0] for a in ATTACKS]
+)
+def test_one_hostile_clients_influence_under_the_defaults(
+    tmp_path: Path,
+    attack: str,
+    delta: dict[str, torch.Tensor],
+    samples: int,
+    settings: dict[str, float],
+    outcome: str,
+    record_property: pytest.RecordProperty,
+) -> None:
+    """Influence: how far the hostile client moves the global from where the honest clients
+    alone would put it, in units of the honest update's length. Rejected: 0. Otherwise at most
+    its share (the cap, 2/5) of its clipped length (3 medians) against the honest mean."""
+    g0 = random_tensors(0)
+    store = st.FileStore(tmp_path / "attacked")
+    write_global(store, 0, g0)
+    for c, d in zip(HONEST, honest_deltas(), strict=True):
+        put_delta(store, 1, c, d)
+    put_delta(store, 1, HOSTILE, delta, samples=samples)
+    record = run(store, [*HONEST, HOSTILE], AggregationSpec(**settings)).record
+    attacked = read_global(store, 1)
+    honest = honest_global(tmp_path / "honest", settings)
+    update = bounds.l2_norm({k: honest[k] - g0[k] for k in g0})
+    influence = bounds.l2_norm({k: attacked[k] - honest[k] for k in g0}) / update
+    print(f"\n| {attack} | {outcome} | {influence:.3g} |")
+    record_property("influence", influence)
+    hostile = next((c for c in record.contributions if c.client == HOSTILE), None)
+    if outcome == "rejected":
+        assert hostile is None
+        assert influence == pytest.approx(0.0, abs=1e-6)
+        return
+    assert hostile is not None
+    assert hostile.outlier is ("clipped" in outcome)
+    assert hostile.capped is ("capped" in outcome)
+    median = record.median_norm
+    assert median is not None
+    bound = (2 / 5) * (3 * median + update) / update
+    assert influence <= bound * (1 + 1e-6)
 
 
 @pytest.mark.parametrize(
     ("norms", "bound"),
     [
         ([3.0], None),  # one client: nothing to compare with
-        ([1.0, 1000.0], 10.0),  # two: the lower median is the smaller norm
+        ([1.0, 1000.0], 10.0),  # two: the lower median is the smaller norm (the clip's rule)
         ([1.0, 2.0, 1000.0], 20.0),
         ([1.0, 2.0, 3.0, 1000.0], 20.0),  # the lower of the two middle values
         ([0.0, 0.0, 5.0], 0.0),  # a round whose median delta is zero moves nothing

@@ -11,8 +11,9 @@ Round r >= 1 is `merge_round`, steps over the committed global adapter r-1, one 
    then decoding (zstd bounded by the part's size), finiteness and the norm limit; the client's
    weight too. A failing delta is recorded as a Rejection and skipped; fewer accepted deltas
    than the quorum fail the round, writing nothing global;
-2. weigh: bounded influence: the share cap on weights (maxClientShare), the outlier clip (norm
-   above outlierNormFactor x the round's median) and the DP clip;
+2. weigh: bounded influence: a norm above outlierNormFactor x the round's median rejected,
+   one above outlierClipFactor x the median clipped, the DP clip, and the share cap on weights
+   (maxClientShare: twice a fair share by default);
 3. reduce (aggregation/reducers.py, robust.py): the weighted mean is folded from step 1's
    decode when step 2 changed no client's factor, else streamed again client by client from
    the verified files on disk (memory: the global tensors, a float64 accumulator and one
@@ -205,40 +206,49 @@ def collect(
             log(f"accepted {client}: {samples} samples, norm {norm:.4g}, {item.encoded_bytes} B")
     finally:
         fetcher.shutdown(wait=True, cancel_futures=True)
-    if len(accepted) < task.min_clients:
-        detail = "; ".join(f"{x.client}: {x.reason}" for x in rejected)[:1500]
-        raise QuorumError(
-            f"round {task.round}: {len(accepted)} valid deltas of {len(clients)}, "
-            f"quorum is {task.min_clients}" + (f" (rejected {detail})" if detail else "")
-        )
+    check_quorum(task, len(clients), accepted, rejected)
     return accepted, rejected
 
 
 def weigh(
     task: AggregateTask, accepted: list[Accepted], log: Log
-) -> tuple[list[Accepted], Weighing]:
-    """Step 2, bounded influence: each delta's clip scale and its weight after the share cap.
+) -> tuple[list[Accepted], list[Rejection], Weighing]:
+    """Step 2, bounded influence: far outliers out, each delta's clip scale, each weight's cap.
 
-    The scale is the smaller of the DP clip (privacy.clipNorm) and the outlier clip (a norm
-    above outlierNormFactor x the round's lower median norm is brought down to that bound).
-    Weights apply to the mean-based rules; the unweighted ones give every client 1.
+    Against the lower median of the round's norms (which a minority cannot move): a norm above
+    outlierNormFactor x median is an attack, not a straggler, and is rejected (from 3 clients);
+    one above outlierClipFactor x median is brought down to that; the DP clip (privacy.clipNorm)
+    applies to all. Weights apply to the mean-based rules, capped at maxClientShare (twice a fair
+    share of the accepted clients by default); the unweighted rules give every client 1.
     """
     spec = task.aggregation
     norms = [a.norm for a in accepted]
-    bound = bounds.outlier_bound(norms, spec.outlier_norm_factor)
     median = bounds.lower_median(norms) if norms else None
-    items = []
+    reject = bounds.outlier_bound(norms, spec.outlier_norm_factor, min_clients=3)
+    clip = bounds.outlier_bound(norms, spec.outlier_clip_factor)
+    items, rejected = [], []
     for a in accepted:
+        if reject is not None and a.norm > reject:
+            assert median is not None
+            reason = (
+                f"outlier: norm {a.norm:.4g} above {spec.outlier_norm_factor:g} x the round's "
+                f"median norm {median:.4g} (outlierNormFactor)"
+            )
+            rejected.append(Rejection(client=a.client, reason=reason))
+            log(f"rejected {a.client}: {reason}")
+            continue
         scale = bounds.clip_factor(a.norm, task.privacy.clip_norm)
-        outlier = bound is not None and a.norm > bound
+        outlier = clip is not None and a.norm > clip
         if outlier:
-            assert bound is not None
-            scale = min(scale, bound / a.norm)
-            log(f"clipped {a.client}: norm {a.norm:.4g} above {bound:.4g} (outlier bound)")
+            assert clip is not None
+            scale = min(scale, clip / a.norm)
+            log(f"clipped {a.client}: norm {a.norm:.4g} above {clip:.4g} (outlier bound)")
         items.append(replace(a, scale=scale, outlier=outlier))
+    check_quorum(task, len(accepted) + len(rejected), items, rejected)
     cap: float | None = None
     if spec.algorithm in MEAN_ALGORITHMS:
-        weights, cap = bounds.capped_weights([a.weight for a in items], spec.max_client_share)
+        share = bounds.share_cap(spec.max_client_share, len(items))
+        weights, cap = bounds.capped_weights([a.weight for a in items], share)
         total = sum(weights)
         items = [
             replace(a, weight=w, share=w / total, capped=w < a.weight)
@@ -249,7 +259,21 @@ def weigh(
                 log(f"capped {a.client}: weight lowered to {a.share:.3g} of the round")
     else:
         items = [replace(a, weight=1.0, share=1.0 / len(items)) for a in items]
-    return items, Weighing(cap, median, bound)
+    return items, rejected, Weighing(cap, median, clip)
+
+
+def check_quorum(
+    task: AggregateTask, clients: int, accepted: list[Accepted], rejected: list[Rejection]
+) -> None:
+    """Fewer valid deltas than the quorum fail the round (QuorumError: exit 2), writing nothing
+    global; the reasons of the rejections go with it."""
+    if len(accepted) >= task.min_clients:
+        return
+    detail = "; ".join(f"{x.client}: {x.reason}" for x in rejected)[:1500]
+    raise QuorumError(
+        f"round {task.round}: {len(accepted)} valid deltas of {clients}, "
+        f"quorum is {task.min_clients}" + (f" (rejected {detail})" if detail else "")
+    )
 
 
 def scaffold_control(
@@ -309,7 +333,8 @@ def merge_round(task: AggregateTask, store: st.Store, log: Log) -> Merged:
     first = FirstPass() if mean_based else None
     with tempfile.TemporaryDirectory(prefix="fedtune-aggregate-") as tmp:
         accepted, rejected = collect(plan, store, shapes, Path(tmp), log, first)  # 1
-        accepted, weighing = weigh(plan, accepted, log)  # 2
+        accepted, outliers, weighing = weigh(plan, accepted, log)  # 2
+        rejected += outliers
         if clip is not None:
             fraction = privacy.adapt_clip(store, task, accepted, clip, log)
             weighing = replace(weighing, clip_norm=clip, clip_fraction=fraction)

@@ -6,9 +6,10 @@ a delta's tensors have the adapter's shapes, are finite and stay under maxDeltaN
 (`check_finite`).
 
 Bounded influence: a client's weight in the mean is its sample count (or 1 with uniform
-weighting) times its configured weight, capped at `maxClientShare` of the round's total
-(`capped_weights`); a delta whose norm is more than `outlierNormFactor` times the round's median
-norm is scaled down to that (`outlier_bound`, `clip_factor`).
+weighting) times its configured weight, capped at `maxClientShare` of the round's total, twice
+a fair share by default (`share_cap`, `capped_weights`); a delta whose norm is more than
+`outlierNormFactor` times the round's median norm is rejected, and one more than
+`outlierClipFactor` times it is scaled down to that (`outlier_bound`, `clip_factor`).
 """
 
 from __future__ import annotations
@@ -127,6 +128,15 @@ def capped_weights(weights: Sequence[float], max_share: float) -> tuple[list[flo
         capped |= over
 
 
+def share_cap(max_share: float | None, clients: int) -> float:
+    """The most of a round's weight one client may have: `max_share`, or by default twice a fair
+    share of the round's `clients` (so a lie about samples buys at most double; no cap with two
+    or fewer)."""
+    if max_share is not None:
+        return max_share
+    return min(1.0, 2.0 / max(1, clients))
+
+
 def lower_median(values: Sequence[float]) -> float:
     """The ceil(n/2)-th smallest value: with two clients the smaller one, never an average, so
     one huge value cannot raise the median of two."""
@@ -134,12 +144,16 @@ def lower_median(values: Sequence[float]) -> float:
     return ordered[(len(ordered) - 1) // 2]
 
 
-def outlier_bound(norms: Sequence[float], factor: float | None) -> float | None:
-    """The largest norm a delta may keep this round: factor times the lower median of the norms.
+def outlier_bound(
+    norms: Sequence[float], factor: float | None, min_clients: int = 2
+) -> float | None:
+    """`factor` times the lower median of the round's norms: the largest norm a delta may keep
+    (the clip, from 2 clients) or have at all (the rejection, from 3, so that the median is not
+    the suspect's own).
 
-    None (no bound) when the rule is off or with a single client (nothing to compare with).
+    None (no bound) when the rule is off or with fewer clients than it needs.
     """
-    if factor is None or len(norms) < 2:
+    if factor is None or len(norms) < min_clients:
         return None
     return factor * lower_median(norms)
 

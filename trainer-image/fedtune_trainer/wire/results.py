@@ -68,13 +68,13 @@ class Contribution(Model):
     samples: int = Field(ge=0, description="The sample count it reported (validated).")
     weight: float = Field(
         ge=0,
-        description="The weight it got in the mean, after maxClientShare (1 in the unweighted "
+        description="The weight it got in the mean, after the share cap (1 in the unweighted "
         "rules; for krum/multiKrum 1 when selected, else 0).",
     )
     share: float = Field(
         0.0, ge=0, le=1, description="Its share of the round's total weight: weight / sum."
     )
-    capped: bool = Field(False, description="Its weight was lowered to maxClientShare.")
+    capped: bool = Field(False, description="Its weight was lowered to the round's share cap.")
     scale: float = Field(
         1.0,
         ge=0,
@@ -83,7 +83,7 @@ class Contribution(Model):
         "privacy clip and the outlier clip (1: unchanged).",
     )
     outlier: bool = Field(
-        False, description="Its norm was above outlierNormFactor x the round's median: clipped."
+        False, description="Its norm was above outlierClipFactor x the round's median: clipped."
     )
     selected: bool | None = Field(None, description="krum/multiKrum: whether it was selected.")
     train_loss: float | None = None
@@ -112,13 +112,19 @@ class RoundRecord(Model):
         None, description="How client weights were formed (None when nothing was merged)."
     )
     max_client_share: float | None = Field(
-        None, description="The share cap applied: max(maxClientShare, 1 / accepted)."
+        None,
+        description="The share cap applied: maxClientShare (by default 2 / accepted), at "
+        "least 1 / accepted.",
     )
     median_norm: float | None = Field(
-        None, description="The lower median of the accepted deltas' norms."
+        None,
+        description="The lower median of the norms of the deltas that passed intake (before "
+        "outliers were rejected).",
     )
     outlier_norm_bound: float | None = Field(
-        None, description="outlierNormFactor x median_norm: larger deltas were clipped to it."
+        None,
+        description="outlierClipFactor x median_norm: larger deltas were clipped to it (and "
+        "those above outlierNormFactor x median_norm rejected).",
     )
     clip_norm: float | None = Field(
         None, ge=0, description="privacy.adaptiveClipping: the clip norm this round used."

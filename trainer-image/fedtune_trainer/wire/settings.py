@@ -266,19 +266,28 @@ class AggregationSpec(Model):
         description="Client weight in the mean: samples (the count each client reports, times "
         "its weight) or uniform (its weight alone: reported counts are ignored).",
     )
-    max_client_share: float = Field(
-        0.5,
+    max_client_share: float | None = Field(
+        None,
         gt=0,
         le=1,
         description="No client gets more than this share of a round's total weight: larger "
-        "weights are lowered to it (at least 1/clients; 1 turns the cap off).",
+        "weights are lowered to it (at least 1/clients; 1 turns the cap off). Null, the "
+        "default, follows the round: twice a fair share, 2 / the accepted clients.",
+    )
+    outlier_clip_factor: float | None = Field(
+        3.0,
+        ge=1,
+        le=1e6,
+        description="A delta whose L2 norm exceeds this times the round's median norm is scaled "
+        "down to that norm (needs 2 or more clients); null turns it off.",
     )
     outlier_norm_factor: float | None = Field(
         10.0,
         ge=1,
         le=1e6,
-        description="A delta whose L2 norm exceeds this times the round's median norm is clipped "
-        "to that norm (needs 2 or more clients); null turns it off.",
+        description="A delta whose L2 norm exceeds this times the round's median norm is "
+        "rejected as an attack, not clipped (needs 3 or more clients, so that the median is "
+        "an honest client's); null turns it off.",
     )
     byzantine_clients: int = Field(
         1,
@@ -308,6 +317,12 @@ class AggregationSpec(Model):
     def _one_sampling_rule(self) -> AggregationSpec:
         if self.clients_per_round is not None and self.client_fraction is not None:
             raise ValueError("set at most one of clientsPerRound and clientFraction")
+        clip, reject = self.outlier_clip_factor, self.outlier_norm_factor
+        if clip is not None and reject is not None and clip > reject:
+            raise ValueError(
+                f"outlierClipFactor ({clip:g}) must not exceed outlierNormFactor ({reject:g}): "
+                "a delta is clipped before it is far enough out to be rejected"
+            )
         return self
 
 
