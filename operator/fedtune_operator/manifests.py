@@ -147,7 +147,7 @@ def client_keys(spec: FederatedFineTuneSpec, clients: list[str]) -> dict[str, st
 
 
 def aggregate_task(
-    run: str, spec: FederatedFineTuneSpec, round_: int, clients: list[str]
+    run: str, spec: FederatedFineTuneSpec, round_: int, clients: list[str], attempt: int = 0
 ) -> AggregateTask:
     weights = {c.name: c.weight for c in spec.clients if c.name in clients}
     return AggregateTask(
@@ -161,6 +161,8 @@ def aggregate_task(
         clients=clients,
         client_weights=weights,
         min_clients=max(1, min(quorum(spec), len(clients))) if clients else 1,
+        attempt=attempt,
+        retain_client_deltas=spec.storage.client_delta_policy == "Retain",
         client_keys=client_keys(spec, clients),
         aggregation=spec.aggregation,
         privacy=spec.privacy,
@@ -421,7 +423,7 @@ def aggregate_job(
     attempt: int,
     clients: list[str],
 ) -> dict[str, Any]:
-    task = aggregate_task(run, spec, round_, clients)
+    task = aggregate_task(run, spec, round_, clients, attempt)
     return _job(
         name=aggregate_job_name(run, round_),
         namespace=namespace,

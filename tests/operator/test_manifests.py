@@ -278,8 +278,32 @@ def test_aggregate_job_carries_clients_weights_and_quorum() -> None:
     assert task.rounds == 3
     assert task.drift_control == "none"
     assert task.total_clients == len(SPEC["clients"])  # SCAFFOLD's N: all, not the round's
+    assert task.attempt == 0  # a rerun of this attempt reports it; attempt 1 computes anew
+    assert not task.retain_client_deltas  # storage.clientDeltaPolicy Delete, the default
     command = job["spec"]["template"]["spec"]["containers"][0]["command"]
     assert command == ["fedtune-trainer", "aggregate"]
+
+
+@pytest.mark.parametrize(
+    ("attempt", "policy", "retain"), [(0, None, False), (2, "Delete", False), (1, "Retain", True)]
+)
+def test_the_aggregator_knows_its_attempt_and_whether_to_keep_the_deltas(
+    attempt: int, policy: str | None, retain: bool
+) -> None:
+    storage = {**SPEC["storage"], **({"clientDeltaPolicy": policy} if policy else {})}
+    job = manifests.aggregate_job(
+        run="demo",
+        namespace="ns",
+        uid="u",
+        spec=parse_spec({**SPEC, "storage": storage}),
+        round_=3,
+        attempt=attempt,
+        clients=["hospital-a"],
+    )
+    task = parse_task(env_of(job)["FEDTUNE_TASK"])
+    assert isinstance(task, AggregateTask)
+    assert (task.attempt, task.retain_client_deltas) == (attempt, retain)
+    assert job["metadata"]["labels"]["fedtune.dev/attempt"] == str(attempt)
 
 
 def test_scaffold_reaches_the_aggregator_from_the_training_settings() -> None:

@@ -302,9 +302,18 @@ def test_clipping_bounds_each_client_and_noise_has_the_stated_std(file_store: st
         AggregationSpec(), as_numpy(g0), [as_numpy(d) for d in clipped], [1.0] * 4, {}
     )
 
+    attempts = iter(range(100))
+
     def dp_round(noise: float) -> dict[str, torch.Tensor]:
+        """Round 1 again, as a new attempt over the same (retained) deltas."""
+        privacy = PrivacySpec(clip_norm=clip, noise_multiplier=noise)
         t = task(
-            file_store, 1, clients, privacy=PrivacySpec(clip_norm=clip, noise_multiplier=noise)
+            file_store,
+            1,
+            clients,
+            privacy=privacy,
+            attempt=next(attempts),
+            retain_client_deltas=True,
         )
         aggregate.run(t, file_store, quiet)
         return read_global(file_store, 1)
@@ -320,8 +329,8 @@ def test_clipping_bounds_each_client_and_noise_has_the_stated_std(file_store: st
     got = dp_round(0.0)
     for name in shapes:
         np.testing.assert_allclose(got[name].double().numpy(), weighted[name], rtol=1e-5, atol=1e-6)
-    # With noise: uniform weights, Gaussian noise of std z * C / n, drawn afresh by a rerun
-    # (test_privacy.py: keyed by privacy.noiseKeySecret, a rerun draws the same).
+    # With noise: uniform weights, Gaussian noise of std z * C / n, drawn afresh by another
+    # attempt (test_privacy.py: keyed by privacy.noiseKeySecret, the same).
     z = 0.8
     noisy = dp_round(z)
     assert not any(torch.equal(noisy[k], dp_round(z)[k]) for k in noisy)
@@ -523,3 +532,57 @@ def test_a_delta_is_checked_tensor_by_tensor_as_it_decodes(
     else:
         with pytest.raises(ValueError, match=reason):
             bounds.checked_norm(decode, shapes, max_norm)
+
+
+# ---------------------------------------------------------------------------------------------
+# Individual deltas do not outlive their round; a rerun of a committed attempt reports it
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("retain", [False, True])
+def test_a_rounds_client_deltas_go_once_it_is_committed(
+    file_store: st.FileStore, retain: bool
+) -> None:
+    write_global(file_store, 0, random_tensors(0))
+    sent = {c: put_delta(file_store, 1, c, random_tensors(i, 0.1)) for i, c in enumerate(CLIENTS)}
+    put_delta(file_store, 1, "late", random_tensors(9, 0.1))  # committed, not in the task
+    t = task(file_store, 1, CLIENTS, retain_client_deltas=retain)
+    record = aggregate.run(t, file_store, quiet).record
+    left = file_store.list(st.join(round_prefix(1), "clients") + "/")
+    if retain:
+        assert {key.split("/")[3] for key in left} == {*CLIENTS, "late"}
+    else:
+        assert left == []
+    # What remains of each merged delta either way: its hash and its size.
+    assert {c.client: (c.sha256, c.encoded_bytes) for c in record.contributions} == {
+        c: (st.sha256_bytes(e.blob), len(e.blob)) for c, e in sent.items()
+    }
+    assert read_record(file_store, 1) == record
+
+
+def test_a_rerun_of_a_committed_attempt_reports_it_and_a_new_attempt_computes_anew(
+    file_store: st.FileStore,
+) -> None:
+    write_global(file_store, 0, random_tensors(0))
+    for i, c in enumerate(CLIENTS):
+        put_delta(file_store, 1, c, random_tensors(i, 0.1))
+    t = task(file_store, 1, CLIENTS, min_clients=3)
+    first = aggregate.run(t, file_store, quiet)
+    committed = st.read_committed(file_store, global_prefix(1))
+    lines: list[str] = []
+    again = aggregate.run(t, file_store, lines.append)  # the deltas are gone: it cannot recompute
+    assert again.record == first.record
+    assert again.global_uri == first.global_uri
+    assert st.read_committed(file_store, global_prefix(1)) == committed
+    assert any("attempt 0 is already committed" in line for line in lines)
+    # The operator's next attempt computes the round anew, from what its clients send now.
+    retry = t.model_copy(update={"attempt": 1})
+    with pytest.raises(QuorumError, match="0 valid deltas"):
+        aggregate.run(retry, file_store, quiet)
+    for i, c in enumerate(CLIENTS):
+        put_delta(file_store, 1, c, random_tensors(50 + i, 0.1))
+    second = aggregate.run(retry, file_store, quiet)
+    assert second.record.contributions != first.record.contributions
+    manifest = st.read_manifest(file_store, global_prefix(1))
+    assert manifest is not None
+    assert manifest["attempt"] == 1

@@ -301,13 +301,15 @@ def test_scaffold_two_rounds_two_clients_idempotent_under_reruns(
         again = client.run(client_task(demo, file_store, r, 1), file_store, quiet)
         assert again.sha256 == summaries[1].sha256
         assert snapshot(file_store) == before  # a client rerun: byte-identical
-        summary = aggregate.run(aggregate_task(demo, file_store, r), file_store, quiet)
+        # Deltas retained: the test reads the uploaded control changes afterwards.
+        keep = aggregate_task(demo, file_store, r, retain_client_deltas=True)
+        summary = aggregate.run(keep, file_store, quiet)
         record = summary.record
         assert (record.accepted, record.rejected) == (2, 0)
         assert record.bytes_received == sum(s.bytes_sent for s in summaries)
         assert record.raw_bytes == sum(s.raw_bytes for s in summaries)
         after = snapshot(file_store)
-        aggregate.run(aggregate_task(demo, file_store, r), file_store, quiet)
+        aggregate.run(keep, file_store, quiet)
         assert snapshot(file_store) == after  # an aggregator rerun: byte-identical
 
     # The corrections were applied once: c_2 = c_1 + sum(dc_i(2)) / N and c_1 = sum(dc_i(1)) / N
@@ -368,7 +370,8 @@ def test_a_bad_control_upload_rejects_its_client_not_the_round(
     for i in range(2):
         client.run(client_task(demo, file_store, 1, i), file_store, quiet)
     _bad_control(file_store, "client-1", how)
-    summary = aggregate.run(aggregate_task(demo, file_store, 1, min_clients=1), file_store, quiet)
+    keep = aggregate_task(demo, file_store, 1, min_clients=1, retain_client_deltas=True)
+    summary = aggregate.run(keep, file_store, quiet)  # deltas kept: the test reads the good one
     assert (summary.record.accepted, summary.record.rejected) == (1, 1)
     (rejection,) = summary.record.rejections
     assert rejection.client == "client-1"

@@ -32,8 +32,11 @@ Round r >= 1 is `merge_round`, steps over the committed global adapter r-1, one 
    as a PEFT directory with its manifest last, and on the last round the same adapter under
    final/.
 
-Then the run report (report/, see report.py) from every round's record in storage. Evaluation
-is a Job of its own (evaluate.py): the aggregator never needs the base model's weights for it.
+Then the run report (report/, see report.py) from every round's record in storage, and the
+round's client deltas are deleted (unless the run retains them), the record keeping each merged
+delta's hash and size. A rerun of the same attempt after the commit reports the committed round
+(`committed`). Evaluation is a Job of its own (evaluate.py): the aggregator never needs the base
+model's weights for it.
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ from fedtune_trainer.aggregation.reducers import (
 )
 from fedtune_trainer.aggregation.server import server_update
 from fedtune_trainer.codec import precheck
+from fedtune_trainer.codec.container import DELTA_FILE
 from fedtune_trainer.learning import drift
 from fedtune_trainer.learning.loading import config_source
 from fedtune_trainer.storage import store as st
@@ -194,6 +198,7 @@ def collect(
                     encoded_bytes=path.stat().st_size + control_bytes,
                     raw_bytes=manifest.get("raw_bytes", 0) + control_raw,
                     norm=norm,
+                    sha256=manifest["files"][DELTA_FILE]["sha256"],
                     control=control,
                 )
             except Exception as e:
@@ -390,6 +395,7 @@ def publish(
         "kind": "adapter",
         "run": task.run,
         "round": r,
+        "attempt": task.attempt,
         "accepted": [c.client for c in record.contributions],
         "adapter": lora.config_summary(merged.config),
     }
@@ -434,10 +440,55 @@ def write_report(
     return summary.model_copy(update={"report_uri": uri})
 
 
+def committed(task: AggregateTask, store: st.Store, log: Log) -> AggregateSummary | None:
+    """The summary of this very attempt of the round when it is already committed, else None.
+
+    A rerun of the attempt (the Job's pod retried after the commit, before it reported) reports
+    what was committed instead of computing the round again: the deltas it merged may be gone
+    already, and fresh DP noise would be a second release of the round. A later attempt (the
+    operator retried the round) does not match and computes the round anew. Global r is
+    committed after its record and before final/, so a committed global has its record; on the
+    last round final/ must be committed too, or the round is computed again (its deltas are
+    deleted only after final/).
+    """
+    manifest = st.read_manifest(store, global_prefix(task.round))
+    if manifest is None or (manifest.get("run"), manifest.get("attempt")) != (
+        task.run,
+        task.attempt,
+    ):
+        return None
+    final_uri = None
+    if task.round == task.rounds:
+        if st.read_manifest(store, FINAL_PREFIX) is None:
+            return None
+        final_uri = store.url(FINAL_PREFIX)
+    raw = store.get_bytes(st.join(round_prefix(task.round), METRICS_FILE))
+    record = RoundRecord.model_validate_json(raw)
+    log(f"round {task.round}: attempt {task.attempt} is already committed; reporting it")
+    global_uri = store.url(global_prefix(task.round))
+    return AggregateSummary(record=record, global_uri=global_uri, final_uri=final_uri)
+
+
+def discard_client_deltas(task: AggregateTask, store: st.Store, log: Log) -> None:
+    """Individual deltas do not outlive their use: once round r is committed, every client
+    commit under rounds/<r>/clients/ goes (the round record keeps each merged delta's hash and
+    size), unless the run retains them for audits."""
+    if task.retain_client_deltas:
+        return
+    prefix = st.join(round_prefix(task.round), "clients") + "/"
+    deleted = store.delete_prefix(prefix)
+    log(f"round {task.round}: deleted the clients' deltas ({deleted} objects)")
+
+
 def run(task: AggregateTask, store: st.Store | None = None, log: Log = _stderr) -> AggregateSummary:
-    """Aggregate (or, at round 0, initialise) one round, then render the report."""
+    """Aggregate (or, at round 0, initialise) one round, then render the report and delete the
+    round's client deltas."""
     store = store or open_store(task.storage)
     start = time.perf_counter()
+    if task.round > 0 and (summary := committed(task, store, log)) is not None:
+        return write_report(task, store, summary, log)
     merged = initialize(task, store, log) if task.round == 0 else merge_round(task, store, log)
-    summary = publish(task, store, merged, start, log)
-    return write_report(task, store, summary, log)
+    summary = write_report(task, store, publish(task, store, merged, start, log), log)
+    if task.round > 0:
+        discard_client_deltas(task, store, log)
+    return summary

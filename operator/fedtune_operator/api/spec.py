@@ -99,6 +99,12 @@ class StorageSpec(StorageLocation):
         "Retain",
         description="Delete removes everything under uri when the FederatedFineTune is deleted.",
     )
+    client_delta_policy: Literal["Delete", "Retain"] = Field(
+        "Delete",
+        description="Delete: each client's delta (and its manifest) is deleted once the round "
+        "that merged it is committed; the round record keeps its hash and size. Retain keeps "
+        "them for audits.",
+    )
 
     model_config = ConfigDict(
         json_schema_extra=k8s_extensions(

@@ -50,6 +50,8 @@ class Accepted:
     encoded_bytes: int
     raw_bytes: int
     norm: float
+    sha256: str = ""
+    """The SHA-256 of its delta file (verified): what the round record keeps of it."""
     scale: float = 1.0
     """The factor its delta is scaled by: the smaller of the DP clip and the outlier clip."""
     capped: bool = False
@@ -73,6 +75,7 @@ class Accepted:
             encoded_bytes=self.encoded_bytes,
             raw_bytes=self.raw_bytes,
             norm=self.norm,
+            sha256=self.sha256 or None,
         )
 
     def tensors(self) -> Callable[[str], torch.Tensor]:

@@ -90,6 +90,11 @@ class Contribution(Model):
     encoded_bytes: int = Field(ge=0, description="Bytes it uploaded.")
     raw_bytes: int = Field(ge=0, description="The same delta as dense fp32.")
     norm: float = Field(ge=0, description="L2 norm of the decoded delta (before any clip).")
+    sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="SHA-256 of its delta file: what remains of the delta once it is deleted.",
+    )
 
 
 class RoundRecord(Model):

@@ -78,6 +78,17 @@ class AggregateTask(_TaskBase):
         description="Clients that train at a LoRA rank other than adapter.r (exact mode only).",
     )
     min_clients: int = Field(1, ge=1)
+    attempt: int = Field(
+        0,
+        ge=0,
+        description="The round's attempt: a rerun of this attempt after its commit reports the "
+        "committed round; a later attempt computes the round again.",
+    )
+    retain_client_deltas: bool = Field(
+        False,
+        description="Keep the clients' deltas after the round is committed (for audits); by "
+        "default they are deleted once the round that merged them is committed.",
+    )
     client_keys: dict[str, PublicKey] = Field(
         default_factory=dict,
         description="Each signing client's pinned public key: its delta counts only when its "
