@@ -34,6 +34,8 @@ from fedtune_operator.objects import (
 from fedtune_operator.rounds import clients_per_round, quorum
 from fedtune_operator.volumes import all_local, cache_volume, local_uri, pvc_volumes
 from fedtune_trainer.wire.contract import (
+    ANNOTATION_DATA_CREDENTIALS,
+    ANNOTATION_STORAGE_CREDENTIALS,
     AWS_CREDENTIAL_ENV,
     AWS_ENDPOINT_ENV,
     AWS_REGION_ENV,
@@ -213,6 +215,25 @@ def _secret_env(prefix: str, creds: S3Credentials | None) -> list[dict[str, Any]
     ]
 
 
+def _secret_name(creds: S3Credentials | None) -> str:
+    """What the credentials annotation says: the Secret, or that there is none."""
+    return f"secret/{creds.name}" if creds else "none (the pod's ambient identity)"
+
+
+def client_credentials(
+    spec: FederatedFineTuneSpec, client: str
+) -> tuple[S3Credentials | None, S3Credentials | None, str]:
+    """A client's storage identity, its data credentials, and what it reads its data with.
+
+    Its own storage identity when it has one (never the run's, then); its data with its own data
+    Secret, else with its storage identity: never a credential the spec names for anyone else."""
+    entry = next(c for c in spec.clients if c.name == client)
+    storage = entry.storage_credentials_secret or spec.storage.credentials_secret
+    if entry.credentials_secret is not None:
+        return storage, entry.credentials_secret, _secret_name(entry.credentials_secret)
+    return storage, None, f"the storage credentials ({_secret_name(storage)})"
+
+
 def _signing_env(signing: ClientSigning | None) -> list[dict[str, Any]]:
     """The client's private signing key, in its own pods alone (a secretKeyRef: the operator
     never reads it)."""
@@ -269,20 +290,28 @@ def _job(
     uris: tuple[str | None, ...],
     backoff_limit: int,
     cache: tuple[list[dict[str, Any]], ...] = ([], [], []),
+    credentials: S3Credentials | None = None,
+    data_credentials: str | None = None,
 ) -> dict[str, Any]:
+    """One Job. `credentials`: the storage identity its pods get (the run's when None);
+    `data_credentials`: for a client, what the annotation says it reads its data with."""
     template = spec.template
     all_labels = {**(template.labels or {}), **labels}
     pod_sc, container_sc = security_context()
     pvc_vols, pvc_mounts = pvc_volumes(*uris)
     cache_vols, cache_mounts, cache_env = cache
     storage = spec.storage
+    credentials = credentials or storage.credentials_secret
     env: list[dict[str, Any]] = [
         {"name": TASK_ENV, "value": task_json},
         {"name": "HOME", "value": "/tmp/home"},
         {"name": "HF_HOME", "value": "/tmp/hf"},
         {"name": "HF_HUB_OFFLINE", "value": "1" if all_local(uris) else "0"},
-        *_secret_env("", storage.credentials_secret),
+        *_secret_env("", credentials),
     ]
+    who = {ANNOTATION_STORAGE_CREDENTIALS: _secret_name(credentials)}
+    if data_credentials is not None:
+        who[ANNOTATION_DATA_CREDENTIALS] = data_credentials
     if storage.endpoint:
         env.append({"name": AWS_ENDPOINT_ENV, "value": storage.endpoint})
     if storage.region:
@@ -338,7 +367,7 @@ def _job(
                 "name": name,
                 "namespace": namespace,
                 "labels": all_labels,
-                "annotations": template.annotations,
+                "annotations": {**(template.annotations or {}), **who},
                 "ownerReferences": [owner_reference(run, uid)] if uid else None,
             }
         ),
@@ -390,7 +419,7 @@ def client_job(
 ) -> dict[str, Any]:
     entry = next(c for c in spec.clients if c.name == client)
     task = client_task(run, spec, round_, client)
-    data_creds = entry.credentials_secret
+    storage_creds, data_creds, data_with = client_credentials(spec, client)
     settings = merge_pod_settings(spec.template, entry)
     return _job(
         name=client_job_name(run, round_, client),
@@ -410,6 +439,8 @@ def client_job(
         uris=(spec.base_model, spec.tokenizer, entry.data_uri),
         backoff_limit=spec.backoff_limit,
         cache=cache_volume(run, spec, client),
+        credentials=storage_creds,
+        data_credentials=data_with,
     )
 
 
@@ -459,6 +490,7 @@ def evaluate_job(
         uris=(spec.base_model, spec.tokenizer, spec.evaluation.data_uri),
         backoff_limit=spec.backoff_limit,
         cache=cache_volume(run, spec, None),
+        credentials=spec.evaluation.storage_credentials_secret,
     )
 
 

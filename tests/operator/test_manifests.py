@@ -209,6 +209,71 @@ def test_the_noise_key_reaches_the_aggregator_alone() -> None:
         assert "dp-noise-key" not in json.dumps(container["env"][1:])  # the task names it only
 
 
+def identity_spec() -> dict[str, Any]:
+    """SPEC with hospital-a on its own storage identity and the evaluation on its own."""
+    a, b = SPEC["clients"]
+    own = {"storageCredentialsSecret": {"name": "a-fedtune"}}
+    evaluation = {
+        "dataUri": "s3://eval/heldout.jsonl",
+        "storageCredentialsSecret": {"name": "eval-fedtune"},
+    }
+    return {**SPEC, "clients": [{**a, **own}, b], "evaluation": evaluation}
+
+
+def jobs_of(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    parsed = parse_spec(spec)
+    common = {"run": "demo", "namespace": "ns", "uid": "u", "spec": parsed}
+    jobs = {
+        c: manifests.client_job(**common, round_=1, attempt=0, client=c)
+        for c in ("hospital-a", "hospital-b")
+    }
+    jobs["aggregator"] = manifests.aggregate_job(
+        **common, round_=1, attempt=0, clients=["hospital-a", "hospital-b"]
+    )
+    jobs["evaluation"] = manifests.evaluate_job(**common, round_=1)
+    jobs["cleanup"] = manifests.cleanup_job(run="demo", namespace="ns", spec=parsed)
+    return jobs
+
+
+@pytest.mark.parametrize(
+    ("job", "storage", "data"),
+    [
+        # hospital-a: its own identity; its data with its own data Secret (a-creds)
+        ("hospital-a", "a-fedtune", "secret/a-creds"),
+        # hospital-b: no identity of its own: the run's, and its data with that
+        ("hospital-b", "s3-creds", "the storage credentials (secret/s3-creds)"),
+        ("aggregator", "s3-creds", None),
+        ("evaluation", "eval-fedtune", None),
+        ("cleanup", "s3-creds", None),
+    ],
+)
+def test_each_job_gets_the_identity_the_spec_names_for_it(
+    job: str, storage: str, data: str | None
+) -> None:
+    built = jobs_of(identity_spec())[job]
+    env = env_of(built)
+    assert env["AWS_ACCESS_KEY_ID"] == {
+        "secretKeyRef": {"name": storage, "key": "AWS_ACCESS_KEY_ID"}
+    }
+    others = {"a-fedtune", "eval-fedtune", "s3-creds"} - {storage}
+    refs = json.dumps(built["spec"]["template"]["spec"]["containers"][0]["env"])
+    assert not [o for o in others if f'"{o}"' in refs]  # no other identity reaches its pods
+    annotations = built["metadata"]["annotations"]
+    assert annotations["fedtune.dev/storage-credentials"] == f"secret/{storage}"
+    assert annotations.get("fedtune.dev/data-credentials") == data
+
+
+def test_a_client_on_its_own_identity_reads_its_data_with_it() -> None:
+    spec = identity_spec()
+    del spec["clients"][0]["credentialsSecret"]
+    built = jobs_of(spec)["hospital-a"]
+    env = env_of(built)
+    assert "FEDTUNE_DATA_AWS_ACCESS_KEY_ID" not in env  # the trainer falls back to AWS_*: its own
+    assert env["AWS_SECRET_ACCESS_KEY"]["secretKeyRef"]["name"] == "a-fedtune"
+    expected = "the storage credentials (secret/a-fedtune)"
+    assert built["metadata"]["annotations"]["fedtune.dev/data-credentials"] == expected
+
+
 def test_the_task_is_the_contract_the_trainer_parses() -> None:
     task = parse_task(env_of(client_job())["FEDTUNE_TASK"])
     assert isinstance(task, ClientTask)

@@ -173,10 +173,18 @@ class _ClientData(Model):
     credentials_secret: S3Credentials | None = Field(
         None,
         description="Credentials for this client's data, read through spec.storage.endpoint; "
-        "defaults to the storage credentials.",
+        "defaults to the client's storage credentials (its storageCredentialsSecret, else the "
+        "run's).",
     )
     signing: ClientSigning | None = Field(
         None, description="The client's signing key; without it its deltas are not signed."
+    )
+    storage_credentials_secret: S3Credentials | None = Field(
+        None,
+        description="The client's own storage identity, scoped by the storage server's policy "
+        "to its own prefixes (`fedtune storage-policy` prints it): its pods get it instead of "
+        "spec.storage.credentialsSecret, and read its data with it unless credentialsSecret is "
+        "set.",
     )
 
 
@@ -194,6 +202,12 @@ class _EvaluationData(EvaluationSpec):
 
     data_uri: DataUri | None = Field(
         None, description="Held-out jsonl (s3://, file:// or pvc://), in spec.data.format."
+    )
+    storage_credentials_secret: S3Credentials | None = Field(
+        None,
+        description="The evaluation's own storage identity (reads the global adapters, writes "
+        "evaluation.json and the report; `fedtune storage-policy` prints its policy); defaults "
+        "to spec.storage.credentialsSecret.",
     )
 
 

@@ -26,6 +26,10 @@ LABEL_ROUND: Final = f"{GROUP}/round"
 LABEL_ROLE: Final = f"{GROUP}/role"
 LABEL_CLIENT: Final = f"{GROUP}/client"
 LABEL_ATTEMPT: Final = f"{GROUP}/attempt"
+ANNOTATION_STORAGE_CREDENTIALS: Final = f"{GROUP}/storage-credentials"
+ANNOTATION_DATA_CREDENTIALS: Final = f"{GROUP}/data-credentials"
+"""On every Job: which Secret its pods reach storage (and a client its data) with, so that
+`kubectl describe job` shows who holds what."""
 
 Role = Literal["client", "aggregator", "evaluator", "cleanup"]
 ROLE_CLIENT: Final = "client"
