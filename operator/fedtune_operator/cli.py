@@ -1,6 +1,7 @@
 """`fedtune`: the operator's entry point.
 
     fedtune operator [--namespace NS ...] [--liveness-port P] [--metrics-port P]
+    fedtune storage-policy -f RUN.yaml [--flavor aws|minio|versitygw] [--account SECRET=NAME]
 
 Without --namespace the operator watches the whole cluster (it then needs a ClusterRole); with one
 or more it watches only those namespaces (Roles in each are enough).
@@ -41,6 +42,28 @@ def _operator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _storage_policy(args: argparse.Namespace) -> int:
+    import json
+
+    import yaml
+
+    from fedtune_operator import storage_policy
+    from fedtune_operator.validation import SpecError, parse_spec
+
+    try:
+        with open(args.filename) as f:
+            document = yaml.safe_load(f)
+        spec = parse_spec((document or {}).get("spec") or {})
+    except (OSError, yaml.YAMLError, SpecError) as e:
+        print(f"fedtune storage-policy: {e}", file=sys.stderr)
+        return 2
+    accounts = dict(a.split("=", 1) for a in args.account if "=" in a)
+    print(json.dumps(storage_policy.policies(spec, args.flavor, accounts), indent=2))
+    for warning in storage_policy.uncovered(spec):
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="fedtune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -68,6 +91,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     op.add_argument("--verbose", "-v", action="store_true")
     op.set_defaults(func=_operator)
+    pol = sub.add_parser(
+        "storage-policy",
+        help="print the storage policies that give each identity of a run exactly its access",
+        description="Reads a FederatedFineTune manifest and prints, as JSON, the least-privilege "
+        "policy of each storage identity it names (storage_policy.py says who needs what).",
+    )
+    pol.add_argument("-f", "--filename", required=True, help="the run's manifest (YAML)")
+    pol.add_argument("--flavor", choices=["aws", "minio", "versitygw"], default="aws")
+    pol.add_argument(
+        "--account",
+        action="append",
+        default=[],
+        metavar="SECRET=NAME",
+        help="versitygw: the account behind a Secret (default: the Secret's name)",
+    )
+    pol.set_defaults(func=_storage_policy)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -123,10 +123,15 @@ class DevCluster:
         established = "{.status.conditions[?(@.type=='Established')].status}"
 
         def served() -> bool:
+            # Not check=True: while the CRD has no conditions yet, the jsonpath filter fails.
             got = self.kubectl(
-                "get", "crd/federatedfinetunes.fedtune.dev", "-o", f"jsonpath={established}"
+                "get",
+                "crd/federatedfinetunes.fedtune.dev",
+                "-o",
+                f"jsonpath={established}",
+                check=False,
             )
-            return got.stdout.strip() == "True"
+            return got.returncode == 0 and got.stdout.strip() == "True"
 
         wait_for(served, timeout=60, what="the FederatedFineTune CRD to be Established")
 
