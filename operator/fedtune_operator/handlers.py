@@ -10,9 +10,12 @@ The run's Jobs come from a kopf index over the Job watch the operator keeps anyw
 per reconcile); pods are read only for the Jobs that just finished, whose termination messages
 hold the results the status does not have yet.
 
-The order of a reconcile is fixed: write the status (guarded by resourceVersion; on a conflict,
-re-read and decide again), then create or delete Jobs, then post events. A status that says round r
-therefore always exists before round r's Jobs, and an event never announces what was not recorded.
+The order of a reconcile is fixed: decide; when the decision creates pods, apply the run's
+NetworkPolicy and record what that came to (network_policy.settle: a policy of its name that the
+run does not own holds those Jobs back); write the status (guarded by resourceVersion; on a
+conflict, re-read and decide again), then create or delete Jobs, then post events. A status that
+says round r therefore always exists before round r's Jobs, and an event never announces what was
+not recorded.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from fedtune_operator.api import (
     FederatedFineTuneSpec,
     FederatedFineTuneStatus,
 )
-from fedtune_operator.kube import Conflict, Kube, NamespaceTerminating
+from fedtune_operator.kube import Conflict, Kube, NamespaceTerminating, NotOwned
 from fedtune_operator.observe import compact_job, jobs_needing_pods, observe_jobs
 from fedtune_operator.validation import SpecError, parse_spec, parse_status, validate_spec
 from fedtune_trainer.wire.contract import FINALIZER, LABEL_RUN
@@ -242,6 +245,25 @@ async def reconcile(namespace: str, name: str, jobs: list[dict[str, Any]]) -> Ou
             spec=spec,
         )
         decided = engine.decide(run, status, observe_jobs(meta["uid"], jobs, pods), now)
+        applied, refused = False, None
+        if spec.network_policy.enabled and network_policy.creates_pods(decided):
+            try:
+                await _ensure_network_policy(k, obj, spec)
+                applied = True
+            except NotOwned as e:
+                refused = str(e)
+            except NamespaceTerminating:
+                log.info("namespace %s is being deleted: not acting on run %s", namespace, name)
+                return "gone"
+        decided = network_policy.settle(
+            decided,
+            name,
+            spec,
+            applied=applied,
+            refused=refused,
+            now=now,
+            generation=run.generation,
+        )
 
     if _status_json(decided.status) != _status_json(status):
         try:
@@ -251,8 +273,6 @@ async def reconcile(namespace: str, name: str, jobs: list[dict[str, Any]]) -> Ou
         _count(namespace, name, decided.facts)
 
     try:
-        if spec is not None and any(isinstance(a, _CREATES_PODS) for a in decided.actions):
-            await _ensure_network_policy(k, obj, spec)
         for action in decided.actions:
             await asyncio.to_thread(_apply, k, obj, spec, action)
     except NamespaceTerminating:
@@ -263,18 +283,14 @@ async def reconcile(namespace: str, name: str, jobs: list[dict[str, Any]]) -> Ou
     return "wait"
 
 
-_CREATES_PODS = (decision.CreateClientJob, decision.CreateAggregateJob, decision.CreateEvaluateJob)
-
-
 async def _ensure_network_policy(
     k: Kube, obj: Mapping[str, Any], spec: FederatedFineTuneSpec
 ) -> None:
     """Apply the run's NetworkPolicy before any of its pods can exist: a pod created first would
     run unconfined. Failing closed, a policy that cannot be applied (no RBAC, an invalid peer)
     stops the Jobs from being created and is retried with the reconcile's backoff; the warning
-    event says why (the HTTP status and reason only, nothing from the request)."""
-    if not spec.network_policy.enabled:
-        return
+    event says why (the HTTP status and reason only, nothing from the request). A policy of
+    that name that the run does not own is NotOwned, for the caller to record: never patched."""
     meta = obj["metadata"]
     manifest = network_policy.network_policy(
         run=meta["name"], namespace=meta["namespace"], uid=meta["uid"], spec=spec
@@ -388,8 +404,14 @@ async def cleanup_storage(name: str, namespace: str, body: kopf.Body, **_: Any) 
         manifest = manifests.cleanup_job(run=name, namespace=namespace, spec=spec)
         try:
             # Normally in place since the run's first Job; a run that never started has none.
-            await _ensure_network_policy(k, body, spec)
+            if spec.network_policy.enabled:
+                await _ensure_network_policy(k, body, spec)
             await asyncio.to_thread(k.create_job, manifest)
+        except NotOwned as e:
+            # No Job runs without the run's own policy, and none ever will: leave it in place.
+            message = f"{e}: no cleanup Job runs unconfined; {spec.storage.uri} is left in place"
+            kopf.warn(body, reason="StorageCleanupSkipped", message=message[:250])
+            return
         except NamespaceTerminating:
             # No Job can run here any more; holding the run would hold the namespace forever.
             log.warning(

@@ -395,10 +395,13 @@ DNS_RULE = {
     "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
 }
 ANYWHERE = [{"ipBlock": {"cidr": "0.0.0.0/0"}}, {"ipBlock": {"cidr": "::/0"}}]
-IDENTITY = [
-    {"ipBlock": {"cidr": "169.254.169.254/32"}},
+POD_IDENTITY = [
     {"ipBlock": {"cidr": "169.254.170.23/32"}},
     {"ipBlock": {"cidr": "fd00:ec2::23/128"}},
+]
+INSTANCE_METADATA = [
+    {"ipBlock": {"cidr": "169.254.169.254/32"}},
+    {"ipBlock": {"cidr": "fd00:ec2::254/128"}},
 ]
 MINIO_RULE = {
     "to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "storage"}}}],
@@ -455,13 +458,29 @@ def all_on_volumes() -> dict[str, Any]:
         ),
         (
             ambient_identity(),
-            [{"to": ANYWHERE, "ports": tcp(9000)}, {"to": IDENTITY, "ports": tcp(80)}],
+            [{"to": ANYWHERE, "ports": tcp(9000)}, {"to": POD_IDENTITY, "ports": tcp(80)}],
+        ),
+        (
+            {**ambient_identity(), "networkPolicy": {"allowInstanceMetadata": True}},
+            [
+                {"to": ANYWHERE, "ports": tcp(9000)},
+                {"to": POD_IDENTITY, "ports": tcp(80)},
+                {"to": INSTANCE_METADATA, "ports": tcp(80)},
+            ],
+        ),
+        (
+            {**SPEC, "networkPolicy": {"allowInstanceMetadata": True}},
+            [{"to": ANYWHERE, "ports": tcp(9000)}, {"to": INSTANCE_METADATA, "ports": tcp(80)}],
         ),
         (all_on_volumes(), []),
         ({**SPEC, "networkPolicy": {"egress": [MINIO_RULE]}}, [MINIO_RULE]),
         (
             {**SPEC, "baseModel": "Qwen/Qwen2.5-0.5B", "networkPolicy": {"egress": [MINIO_RULE]}},
             [MINIO_RULE],
+        ),
+        (
+            {**SPEC, "networkPolicy": {"egress": [MINIO_RULE], "allowInstanceMetadata": True}},
+            [MINIO_RULE, {"to": INSTANCE_METADATA, "ports": tcp(80)}],
         ),
     ],
     ids=[
@@ -471,10 +490,13 @@ def all_on_volumes() -> dict[str, Any]:
         "endpoint-http-default-port",
         "aws-s3",
         "hub-model",
-        "ambient-identity",
+        "ambient-identity-no-instance-metadata",
+        "ambient-identity-instance-metadata-opted-in",
+        "instance-metadata-with-credentials",
         "volumes-only",
         "explicit-egress",
         "explicit-egress-replaces-hub",
+        "explicit-egress-instance-metadata",
     ],
 )
 def test_egress_is_dns_plus_what_the_run_needs(
@@ -483,6 +505,52 @@ def test_egress_is_dns_plus_what_the_run_needs(
     """A NetworkPolicy matches addresses, not names: a host-name endpoint can only be confined
     to its port; an IP literal, or spec.networkPolicy.egress, confines it to its address."""
     assert policy(spec)["spec"]["egress"] == [DNS_RULE, *egress]
+
+
+@pytest.mark.parametrize(
+    ("spec", "reasons"),
+    [
+        (SPEC, ["spec.storage.endpoint minio is a host name: TCP 9000 to any address"]),
+        (
+            without_endpoint(),
+            ["storage is AWS S3 (no spec.storage.endpoint): TCP 443 to any address"],
+        ),
+        (
+            {**SPEC, "baseModel": "Qwen/Qwen2.5-0.5B"},
+            [
+                "spec.storage.endpoint minio is a host name: TCP 9000 to any address",
+                "a model is a hub id: TCP 443 to any address",
+            ],
+        ),
+        (with_storage(endpoint="https://10.1.2.3"), []),
+        (
+            {**with_storage(endpoint="https://10.1.2.3"), "baseModel": "Qwen/Qwen2.5-0.5B"},
+            ["a model is a hub id: TCP 443 to any address"],
+        ),
+        (all_on_volumes(), []),
+        ({**SPEC, "networkPolicy": {"egress": [MINIO_RULE]}}, []),
+        ({**SPEC, "networkPolicy": {"enabled": False}}, []),
+    ],
+    ids=[
+        "endpoint-host-name",
+        "aws-s3",
+        "host-name-and-hub",
+        "endpoint-ip",
+        "endpoint-ip-but-hub",
+        "volumes-only",
+        "explicit-egress",
+        "no-policy",
+    ],
+)
+def test_a_derived_rule_open_to_any_address_is_reported(
+    spec: dict[str, Any], reasons: list[str]
+) -> None:
+    """What the EgressUnconfined condition says: every derived rule that opens a port to any
+    address, because a NetworkPolicy cannot name the host it is for."""
+    assert network_policy.unconfined_egress(parse_spec(spec)) == reasons
+    if parse_spec(spec).network_policy.enabled:
+        opened = [r for r in policy(spec)["spec"]["egress"] if r["to"] == ANYWHERE]
+        assert len(opened) == len(reasons)
 
 
 def test_dns_servers_can_be_named() -> None:
