@@ -76,6 +76,14 @@ class S3Credentials(Model):
     )
 
 
+BUCKET_ROOT_PATTERN = "^s3://[^/]+/?$"
+"""A storage.uri that names a whole bucket, no prefix of its own."""
+BUCKET_ROOT_MESSAGE = (
+    "cleanupPolicy Delete needs a prefix of the run's own (s3://<bucket>/<prefix>), never a "
+    "whole bucket"
+)
+
+
 class StorageSpec(StorageLocation):
     """Where the run keeps its artifacts (docs/architecture.md, "Storage layout").
 
@@ -97,7 +105,10 @@ class StorageSpec(StorageLocation):
     )
     cleanup_policy: Literal["Retain", "Delete"] = Field(
         "Retain",
-        description="Delete removes everything under uri when the FederatedFineTune is deleted.",
+        description="Delete removes everything under uri when the FederatedFineTune is deleted, "
+        "provided the run's round 0 marked uri as its own (a marker holding the run's UID, "
+        "written only to an empty prefix); the cleanup refuses any other prefix, and uri must "
+        "not be a whole bucket.",
     )
 
     model_config = ConfigDict(
@@ -106,7 +117,13 @@ class StorageSpec(StorageLocation):
                 "!(self.uri.startsWith('file://') && has(self.endpoint))",
                 "endpoint applies to s3:// storage only",
                 field_path=".endpoint",
-            )
+            ),
+            cel(
+                f"!(has(self.cleanupPolicy) && self.cleanupPolicy == 'Delete' "
+                f"&& self.uri.matches('{BUCKET_ROOT_PATTERN}'))",
+                BUCKET_ROOT_MESSAGE,
+                field_path=".uri",
+            ),
         )
     )
 
