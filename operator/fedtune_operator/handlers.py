@@ -40,7 +40,12 @@ from fedtune_operator.api import (
     FederatedFineTuneStatus,
 )
 from fedtune_operator.kube import Conflict, Kube, NamespaceTerminating, NotOwned
-from fedtune_operator.observe import compact_job, jobs_needing_pods, observe_jobs
+from fedtune_operator.observe import (
+    compact_job,
+    failure_message,
+    jobs_needing_pods,
+    observe_jobs,
+)
 from fedtune_operator.validation import SpecError, parse_spec, parse_status, validate_spec
 from fedtune_trainer.wire.contract import FINALIZER, LABEL_RUN
 
@@ -391,7 +396,7 @@ def _cleanup_wanted(spec: kopf.Spec, **_: Any) -> bool:
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, when=_cleanup_wanted, timeout=900)
-async def cleanup_storage(name: str, namespace: str, body: kopf.Body, **_: Any) -> None:
+async def cleanup_storage(name: str, namespace: str, uid: str, body: kopf.Body, **_: Any) -> None:
     try:
         spec = parse_spec(dict(body.get("spec") or {}))
     except SpecError as e:
@@ -401,7 +406,7 @@ async def cleanup_storage(name: str, namespace: str, body: kopf.Body, **_: Any) 
     job_name = objects.cleanup_job_name(name)
     job = await asyncio.to_thread(k.job_state, namespace, job_name)
     if job is None:
-        manifest = manifests.cleanup_job(run=name, namespace=namespace, spec=spec)
+        manifest = manifests.cleanup_job(run=name, namespace=namespace, uid=uid, spec=spec)
         try:
             # Normally in place since the run's first Job; a run that never started has none.
             if spec.network_policy.enabled:
@@ -427,10 +432,14 @@ async def cleanup_storage(name: str, namespace: str, body: kopf.Body, **_: Any) 
             kopf.info(body, reason="StorageDeleted", message=f"deleted {spec.storage.uri}")
             return
         if cond.get("type") == "Failed":
+            # The trainer's reason: a refusal (exit 2: not this run's marker, a whole bucket)
+            # or what failed; either way nothing more is tried.
+            pods = await asyncio.to_thread(k.job_pods, namespace, [job_name])
+            why = failure_message(cond, pods, limit=800)
             kopf.warn(
                 body,
                 reason="StorageCleanupFailed",
-                message=f"could not delete {spec.storage.uri}; it is left in place",
+                message=f"did not delete {spec.storage.uri} ({why}); it is left in place"[:1000],
             )
             return
     raise kopf.TemporaryError("waiting for the storage cleanup Job", delay=2)

@@ -282,6 +282,19 @@ def test_aggregate_job_carries_clients_weights_and_quorum() -> None:
     assert command == ["fedtune-trainer", "aggregate"]
 
 
+@pytest.mark.parametrize("policy", ["Retain", "Delete"])
+def test_the_aggregator_knows_the_run_it_marks_the_storage_for(policy: str) -> None:
+    """Round 0 marks the storage root with the run's UID, and refuses a root it cannot mark
+    when deleting the run would delete it."""
+    spec = parse_spec({**SPEC, "storage": {**SPEC["storage"], "cleanupPolicy": policy}})
+    job = manifests.aggregate_job(
+        run="demo", namespace="ns", uid="uid-1", spec=spec, round_=0, attempt=0, clients=[]
+    )
+    task = parse_task(env_of(job)["FEDTUNE_TASK"])
+    assert isinstance(task, AggregateTask)
+    assert (task.run_uid, task.cleanup_policy) == ("uid-1", policy)
+
+
 def test_scaffold_reaches_the_aggregator_from_the_training_settings() -> None:
     spec = parse_spec({**SPEC, "training": {"driftControl": "scaffold"}})
     job = manifests.aggregate_job(
@@ -320,13 +333,14 @@ def test_a_client_runs_one_process_per_gpu_it_asks_for(
 
 
 def test_cleanup_job_outlives_the_run_and_expires() -> None:
-    job = manifests.cleanup_job(run="demo", namespace="ns", spec=parse_spec(SPEC))
+    job = manifests.cleanup_job(run="demo", namespace="ns", uid="uid-1", spec=parse_spec(SPEC))
     assert "ownerReferences" not in job["metadata"]
     assert job["spec"]["ttlSecondsAfterFinished"] == 60
     task = json.loads(env_of(job)["FEDTUNE_TASK"])
     assert task == {
         "kind": "cleanup",
         "run": "demo",
+        "runUid": "uid-1",
         "storage": {
             "uri": "s3://bucket/runs/demo",
             "endpoint": "http://minio:9000",
@@ -351,7 +365,7 @@ def every_job(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
             **common, round_=1, attempt=0, clients=["hospital-a", "hospital-b"]
         ),
         "evaluate": manifests.evaluate_job(**common, round_=1),
-        "cleanup": manifests.cleanup_job(run="demo", namespace="ns", spec=parsed),
+        "cleanup": manifests.cleanup_job(**common),
     }
 
 
@@ -722,7 +736,7 @@ def test_the_aggregator_and_cleanup_jobs_get_no_cache() -> None:
     aggregate = manifests.aggregate_job(
         run="demo", namespace="ns", uid="u", spec=spec, round_=1, attempt=0, clients=["hospital-a"]
     )
-    cleanup = manifests.cleanup_job(run="demo", namespace="ns", spec=spec)
+    cleanup = manifests.cleanup_job(run="demo", namespace="ns", uid="uid-1", spec=spec)
     for job in (aggregate, cleanup):
         assert "FEDTUNE_CACHE_DIR" not in env_of(job)
         assert all(v["name"] != "model-cache" for v in job["spec"]["template"]["spec"]["volumes"])

@@ -13,7 +13,6 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import kopf
 import pytest
 from kubernetes.client.rest import ApiException
 
@@ -75,18 +74,6 @@ class FakeKube:
     def create_job(self, manifest: dict[str, Any]) -> bool:
         self.calls.append(f"create_job {manifest['metadata']['name']}")
         return True
-
-
-@pytest.fixture
-def events(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
-    posted: list[tuple[str, str]] = []
-    monkeypatch.setattr(
-        kopf, "warn", lambda obj, *, reason, message: posted.append((reason, message))
-    )
-    monkeypatch.setattr(
-        kopf, "event", lambda obj, *, type, reason, message: posted.append((reason, message))
-    )
-    return posted
 
 
 def reconcile(monkeypatch: pytest.MonkeyPatch, fake: FakeKube) -> str:

@@ -44,6 +44,7 @@ from fedtune_trainer.wire.settings import (
     KRUM_EXTRA_CLIENTS,
     AdapterSpec,
     AggregationSpec,
+    CleanupPolicy,
     ClientName,
     DataSpec,
     DeltaSpec,
@@ -103,7 +104,7 @@ class StorageSpec(StorageLocation):
         description="Credentials for the storage root. Without it Jobs use the pod's ambient "
         "identity (e.g. workload identity through serviceAccountName).",
     )
-    cleanup_policy: Literal["Retain", "Delete"] = Field(
+    cleanup_policy: CleanupPolicy = Field(
         "Retain",
         description="Delete removes everything under uri when the FederatedFineTune is deleted, "
         "provided the run's round 0 marked uri as its own (a marker holding the run's UID, "
