@@ -172,7 +172,11 @@ client's (or `aggregator`'s) pod settings are merged over `template`: `resources
 
 `status.conditions` is the source of truth: `Progressing`, `Succeeded` and `Failed` are mutually
 exclusive (exactly one is `True` once the operator has seen the run) and flip together;
-`Suspended` is `True` while `spec.suspend` holds the run. `reason` is CamelCase;
+`Suspended` is `True` while `spec.suspend` holds the run. `NetworkPolicyReady` is `True` once
+the run's NetworkPolicy is applied, and `False` (reason `NotOwned`) while a NetworkPolicy of its
+name that the run does not own holds its Jobs back; `EgressUnconfined` is `True` (reason
+`AnyAddress`) while the derived egress opens a port to any address, `Unknown` without the
+operator's policy (docs/install.md, "Network policies"). `reason` is CamelCase;
 `lastTransitionTime` changes only when `status` flips. `status.phase` (Pending, Running,
 Aggregating, Suspended, Succeeded, Failed) is a one-word summary for people.
 

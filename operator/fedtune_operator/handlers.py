@@ -10,9 +10,12 @@ The run's Jobs come from a kopf index over the Job watch the operator keeps anyw
 per reconcile); pods are read only for the Jobs that just finished, whose termination messages
 hold the results the status does not have yet.
 
-The order of a reconcile is fixed: write the status (guarded by resourceVersion; on a conflict,
-re-read and decide again), then create or delete Jobs, then post events. A status that says round r
-therefore always exists before round r's Jobs, and an event never announces what was not recorded.
+The order of a reconcile is fixed: decide; when the decision creates pods, apply the run's
+NetworkPolicy and record what that came to (network_policy.settle: a policy of its name that the
+run does not own holds those Jobs back); write the status (guarded by resourceVersion; on a
+conflict, re-read and decide again), then create or delete Jobs, then post events. A status that
+says round r therefore always exists before round r's Jobs, and an event never announces what was
+not recorded.
 """
 
 from __future__ import annotations
@@ -36,8 +39,13 @@ from fedtune_operator.api import (
     FederatedFineTuneSpec,
     FederatedFineTuneStatus,
 )
-from fedtune_operator.kube import Conflict, Kube, NamespaceTerminating
-from fedtune_operator.observe import compact_job, jobs_needing_pods, observe_jobs
+from fedtune_operator.kube import Conflict, Kube, NamespaceTerminating, NotOwned
+from fedtune_operator.observe import (
+    compact_job,
+    failure_message,
+    jobs_needing_pods,
+    observe_jobs,
+)
 from fedtune_operator.validation import SpecError, parse_spec, parse_status, validate_spec
 from fedtune_trainer.wire.contract import FINALIZER, LABEL_RUN
 
@@ -242,6 +250,25 @@ async def reconcile(namespace: str, name: str, jobs: list[dict[str, Any]]) -> Ou
             spec=spec,
         )
         decided = engine.decide(run, status, observe_jobs(meta["uid"], jobs, pods), now)
+        applied, refused = False, None
+        if spec.network_policy.enabled and network_policy.creates_pods(decided):
+            try:
+                await _ensure_network_policy(k, obj, spec)
+                applied = True
+            except NotOwned as e:
+                refused = str(e)
+            except NamespaceTerminating:
+                log.info("namespace %s is being deleted: not acting on run %s", namespace, name)
+                return "gone"
+        decided = network_policy.settle(
+            decided,
+            name,
+            spec,
+            applied=applied,
+            refused=refused,
+            now=now,
+            generation=run.generation,
+        )
 
     if _status_json(decided.status) != _status_json(status):
         try:
@@ -251,8 +278,6 @@ async def reconcile(namespace: str, name: str, jobs: list[dict[str, Any]]) -> Ou
         _count(namespace, name, decided.facts)
 
     try:
-        if spec is not None and any(isinstance(a, _CREATES_PODS) for a in decided.actions):
-            await _ensure_network_policy(k, obj, spec)
         for action in decided.actions:
             await asyncio.to_thread(_apply, k, obj, spec, action)
     except NamespaceTerminating:
@@ -263,18 +288,14 @@ async def reconcile(namespace: str, name: str, jobs: list[dict[str, Any]]) -> Ou
     return "wait"
 
 
-_CREATES_PODS = (decision.CreateClientJob, decision.CreateAggregateJob, decision.CreateEvaluateJob)
-
-
 async def _ensure_network_policy(
     k: Kube, obj: Mapping[str, Any], spec: FederatedFineTuneSpec
 ) -> None:
     """Apply the run's NetworkPolicy before any of its pods can exist: a pod created first would
     run unconfined. Failing closed, a policy that cannot be applied (no RBAC, an invalid peer)
     stops the Jobs from being created and is retried with the reconcile's backoff; the warning
-    event says why (the HTTP status and reason only, nothing from the request)."""
-    if not spec.network_policy.enabled:
-        return
+    event says why (the HTTP status and reason only, nothing from the request). A policy of
+    that name that the run does not own is NotOwned, for the caller to record: never patched."""
     meta = obj["metadata"]
     manifest = network_policy.network_policy(
         run=meta["name"], namespace=meta["namespace"], uid=meta["uid"], spec=spec
@@ -375,7 +396,7 @@ def _cleanup_wanted(spec: kopf.Spec, **_: Any) -> bool:
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL, when=_cleanup_wanted, timeout=900)
-async def cleanup_storage(name: str, namespace: str, body: kopf.Body, **_: Any) -> None:
+async def cleanup_storage(name: str, namespace: str, uid: str, body: kopf.Body, **_: Any) -> None:
     try:
         spec = parse_spec(dict(body.get("spec") or {}))
     except SpecError as e:
@@ -385,11 +406,17 @@ async def cleanup_storage(name: str, namespace: str, body: kopf.Body, **_: Any) 
     job_name = objects.cleanup_job_name(name)
     job = await asyncio.to_thread(k.job_state, namespace, job_name)
     if job is None:
-        manifest = manifests.cleanup_job(run=name, namespace=namespace, spec=spec)
+        manifest = manifests.cleanup_job(run=name, namespace=namespace, uid=uid, spec=spec)
         try:
             # Normally in place since the run's first Job; a run that never started has none.
-            await _ensure_network_policy(k, body, spec)
+            if spec.network_policy.enabled:
+                await _ensure_network_policy(k, body, spec)
             await asyncio.to_thread(k.create_job, manifest)
+        except NotOwned as e:
+            # No Job runs without the run's own policy, and none ever will: leave it in place.
+            message = f"{e}: no cleanup Job runs unconfined; {spec.storage.uri} is left in place"
+            kopf.warn(body, reason="StorageCleanupSkipped", message=message[:250])
+            return
         except NamespaceTerminating:
             # No Job can run here any more; holding the run would hold the namespace forever.
             log.warning(
@@ -405,10 +432,14 @@ async def cleanup_storage(name: str, namespace: str, body: kopf.Body, **_: Any) 
             kopf.info(body, reason="StorageDeleted", message=f"deleted {spec.storage.uri}")
             return
         if cond.get("type") == "Failed":
+            # The trainer's reason: a refusal (exit 2: not this run's marker, a whole bucket)
+            # or what failed; either way nothing more is tried.
+            pods = await asyncio.to_thread(k.job_pods, namespace, [job_name])
+            why = failure_message(cond, pods, limit=800)
             kopf.warn(
                 body,
                 reason="StorageCleanupFailed",
-                message=f"could not delete {spec.storage.uri}; it is left in place",
+                message=f"did not delete {spec.storage.uri} ({why}); it is left in place"[:1000],
             )
             return
     raise kopf.TemporaryError("waiting for the storage cleanup Job", delay=2)

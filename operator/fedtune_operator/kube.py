@@ -23,12 +23,30 @@ class NamespaceTerminating(Exception):
     """The namespace is being deleted: nothing new can be created in it, and nothing needs to."""
 
 
+class NotOwned(Exception):
+    """An object of the wanted name exists and is not this run's: never patched or deleted."""
+
+
 class ClaimNotReady(Exception):
     """A claim of the wanted name exists but is not this run's (or is going): retry later."""
 
 
 def _terminating(e: ApiException) -> bool:
     return e.status == 403 and "NamespaceTerminating" in str(e.body or "")
+
+
+def _patch_test_failed(e: ApiException) -> bool:
+    """A JSON patch that could not be applied: 422 with empty details (the API server keeps the
+    patch library's message to itself), where a patched object that fails validation is a 422
+    naming its kind and the fields. With add operations on paths that always exist, only a
+    failed "test" operation gets there."""
+    if e.status != 422:
+        return False
+    try:
+        details = json.loads(e.body or "{}").get("details") or {}
+    except ValueError:
+        return False
+    return not details.get("kind") and not details.get("causes")
 
 
 def api_client() -> client.ApiClient:
@@ -104,9 +122,14 @@ class Kube:
         return True
 
     def apply_network_policy(self, manifest: dict[str, Any]) -> None:
-        """Create the NetworkPolicy, or bring an existing one to the manifest (a run's storage
-        endpoint or its spec.networkPolicy may change): create, then merge-patch on 409. The
-        RBAC this needs is create and patch, nothing to read."""
+        """Create the NetworkPolicy, or bring the run's existing one to the manifest (a run's
+        storage endpoint or its spec.networkPolicy may change): create, then patch on 409.
+
+        Only a policy the run owns is patched: the patch is a JSON patch whose first operation
+        tests that the policy's (first) owner reference is the manifest's, so the API server
+        applies all of it or, for a policy of that name that the run does not own (anyone's, or
+        a deleted run's of the same name not yet garbage-collected), nothing: NotOwned. One
+        request, no read in between to race with, and the RBAC stays create and patch."""
         meta = manifest["metadata"]
         try:
             self.networking.create_namespaced_network_policy(meta["namespace"], manifest)
@@ -116,13 +139,24 @@ class Kube:
                 raise NamespaceTerminating(meta["namespace"]) from None
             if e.status != 409:
                 raise
-        # A JSON merge patch replaces lists whole, so removed egress rules go away too.
-        self.networking.patch_namespaced_network_policy(
-            meta["name"],
-            meta["namespace"],
-            {"metadata": {"labels": meta.get("labels")}, "spec": manifest["spec"]},
-            _content_type="application/merge-patch+json",
-        )
+        (owner,) = meta["ownerReferences"]
+        patch = [
+            {"op": "test", "path": "/metadata/ownerReferences/0/uid", "value": owner["uid"]},
+            # "add" replaces a member that exists: the lists go whole, removed rules with them.
+            {"op": "add", "path": "/metadata/labels", "value": meta.get("labels") or {}},
+            {"op": "add", "path": "/spec", "value": manifest["spec"]},
+        ]
+        try:
+            self.networking.patch_namespaced_network_policy(
+                meta["name"], meta["namespace"], patch, _content_type="application/json-patch+json"
+            )
+        except ApiException as e:
+            if _patch_test_failed(e):
+                raise NotOwned(
+                    f"NetworkPolicy {meta['namespace']}/{meta['name']} exists and is not owned "
+                    f"by this run (uid {owner['uid']})"
+                ) from None
+            raise
 
     def create_claim(self, manifest: dict[str, Any]) -> bool:
         """Create a PersistentVolumeClaim the operator owns: True when created, False when this

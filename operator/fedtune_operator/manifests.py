@@ -149,7 +149,12 @@ def client_keys(spec: FederatedFineTuneSpec, clients: list[str]) -> dict[str, st
 
 
 def aggregate_task(
-    run: str, spec: FederatedFineTuneSpec, round_: int, clients: list[str], attempt: int = 0
+    run: str,
+    spec: FederatedFineTuneSpec,
+    round_: int,
+    clients: list[str],
+    uid: str | None = None,
+    attempt: int = 0,
 ) -> AggregateTask:
     weights = {c.name: c.weight for c in spec.clients if c.name in clients}
     return AggregateTask(
@@ -174,6 +179,8 @@ def aggregate_task(
         sampling_rate=clients_per_round(spec) / max(1, len(spec.clients)),
         drift_control=spec.training.drift_control,
         total_clients=len(spec.clients),
+        run_uid=uid or None,
+        cleanup_policy=spec.storage.cleanup_policy,
     )
 
 
@@ -454,7 +461,7 @@ def aggregate_job(
     attempt: int,
     clients: list[str],
 ) -> dict[str, Any]:
-    task = aggregate_task(run, spec, round_, clients, attempt)
+    task = aggregate_task(run, spec, round_, clients, uid, attempt)
     return _job(
         name=aggregate_job_name(run, round_),
         namespace=namespace,
@@ -494,10 +501,13 @@ def evaluate_job(
     )
 
 
-def cleanup_job(*, run: str, namespace: str, spec: FederatedFineTuneSpec) -> dict[str, Any]:
-    """Deletes the run's storage prefix. No owner reference: it must outlive the run's deletion,
-    which waits on it through the finalizer; it removes itself after a minute."""
-    task = CleanupTask(run=run, storage=spec.storage.location())
+def cleanup_job(
+    *, run: str, namespace: str, uid: str, spec: FederatedFineTuneSpec
+) -> dict[str, Any]:
+    """Deletes the run's storage prefix, provided its marker holds the run's `uid` (the trainer
+    refuses anything else). No owner reference: it must outlive the run's deletion, which waits
+    on it through the finalizer; it removes itself after a minute."""
+    task = CleanupTask(run=run, run_uid=uid, storage=spec.storage.location())
     job = _job(
         name=cleanup_job_name(run),
         namespace=namespace,

@@ -1,20 +1,37 @@
 """The run's NetworkPolicy: its pods may reach DNS and their storage and data endpoints, and
-nothing may reach them (docs/install.md, "Network policy").
+nothing may reach them (docs/install.md, "Network policies").
 
 A client pod holds one data owner's data; the policy is what keeps training code from sending it
 anywhere else. A NetworkPolicy matches addresses, not host names, so an endpoint given by name is
-confined to its port only; spec.networkPolicy.egress replaces the derived rules when a run knows
-better (an in-cluster MinIO by namespace, a proxy).
+confined to its port only, which the run's EgressUnconfined condition says;
+spec.networkPolicy.egress replaces the derived rules when a run knows better (an in-cluster MinIO
+by namespace, a proxy). The instance metadata service is closed unless the run opts in.
+`settle` records in the run's status what applying the policy came to (NetworkPolicyReady).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import ipaddress
 from typing import Any
 from urllib.parse import urlsplit
 
-from fedtune_operator.api import FederatedFineTuneSpec
+from fedtune_operator.api import (
+    EGRESS_UNCONFINED,
+    NETWORK_POLICY_READY,
+    ConditionStatus,
+    FederatedFineTuneSpec,
+)
+from fedtune_operator.decision import (
+    CreateAggregateJob,
+    CreateClientJob,
+    CreateEvaluateJob,
+    Decision,
+    Event,
+)
 from fedtune_operator.objects import drop_empty, job_name, owner_reference
+from fedtune_operator.status_updates import get_condition, set_condition
 from fedtune_operator.volumes import all_local
 from fedtune_trainer.wire.contract import LABEL_RUN
 
@@ -29,12 +46,19 @@ DEFAULT_DNS_PEERS: tuple[dict[str, Any], ...] = (
 )
 """CoreDNS and kube-dns carry k8s-app=kube-dns on kubeadm, EKS, GKE and AKS alike."""
 
-IDENTITY_ENDPOINTS: tuple[dict[str, Any], ...] = (
-    {"ipBlock": {"cidr": "169.254.169.254/32"}},  # GKE metadata server, EC2/Azure IMDS
+POD_IDENTITY_ENDPOINTS: tuple[dict[str, Any], ...] = (
     {"ipBlock": {"cidr": "169.254.170.23/32"}},  # EKS Pod Identity agent
     {"ipBlock": {"cidr": "fd00:ec2::23/128"}},  # the same, IPv6
 )
-"""Where a pod without a credentials Secret gets its ambient cloud identity (port 80)."""
+"""Where a pod without a credentials Secret gets its own cloud identity (port 80): the agent
+hands out the role associated with the pod's ServiceAccount, never the node's."""
+
+INSTANCE_METADATA: tuple[dict[str, Any], ...] = (
+    {"ipBlock": {"cidr": "169.254.169.254/32"}},  # EC2/Azure IMDS, GKE metadata server
+    {"ipBlock": {"cidr": "fd00:ec2::254/128"}},  # EC2 IMDS, IPv6
+)
+"""The instance metadata service (port 80): on most clouds the node's own role, so closed
+unless spec.networkPolicy.allowInstanceMetadata opens it."""
 
 HUB_PORT = 443
 
@@ -101,8 +125,33 @@ def derived_egress(spec: FederatedFineTuneSpec) -> list[dict[str, Any]]:
     if _uses_hub(spec):
         rules.append({"to": [dict(p) for p in ANY_ADDRESS], "ports": _tcp(HUB_PORT)})
     if _uses_ambient_identity(spec):
-        rules.append({"to": [dict(p) for p in IDENTITY_ENDPOINTS], "ports": _tcp(80)})
+        rules.append({"to": [dict(p) for p in POD_IDENTITY_ENDPOINTS], "ports": _tcp(80)})
     return rules
+
+
+def unconfined_egress(spec: FederatedFineTuneSpec) -> list[str]:
+    """Why the run's policy lets its pods reach any address (on one port), one line per derived
+    rule that does; empty when every destination is confined (an IP-literal endpoint, explicit
+    spec.networkPolicy.egress, no network needed) or the operator creates no policy.
+
+    A NetworkPolicy cannot name a host, so an endpoint given by name (or AWS S3, or the hub) is
+    open to every address on its port: an exfiltration path that the run says so about, in its
+    EgressUnconfined condition, rather than silently."""
+    settings = spec.network_policy
+    if not settings.enabled or settings.egress is not None:
+        return []
+    reasons = []
+    if _uses_s3(spec) and storage_peers(spec.storage.endpoint) == list(ANY_ADDRESS):
+        port = storage_port(spec.storage.endpoint)
+        where = (
+            f"spec.storage.endpoint {urlsplit(spec.storage.endpoint).hostname} is a host name"
+            if spec.storage.endpoint
+            else "storage is AWS S3 (no spec.storage.endpoint)"
+        )
+        reasons.append(f"{where}: TCP {port} to any address")
+    if _uses_hub(spec):
+        reasons.append(f"a model is a hub id: TCP {HUB_PORT} to any address")
+    return reasons
 
 
 def network_policy(*, run: str, namespace: str, uid: str, spec: FederatedFineTuneSpec) -> dict:
@@ -129,6 +178,8 @@ def network_policy(*, run: str, namespace: str, uid: str, spec: FederatedFineTun
         ]
     else:
         egress += derived_egress(spec)
+    if settings.allow_instance_metadata:
+        egress.append({"to": [dict(p) for p in INSTANCE_METADATA], "ports": _tcp(80)})
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -148,3 +199,89 @@ def network_policy(*, run: str, namespace: str, uid: str, spec: FederatedFineTun
             "egress": egress,
         },
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# What the status says about the policy
+# ---------------------------------------------------------------------------------------------
+
+CREATES_PODS = (CreateClientJob, CreateAggregateJob, CreateEvaluateJob)
+"""The actions whose Jobs make pods: the policy must be in place before any of them."""
+
+CONFINE_HINT = 'confine it with spec.networkPolicy.egress (docs/install.md, "Network policies")'
+
+
+def creates_pods(decided: Decision) -> bool:
+    return any(isinstance(a, CREATES_PODS) for a in decided.actions)
+
+
+def settle(
+    decided: Decision,
+    run: str,
+    spec: FederatedFineTuneSpec,
+    *,
+    applied: bool,
+    refused: str | None,
+    now: dt.datetime,
+    generation: int,
+) -> Decision:
+    """The engine's decision with what the run's NetworkPolicy came to, before it is written.
+
+    `applied`: the policy was created or brought up to date this pass (the shell applies it
+    only when the decision creates pods). `refused`: a policy of the run's policy name exists
+    that the run does not own; the shell never patches or deletes it, and the run creates no
+    pod until the name is free: its Jobs are held back (other actions go on), the
+    NetworkPolicyReady condition turns False with `refused`, and a Warning event says so once.
+    A run whose policy is later applied turns it True again. This waits rather than fails: the
+    usual owner of such a policy is a deleted run of the same name that the garbage collector
+    has not removed yet.
+
+    EgressUnconfined says, on every pass of an unfinished run, whether the derived egress opens
+    a port to any address (`unconfined_egress`), with a Warning event when it turns True or its
+    reasons change.
+    """
+    if decided.status.phase in ("Succeeded", "Failed"):
+        return decided
+    now = now.replace(microsecond=0)
+    conditions = list(decided.status.conditions)
+    events = list(decided.events)
+    actions = list(decided.actions)
+
+    def set_(type_: str, status: ConditionStatus, reason: str, message: str) -> None:
+        nonlocal conditions
+        conditions = set_condition(conditions, type_, status, reason, message, now, generation)
+
+    ready = get_condition(conditions, NETWORK_POLICY_READY)
+    name = f"NetworkPolicy {network_policy_name(run)}"
+    if refused is not None:
+        actions = [a for a in actions if not isinstance(a, CREATES_PODS)]
+        message = (
+            f"{refused}: the run's Jobs wait until that name is free (it is never patched or "
+            "deleted; spec.networkPolicy.enabled: false runs them without a policy)"
+        )
+        if ready is None or (ready.status, ready.message) != ("False", message):
+            events.append(Event("Warning", "NetworkPolicyNotOwned", message[:250]))
+        set_(NETWORK_POLICY_READY, "False", "NotOwned", message)
+    elif applied:
+        if ready is not None and ready.status == "False":
+            events.append(Event("Normal", "NetworkPolicyApplied", f"applied {name}"))
+        set_(NETWORK_POLICY_READY, "True", "Applied", f"{name} confines the run's pods")
+
+    old = get_condition(conditions, EGRESS_UNCONFINED)
+    if not spec.network_policy.enabled:
+        set_(
+            EGRESS_UNCONFINED,
+            "Unknown",
+            "NetworkPolicyDisabled",
+            "spec.networkPolicy.enabled is false: the operator makes no NetworkPolicy",
+        )
+    elif reasons := unconfined_egress(spec):
+        message = f"{'; '.join(reasons)}; {CONFINE_HINT}"
+        if old is None or (old.status, old.message) != ("True", message):
+            events.append(Event("Warning", "EgressUnconfined", message[:250]))
+        set_(EGRESS_UNCONFINED, "True", "AnyAddress", message)
+    else:
+        set_(EGRESS_UNCONFINED, "False", "Confined", "every egress rule names its destinations")
+
+    status = decided.status.model_copy(update={"conditions": conditions})
+    return dataclasses.replace(decided, status=status, actions=actions, events=events)

@@ -87,6 +87,20 @@ def _first_line(text: str, limit: int = 200) -> str:
     return (lines[-1] if lines else "")[:limit]
 
 
+def failure_message(condition: Obj | None, pods: list[Obj], limit: int = 200) -> str:
+    """Why a Job failed: the last failed pod's exit code and termination message (the trainer's
+    one-line reason, at most `limit` characters), else the Job's Failed condition."""
+    message = (condition or {}).get("message") or (condition or {}).get("reason") or ""
+    for pod in reversed(pods):
+        code, text, reason = _termination(pod)
+        if code not in (None, 0):
+            # "Error" is the kubelet's word for any non-zero exit: it says nothing more.
+            why = f" ({reason})" if reason and reason != "Error" else ""
+            hint = " (the container's memory limit)" if reason == "OOMKilled" else ""
+            return f"exit {code}{why}: {_first_line(text, limit) or message}{hint}"
+    return message
+
+
 def observe_jobs(run_uid: str, jobs: list[Obj], pods: list[Obj]) -> list[ObservedJob]:
     """The run's Jobs (owned by this very object: a same-named predecessor's leftovers are not
     ours) with state, and for finished ones the summary or the failure reason from their pods."""
@@ -120,15 +134,7 @@ def observe_jobs(run_uid: str, jobs: list[Obj], pods: list[Obj]) -> list[Observe
                     except (ValueError, ValidationError):
                         message = "unreadable summary"
         elif state == "failed":
-            message = (cond or {}).get("message") or (cond or {}).get("reason") or ""
-            for pod in reversed(job_pods):
-                code, text, reason = _termination(pod)
-                if code not in (None, 0):
-                    # "Error" is the kubelet's word for any non-zero exit: it says nothing more.
-                    why = f" ({reason})" if reason and reason != "Error" else ""
-                    hint = " (the container's memory limit)" if reason == "OOMKilled" else ""
-                    message = f"exit {code}{why}: {_first_line(text) or message}{hint}"
-                    break
+            message = failure_message(cond, job_pods)
         observed.append(
             ObservedJob(
                 name=meta["name"],

@@ -24,7 +24,13 @@ from fedtune_operator.api.schema import (
     RUN_NAME_MAX,
     RUN_NAME_PATTERN,
 )
-from fedtune_operator.api.spec import FederatedFineTuneSpec, PodSettings, PodTemplate
+from fedtune_operator.api.spec import (
+    BUCKET_ROOT_MESSAGE,
+    BUCKET_ROOT_PATTERN,
+    FederatedFineTuneSpec,
+    PodSettings,
+    PodTemplate,
+)
 from fedtune_operator.api.status import FederatedFineTuneStatus
 from fedtune_operator.rounds import clients_per_round
 from fedtune_trainer.wire.contract import AWS_CREDENTIAL_ENV, RESERVED_ENV_PREFIX, RESERVED_PREFIX
@@ -211,8 +217,8 @@ def validate_spec(spec: FederatedFineTuneSpec, *, name: str | None = None) -> li
     clients, krum's quorum (`krum_min_clients`), endpoint only for s3://, reserved env names and
     label keys, the run name when given), and adds what the CRD leaves to the operator:
 
-    * with storage.cleanupPolicy Delete, no data, model or tokenizer may lie under storage.uri,
-      where deleting the run would delete it;
+    * with storage.cleanupPolicy Delete, storage.uri is no whole bucket (also a CEL rule), and
+      no data, model or tokenizer may lie under it, where deleting the run would delete it;
     * no AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in env when credentialsSecret provides them;
     * aggregation.lora exact only with fedavg, without freezeA and DP noise, and per-client
       ranks (clients[].adapter.r) only in exact mode and at most adapter.r
@@ -278,6 +284,8 @@ def validate_spec(spec: FederatedFineTuneSpec, *, name: str | None = None) -> li
         problems += _pod_problems(f"spec.clients[{i}]", client, credentials)
 
     if storage.cleanup_policy == "Delete":
+        if re.match(BUCKET_ROOT_PATTERN, storage.uri):
+            problems.append(f"spec.storage.uri: {storage.uri}: {BUCKET_ROOT_MESSAGE}")
         inputs = [("spec.baseModel", spec.base_model), ("spec.tokenizer", spec.tokenizer)]
         inputs += [(f"spec.clients[{i}].dataUri", c.data_uri) for i, c in enumerate(spec.clients)]
         inputs.append(("spec.evaluation.dataUri", spec.evaluation.data_uri))

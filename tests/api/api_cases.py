@@ -188,6 +188,16 @@ INVALID: tuple[Invalid, ...] = (
         "spec.storage.cleanupPolicy",
     ),
     Invalid(
+        "storage-delete-a-whole-bucket",
+        _spec(storage={"uri": "s3://shared-bucket", "cleanupPolicy": "Delete"}),
+        "spec.storage.uri",
+    ),
+    Invalid(
+        "storage-delete-a-whole-bucket-slash",
+        _spec(storage={"uri": "s3://shared-bucket/", "cleanupPolicy": "Delete"}),
+        "spec.storage.uri",
+    ),
+    Invalid(
         "quorum-above-client-count",
         _spec(aggregation={"minClients": 3}),
         "spec.aggregation.minClients",
@@ -337,6 +347,12 @@ VALID_EDGES: tuple[Invalid, ...] = (
     Invalid("forty-character-client-name", _client(0, name="c" * 40), ""),
     Invalid("sixty-three-character-run-name", _rename("r" * 63), ""),
     Invalid("noise-with-clip-norm", _spec(privacy={"noiseMultiplier": 1.0, "clipNorm": 0.5}), ""),
+    Invalid("storage-retain-a-whole-bucket", _spec(storage={"uri": "s3://shared-bucket"}), ""),
+    Invalid(
+        "storage-delete-a-one-segment-prefix",
+        _spec(storage={"uri": "s3://shared-bucket/run", "cleanupPolicy": "Delete"}),
+        "",
+    ),
 )
 """Valid manifests at the edge of a rule (reusing the case shape, with no field to name)."""
 

@@ -113,7 +113,7 @@ def run_objects(overrides: dict[str, Any], ns: str) -> list[dict[str, Any]]:
         *(manifests.client_job(**common, round_=1, attempt=0, client=c) for c in clients),
         manifests.aggregate_job(**common, round_=1, attempt=0, clients=clients),
         manifests.evaluate_job(**common, round_=1),
-        manifests.cleanup_job(run=run, namespace=ns, spec=spec),
+        manifests.cleanup_job(**common),
     ]
 
 

@@ -231,7 +231,7 @@ def jobs_of(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
         **common, round_=1, attempt=0, clients=["hospital-a", "hospital-b"]
     )
     jobs["evaluation"] = manifests.evaluate_job(**common, round_=1)
-    jobs["cleanup"] = manifests.cleanup_job(run="demo", namespace="ns", spec=parsed)
+    jobs["cleanup"] = manifests.cleanup_job(run="demo", namespace="ns", uid="u", spec=parsed)
     return jobs
 
 
@@ -371,6 +371,19 @@ def test_the_aggregator_knows_its_attempt_and_whether_to_keep_the_deltas(
     assert job["metadata"]["labels"]["fedtune.dev/attempt"] == str(attempt)
 
 
+@pytest.mark.parametrize("policy", ["Retain", "Delete"])
+def test_the_aggregator_knows_the_run_it_marks_the_storage_for(policy: str) -> None:
+    """Round 0 marks the storage root with the run's UID, and refuses a root it cannot mark
+    when deleting the run would delete it."""
+    spec = parse_spec({**SPEC, "storage": {**SPEC["storage"], "cleanupPolicy": policy}})
+    job = manifests.aggregate_job(
+        run="demo", namespace="ns", uid="uid-1", spec=spec, round_=0, attempt=0, clients=[]
+    )
+    task = parse_task(env_of(job)["FEDTUNE_TASK"])
+    assert isinstance(task, AggregateTask)
+    assert (task.run_uid, task.cleanup_policy) == ("uid-1", policy)
+
+
 def test_scaffold_reaches_the_aggregator_from_the_training_settings() -> None:
     spec = parse_spec({**SPEC, "training": {"driftControl": "scaffold"}})
     job = manifests.aggregate_job(
@@ -409,13 +422,14 @@ def test_a_client_runs_one_process_per_gpu_it_asks_for(
 
 
 def test_cleanup_job_outlives_the_run_and_expires() -> None:
-    job = manifests.cleanup_job(run="demo", namespace="ns", spec=parse_spec(SPEC))
+    job = manifests.cleanup_job(run="demo", namespace="ns", uid="uid-1", spec=parse_spec(SPEC))
     assert "ownerReferences" not in job["metadata"]
     assert job["spec"]["ttlSecondsAfterFinished"] == 60
     task = json.loads(env_of(job)["FEDTUNE_TASK"])
     assert task == {
         "kind": "cleanup",
         "run": "demo",
+        "runUid": "uid-1",
         "storage": {
             "uri": "s3://bucket/runs/demo",
             "endpoint": "http://minio:9000",
@@ -440,7 +454,7 @@ def every_job(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
             **common, round_=1, attempt=0, clients=["hospital-a", "hospital-b"]
         ),
         "evaluate": manifests.evaluate_job(**common, round_=1),
-        "cleanup": manifests.cleanup_job(run="demo", namespace="ns", spec=parsed),
+        "cleanup": manifests.cleanup_job(**common),
     }
 
 
@@ -484,10 +498,13 @@ DNS_RULE = {
     "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}],
 }
 ANYWHERE = [{"ipBlock": {"cidr": "0.0.0.0/0"}}, {"ipBlock": {"cidr": "::/0"}}]
-IDENTITY = [
-    {"ipBlock": {"cidr": "169.254.169.254/32"}},
+POD_IDENTITY = [
     {"ipBlock": {"cidr": "169.254.170.23/32"}},
     {"ipBlock": {"cidr": "fd00:ec2::23/128"}},
+]
+INSTANCE_METADATA = [
+    {"ipBlock": {"cidr": "169.254.169.254/32"}},
+    {"ipBlock": {"cidr": "fd00:ec2::254/128"}},
 ]
 MINIO_RULE = {
     "to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "storage"}}}],
@@ -544,13 +561,29 @@ def all_on_volumes() -> dict[str, Any]:
         ),
         (
             ambient_identity(),
-            [{"to": ANYWHERE, "ports": tcp(9000)}, {"to": IDENTITY, "ports": tcp(80)}],
+            [{"to": ANYWHERE, "ports": tcp(9000)}, {"to": POD_IDENTITY, "ports": tcp(80)}],
+        ),
+        (
+            {**ambient_identity(), "networkPolicy": {"allowInstanceMetadata": True}},
+            [
+                {"to": ANYWHERE, "ports": tcp(9000)},
+                {"to": POD_IDENTITY, "ports": tcp(80)},
+                {"to": INSTANCE_METADATA, "ports": tcp(80)},
+            ],
+        ),
+        (
+            {**SPEC, "networkPolicy": {"allowInstanceMetadata": True}},
+            [{"to": ANYWHERE, "ports": tcp(9000)}, {"to": INSTANCE_METADATA, "ports": tcp(80)}],
         ),
         (all_on_volumes(), []),
         ({**SPEC, "networkPolicy": {"egress": [MINIO_RULE]}}, [MINIO_RULE]),
         (
             {**SPEC, "baseModel": "Qwen/Qwen2.5-0.5B", "networkPolicy": {"egress": [MINIO_RULE]}},
             [MINIO_RULE],
+        ),
+        (
+            {**SPEC, "networkPolicy": {"egress": [MINIO_RULE], "allowInstanceMetadata": True}},
+            [MINIO_RULE, {"to": INSTANCE_METADATA, "ports": tcp(80)}],
         ),
     ],
     ids=[
@@ -560,10 +593,13 @@ def all_on_volumes() -> dict[str, Any]:
         "endpoint-http-default-port",
         "aws-s3",
         "hub-model",
-        "ambient-identity",
+        "ambient-identity-no-instance-metadata",
+        "ambient-identity-instance-metadata-opted-in",
+        "instance-metadata-with-credentials",
         "volumes-only",
         "explicit-egress",
         "explicit-egress-replaces-hub",
+        "explicit-egress-instance-metadata",
     ],
 )
 def test_egress_is_dns_plus_what_the_run_needs(
@@ -572,6 +608,52 @@ def test_egress_is_dns_plus_what_the_run_needs(
     """A NetworkPolicy matches addresses, not names: a host-name endpoint can only be confined
     to its port; an IP literal, or spec.networkPolicy.egress, confines it to its address."""
     assert policy(spec)["spec"]["egress"] == [DNS_RULE, *egress]
+
+
+@pytest.mark.parametrize(
+    ("spec", "reasons"),
+    [
+        (SPEC, ["spec.storage.endpoint minio is a host name: TCP 9000 to any address"]),
+        (
+            without_endpoint(),
+            ["storage is AWS S3 (no spec.storage.endpoint): TCP 443 to any address"],
+        ),
+        (
+            {**SPEC, "baseModel": "Qwen/Qwen2.5-0.5B"},
+            [
+                "spec.storage.endpoint minio is a host name: TCP 9000 to any address",
+                "a model is a hub id: TCP 443 to any address",
+            ],
+        ),
+        (with_storage(endpoint="https://10.1.2.3"), []),
+        (
+            {**with_storage(endpoint="https://10.1.2.3"), "baseModel": "Qwen/Qwen2.5-0.5B"},
+            ["a model is a hub id: TCP 443 to any address"],
+        ),
+        (all_on_volumes(), []),
+        ({**SPEC, "networkPolicy": {"egress": [MINIO_RULE]}}, []),
+        ({**SPEC, "networkPolicy": {"enabled": False}}, []),
+    ],
+    ids=[
+        "endpoint-host-name",
+        "aws-s3",
+        "host-name-and-hub",
+        "endpoint-ip",
+        "endpoint-ip-but-hub",
+        "volumes-only",
+        "explicit-egress",
+        "no-policy",
+    ],
+)
+def test_a_derived_rule_open_to_any_address_is_reported(
+    spec: dict[str, Any], reasons: list[str]
+) -> None:
+    """What the EgressUnconfined condition says: every derived rule that opens a port to any
+    address, because a NetworkPolicy cannot name the host it is for."""
+    assert network_policy.unconfined_egress(parse_spec(spec)) == reasons
+    if parse_spec(spec).network_policy.enabled:
+        opened = [r for r in policy(spec)["spec"]["egress"] if r["to"] == ANYWHERE]
+        assert len(opened) == len(reasons)
 
 
 def test_dns_servers_can_be_named() -> None:
@@ -743,7 +825,7 @@ def test_the_aggregator_and_cleanup_jobs_get_no_cache() -> None:
     aggregate = manifests.aggregate_job(
         run="demo", namespace="ns", uid="u", spec=spec, round_=1, attempt=0, clients=["hospital-a"]
     )
-    cleanup = manifests.cleanup_job(run="demo", namespace="ns", spec=spec)
+    cleanup = manifests.cleanup_job(run="demo", namespace="ns", uid="uid-1", spec=spec)
     for job in (aggregate, cleanup):
         assert "FEDTUNE_CACHE_DIR" not in env_of(job)
         assert all(v["name"] != "model-cache" for v in job["spec"]["template"]["spec"]["volumes"])

@@ -264,6 +264,7 @@ def test_cleanup_deletes_the_run_and_nothing_else(
     storage: Storage, tmp_path: Path, subprocess_env: dict[str, str]
 ) -> None:
     s = storage.open()
+    assert st.claim_root(s, "unit", "uid-1", required=True, log=quiet)  # what round 0 does
     for key in ("rounds/000000/global/manifest.json", "state/server/000001/x", "final/a"):
         s.put_bytes(key, b"x")
     if storage.uri.startswith("s3://"):
@@ -273,11 +274,11 @@ def test_cleanup_deletes_the_run_and_nothing_else(
         outside = st.FileStore(tmp_path / "store-other")
     outside.put_bytes("keep.bin", b"k")
     log = tmp_path / "termination-log"
-    task = CleanupTask(run="unit", storage=StorageLocation(uri=storage.uri))
+    task = CleanupTask(run="unit", run_uid="uid-1", storage=StorageLocation(uri=storage.uri))
     proc = run_cli(["cleanup"], {**subprocess_env, **storage.env}, task, log)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(log.read_text()) == {
-        "kind": "cleanup", "run": "unit", "uri": s.uri, "deleted": 3
+        "kind": "cleanup", "run": "unit", "uri": s.uri, "deleted": 4
     }  # fmt: skip
     assert s.list("") == []
     assert outside.list("") == ["keep.bin"]

@@ -76,10 +76,15 @@ def failure_reason(error: BaseException) -> str:
 
 
 def cleanup(task: CleanupTask) -> str:
-    """Delete every object under the run's storage root (storage.cleanupPolicy: Delete)."""
+    """Delete every object under the run's storage root (storage.cleanupPolicy: Delete), once
+    the root has proven to be this run's (store.check_owned: a prefix, never a bucket root,
+    whose marker holds the run's UID); otherwise a SettingError (exit 2) says why, and
+    nothing is deleted."""
     from fedtune_trainer.storage.locate import open_store
+    from fedtune_trainer.storage.store import check_owned
 
     store = open_store(task.storage)
+    check_owned(store, task.run_uid)
     deleted = store.delete_prefix("")
     print(f"deleted {deleted} objects under {store.uri}", file=sys.stderr)
     summary = {"kind": "cleanup", "run": task.run, "uri": store.uri, "deleted": deleted}
@@ -227,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     client.add_argument("--rdzv-endpoint", help="host:port of node 0's rendezvous")
     sub.add_parser("aggregate", help="merge one round's deltas (round 0: the initial adapter)")
     sub.add_parser("evaluate", help="evaluate one round's global adapter on held-out data")
-    sub.add_parser("cleanup", help="delete everything under the run's storage root")
+    sub.add_parser(
+        "cleanup", help="delete everything under the run's storage root, if its marker is the run's"
+    )
     rep = sub.add_parser(
         "report",
         help="download a run's report (report.html and plots) from its storage root",

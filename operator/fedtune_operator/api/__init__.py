@@ -90,7 +90,9 @@ from fedtune_operator.api.spec import (
 )
 from fedtune_operator.api.status import (
     CONDITION_TYPES,
+    EGRESS_UNCONFINED,
     FAILED,
+    NETWORK_POLICY_READY,
     OUTCOMES,
     PROGRESSING,
     SUCCEEDED,
@@ -117,6 +119,7 @@ __all__ = [
     "DEFAULT_IMAGE",
     "DNS_LABEL",
     "DNS_SUBDOMAIN",
+    "EGRESS_UNCONFINED",
     "ENDPOINT_PATTERN",
     "ENV_NAME_PATTERN",
     "FAILED",
@@ -129,6 +132,7 @@ __all__ = [
     "MAX_CLIENTS",
     "MAX_ROUNDS",
     "MODEL_URI_PATTERN",
+    "NETWORK_POLICY_READY",
     "OUTCOMES",
     "PATTERN_HINTS",
     "PLURAL",

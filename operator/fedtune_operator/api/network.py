@@ -136,6 +136,14 @@ class NetworkPolicySpec(Model):
         description="Create the NetworkPolicy (owned by the run, deleted with it). Turning it "
         "off after the run started leaves the existing one in place.",
     )
+    allow_instance_metadata: bool = Field(
+        False,
+        description="Also allow TCP 80 to the instance metadata service (169.254.169.254, "
+        "fd00:ec2::254), which on most clouds hands out the node's own role; only for pods "
+        "whose ambient identity comes from there (GKE Workload Identity's metadata server, "
+        "EC2 instance roles). Off: a pod without a credentials Secret reaches only the EKS Pod "
+        "Identity agent.",
+    )
     dns: list[NetworkPolicyPeer] | None = Field(
         None,
         max_length=32,
@@ -150,8 +158,9 @@ class NetworkPolicySpec(Model):
         description="Every other destination of the run's pods, replacing the derived ones: by "
         "default the storage endpoint's port (an IP literal endpoint: that address only; a host "
         "name or AWS S3: any address, since a NetworkPolicy cannot name a host), TCP 443 to any "
-        "address when a model is a hub id, and the cloud identity endpoints when no "
-        "credentials Secret is given. Set it to confine storage to its real addresses or "
-        "selectors (e.g. in-cluster MinIO).",
+        "address when a model is a hub id, and the EKS Pod Identity agent when no credentials "
+        "Secret is given. Set it to confine storage to its real addresses or selectors (e.g. "
+        "in-cluster MinIO); a run left open to any address says so in its EgressUnconfined "
+        "condition.",
         json_schema_extra=k8s_extensions(list_type="atomic"),
     )

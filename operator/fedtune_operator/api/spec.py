@@ -44,6 +44,7 @@ from fedtune_trainer.wire.settings import (
     KRUM_EXTRA_CLIENTS,
     AdapterSpec,
     AggregationSpec,
+    CleanupPolicy,
     ClientName,
     DataSpec,
     DeltaSpec,
@@ -76,6 +77,14 @@ class S3Credentials(Model):
     )
 
 
+BUCKET_ROOT_PATTERN = "^s3://[^/]+/?$"
+"""A storage.uri that names a whole bucket, no prefix of its own."""
+BUCKET_ROOT_MESSAGE = (
+    "cleanupPolicy Delete needs a prefix of the run's own (s3://<bucket>/<prefix>), never a "
+    "whole bucket"
+)
+
+
 class StorageSpec(StorageLocation):
     """Where the run keeps its artifacts (docs/architecture.md, "Storage layout").
 
@@ -95,9 +104,12 @@ class StorageSpec(StorageLocation):
         description="Credentials for the storage root. Without it Jobs use the pod's ambient "
         "identity (e.g. workload identity through serviceAccountName).",
     )
-    cleanup_policy: Literal["Retain", "Delete"] = Field(
+    cleanup_policy: CleanupPolicy = Field(
         "Retain",
-        description="Delete removes everything under uri when the FederatedFineTune is deleted.",
+        description="Delete removes everything under uri when the FederatedFineTune is deleted, "
+        "provided the run's round 0 marked uri as its own (a marker holding the run's UID, "
+        "written only to an empty prefix); the cleanup refuses any other prefix, and uri must "
+        "not be a whole bucket.",
     )
     client_delta_policy: Literal["Delete", "Retain"] = Field(
         "Delete",
@@ -112,7 +124,13 @@ class StorageSpec(StorageLocation):
                 "!(self.uri.startsWith('file://') && has(self.endpoint))",
                 "endpoint applies to s3:// storage only",
                 field_path=".endpoint",
-            )
+            ),
+            cel(
+                f"!(has(self.cleanupPolicy) && self.cleanupPolicy == 'Delete' "
+                f"&& self.uri.matches('{BUCKET_ROOT_PATTERN}'))",
+                BUCKET_ROOT_MESSAGE,
+                field_path=".uri",
+            ),
         )
     )
 

@@ -43,7 +43,20 @@ PROGRESSING = "Progressing"
 SUCCEEDED = "Succeeded"
 FAILED = "Failed"
 SUSPENDED = "Suspended"
-CONDITION_TYPES = (PROGRESSING, SUCCEEDED, FAILED, SUSPENDED)
+NETWORK_POLICY_READY = "NetworkPolicyReady"
+"""True once the run's NetworkPolicy is applied; False while a policy of its name that the run
+does not own keeps its Jobs waiting."""
+EGRESS_UNCONFINED = "EgressUnconfined"
+"""True while the run's derived egress opens a port to any address (a host-name or AWS S3
+endpoint, a hub model); Unknown when the run has no NetworkPolicy of the operator's."""
+CONDITION_TYPES = (
+    PROGRESSING,
+    SUCCEEDED,
+    FAILED,
+    SUSPENDED,
+    NETWORK_POLICY_READY,
+    EGRESS_UNCONFINED,
+)
 OUTCOMES = (PROGRESSING, SUCCEEDED, FAILED)
 """Mutually exclusive: exactly one is True once the operator has seen the run."""
 
@@ -57,7 +70,8 @@ class Condition(StatusModel):
     """The standard metav1.Condition."""
 
     type: Annotated[str, bounded_str(CONDITION_TYPE_PATTERN, 316)] = Field(
-        description="Progressing, Succeeded, Failed or Suspended."
+        description="Progressing, Succeeded, Failed, Suspended, NetworkPolicyReady or "
+        "EgressUnconfined."
     )
     status: ConditionStatus = Field(description="True, False or Unknown.")
     observed_generation: int | None = Field(
@@ -161,7 +175,8 @@ class FederatedFineTuneStatus(StatusModel):
     conditions: list[Condition] = Field(
         default_factory=list,
         max_length=16,
-        description="Progressing, Succeeded, Failed, Suspended.",
+        description="Progressing, Succeeded, Failed, Suspended, NetworkPolicyReady, "
+        "EgressUnconfined.",
         json_schema_extra=map_list("type"),
     )
     phase: Phase | None = Field(None, description="A one-word summary for people.")

@@ -170,8 +170,12 @@ class S3Store(Store):
             raise
         return True
 
+    def _full(self, prefix: str) -> str:
+        """A key prefix under the root, as S3 lists it (a string prefix)."""
+        return (self.prefix + "/" if self.prefix else "") + prefix.lstrip("/")
+
     def _iter_keys(self, prefix: str) -> Iterator[str]:
-        full = (self.prefix + "/" if self.prefix else "") + prefix.lstrip("/")
+        full = self._full(prefix)
         strip = len(self.prefix) + 1 if self.prefix else 0
         paginator = self.client.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
@@ -180,6 +184,12 @@ class S3Store(Store):
 
     def list(self, prefix: str = "") -> list[str]:
         return sorted(self._iter_keys(prefix))
+
+    def holds_any(self, prefix: str = "") -> bool:
+        listing = self.client.list_objects_v2(
+            Bucket=self.bucket, Prefix=self._full(prefix), MaxKeys=1
+        )
+        return bool(listing.get("Contents"))
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))

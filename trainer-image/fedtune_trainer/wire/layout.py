@@ -20,6 +20,12 @@ def client_prefix(round_: int, client: str) -> str:
     return f"{round_prefix(round_)}/clients/{client}"
 
 
+RUN_MARKER = "fedtune-run.json"
+"""At the storage root: `{"kind": "fedtune.run", "run": <name>, "uid": <metadata.uid>}`, written
+by round 0's aggregator to a root that is empty (or already holds it). It is what storage cleanup
+(cleanupPolicy Delete) requires: it deletes a root only when this marker names the run's UID."""
+RUN_MARKER_KIND = "fedtune.run"
+
 SERVER_STATE_PREFIX = "state/server"
 CLIP_STATE_PREFIX = "state/clip"
 CONTROL_PREFIX = "state/control"

@@ -453,6 +453,10 @@ class EvaluationSpec(Model):
     )
 
 
+CleanupPolicy = Literal["Retain", "Delete"]
+"""storage.cleanupPolicy: keep the run's storage when the run is deleted, or delete it."""
+
+
 class StorageLocation(Model):
     """Where a run keeps its artifacts. Credentials never appear here: they come as AWS_* env."""
 

@@ -22,6 +22,7 @@ from fedtune_trainer.wire.contract import TASK_ENV, TASK_FILE_ENV
 from fedtune_trainer.wire.settings import (
     AdapterSpec,
     AggregationSpec,
+    CleanupPolicy,
     ClientName,
     DataSpec,
     DeltaSpec,
@@ -39,6 +40,9 @@ from fedtune_trainer.wire.settings import (
 # --------------------------------------------------------------------------------------------
 # Tasks
 # --------------------------------------------------------------------------------------------
+
+RunUid = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9-]+$")]
+"""A Kubernetes object's metadata.uid (a UUID)."""
 
 
 class _TaskBase(Model):
@@ -101,6 +105,17 @@ class AggregateTask(_TaskBase):
     sampling_rate: float = Field(
         1.0, gt=0, le=1, description="Clients sampled per round / all clients (for accounting)."
     )
+    run_uid: RunUid | None = Field(
+        None,
+        description="The run's metadata.uid: round 0 marks the storage root as this run's "
+        "(layout.RUN_MARKER), the mark storage cleanup requires; None marks nothing.",
+    )
+    cleanup_policy: CleanupPolicy = Field(
+        "Retain",
+        description="storage.cleanupPolicy: with Delete, round 0 refuses a root it cannot mark as "
+        "the run's (another run's marker, or objects and no marker), which deleting the run "
+        "would delete; with Retain it only says so and goes on unmarked.",
+    )
 
     @model_validator(mode="after")
     def _lora_mode(self) -> AggregateTask:
@@ -128,10 +143,13 @@ class EvaluateTask(_TaskBase):
 
 
 class CleanupTask(Model):
-    """Delete everything under the run's storage root (storage.cleanupPolicy: Delete)."""
+    """Delete everything under the run's storage root (storage.cleanupPolicy: Delete), provided
+    the root is a prefix (never a whole bucket) whose marker (layout.RUN_MARKER) names `run_uid`;
+    anything else is refused and nothing deleted."""
 
     kind: Literal["cleanup"] = "cleanup"
     run: ShortStr
+    run_uid: RunUid = Field(description="The run's metadata.uid, which its marker must hold.")
     storage: StorageLocation
 
 
