@@ -1,16 +1,24 @@
 """Separate S3 accounts and bucket policies, enforced by the real server (versitygw 1.8).
 
-A run's layout under a policy that scopes each client to its own prefix (what issue 20's
-generated policies are to do): what alice may and may not do, answered by the server itself.
+Two tables. The first is a run's layout under a policy that scopes each client to its own prefix
+(what issue 20's generated policies are to do): what alice may and may not do, answered by the
+server itself. The second is, per S3 operation the trainer uses, which policy action versitygw
+checks: each row is run once with exactly its actions granted (it must succeed) and once for each
+of them with every other candidate action granted but that one (it must be refused), so a row
+that names too few actions, or one too many, fails.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import secrets
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError
 
 from devcluster.s3 import AdminError, S3Account
@@ -355,3 +363,256 @@ def test_an_explicit_deny_wins_over_an_allow(s3: S3Account, accounts: dict[str, 
     client = alice.client()
     assert not refused(lambda: client.put_object(Bucket=bucket, Key="open/k", Body=b"x"))
     assert refused(lambda: client.put_object(Bucket=bucket, Key="locked/k", Body=b"x"))
+
+
+# --------------------------------------------------------------------------------------------
+# Which policy action versitygw checks for each operation
+# --------------------------------------------------------------------------------------------
+
+OBJECT_ACTIONS = (
+    "s3:PutObject",
+    "s3:GetObject",
+    "s3:DeleteObject",
+    "s3:AbortMultipartUpload",
+    "s3:ListMultipartUploadParts",
+    "s3:GetObjectAttributes",
+    "s3:GetObjectTagging",
+    "s3:PutObjectTagging",
+)
+BUCKET_ACTIONS = ("s3:ListBucket", "s3:ListBucketMultipartUploads", "s3:GetBucketLocation")
+SMALL = TransferConfig(multipart_threshold=5 * 2**20, multipart_chunksize=5 * 2**20)
+BIG = 11 * 2**20  # three parts of SMALL's chunk size
+PREFIX = "runs/r1/rounds/1/clients/alice/"
+
+
+def grant(bucket: str, who: S3Account, actions: set[str]) -> dict[str, Any]:
+    """`actions` on every object of the bucket and on the bucket itself (each statement names
+    the resource type its actions apply to: versitygw refuses a mismatched one)."""
+    statements = []
+    objects = sorted(a for a in actions if a in OBJECT_ACTIONS)
+    buckets = sorted(a for a in actions if a in BUCKET_ACTIONS)
+    if objects:
+        statements.append(statement(who, objects, [f"arn:aws:s3:::{bucket}/*"]))
+    if buckets:
+        statements.append(statement(who, buckets, [f"arn:aws:s3:::{bucket}"]))
+    return {"Version": "2012-10-17", "Statement": statements}
+
+
+@dataclass(frozen=True)
+class Op:
+    """An S3 operation as alice performs it (`run(client, bucket, state)`), after the root
+    account prepared what it needs (`setup(root_client, bucket) -> state`); `actions` is what
+    versitygw checks for it, `trainer` what in the trainer's S3Store issues it."""
+
+    name: str
+    actions: frozenset[str]
+    run: Callable[[Any, str, Any], Any]
+    setup: Callable[[Any, str], Any] = lambda root, bucket: None
+    trainer: str = ""
+
+
+def seeded(size: int = 1000) -> Callable[[Any, str], Any]:
+    def setup(root: Any, bucket: str) -> bytes:
+        body = secrets.token_bytes(size)
+        root.put_object(Bucket=bucket, Key=PREFIX + "obj", Body=body)
+        return body
+
+    return setup
+
+
+def upload(root: Any, bucket: str) -> str:
+    return root.create_multipart_upload(Bucket=bucket, Key=PREFIX + "mp")["UploadId"]
+
+
+def upload_with_part(root: Any, bucket: str) -> tuple[str, str]:
+    upload_id = upload(root, bucket)
+    part = root.upload_part(
+        Bucket=bucket, Key=PREFIX + "mp", UploadId=upload_id, PartNumber=1, Body=b"p" * 100
+    )
+    return upload_id, part["ETag"]
+
+
+def get_whole(c: Any, b: str, body: bytes) -> None:
+    assert c.get_object(Bucket=b, Key=PREFIX + "obj")["Body"].read() == body
+
+
+def get_range(c: Any, b: str, body: bytes) -> None:
+    got = c.get_object(Bucket=b, Key=PREFIX + "obj", Range="bytes=10-19")["Body"].read()
+    assert got == body[10:20]
+
+
+def download(c: Any, b: str, body: bytes) -> None:
+    buf = io.BytesIO()
+    c.download_fileobj(b, PREFIX + "obj", buf, Config=SMALL)
+    assert buf.getvalue() == body
+
+
+def complete(c: Any, b: str, state: tuple[str, str]) -> None:
+    upload_id, etag = state
+    parts = {"Parts": [{"PartNumber": 1, "ETag": etag}]}
+    c.complete_multipart_upload(
+        Bucket=b, Key=PREFIX + "mp", UploadId=upload_id, MultipartUpload=parts
+    )
+
+
+OPS = [
+    Op(
+        "PutObject",
+        frozenset({"s3:PutObject"}),
+        lambda c, b, _: c.put_object(Bucket=b, Key=PREFIX + "new", Body=b"x"),
+        trainer="put_bytes/put_file below the multipart threshold",
+    ),
+    Op(
+        "upload_fileobj of 11 MiB (CreateMultipartUpload, UploadPart x3, Complete)",
+        frozenset({"s3:PutObject"}),
+        lambda c, b, _: c.upload_fileobj(io.BytesIO(b"u" * BIG), b, PREFIX + "big", Config=SMALL),
+        trainer="put_bytes/put_file above the multipart threshold",
+    ),
+    Op(
+        "CreateMultipartUpload",
+        frozenset({"s3:PutObject"}),
+        lambda c, b, _: c.create_multipart_upload(Bucket=b, Key=PREFIX + "mp"),
+    ),
+    Op(
+        "UploadPart (of an upload the root began)",
+        frozenset({"s3:PutObject"}),
+        lambda c, b, upload_id: c.upload_part(
+            Bucket=b, Key=PREFIX + "mp", UploadId=upload_id, PartNumber=1, Body=b"p"
+        ),
+        setup=upload,
+    ),
+    Op(
+        "CompleteMultipartUpload",
+        frozenset({"s3:PutObject"}),
+        complete,
+        setup=upload_with_part,
+    ),
+    Op(
+        "AbortMultipartUpload",
+        frozenset({"s3:AbortMultipartUpload"}),
+        lambda c, b, upload_id: c.abort_multipart_upload(
+            Bucket=b, Key=PREFIX + "mp", UploadId=upload_id
+        ),
+        setup=upload,
+        trainer="s3transfer, when a multipart upload fails",
+    ),
+    Op(
+        "ListParts",
+        frozenset({"s3:ListMultipartUploadParts"}),
+        lambda c, b, upload_id: c.list_parts(Bucket=b, Key=PREFIX + "mp", UploadId=upload_id),
+        setup=upload,
+    ),
+    Op(
+        "ListMultipartUploads",
+        frozenset({"s3:ListBucketMultipartUploads"}),
+        lambda c, b, _: c.list_multipart_uploads(Bucket=b, Prefix=PREFIX),
+        setup=upload,
+    ),
+    Op(
+        "GetObject",
+        frozenset({"s3:GetObject"}),
+        get_whole,
+        setup=seeded(),
+        trainer="get_bytes/get_file with max_bytes",
+    ),
+    Op(
+        "GetObject with Range",
+        frozenset({"s3:GetObject"}),
+        get_range,
+        setup=seeded(),
+        trainer="get_range",
+    ),
+    Op(
+        "HeadObject",
+        frozenset({"s3:GetObject"}),
+        lambda c, b, _: c.head_object(Bucket=b, Key=PREFIX + "obj"),
+        setup=seeded(),
+        trainer="exists, the model cache's listing of one object",
+    ),
+    Op(
+        "download_fileobj of 11 MiB (HeadObject, ranged GetObject x3)",
+        frozenset({"s3:GetObject"}),
+        download,
+        setup=seeded(BIG),
+        trainer="get_bytes/get_file without max_bytes",
+    ),
+    Op(
+        "DeleteObject",
+        frozenset({"s3:DeleteObject"}),
+        lambda c, b, _: c.delete_object(Bucket=b, Key=PREFIX + "obj"),
+        setup=seeded(),
+        trainer="delete",
+    ),
+    Op(
+        "DeleteObjects (refused keys come back in Errors, with HTTP 200)",
+        frozenset({"s3:DeleteObject"}),
+        lambda c, b, _: c.delete_objects(
+            Bucket=b, Delete={"Objects": [{"Key": PREFIX + "obj"}], "Quiet": True}
+        ),
+        setup=seeded(),
+        trainer="delete_prefix",
+    ),
+    Op(
+        "ListObjectsV2 with a prefix",
+        frozenset({"s3:ListBucket"}),
+        lambda c, b, _: c.list_objects_v2(Bucket=b, Prefix=PREFIX),
+        setup=seeded(),
+        trainer="list, delete_prefix, the model cache's listing of a prefix",
+    ),
+    Op(
+        "HeadBucket",
+        frozenset({"s3:ListBucket"}),
+        lambda c, b, _: c.head_bucket(Bucket=b),
+    ),
+    Op(
+        "CopyObject (GetObject on the source, PutObject on the target)",
+        frozenset({"s3:GetObject", "s3:PutObject"}),
+        lambda c, b, _: c.copy_object(
+            Bucket=b, Key=PREFIX + "copy", CopySource={"Bucket": b, "Key": PREFIX + "obj"}
+        ),
+        setup=seeded(),
+    ),
+]
+
+
+def run_op(s3: S3Account, alice: S3Account, op: Op, actions: set[str]) -> bool:
+    """Whether alice was refused `op` with exactly `actions` granted."""
+    bucket = fresh_bucket(s3)
+    state = op.setup(s3.client(), bucket)
+    s3.put_bucket_policy(bucket, grant(bucket, alice, actions))
+    return refused(lambda: op.run(alice.client(), bucket, state))
+
+
+@pytest.mark.parametrize("op", [pytest.param(op, id=op.name) for op in OPS])
+def test_an_operation_goes_through_with_exactly_its_actions(
+    s3: S3Account, accounts: dict[str, S3Account], op: Op
+) -> None:
+    assert not run_op(s3, accounts["alice"], op, set(op.actions))
+
+
+@pytest.mark.parametrize(
+    ("op", "withheld"),
+    [
+        pytest.param(op, action, id=f"{op.name} without {action}")
+        for op in OPS
+        for action in sorted(op.actions)
+    ],
+)
+def test_an_operation_is_refused_without_each_of_its_actions(
+    s3: S3Account, accounts: dict[str, S3Account], op: Op, withheld: str
+) -> None:
+    everything_else = set(OBJECT_ACTIONS + BUCKET_ACTIONS) - {withheld}
+    assert run_op(s3, accounts["alice"], op, everything_else)
+
+
+def test_the_table_names_only_actions_versitygw_knows(
+    s3: S3Account, accounts: dict[str, S3Account]
+) -> None:
+    """Every candidate action is accepted in a policy (a typo would be MalformedPolicy)."""
+    bucket = fresh_bucket(s3)
+    s3.put_bucket_policy(
+        bucket, grant(bucket, accounts["alice"], set(OBJECT_ACTIONS + BUCKET_ACTIONS))
+    )
+    stored = json.loads(s3.client().get_bucket_policy(Bucket=bucket)["Policy"])
+    granted = {a for st in stored["Statement"] for a in st["Action"]}
+    assert granted == set(OBJECT_ACTIONS + BUCKET_ACTIONS)
