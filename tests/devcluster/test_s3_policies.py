@@ -15,13 +15,15 @@ import json
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError
 
-from devcluster.s3 import AdminError, S3Account
+from devcluster.s3 import AdminError, S3Account, server_argv
+from devcluster.testing import DevCluster
 
 RUN = "runs/r1"
 CLIENTS = ("alice", "bob")
@@ -363,6 +365,59 @@ def test_an_explicit_deny_wins_over_an_allow(s3: S3Account, accounts: dict[str, 
     client = alice.client()
     assert not refused(lambda: client.put_object(Bucket=bucket, Key="open/k", Body=b"x"))
     assert refused(lambda: client.put_object(Bucket=bucket, Key="locked/k", Body=b"x"))
+
+
+def test_a_policy_as_large_as_aws_takes_is_stored_and_enforced(s3: S3Account) -> None:
+    """AWS takes bucket policies up to 20 KB; versitygw's posix backend, its metadata in a
+    sidecar directory (devcluster.s3.meta_dir_for), takes them too: the scoped policy of as
+    many clients as fit (32; in extended attributes on ext4 it failed past 6)."""
+    tag = secrets.token_hex(3)
+    bucket = fresh_bucket(s3)
+
+    def policy_of(n: int) -> dict[str, Any]:
+        names = {f"c{i}": S3Account(s3.endpoint, f"c{i}-{tag}", "") for i in range(n)}
+        return scoped_policy(bucket, names)
+
+    n = 1
+    while len(json.dumps(policy_of(n + 1))) <= 20_480:
+        n += 1
+    assert len(json.dumps(policy_of(n))) > 19_000
+    many = {f"c{i}": s3.create_user(f"c{i}-{tag}") for i in range(n)}
+    s3.put_bucket_policy(bucket, policy_of(n))
+    last = many[f"c{n - 1}"].client()
+    assert not refused(
+        lambda: last.put_object(Bucket=bucket, Key=f"{R1}/clients/c{n - 1}/d", Body=b"x")
+    )
+    assert refused(lambda: last.put_object(Bucket=bucket, Key=f"{R1}/clients/c0/d", Body=b"x"))
+
+
+def test_the_devclusters_server_has_accounts_and_policies(devcluster: DevCluster) -> None:
+    """The server the devcluster runs for its pods is started the same way (server_argv)."""
+    root = devcluster.s3
+    alice = root.create_user(f"alice-{secrets.token_hex(3)}")
+    bucket = fresh_bucket(root)
+    root.put_bucket_policy(bucket, scoped_policy(bucket, {"alice": alice}))
+    client = alice.client()
+    assert not refused(lambda: client.put_object(Bucket=bucket, Key=f"{R1}/clients/alice/d"))
+    assert refused(lambda: client.put_object(Bucket=bucket, Key=f"{R1}/global/model"))
+    assert (devcluster.cluster.dir / "iam-s3-data" / "users.json").exists()
+
+
+def test_the_server_keeps_accounts_and_metadata_beside_its_data(tmp_path: Path) -> None:
+    argv = server_argv(tmp_path / "bin", 7070, tmp_path / "s3-data")
+    assert argv[argv.index("--iam-dir") + 1] == str(tmp_path / "iam-s3-data")
+    assert argv[argv.index("--sidecar") + 1] == str(tmp_path / "sidecar-s3-data")
+    assert argv[-1] == str(tmp_path / "s3-data")
+    assert (tmp_path / "iam-s3-data").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "sidecar-s3-data").is_dir()
+
+
+def test_data_written_with_metadata_in_extended_attributes_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "s3-data" / "old-bucket").mkdir(parents=True)
+    with pytest.raises(RuntimeError, match="older devcluster"):
+        server_argv(tmp_path / "bin", 7070, tmp_path / "s3-data")
+    (tmp_path / "sidecar-s3-data").mkdir()  # written with a sidecar: served
+    assert server_argv(tmp_path / "bin", 7070, tmp_path / "s3-data")[-1].endswith("s3-data")
 
 
 # --------------------------------------------------------------------------------------------

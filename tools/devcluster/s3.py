@@ -41,7 +41,17 @@ REGION = "us-east-1"
 def iam_dir_for(data_dir: Path) -> Path:
     """Where the server keeps its accounts (`users.json`, secrets included): beside the posix
     root, never inside it, where a directory is a bucket."""
-    return data_dir.parent / f"{data_dir.name}-iam"
+    return data_dir.parent / f"iam-{data_dir.name}"
+
+
+def meta_dir_for(data_dir: Path) -> Path:
+    """Where the server keeps object and bucket metadata (ETags, ACLs, bucket policies): a
+    sidecar directory beside the posix root. In extended attributes, versitygw's default, a
+    bucket's attributes share one 4 KiB block on ext4, which refuses (500 InternalError) a
+    bucket policy over about 4 KB, a fifth of what AWS takes (20 KB). Its name does not start
+    with the root's: versitygw refuses a sidecar whose path merely starts with the root's path
+    as one inside it."""
+    return data_dir.parent / f"sidecar-{data_dir.name}"
 
 
 def server_argv(
@@ -51,10 +61,20 @@ def server_argv(
     host: str = "127.0.0.1",
     access_log: Path | None = None,
 ) -> list[str]:
-    """The server's command line. Creates its IAM directory (`iam_dir_for(data_dir)`, owner
-    only), which versitygw does not, and which it needs as an absolute path."""
-    iam_dir = iam_dir_for(data_dir.resolve())
-    iam_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """The server's command line. Creates its IAM and metadata directories (owner only), which
+    versitygw does not, and which it needs as absolute paths. A data directory that holds
+    buckets but has no metadata directory was written by an older devcluster, which kept
+    metadata in extended attributes: it is refused rather than served without its metadata."""
+    data = data_dir.resolve()
+    iam_dir, meta_dir = iam_dir_for(data), meta_dir_for(data)
+    if not meta_dir.exists() and data.is_dir() and any(data.iterdir()):
+        raise RuntimeError(
+            f"{data} holds buckets whose metadata an older devcluster kept in extended "
+            f"attributes, and it is now kept in {meta_dir.name}/ beside it: remove {data} "
+            f"(and {iam_dir.name}/) to start the S3 server afresh"
+        )
+    for directory in (iam_dir, meta_dir):
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     log = ["--access-log", str(access_log)] if access_log is not None else []
     return [
         str(bin_dir / "versitygw"),
@@ -66,7 +86,9 @@ def server_argv(
         str(iam_dir),
         *log,
         "posix",
-        str(data_dir.resolve()),
+        "--sidecar",
+        str(meta_dir),
+        str(data),
     ]
 
 
