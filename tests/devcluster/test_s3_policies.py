@@ -348,6 +348,36 @@ def test_not_principal_is_stored_but_ignored(s3: S3Account, accounts: dict[str, 
     assert refused(lambda: bob.client().get_object(Bucket=bucket, Key="k"))
 
 
+def test_policy_variables_and_identity_condition_keys_are_not_evaluated(
+    s3: S3Account, accounts: dict[str, S3Account]
+) -> None:
+    """No single statement for every client: versitygw matches `${aws:username}` in a Resource
+    literally, and never sets aws:username for a bucket policy's Condition (accepted, never
+    true). A generated policy needs one set of statements per client."""
+    bucket = fresh_bucket(s3)
+    alice = accounts["alice"]
+    arn = f"arn:aws:s3:::{bucket}"
+    s3.put_bucket_policy(
+        bucket,
+        {
+            "Version": "2012-10-17",
+            "Statement": [
+                statement(alice, ["s3:PutObject"], [arn + "/clients/${aws:username}/*"]),
+                statement(
+                    alice,
+                    ["s3:PutObject"],
+                    [arn + "/by-condition/*"],
+                    Condition={"StringEquals": {"aws:username": alice.name}},
+                ),
+            ],
+        },
+    )
+    client = alice.client()
+    assert refused(lambda: client.put_object(Bucket=bucket, Key=f"clients/{alice.name}/k"))
+    assert not refused(lambda: client.put_object(Bucket=bucket, Key="clients/${aws:username}/k"))
+    assert refused(lambda: client.put_object(Bucket=bucket, Key="by-condition/k"))
+
+
 def test_an_explicit_deny_wins_over_an_allow(s3: S3Account, accounts: dict[str, S3Account]) -> None:
     bucket = fresh_bucket(s3)
     alice = accounts["alice"]
