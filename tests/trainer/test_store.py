@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from fedtune_trainer.storage import s3
 from fedtune_trainer.storage import store as st
 from fedtune_trainer.storage.locate import fetch, open_store
+from fedtune_trainer.storage.s3 import S3Store
 from fedtune_trainer.wire.settings import StorageLocation
 from tests.trainer.support import Storage
 
@@ -265,3 +267,37 @@ def test_a_huge_manifest_is_not_read_whole(storage: Storage) -> None:
     s.put_bytes("c/manifest.json", b"{" + b" " * (st.MANIFEST_MAX_BYTES + 10) + b"}")
     with pytest.raises(st.IntegrityError, match="oversized: more than 1048576 bytes"):
         st.read_manifest(s, "c")
+
+
+@pytest.mark.integration
+def test_a_refused_delete_is_an_error_not_a_silent_leftover(s3) -> None:
+    """DeleteObjects answers 200 and lists each refused key among its Errors: the store reads
+    them, so a cleanup or a delta deletion the server refuses fails loudly."""
+
+    bucket = s3.bucket(f"refused-{uuid.uuid4().hex[:8]}").removeprefix("s3://")
+    reader = s3.create_user(f"reader{uuid.uuid4().hex[:8]}")
+    s3.put_bucket_policy(
+        bucket,
+        {
+            "Version": "2012-10-17",
+            "Statement": [
+                {
+                    "Effect": "Allow",
+                    "Principal": reader.name,
+                    "Action": ["s3:ListBucket", "s3:GetObject"],
+                    "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"],
+                }
+            ],
+        },
+    )
+
+    def store(account) -> S3Store:
+        keys = {"access_key_id": account.access_key, "secret_access_key": account.secret_key}
+        return S3Store(bucket, "run", st.S3Settings(endpoint=s3.endpoint, **keys))
+
+    owner, limited = store(s3), store(reader)
+    owner.put_bytes("a/x", b"1")
+    owner.put_bytes("a/y", b"2")
+    with pytest.raises(PermissionError, match=r"AccessDenied \(2 of 2 objects not deleted\)"):
+        limited.delete_prefix("a/")
+    assert sorted(owner.list("a/")) == ["a/x", "a/y"]

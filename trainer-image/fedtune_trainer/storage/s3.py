@@ -195,10 +195,21 @@ class S3Store(Store):
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
     def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under `prefix`; raises PermissionError when the server refuses
+        any (DeleteObjects answers 200 and lists a refused key among its Errors: a refusal that
+        is not read would leave objects behind while saying they are gone)."""
         keys = self.list(prefix)
         for i in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
             batch = [{"Key": self._key(k)} for k in keys[i : i + 1000]]
-            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            answer = self.client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
+            )
+            if errors := answer.get("Errors"):
+                first = errors[0]
+                raise PermissionError(
+                    f"s3://{self.bucket}/{first.get('Key')}: {first.get('Code')} "
+                    f"({len(errors)} of {len(batch)} objects not deleted)"
+                )
         return len(keys)
 
 
