@@ -21,6 +21,8 @@ from tests.chart.support import CHART, RELEASE, Values, helm
 BUCKET = "fedtune-chart"
 OPERATOR_START_TIMEOUT = 90
 RESTRICTED = "pod-security.kubernetes.io/enforce=restricted"
+CONFINEMENT_POLICY = f"ValidatingAdmissionPolicy '{RELEASE}-operator-confinement'"
+"""How the API server names the chart's policy on the operator's identity in a refusal."""
 # What kopf or the kubernetes client logs when the API refuses a request (APIForbiddenError,
 # "(403) Reason: Forbidden", "Not enough permissions to ..."). Not a bare "403": log timestamps
 # have milliseconds.
@@ -236,6 +238,29 @@ class Release:
             what="kopf's /healthz to answer 200",
             diagnose=self.diagnose,
         )
+
+    def wait_confined(self) -> None:
+        """Until the chart's confinement policy is in force (the API server loads a new policy
+        asynchronously): it refuses the operator's ServiceAccount a Job that is no run's."""
+        probe = {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": "confinement-probe", "namespace": self.mode.runs},
+            "spec": {
+                "template": {
+                    "spec": {
+                        "restartPolicy": "Never",
+                        "containers": [{"name": "probe", "image": "busybox"}],
+                    }
+                }
+            },
+        }
+
+        def refused() -> bool:
+            admitted, refusal = dry_run(self.dc, probe, self.service_account)
+            return not admitted and CONFINEMENT_POLICY in refusal
+
+        wait_for(refused, timeout=30, what="the confinement policy to be in force")
 
     def permission_errors(self) -> list[str]:
         """Refusals for lack of RBAC; a namespace being deleted refuses everyone alike, which

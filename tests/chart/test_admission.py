@@ -29,7 +29,15 @@ from fedtune_operator import manifests
 from fedtune_operator.network_policy import network_policy
 from fedtune_operator.validation import parse_spec
 from fedtune_operator.volumes import cache_claim
-from tests.chart.install import Mode, Release, dry_run, installed, run_manifest, set_in
+from tests.chart.install import (
+    CONFINEMENT_POLICY,
+    Mode,
+    Release,
+    dry_run,
+    installed,
+    run_manifest,
+    set_in,
+)
 
 MODES = {
     "cluster": Mode(
@@ -49,7 +57,6 @@ MODES = {
 }
 ALLOWED_IMAGES = ["ghcr.io/fedtune/", "registry.example.com/ml/"]
 RUNS_POLICY = "ValidatingAdmissionPolicy 'fedtune-operator-runs'"
-CONFINEMENT_POLICY = "ValidatingAdmissionPolicy 'fedtune-operator-confinement'"
 SECRET = "fedtune-s3"
 OTHER_SECRET = "other-team-s3"
 POLICY_TIMEOUT = 30
@@ -140,12 +147,7 @@ def wait_in_force(release: Release) -> None:
         timeout=POLICY_TIMEOUT,
         what="the runs policy to refuse an image outside admission.allowedImages",
     )
-    job = unlabelled(operator_objects(namespace)["client Job"])
-    wait_for(
-        lambda: refused_by(CONFINEMENT_POLICY, job, release.service_account),
-        timeout=POLICY_TIMEOUT,
-        what="the confinement policy to refuse an unlabelled Job of the operator",
-    )
+    release.wait_confined()
 
 
 # -- the runs policy: who may make the operator do what ------------------------------------------

@@ -351,7 +351,8 @@ def test_a_run_succeeds_through_the_chart_installed_operator(
 ) -> None:
     """The whole loop with the chart's RBAC only: Jobs created and watched, pod summaries read,
     status and events written, the finished run deleted after its TTL; the training pods are
-    admitted as `restricted`."""
+    admitted as `restricted`, and everything the operator writes by the chart's admission
+    policy on its identity."""
     dc, namespace = release.dc, release.mode.runs
     s3 = dc.s3
     dc.kubectl(
@@ -364,6 +365,8 @@ def test_a_run_succeeds_through_the_chart_installed_operator(
         f"--from-literal=AWS_ACCESS_KEY_ID={s3.access_key}",
         f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.secret_key}",
     )
+    # Every Job, NetworkPolicy and claim below passes the chart's confinement policy.
+    release.wait_confined()
     name = f"run-{uuid.uuid4().hex[:4]}"
     manifest = run_manifest(
         name, namespace, endpoint=s3.endpoint, assets=chart_assets, ttl_seconds_after_finished=15
