@@ -221,6 +221,118 @@ class NetworkPolicy(Values):
     )
 
 
+ImageRule = Annotated[
+    str,
+    StringConstraints(
+        max_length=512,
+        pattern=r"^(sha256:[a-f0-9]{64}|[A-Za-z0-9][A-Za-z0-9._/:@-]*)$",
+    ),
+]
+"""An entry of admission.allowedImages: `registry/path/` (a prefix: it ends with a slash),
+`sha256:<digest>` (any image pinned by that digest), or an exact image reference."""
+DnsSubdomain = Annotated[
+    str,
+    StringConstraints(
+        min_length=1,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+    ),
+]
+TolerationKey = Annotated[
+    str,
+    StringConstraints(
+        min_length=1,
+        max_length=317,
+        pattern=r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
+    ),
+]
+
+
+class Admission(Values):
+    enabled: bool = Field(
+        True,
+        description="The chart's two ValidatingAdmissionPolicies (admissionregistration.k8s.io/v1, "
+        "Kubernetes 1.30+): `<fullname>-runs` on the FederatedFineTunes people write, and "
+        "`<fullname>-confinement` on what the operator's ServiceAccount creates "
+        '(docs/install.md, "Admission").',
+    )
+    validation_actions: list[Literal["Deny", "Warn", "Audit"]] = Field(
+        ["Deny"],
+        min_length=1,
+        json_schema_extra={"uniqueItems": True},
+        description="What the bindings do with a refusal: Deny; or Warn and/or Audit, to see "
+        "what the policies would refuse before enforcing them.",
+    )
+    check_requester: bool = Field(
+        True,
+        description="Refuse a run that makes the operator do what its author may not do "
+        "themselves: an image other than the trainer's default, a serviceAccountName, a "
+        "mounted token, env from Secrets or ConfigMaps, imagePullSecrets, a priorityClassName or "
+        "a toleration of every taint need `create pods` in the namespace; every Secret the run "
+        "names needs `get` on it, every pvc:// claim `get` on the claim. With false only the "
+        "allowlists below apply.",
+    )
+    confine_operator: bool = Field(
+        True,
+        description="Confine the operator's ServiceAccount: the Jobs, NetworkPolicies and "
+        "PersistentVolumeClaims it writes must carry the fedtune.dev labels, the Jobs' pods the "
+        "restricted settings and an allowed image, and only in the namespaces it manages.",
+    )
+    allowed_images: list[ImageRule] = Field(
+        [],
+        description="Images the runs' pods may run, for everyone: `registry/path/` (a prefix, "
+        "with its trailing slash), `sha256:<digest>` (any image pinned by that digest) or an "
+        "exact reference. Empty: any image. The default trainer image is not implied: list it.",
+    )
+    allowed_service_accounts: list[DnsSubdomain] = Field(
+        [],
+        description="ServiceAccounts the runs' pods may run as (serviceAccountName). Empty: any "
+        "(for whoever may create pods).",
+    )
+    allow_secret_env: bool = Field(
+        True,
+        description="Allow env[].valueFrom.secretKeyRef in the runs' pod settings. The "
+        "credentials a run names in its own fields (storage, clients, signing, noise key) are "
+        "not affected.",
+    )
+    allowed_priority_classes: list[DnsSubdomain] = Field(
+        [],
+        description="PriorityClasses spec.template.priorityClassName may name. Empty: any "
+        "(for whoever may create pods).",
+    )
+    allowed_toleration_keys: list[TolerationKey] = Field(
+        [],
+        description="Taint keys the runs' pods may tolerate (e.g. nvidia.com/gpu); a toleration "
+        "without a key (every taint) is then refused too. Empty: any.",
+    )
+    protected_namespaces: list[DnsLabel] = Field(
+        ["kube-system", "kube-public", "kube-node-lease"],
+        json_schema_extra={"uniqueItems": True},
+        description="Cluster mode: namespaces where the operator's ServiceAccount may create "
+        "nothing, even though its ClusterRole would let it. (Namespaced mode: only the "
+        "watchNamespaces.)",
+    )
+    protect_release_namespace: bool = Field(
+        True,
+        description="Cluster mode: the release's own namespace is protected too (runs belong "
+        "in other namespaces).",
+    )
+
+    @field_validator("validation_actions", "protected_namespaces")
+    @classmethod
+    def _unique(cls, items: list[str]) -> list[str]:
+        if len(set(items)) != len(items):
+            raise ValueError("lists an entry twice")
+        return items
+
+    @field_validator("validation_actions")
+    @classmethod
+    def _deny_or_warn(cls, actions: list[str]) -> list[str]:
+        if {"Deny", "Warn"} <= set(actions):
+            raise ValueError("Deny and Warn exclude each other (the API server refuses both)")
+        return actions
+
+
 _RESTRICTED_SECCOMP = {"type": "RuntimeDefault"}
 
 
@@ -286,6 +398,9 @@ class ChartValues(Values):
     network_policy: NetworkPolicy = Field(
         NetworkPolicy(), description="The operator pod's own NetworkPolicy."
     )
+    admission: Admission = Field(
+        Admission(), description="Admission policies: who may make the operator do what."
+    )
     pod_annotations: dict[str, str] = Field({}, description="Annotations of the operator pod.")
     pod_labels: dict[str, str] = Field({}, description="Extra labels of the operator pod.")
     priority_class_name: str = Field("", description="The operator pod's PriorityClass.")
@@ -328,6 +443,8 @@ _ORDER = (
     "minLength",
     "maxLength",
     "pattern",
+    "minItems",
+    "maxItems",
     "uniqueItems",
     "required",
     "properties",

@@ -18,9 +18,8 @@ from typing import Any
 
 import pytest
 
-from devcluster.net import free_port
 from devcluster.testing import DevCluster, wait_for
-from tests.chart.install import BUCKET, Assets, Mode, Release
+from tests.chart.install import BUCKET, Assets, Mode, Release, installed, run_manifest
 
 MODES = {
     "cluster": Mode(
@@ -40,70 +39,14 @@ MODES = {
 }
 RECONCILE_TIMEOUT = 60
 RUN_TIMEOUT = 420
-RESTRICTED = "pod-security.kubernetes.io/enforce=restricted"
 
 
 @pytest.fixture(scope="module", params=sorted(MODES))
 def release(
     request: pytest.FixtureRequest, devcluster: DevCluster, helm_bin: Path
 ) -> Iterator[Release]:
-    mode = MODES[request.param]
-    for namespace in mode.namespaces:
-        devcluster.kubectl("create", "namespace", namespace)
-        devcluster.kubectl("label", "namespace", namespace, RESTRICTED)
-    rel = Release(devcluster, helm_bin, mode, liveness_port=free_port(), metrics_port=free_port())
-    rel.install()
-    try:
+    with installed(devcluster, helm_bin, MODES[request.param]) as rel:
         yield rel
-    finally:
-        # Runs first, while the operator still runs to lift its finalizer from them.
-        for namespace in mode.namespaces:
-            devcluster.kubectl(
-                "delete", "fft", "--all", "-n", namespace, "--timeout=60s", check=False
-            )
-        if rel.installed():
-            rel.uninstall()
-        for namespace in mode.namespaces:
-            devcluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
-
-
-def run_manifest(
-    name: str,
-    namespace: str,
-    *,
-    endpoint: str,
-    assets: Assets | None = None,
-    suspend: bool = False,
-    ttl_seconds_after_finished: int | None = None,
-) -> dict[str, Any]:
-    """A small run: two clients, one round of two steps each, on the tiny model."""
-    data = assets.data_uris if assets else [f"s3://{BUCKET}/data/client-{i}.jsonl" for i in (0, 1)]
-    extra = (
-        {}
-        if ttl_seconds_after_finished is None
-        else {"ttlSecondsAfterFinished": ttl_seconds_after_finished}
-    )
-    return {
-        "apiVersion": "fedtune.dev/v1alpha1",
-        "kind": "FederatedFineTune",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {
-            "baseModel": assets.model_uri if assets else f"s3://{BUCKET}/models/tiny",
-            "rounds": 1,
-            "suspend": suspend,
-            "adapter": {"r": 4, "alpha": 8, "targetModules": ["q_proj", "v_proj"]},
-            "training": {"localSteps": 2, "batchSize": 2, "maxSeqLength": 32},
-            "data": {"format": "chat"},
-            "storage": {
-                "uri": f"s3://{BUCKET}/runs/{namespace}/{name}",
-                "endpoint": endpoint,
-                "credentialsSecret": {"name": "fedtune-s3"},
-            },
-            "clients": [{"name": f"client-{i}", "dataUri": uri} for i, uri in enumerate(data)],
-            "backoffLimit": 0,
-            **extra,
-        },
-    }
 
 
 def get_run(dc: DevCluster, namespace: str, name: str) -> dict[str, Any]:
@@ -336,6 +279,9 @@ def test_users_get_runs_through_the_editor_and_viewer_roles(
     )
     name = f"by-{user}-{uuid.uuid4().hex[:4]}"
     manifest = run_manifest(name, namespace, endpoint=dc.s3.endpoint, suspend=True)
+    # No Secret: naming one takes `get` on it besides these roles (the chart's admission policy,
+    # test_admission.py), which fedtune-editor alone does not give.
+    del manifest["spec"]["storage"]["credentialsSecret"]
     created = dc.kubectl("create", "-f", "-", input=json.dumps(manifest), as_user=user, check=False)
     try:
         assert (created.returncode == 0) is may_create, created.stderr
@@ -405,7 +351,8 @@ def test_a_run_succeeds_through_the_chart_installed_operator(
 ) -> None:
     """The whole loop with the chart's RBAC only: Jobs created and watched, pod summaries read,
     status and events written, the finished run deleted after its TTL; the training pods are
-    admitted as `restricted`."""
+    admitted as `restricted`, and everything the operator writes by the chart's admission
+    policy on its identity."""
     dc, namespace = release.dc, release.mode.runs
     s3 = dc.s3
     dc.kubectl(
@@ -418,6 +365,8 @@ def test_a_run_succeeds_through_the_chart_installed_operator(
         f"--from-literal=AWS_ACCESS_KEY_ID={s3.access_key}",
         f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.secret_key}",
     )
+    # Every Job, NetworkPolicy and claim below passes the chart's confinement policy.
+    release.wait_confined()
     name = f"run-{uuid.uuid4().hex[:4]}"
     manifest = run_manifest(
         name, namespace, endpoint=s3.endpoint, assets=chart_assets, ttl_seconds_after_finished=15
@@ -493,7 +442,13 @@ def test_helm_uninstall_leaves_nothing_behind_but_the_crd(release: Release) -> N
         ).stdout.split()
         assert not leftovers, f"left in {namespace}: {leftovers}"
     cluster_wide = dc.kubectl(
-        "get", "clusterroles,clusterrolebindings", "-l", selector, "-o", "name"
+        "get",
+        "clusterroles,clusterrolebindings,validatingadmissionpolicies,"
+        "validatingadmissionpolicybindings",
+        "-l",
+        selector,
+        "-o",
+        "name",
     ).stdout.split()
     assert not cluster_wide, f"left cluster-wide: {cluster_wide}"
     for role in ("fedtune-editor", "fedtune-viewer"):

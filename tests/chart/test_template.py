@@ -6,6 +6,7 @@ namespaced mode, and everything switched on with non-default settings.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -15,12 +16,14 @@ import pytest
 import yaml
 
 from devcluster.cluster import REPO_ROOT
+from fedtune_operator import api
 from tests.chart.support import (
     CHART,
     CRD_FILE,
     KUBE_VERSION,
     RELEASE,
     RELEASE_NAMESPACE,
+    Obj,
     Rendered,
     Values,
     flags,
@@ -45,6 +48,13 @@ OPERATOR_GRANTS = {
 
 CRD_READ = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}
 NAMESPACE_READ = {("", "namespaces", v) for v in ("list", "watch")}
+
+CLUSTER_SCOPED = (
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicyBinding",
+)
 
 NAMESPACED: Values = {"watchNamespaces": ["team-a", "team-b"]}
 EVERYTHING: Values = {
@@ -71,6 +81,16 @@ EVERYTHING: Values = {
         "metricsFrom": [
             {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
         ],
+    },
+    "admission": {
+        "validationActions": ["Warn", "Audit"],
+        "allowedImages": ["ghcr.io/fedtune/", "sha256:" + "0123456789abcdef" * 4],
+        "allowedServiceAccounts": ["trainer"],
+        "allowSecretEnv": False,
+        "allowedPriorityClasses": ["fedtune-batch"],
+        "allowedTolerationKeys": ["nvidia.com/gpu"],
+        "protectedNamespaces": ["kube-system", "platform"],
+        "protectReleaseNamespace": False,
     },
 }
 VALUE_SETS = {"defaults": {}, "namespaced": NAMESPACED, "everything": EVERYTHING}
@@ -110,7 +130,7 @@ def test_chart_metadata() -> None:
     assert chart["apiVersion"] == "v2"
     assert chart["name"] == "fedtune-operator"
     assert chart["appVersion"] == "0.1.0"
-    assert chart["kubeVersion"] == ">=1.29.0-0"
+    assert chart["kubeVersion"] == ">=1.30.0-0"
 
 
 def test_the_chart_ships_the_generated_crd_byte_for_byte() -> None:
@@ -127,19 +147,19 @@ def test_the_chart_ships_the_generated_crd_byte_for_byte() -> None:
 @pytest.mark.parametrize(
     ("version", "accepted"),
     [
+        ("1.29.9", False),  # no admissionregistration.k8s.io/v1 ValidatingAdmissionPolicy
         ("1.28.9", False),
-        ("1.27.0", False),
-        ("1.29.0", True),
+        ("1.30.0", True),
         ("1.30.5-gke.1014001", True),  # managed clusters report pre-release-style versions
         ("1.31.2-eks-7f9249a", True),
         (KUBE_VERSION, True),
     ],
 )
-def test_kubernetes_1_29_or_newer_is_required(helm_bin: Path, version: str, accepted: bool) -> None:
+def test_kubernetes_1_30_or_newer_is_required(helm_bin: Path, version: str, accepted: bool) -> None:
     result = template(helm_bin, kube_version=version, check=False)
     assert (result.returncode == 0) is accepted, result.stderr
     if not accepted:
-        assert "chart requires kubeVersion: >=1.29.0-0" in result.stderr
+        assert "chart requires kubeVersion: >=1.30.0-0" in result.stderr
 
 
 # -- values.schema.json -------------------------------------------------------------------------
@@ -159,6 +179,8 @@ def test_kubernetes_1_29_or_newer_is_required(helm_bin: Path, version: str, acce
         ({"watchNamespaces": ["a", "a"]}, "at '/watchNamespaces'"),
         ({"operator": {"livenessPort": "8081"}}, "at '/operator/livenessPort'"),
         ({"image": {"pullPolicy": "Sometimes"}}, "at '/image/pullPolicy'"),
+        # The allowlists are written into the policies' CEL: no quote may get in.
+        ({"admission": {"allowedImages": ["x' || true || '"]}}, "at '/admission/allowedImages/0'"),
     ],
     ids=[
         "typo-top-level",
@@ -169,6 +191,7 @@ def test_kubernetes_1_29_or_newer_is_required(helm_bin: Path, version: str, acce
         "duplicate-namespace",
         "port-as-string",
         "pull-policy",
+        "cel-in-an-allowlist",
     ],
 )
 def test_schema_rejects_bad_values_naming_the_key(
@@ -200,6 +223,10 @@ def test_schema_rejects_bad_values_naming_the_key(
             {"networkPolicy": {"enabled": True}},
             "networkPolicy.enabled needs networkPolicy.apiServerCidrs",
         ),
+        (
+            {"admission": {"validationActions": ["Deny", "Warn"]}},
+            "admission.validationActions: Deny and Warn exclude each other",
+        ),
     ],
     ids=[
         "monitor-without-service",
@@ -207,6 +234,7 @@ def test_schema_rejects_bad_values_naming_the_key(
         "same-ports",
         "no-sa-name",
         "network-policy-without-api-server",
+        "deny-and-warn",
     ],
 )
 def test_inconsistent_values_fail_with_a_clear_message(
@@ -407,6 +435,119 @@ def test_rbac_can_be_left_to_the_cluster_admin(helm_bin: Path) -> None:
     assert not rendered.of_kind("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding")
 
 
+# -- admission policies -------------------------------------------------------------------------
+
+RUNS_POLICY = "fedtune-operator-runs"
+CONFINEMENT = "fedtune-operator-confinement"
+AUTHZ_CHECK_COST, CEL_BUDGET = 350_000, 10_000_000
+"""What one authorizer check costs in CEL, and what one policy may spend on a request."""
+
+
+def policy_text(policy: Obj) -> str:
+    spec = policy["spec"]
+    return "\n".join(
+        [v["expression"] for v in spec.get("variables", [])]
+        + [v["expression"] for v in spec["validations"]]
+    )
+
+
+def test_both_admission_policies_are_installed_and_bound(case: Case) -> None:
+    rendered, values = case.rendered, case.values
+    actions = values.get("admission", {}).get("validationActions", ["Deny"])
+    for name in (RUNS_POLICY, CONFINEMENT):
+        policy = rendered.get("ValidatingAdmissionPolicy", name)
+        assert policy["spec"]["failurePolicy"] == "Fail"
+        binding = rendered.get("ValidatingAdmissionPolicyBinding", name)
+        assert binding["spec"]["policyName"] == name
+        assert binding["spec"]["validationActions"] == actions
+
+
+def test_the_runs_policy_checks_writes_of_runs_in_the_watched_namespaces(case: Case) -> None:
+    rendered, values = case.rendered, case.values
+    (rule,) = rendered.get("ValidatingAdmissionPolicy", RUNS_POLICY)["spec"]["matchConstraints"][
+        "resourceRules"
+    ]
+    assert rule["resources"] == ["federatedfinetunes"]
+    assert rule["operations"] == ["CREATE", "UPDATE"]
+    binding = rendered.get("ValidatingAdmissionPolicyBinding", RUNS_POLICY)
+    if watched(values):
+        selector = binding["spec"]["matchResources"]["namespaceSelector"]
+        assert selector["matchExpressions"] == [
+            {"key": "kubernetes.io/metadata.name", "operator": "In", "values": watched(values)}
+        ]
+    else:
+        assert "matchResources" not in binding["spec"]
+
+
+def test_the_runs_policy_lets_the_crds_default_image_through(case: Case) -> None:
+    """Only another image than the trainer's default needs `create pods`: the policy must know
+    the default the CRD fills in, which follows the chart's appVersion."""
+    text = policy_text(case.rendered.get("ValidatingAdmissionPolicy", RUNS_POLICY))
+    assert f"variables.image != '{api.DEFAULT_IMAGE}'" in text
+
+
+def test_the_runs_policy_stays_within_its_cel_budget(case: Case) -> None:
+    """Each authorizer check costs a fixed 350000 of the 10000000 one policy may spend on a
+    request; past it the API server refuses the run. The checks are counted so that there is
+    room for the rest of the evaluation."""
+    text = policy_text(case.rendered.get("ValidatingAdmissionPolicy", RUNS_POLICY))
+    checks = text.count(".check(")
+    assert checks == 1 + (1 + 12) + (1 + 6)  # pods; Secrets; claims (namespace-wide + by name)
+    assert checks * AUTHZ_CHECK_COST <= 0.75 * CEL_BUDGET
+
+
+def test_the_confinement_policy_matches_the_operator_alone(case: Case) -> None:
+    rendered, values = case.rendered, case.values
+    policy = rendered.get("ValidatingAdmissionPolicy", CONFINEMENT)
+    (condition,) = policy["spec"]["matchConditions"]
+    user = f"system:serviceaccount:{RELEASE_NAMESPACE}:fedtune-operator"
+    assert condition["expression"] == f"request.userInfo.username == '{user}'"
+    rules = {
+        (r["apiGroups"][0], r["resources"][0]): r["operations"]
+        for r in policy["spec"]["matchConstraints"]["resourceRules"]
+    }
+    assert rules == {
+        ("batch", "jobs"): ["CREATE", "UPDATE", "DELETE"],
+        ("networking.k8s.io", "networkpolicies"): ["CREATE", "UPDATE"],
+        ("", "persistentvolumeclaims"): ["CREATE", "UPDATE"],
+    }
+    where = policy["spec"]["validations"][0]["expression"]
+    admission = values.get("admission", {})
+    if watched(values):
+        assert where == f"request.namespace in {json.dumps(watched(values), separators=(',', ':'))}"
+    else:
+        protected = admission.get(
+            "protectedNamespaces", ["kube-system", "kube-public", "kube-node-lease"]
+        )
+        if admission.get("protectReleaseNamespace", True):
+            protected = [*protected, RELEASE_NAMESPACE]
+        assert where == f"!(request.namespace in {json.dumps(protected, separators=(',', ':'))})"
+
+
+@pytest.mark.parametrize(
+    ("admission", "expected"),
+    [
+        ({"enabled": False}, set()),
+        ({"confineOperator": False}, {RUNS_POLICY}),
+        ({"checkRequester": False}, {CONFINEMENT}),
+        ({"checkRequester": False, "allowSecretEnv": False}, {RUNS_POLICY, CONFINEMENT}),
+    ],
+    ids=["off", "no-confinement", "no-requester-check", "allowlist-only"],
+)
+def test_admission_switches(helm_bin: Path, admission: Values, expected: set[str]) -> None:
+    rendered = render(helm_bin, {"admission": admission})
+    policies = {p["metadata"]["name"] for p in rendered.of_kind("ValidatingAdmissionPolicy")}
+    bindings = {
+        p["spec"]["policyName"] for p in rendered.of_kind("ValidatingAdmissionPolicyBinding")
+    }
+    assert policies == bindings == expected
+    for policy in rendered.of_kind("ValidatingAdmissionPolicy"):
+        text = policy_text(policy)
+        assert ("authorizer" in text) is (
+            admission.get("checkRequester", True) and policy["metadata"]["name"] == RUNS_POLICY
+        )
+
+
 # -- roles for users ----------------------------------------------------------------------------
 
 RUN_EDITING = {"create", "update", "patch", "delete"}
@@ -573,7 +714,7 @@ def test_namespaced_objects_live_in_the_release_namespace(case: Case) -> None:
         namespace = obj["metadata"].get("namespace")
         if obj["kind"] in ("Role", "RoleBinding"):
             assert namespace in watched(values)
-        elif obj["kind"] in ("ClusterRole", "ClusterRoleBinding"):
+        elif obj["kind"] in CLUSTER_SCOPED:
             assert namespace is None
         else:
             assert namespace == RELEASE_NAMESPACE, obj["kind"]

@@ -97,6 +97,11 @@ def test_every_key_is_documented_and_no_other_is_allowed() -> None:
         {"image": {"digest": "sha256:short"}},
         {"metrics": {"serviceMonitor": {"interval": "soon"}}},
         {"imagePullSecrets": [{}]},
+        {"admission": {"allowedImages": ["ghcr.io/x' || true || '"]}},
+        {"admission": {"allowedServiceAccounts": ["Trainer"]}},
+        {"admission": {"validationActions": ["Deny", "Warn"]}},
+        {"admission": {"validationActions": []}},
+        {"admission": {"protectedNamespaces": ["kube-system", "kube-system"]}},
     ],
     ids=[
         "typo-top-level",
@@ -111,6 +116,11 @@ def test_every_key_is_documented_and_no_other_is_allowed() -> None:
         "digest",
         "duration",
         "pull-secret-without-name",
+        "cel-in-an-image-rule",
+        "service-account-name",
+        "deny-and-warn",
+        "no-action",
+        "duplicate-protected-namespace",
     ],
 )
 def test_the_models_refuse_what_the_schema_refuses(values: dict[str, Any]) -> None:
