@@ -207,6 +207,18 @@ FIELDS = [
         (False, False, False, True),
     ),
     Field(
+        f"spec.clients[].storageCredentialsSecret ({OTHER_SECRET})",
+        set_in("clients.0.storageCredentialsSecret", {"name": OTHER_SECRET}),
+        "spec.clients[name=client-0].storageCredentialsSecret",
+        (False, False, False, True),
+    ),
+    Field(
+        f"spec.evaluation.storageCredentialsSecret ({SECRET})",
+        set_in("evaluation.storageCredentialsSecret", {"name": SECRET}),
+        "spec.evaluation.storageCredentialsSecret",
+        (False, False, True, True),
+    ),
+    Field(
         "spec.clients[].dataUri pvc://datasets/...",
         set_in("clients.1.dataUri", "pvc://datasets/client-1.jsonl"),
         "spec.clients[name=client-1].dataUri",
@@ -367,7 +379,7 @@ def operator_objects(namespace: str) -> dict[str, dict[str, Any]]:
         "client Job": manifests.client_job(**owned, round_=1, attempt=0, client="b"),
         "aggregator Job": manifests.aggregate_job(**owned, round_=1, attempt=0, clients=["a"]),
         "evaluation Job": manifests.evaluate_job(**owned, round_=1),
-        "cleanup Job": manifests.cleanup_job(**run),
+        "cleanup Job": manifests.cleanup_job(**owned),
         "NetworkPolicy": network_policy(**owned),
         "model cache claim": cache_claim(**owned, client="a"),
     }

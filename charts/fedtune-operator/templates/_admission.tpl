@@ -51,12 +51,14 @@ request, so the checks are counted: 1 (pods) + 1 + 12 (Secrets) + 1 + 6 (claims)
 {{- $c := dict "b" "c" "p" "('spec.clients[name=' + c.name + ']')" "n" .n -}}
 (object.spec.storage.?credentialsSecret.?name.orValue('') == {{ .n }} ? ['spec.storage.credentialsSecret'] : [])
 + (object.spec.?privacy.?noiseKeySecret.orValue('') == {{ .n }} ? ['spec.privacy.noiseKeySecret'] : [])
++ (object.spec.?evaluation.?storageCredentialsSecret.?name.orValue('') == {{ .n }} ? ['spec.evaluation.storageCredentialsSecret'] : [])
 + {{ include "fedtune-operator.cel.envSecretFields" (dict "b" "variables.template" "p" "'spec.template'" "n" .n) }}
 + {{ include "fedtune-operator.cel.envSecretFields" (dict "b" "variables.aggregator" "p" "'spec.aggregator'" "n" .n) }}
 + {{ include "fedtune-operator.cel.envSecretFields" (dict "b" "variables.evaluation" "p" "'spec.evaluation'" "n" .n) }}
 + object.spec.clients.map(c,
     (c.?credentialsSecret.?name.orValue('') == {{ .n }} ? [{{ $c.p }} + '.credentialsSecret'] : [])
     + (c.?signing.?secretName.orValue('') == {{ .n }} ? [{{ $c.p }} + '.signing.secretName'] : [])
+    + (c.?storageCredentialsSecret.?name.orValue('') == {{ .n }} ? [{{ $c.p }} + '.storageCredentialsSecret'] : [])
     + {{ include "fedtune-operator.cel.envSecretFields" $c }}
   ).filter(fs, size(fs) > 0).map(fs, fs.join(', '))
 {{- end }}
