@@ -17,11 +17,17 @@ import json
 from typing import Any
 
 from fedtune_operator.api import (
-    ClientSigning,
     FederatedFineTuneSpec,
     PodSettings,
     Resources,
     S3Credentials,
+)
+from fedtune_operator.credentials import (
+    client_credentials,
+    noise_key_env,
+    secret_env,
+    secret_name,
+    signing_env,
 )
 from fedtune_operator.objects import (
     aggregate_job_name,
@@ -36,7 +42,6 @@ from fedtune_operator.volumes import all_local, cache_volume, local_uri, pvc_vol
 from fedtune_trainer.wire.contract import (
     ANNOTATION_DATA_CREDENTIALS,
     ANNOTATION_STORAGE_CREDENTIALS,
-    AWS_CREDENTIAL_ENV,
     AWS_ENDPOINT_ENV,
     AWS_REGION_ENV,
     COMMAND,
@@ -48,13 +53,10 @@ from fedtune_trainer.wire.contract import (
     LABEL_ROLE,
     LABEL_ROUND,
     LABEL_RUN,
-    NOISE_KEY_ENV,
-    NOISE_KEY_SECRET_KEY,
     ROLE_AGGREGATOR,
     ROLE_CLEANUP,
     ROLE_CLIENT,
     ROLE_EVALUATOR,
-    SIGNING_KEY_ENV,
     TASK_ENV,
     TERMINATION_LOG,
     USER_ID,
@@ -206,58 +208,6 @@ def evaluate_task(run: str, spec: FederatedFineTuneSpec, round_: int) -> Evaluat
 # ---------------------------------------------------------------------------------------------
 
 
-def _secret_env(prefix: str, creds: S3Credentials | None) -> list[dict[str, Any]]:
-    if creds is None:
-        return []
-    key_id, secret = AWS_CREDENTIAL_ENV
-    return [
-        {
-            "name": f"{prefix}{key_id}",
-            "valueFrom": {"secretKeyRef": {"name": creds.name, "key": creds.access_key_id_key}},
-        },
-        {
-            "name": f"{prefix}{secret}",
-            "valueFrom": {"secretKeyRef": {"name": creds.name, "key": creds.secret_access_key_key}},
-        },
-    ]
-
-
-def _secret_name(creds: S3Credentials | None) -> str:
-    """What the credentials annotation says: the Secret, or that there is none."""
-    return f"secret/{creds.name}" if creds else "none (the pod's ambient identity)"
-
-
-def client_credentials(
-    spec: FederatedFineTuneSpec, client: str
-) -> tuple[S3Credentials | None, S3Credentials | None, str]:
-    """A client's storage identity, its data credentials, and what it reads its data with.
-
-    Its own storage identity when it has one (never the run's, then); its data with its own data
-    Secret, else with its storage identity: never a credential the spec names for anyone else."""
-    entry = next(c for c in spec.clients if c.name == client)
-    storage = entry.storage_credentials_secret or spec.storage.credentials_secret
-    if entry.credentials_secret is not None:
-        return storage, entry.credentials_secret, _secret_name(entry.credentials_secret)
-    return storage, None, f"the storage credentials ({_secret_name(storage)})"
-
-
-def _signing_env(signing: ClientSigning | None) -> list[dict[str, Any]]:
-    """The client's private signing key, in its own pods alone (a secretKeyRef: the operator
-    never reads it)."""
-    if signing is None:
-        return []
-    ref = {"name": signing.secret_name, "key": signing.secret_key}
-    return [{"name": SIGNING_KEY_ENV, "valueFrom": {"secretKeyRef": ref}}]
-
-
-def _noise_key_env(secret: str | None) -> list[dict[str, Any]]:
-    """The key of the DP noise, in the aggregator's pods alone (privacy.noiseKeySecret)."""
-    if secret is None:
-        return []
-    ref = {"name": secret, "key": NOISE_KEY_SECRET_KEY}
-    return [{"name": NOISE_KEY_ENV, "valueFrom": {"secretKeyRef": ref}}]
-
-
 def security_context() -> tuple[dict[str, Any], dict[str, Any]]:
     """Pod and container security contexts that meet the `restricted` Pod Security Standard."""
     pod = {
@@ -314,9 +264,9 @@ def _job(
         {"name": "HOME", "value": "/tmp/home"},
         {"name": "HF_HOME", "value": "/tmp/hf"},
         {"name": "HF_HUB_OFFLINE", "value": "1" if all_local(uris) else "0"},
-        *_secret_env("", credentials),
+        *secret_env("", credentials),
     ]
-    who = {ANNOTATION_STORAGE_CREDENTIALS: _secret_name(credentials)}
+    who = {ANNOTATION_STORAGE_CREDENTIALS: secret_name(credentials)}
     if data_credentials is not None:
         who[ANNOTATION_DATA_CREDENTIALS] = data_credentials
     if storage.endpoint:
@@ -440,8 +390,8 @@ def client_job(
         command=client_command(processes_for(dump(settings.resources))),
         task_json=json.dumps(task.wire(), separators=(",", ":")),
         extra_env=[
-            *_secret_env(DATA_CREDENTIALS_PREFIX, data_creds),
-            *_signing_env(entry.signing),
+            *secret_env(DATA_CREDENTIALS_PREFIX, data_creds),
+            *signing_env(entry.signing),
         ],
         uris=(spec.base_model, spec.tokenizer, entry.data_uri),
         backoff_limit=spec.backoff_limit,
@@ -472,7 +422,7 @@ def aggregate_job(
         settings=merge_pod_settings(spec.template, spec.aggregator),
         command=[COMMAND, "aggregate"],
         task_json=json.dumps(task.wire(), separators=(",", ":")),
-        extra_env=_noise_key_env(spec.privacy.noise_key_secret),
+        extra_env=noise_key_env(spec.privacy.noise_key_secret),
         uris=(spec.base_model, spec.tokenizer),
         backoff_limit=spec.backoff_limit,
     )
