@@ -58,7 +58,7 @@ crds: install  ## regenerate the CRD (and the chart's copy), docs/api.md and the
 	@$(PY) -m fedtune_operator.crd > crds/fedtune.dev_federatedfinetunes.yaml
 	@cp crds/fedtune.dev_federatedfinetunes.yaml $(CHART)/crds/
 	@$(PY) -m fedtune_operator.crd_docs > docs/api.md
-	@$(PY) -m fedtune_operator.chart_values > $(CHART)/values.schema.json
+	@$(PY) -m fedtune_operator.chart_schema > $(CHART)/values.schema.json
 
 cluster-up: install  ## start the devcluster (NODE=real: kubelet+containerd); .devcluster/kubeconfig
 	@$(CLUSTER) up --node $(NODE)

@@ -1,12 +1,10 @@
-"""The Helm chart's values as models, and the chart's values.schema.json generated from them.
-
-    python -m fedtune_operator.chart_values > charts/fedtune-operator/values.schema.json
+"""The Helm chart's values as models; chart_schema.py generates values.schema.json from them.
 
 The models are the one place where a value's type, bounds and meaning are written, as the API
 models are for the CRD. `values.yaml` stays the commented file people read and edit, and
 tests/chart/test_values_schema.py holds the three in agreement: the models' defaults equal
-values.yaml, every key is documented, and the committed schema is byte for byte what this module
-prints. `make crds` regenerates it with the CRD.
+values.yaml, every key is documented, and the committed schema is byte for byte what
+chart_schema.py prints. `make crds` regenerates it with the CRD.
 
 Helm validates the values after merging values.yaml under the user's, so the schema mainly
 catches misspelt keys and wrong types by name. Cross-field rules (a ServiceMonitor needs the
@@ -15,16 +13,10 @@ metrics Service, ...) stay in templates/validate.yaml, where they fail with a se
 
 from __future__ import annotations
 
-import argparse
-import copy
-import json
-import sys
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 from pydantic.alias_generators import to_camel
-
-GENERATED_BY = "python -m fedtune_operator.chart_values"
 
 DnsLabel = Annotated[
     str, StringConstraints(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -427,114 +419,3 @@ class ChartValues(Values):
 def defaults() -> dict[str, Any]:
     """The defaults as values.yaml spells them (camelCase, unset optional keys left out)."""
     return ChartValues().model_dump(mode="json", by_alias=True, exclude_none=True)
-
-
-# --------------------------------------------------------------------------------------------
-# values.schema.json
-# --------------------------------------------------------------------------------------------
-
-_ORDER = (
-    "description",
-    "type",
-    "enum",
-    "default",
-    "minimum",
-    "maximum",
-    "minLength",
-    "maxLength",
-    "pattern",
-    "minItems",
-    "maxItems",
-    "uniqueItems",
-    "required",
-    "properties",
-    "additionalProperties",
-    "items",
-)
-_KEEP = set(_ORDER) - {"default"}
-
-
-class SchemaError(ValueError):
-    """A model uses a construct this generator does not translate."""
-
-
-def _resolve(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
-    """Inline `$ref`s and unwrap optionals (`X | None`): Helm drops a key set to null before it
-    validates, so null never needs to be valid. Keys written beside a `$ref` (the field's
-    description) win over the referenced model's."""
-    node = dict(node)
-    while True:
-        if "$ref" in node:
-            target = defs[node.pop("$ref").rsplit("/", 1)[-1]]
-            node = {**target, **node}
-        elif "anyOf" in node and {"type": "null"} in node["anyOf"]:
-            branches = [b for b in node.pop("anyOf") if b != {"type": "null"}]
-            if len(branches) != 1:
-                raise SchemaError(f"unsupported optional union: {branches}")
-            node = {**branches[0], **node}
-        else:
-            return node
-
-
-def _translate(node: dict[str, Any], defs: dict[str, Any], default: Any, path: str) -> dict:
-    """One node of the schema: titles dropped, unions of plain types as a type list, and the
-    default taken from the models' dump (on leaves only: an object's default is its leaves')."""
-    node = _resolve(node, defs)
-    if "anyOf" in node:
-        branches = node.pop("anyOf")
-        if not all(set(b) == {"type"} for b in branches):
-            raise SchemaError(f"{path}: only unions of plain types are supported")
-        types = [b["type"] for b in branches]
-        # An integer is a number in JSON Schema; listing both says nothing more.
-        node["type"] = [t for t in types if not (t == "integer" and "number" in types)]
-    unknown = set(node) - _KEEP - {"title", "default", "$defs"}
-    if unknown:
-        raise SchemaError(f"{path}: cannot translate {sorted(unknown)}")
-    out = {k: copy.deepcopy(v) for k, v in node.items() if k in _KEEP}
-    if out.get("additionalProperties") is True:
-        del out["additionalProperties"]  # JSON Schema's own default
-    if "properties" in node:
-        given = default if isinstance(default, dict) else {}
-        out["properties"] = {
-            name: _translate(sub, defs, given.get(name), f"{path}.{name}")
-            for name, sub in node["properties"].items()
-        }
-    else:
-        if isinstance(node.get("additionalProperties"), dict):
-            out["additionalProperties"] = _translate(
-                node["additionalProperties"], defs, None, f"{path}[*]"
-            )
-        if "items" in node:
-            out["items"] = _translate(node["items"], defs, None, f"{path}[*]")
-        if default is not None:
-            out["default"] = default
-    return {k: out[k] for k in _ORDER if k in out}
-
-
-def values_schema() -> dict[str, Any]:
-    """The chart's values.schema.json (draft-07, as Helm reads it)."""
-    raw = ChartValues.model_json_schema(by_alias=True)
-    body = _translate(raw, raw.get("$defs", {}), defaults(), "values")
-    return {
-        "$schema": "http://json-schema.org/draft-07/schema#",
-        "title": "fedtune-operator values",
-        "$comment": f"Generated by `{GENERATED_BY}` from fedtune_operator/chart_values.py. "
-        "Do not edit.",
-        **body,
-    }
-
-
-def render_schema() -> str:
-    """The text of charts/fedtune-operator/values.schema.json."""
-    return json.dumps(values_schema(), indent=2, ensure_ascii=False) + "\n"
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=GENERATED_BY, description=__doc__)
-    parser.parse_args(argv)
-    sys.stdout.write(render_schema())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -52,7 +52,7 @@ def keys(node: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str, 
 
 def test_the_committed_schema_is_the_generators_output() -> None:
     generated = subprocess.run(
-        [sys.executable, "-m", "fedtune_operator.chart_values"], check=True, capture_output=True
+        [sys.executable, "-m", "fedtune_operator.chart_schema"], check=True, capture_output=True
     ).stdout
     assert SCHEMA.read_bytes() == generated, "values.schema.json is stale: run `make crds`"
 

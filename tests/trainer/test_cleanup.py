@@ -1,5 +1,5 @@
 """storage.cleanupPolicy Delete deletes only a root that is the run's: round 0 marks an empty root
-with the run's UID (store.claim_root), and `fedtune-trainer cleanup` refuses, deleting nothing,
+with the run's UID (marker.claim_root), and `fedtune-trainer cleanup` refuses, deleting nothing,
 anything else: a prefix without the marker, a whole bucket, another run's marker (on the real S3
 server, through the CLI as the cleanup Job runs it)."""
 
@@ -15,6 +15,7 @@ import pytest
 
 from devcluster.s3 import S3Account
 from fedtune_trainer import aggregate
+from fedtune_trainer.storage import marker as run_marker
 from fedtune_trainer.storage import store as st
 from fedtune_trainer.storage.locate import open_store
 from fedtune_trainer.wire.errors import SettingError
@@ -114,7 +115,7 @@ def test_cleanup_deletes_the_runs_own_root_and_nothing_else(
 
 
 # ---------------------------------------------------------------------------------------------
-# Round 0's marker (store.claim_root), on a local root and the real S3 server
+# Round 0's marker (marker.claim_root), on a local root and the real S3 server
 # ---------------------------------------------------------------------------------------------
 
 
@@ -172,27 +173,30 @@ def test_round_zero_marks_an_empty_root_and_never_takes_one_over(
     said: list[str] = []
     if refusal is not None:
         with pytest.raises(SettingError, match="cleanupPolicy Delete would delete them") as e:
-            st.claim_root(store, "ours", OURS, required=required, log=said.append)
+            run_marker.claim_root(store, "ours", OURS, required=required, log=said.append)
         assert str(e.value).startswith(f"storage.uri: {store.uri} ")
         assert refusal in str(e.value)
     else:
-        assert st.claim_root(store, "ours", OURS, required=required, log=said.append) is claimed
+        assert (
+            run_marker.claim_root(store, "ours", OURS, required=required, log=said.append)
+            is claimed
+        )
     if claimed:
         assert json.loads(store.get_bytes(RUN_MARKER)) == {
             "kind": "fedtune.run", "run": "ours", "uid": OURS
         }  # fmt: skip
-        st.check_owned(store, OURS)  # what cleanup then accepts
+        run_marker.check_owned(store, OURS)  # what cleanup then accepts
     else:
         # Nothing written over or beside what was there, and cleanup would refuse it.
         assert {k: store.get_bytes(k) for k in store.list()} == listing
         with pytest.raises(SettingError):
-            st.check_owned(store, OURS)
+            run_marker.check_owned(store, OURS)
         if refusal is None:
             assert any("its storage cleanup would refuse" in line for line in said)
 
 
 def test_a_run_without_a_uid_marks_nothing(file_store: st.FileStore) -> None:
-    assert st.claim_root(file_store, "ours", None, required=True, log=print) is False
+    assert run_marker.claim_root(file_store, "ours", None, required=True, log=print) is False
     assert file_store.list() == []
 
 
@@ -210,7 +214,7 @@ def test_the_round_zero_aggregator_marks_the_root_with_the_runs_uid(
     aggregate.run(round_zero(demo, file_store, run_uid=OURS, cleanup_policy="Delete"), file_store,
                   lambda _: None)  # fmt: skip
     assert json.loads(file_store.get_bytes(RUN_MARKER))["uid"] == OURS
-    st.check_owned(open_store(file_store.uri), OURS)
+    run_marker.check_owned(open_store(file_store.uri), OURS)
 
 
 def test_round_zero_of_a_delete_run_refuses_another_runs_root_before_writing(

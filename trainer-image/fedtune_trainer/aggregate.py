@@ -78,6 +78,7 @@ from fedtune_trainer.learning import drift
 from fedtune_trainer.learning.loading import config_source
 from fedtune_trainer.storage import store as st
 from fedtune_trainer.storage.locate import open_store
+from fedtune_trainer.storage.marker import claim_root
 from fedtune_trainer.wire.errors import QuorumError
 from fedtune_trainer.wire.layout import (
     FINAL_PREFIX,
@@ -370,7 +371,7 @@ def initialize(task: AggregateTask, store: st.Store, log: Log) -> Merged:
     """Round 0: the initial adapter, seeded, from the base model's config alone (its shapes on
     the meta device): the aggregator never loads base weights."""
     privacy.check_run_budget(task, log)
-    st.claim_root(store, task.run, task.run_uid, required=task.cleanup_policy == "Delete", log=log)
+    claim_root(store, task.run, task.run_uid, required=task.cleanup_policy == "Delete", log=log)
     tensors = lora.initial_adapter(config_source(task.base_model), task.adapter, task.seed)
     values = sum(t.numel() for t in tensors.values())
     log(f"initial adapter: {len(tensors)} tensors, {values} values")

@@ -77,11 +77,11 @@ def failure_reason(error: BaseException) -> str:
 
 def cleanup(task: CleanupTask) -> str:
     """Delete every object under the run's storage root (storage.cleanupPolicy: Delete), once
-    the root has proven to be this run's (store.check_owned: a prefix, never a bucket root,
+    the root has proven to be this run's (marker.check_owned: a prefix, never a bucket root,
     whose marker holds the run's UID); otherwise a SettingError (exit 2) says why, and
     nothing is deleted."""
     from fedtune_trainer.storage.locate import open_store
-    from fedtune_trainer.storage.store import check_owned
+    from fedtune_trainer.storage.marker import check_owned
 
     store = open_store(task.storage)
     check_owned(store, task.run_uid)
