@@ -301,3 +301,17 @@ def test_a_refused_delete_is_an_error_not_a_silent_leftover(s3) -> None:
     with pytest.raises(PermissionError, match=r"AccessDenied \(2 of 2 objects not deleted\)"):
         limited.delete_prefix("a/")
     assert sorted(owner.list("a/")) == ["a/x", "a/y"]
+
+
+@pytest.mark.parametrize("name", ["../escaped", "a/b", "..", "/etc/passwd"])
+def test_fetching_a_commit_never_writes_outside_its_destination(tmp_path: Path, name: str) -> None:
+    """fedtune-trainer report fetches report/ from a bucket that others may write to: a file
+    name in a manifest is a name, never a path."""
+    store = st.FileStore(tmp_path / "store")
+    st.commit(store, "report", {"report.html": b"<html>"}, {})
+    manifest = json.loads(store.get_bytes("report/manifest.json"))
+    manifest["files"][name] = manifest["files"].pop("report.html")
+    store.put_bytes("report/manifest.json", json.dumps(manifest).encode())
+    with pytest.raises(st.IntegrityError, match="the manifest names"):
+        st.fetch_committed(store, "report", tmp_path / "out" / "dest")
+    assert not (tmp_path / "out" / "escaped").exists()

@@ -401,6 +401,9 @@ def fetch_committed(
         raise ObjectNotFound(f"{store.url(prefix)}: no committed {MANIFEST}")
     dest.mkdir(parents=True, exist_ok=True)
     for name in names if names is not None else sorted(manifest["files"]):
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            # A manifest names files of its own prefix; anything else would write outside dest.
+            raise IntegrityError(f"{store.url(prefix)}: the manifest names {str(name)[:80]!r}")
         path = dest / name
         try:
             store.get_file(join(prefix, name), path)
