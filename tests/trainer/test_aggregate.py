@@ -570,7 +570,11 @@ def test_a_rerun_of_a_committed_attempt_reports_it_and_a_new_attempt_computes_an
     first = aggregate.run(t, file_store, quiet)
     committed = st.read_committed(file_store, global_prefix(1))
     lines: list[str] = []
-    again = aggregate.run(t, file_store, lines.append)  # the deltas are gone: it cannot recompute
+    # As if the first attempt had died after its commit, before it deleted the deltas: the rerun
+    # reports the committed round (it does not recompute) and deletes what was left.
+    put_delta(file_store, 1, CLIENTS[0], random_tensors(99, 0.1))
+    again = aggregate.run(t, file_store, lines.append)
+    assert file_store.list(st.join(round_prefix(1), "clients") + "/") == []
     assert again.record == first.record
     assert again.global_uri == first.global_uri
     assert st.read_committed(file_store, global_prefix(1)) == committed

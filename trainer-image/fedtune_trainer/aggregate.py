@@ -487,10 +487,11 @@ def run(task: AggregateTask, store: st.Store | None = None, log: Log = _stderr) 
     round's client deltas."""
     store = store or open_store(task.storage)
     start = time.perf_counter()
-    if task.round > 0 and (summary := committed(task, store, log)) is not None:
-        return write_report(task, store, summary, log)
-    merged = initialize(task, store, log) if task.round == 0 else merge_round(task, store, log)
-    summary = write_report(task, store, publish(task, store, merged, start, log), log)
-    if task.round > 0:
+    summary = committed(task, store, log) if task.round > 0 else None
+    if summary is None:
+        merged = initialize(task, store, log) if task.round == 0 else merge_round(task, store, log)
+        summary = publish(task, store, merged, start, log)
+    summary = write_report(task, store, summary, log)
+    if task.round > 0:  # also after a rerun: the attempt that committed may have died first
         discard_client_deltas(task, store, log)
     return summary
