@@ -180,7 +180,8 @@ def load_everything(task: AggregateTask, store: Any, log: Any) -> Any:
     hold = Hold()
     with tempfile.TemporaryDirectory(prefix="fedtune-bench-baseline-") as tmp:
         accepted, rejected = aggregate.collect(task, store, expected, Path(tmp), log, hold)
-        accepted, weighing = aggregate.weigh(task, accepted, log)
+        accepted, outliers, weighing = aggregate.weigh(task, accepted, log)
+        rejected += outliers
     w = torch.tensor([a.weight for a in accepted], dtype=torch.float64)
     update = {}
     for name in names:

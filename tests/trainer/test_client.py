@@ -19,6 +19,7 @@ from fedtune_trainer.learning.runtime import pick_runtime
 from fedtune_trainer.learning.training import mean_loss
 from fedtune_trainer.storage import s3
 from fedtune_trainer.storage import store as st
+from fedtune_trainer.storage.marker import claim_root
 from fedtune_trainer.wire.layout import client_prefix, client_state_prefix, global_prefix
 from fedtune_trainer.wire.settings import (
     AdapterSpec,
@@ -264,7 +265,7 @@ def test_cleanup_deletes_the_run_and_nothing_else(
     storage: Storage, tmp_path: Path, subprocess_env: dict[str, str]
 ) -> None:
     s = storage.open()
-    assert st.claim_root(s, "unit", "uid-1", required=True, log=quiet)  # what round 0 does
+    assert claim_root(s, "unit", "uid-1", required=True, log=quiet)  # what round 0 does
     for key in ("rounds/000000/global/manifest.json", "state/server/000001/x", "final/a"):
         s.put_bytes(key, b"x")
     if storage.uri.startswith("s3://"):
