@@ -31,8 +31,29 @@ class Assets:
     """A client file with one malformed line (the tiny assets only)."""
 
 
+def kubectl_json(dc: DevCluster, *args: str) -> Any:
+    """`kubectl <args> -o json`, parsed."""
+    return json.loads(dc.kubectl(*args, "-o", "json").stdout)
+
+
 def get_run(dc: DevCluster, namespace: str, name: str) -> dict[str, Any]:
-    return json.loads(dc.kubectl("get", "fft", name, "-n", namespace, "-o", "json").stdout)
+    return kubectl_json(dc, "get", "fft", name, "-n", namespace)
+
+
+def labelled(dc: DevCluster, namespace: str, kind: str, selector: str) -> list[dict[str, Any]]:
+    """The objects of `kind` (jobs, pods, pvc, ...) in `namespace` that `selector` matches."""
+    return kubectl_json(dc, "get", kind, "-n", namespace, "-l", selector)["items"]
+
+
+def patch_spec(dc: DevCluster, namespace: str, name: str, **spec: Any) -> None:
+    """A merge patch of the run's spec, as `kubectl patch fft --type=merge` sends it."""
+    body = json.dumps({"spec": spec})
+    dc.kubectl("patch", "fft", name, "-n", namespace, "--type=merge", "-p", body)
+
+
+def delete_run(dc: DevCluster, namespace: str, name: str, timeout: int = 60) -> None:
+    """`kubectl delete fft`, returning once the run is gone (its finalizer, if any, lifted)."""
+    dc.kubectl("delete", "fft", name, "-n", namespace, "--wait=true", f"--timeout={timeout}s")
 
 
 def condition(run: dict[str, Any], type_: str) -> dict[str, Any] | None:
@@ -65,10 +86,11 @@ def wait_condition(
 
 
 def jobs_of(dc: DevCluster, namespace: str, name: str) -> list[dict[str, Any]]:
-    out = dc.kubectl(
-        "get", "jobs", "-n", namespace, "-l", f"fedtune.dev/run={name}", "-o", "json"
-    ).stdout
-    return json.loads(out)["items"]
+    return labelled(dc, namespace, "jobs", f"fedtune.dev/run={name}")
+
+
+def pods_of(dc: DevCluster, namespace: str, name: str) -> list[dict[str, Any]]:
+    return labelled(dc, namespace, "pods", f"fedtune.dev/run={name}")
 
 
 def events_of(dc: DevCluster, namespace: str, name: str) -> list[dict[str, Any]]:

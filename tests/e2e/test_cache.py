@@ -29,7 +29,11 @@ from tests.e2e.support import (
     Assets,
     Manifest,
     Operator,
+    apply,
+    delete_run,
+    get_run,
     jobs_of,
+    labelled,
     wait_condition,
 )
 
@@ -72,18 +76,8 @@ def served_for(log: str, objects: dict[str, int]) -> tuple[int, Counter[str]]:
 
 
 def summaries(dc: DevCluster, namespace: str, run: str, role: str) -> list[dict[str, Any]]:
-    out = dc.kubectl(
-        "get",
-        "pods",
-        "-n",
-        namespace,
-        "-l",
-        f"fedtune.dev/run={run},fedtune.dev/role={role}",
-        "-o",
-        "json",
-    ).stdout
     result = []
-    for pod in json.loads(out)["items"]:
+    for pod in labelled(dc, namespace, "pods", f"fedtune.dev/run={run},fedtune.dev/role={role}"):
         for status in pod["status"].get("containerStatuses") or []:
             terminated = status["state"].get("terminated") or {}
             if terminated.get("exitCode") == 0:
@@ -92,10 +86,7 @@ def summaries(dc: DevCluster, namespace: str, run: str, role: str) -> list[dict[
 
 
 def claims_of(dc: DevCluster, namespace: str, run: str) -> list[dict[str, Any]]:
-    out = dc.kubectl(
-        "get", "pvc", "-n", namespace, "-l", f"fedtune.dev/run={run}", "-o", "json"
-    ).stdout
-    return json.loads(out)["items"]
+    return labelled(dc, namespace, "pvc", f"fedtune.dev/run={run}")
 
 
 def run_and_measure(
@@ -113,7 +104,7 @@ def run_and_measure(
     name = f"cache-{mode.lower()}-{uuid.uuid4().hex[:4]}"
     clients = [{"name": c, "dataUri": assets.data_uris[c]} for c in PAIR]
     body = manifest(name, rounds=ROUNDS, clients=clients, modelCache={"mode": mode})
-    dc.kubectl("apply", "-f", "-", input=json.dumps(body))
+    apply(dc, body)
     wait_condition(dc, operator, namespace, name, "Succeeded", RUN_TIMEOUT)
     served, gets = served_for(access_log_until_marker(dc)[before:], objects)
     size = sum(objects.values())
@@ -158,14 +149,12 @@ def test_the_base_model_is_downloaded_once_per_client_per_run(
         assert lower <= served <= upper, (served, gets)
         claims = {c["metadata"]["name"]: c for c in claims_of(devcluster, namespace, name)}
         assert set(claims) == {f"{name}-cache-{c}" for c in (*PAIR, "evaluate")}
-        uid = json.loads(
-            devcluster.kubectl("get", "fft", name, "-n", namespace, "-o", "json").stdout
-        )["metadata"]["uid"]
+        uid = get_run(devcluster, namespace, name)["metadata"]["uid"]
         for claim in claims.values():
             assert [o["uid"] for o in claim["metadata"]["ownerReferences"]] == [uid]
             assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
         # The garbage collector removes the claims with the run.
-        devcluster.kubectl("delete", "fft", name, "-n", namespace, "--wait=true", "--timeout=60s")
+        delete_run(devcluster, namespace, name)
         wait_for(
             lambda: not claims_of(devcluster, namespace, name),
             timeout=120,
@@ -183,7 +172,7 @@ def test_the_base_model_is_downloaded_once_per_client_per_run(
         for claim in claims:
             assert claim["metadata"]["name"].endswith("-model-cache")
             assert [o["kind"] for o in claim["metadata"]["ownerReferences"]] == ["Pod"]
-        devcluster.kubectl("delete", "fft", name, "-n", namespace, "--wait=true", "--timeout=60s")
+        delete_run(devcluster, namespace, name)
 
 
 def test_a_cache_claim_is_created_once_and_never_taken_from_another_owner(

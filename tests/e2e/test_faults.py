@@ -27,6 +27,7 @@ from tests.e2e.support import (
     apply,
     job_keys,
     jobs_of,
+    labelled,
     small_run,
     wait_condition,
     wait_running,
@@ -47,8 +48,8 @@ def run_store(dc: DevCluster, name: str) -> st.Store:
 
 def running_pod(dc: DevCluster, op: Operator, namespace: str, selector: str) -> dict[str, Any]:
     def check() -> dict[str, Any] | None:
-        out = dc.kubectl("get", "pods", "-n", namespace, "-l", selector, "-o", "json").stdout
-        pods = [p for p in json.loads(out)["items"] if p["status"].get("phase") == "Running"]
+        pods = labelled(dc, namespace, "pods", selector)
+        pods = [p for p in pods if p["status"].get("phase") == "Running"]
         return pods[0] if pods else None
 
     return wait_for(
@@ -239,17 +240,6 @@ def test_a_client_pod_evicted_is_replaced_without_counting_against_backoff_limit
     )
     assert job["status"].get("succeeded") == 1
     assert not job["status"].get("failed")  # the eviction was not counted
-    pods = json.loads(
-        devcluster.kubectl(
-            "get",
-            "pods",
-            "-n",
-            namespace,
-            "-l",
-            f"job-name={job['metadata']['name']}",
-            "-o",
-            "json",
-        ).stdout
-    )["items"]
+    pods = labelled(devcluster, namespace, "pods", f"job-name={job['metadata']['name']}")
     assert pods  # the replacement, whose termination message the operator read
     assert all(p["metadata"]["uid"] != uid for p in pods)

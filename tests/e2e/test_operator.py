@@ -3,7 +3,6 @@ the Job pods, the real S3 server. Every wait has a timeout and names what it wai
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,9 +16,12 @@ from tests.e2e.support import (
     Operator,
     apply,
     condition,
+    delete_run,
     events_of,
     job_keys,
     jobs_of,
+    patch_spec,
+    pods_of,
     small_run,
     storage_keys,
     wait_condition,
@@ -102,27 +104,14 @@ def test_a_run_goes_to_succeeded_and_its_adapter_loads(
     assert any("lora_B" in n for n, _ in model.named_parameters())
 
     # Deleting the run garbage-collects its Jobs and their pods.
-    devcluster.kubectl("delete", "fft", run_name, "-n", namespace, "--wait=true", "--timeout=60s")
+    delete_run(devcluster, namespace, run_name)
     wait_for(
         lambda: not jobs_of(devcluster, namespace, run_name),
         timeout=60,
         what="the run's Jobs to be garbage-collected",
     )
     wait_for(
-        lambda: (
-            not json.loads(
-                devcluster.kubectl(
-                    "get",
-                    "pods",
-                    "-n",
-                    namespace,
-                    "-l",
-                    f"fedtune.dev/run={run_name}",
-                    "-o",
-                    "json",
-                ).stdout
-            )["items"]
-        ),
+        lambda: not pods_of(devcluster, namespace, run_name),
         timeout=60,
         what="the run's pods to be garbage-collected",
     )
@@ -207,16 +196,7 @@ def test_suspend_suspends_the_jobs_and_resume_finishes_the_run(
 ) -> None:
     apply(devcluster, small_run(manifest, assets, run_name))
     wait_running(devcluster, operator, namespace, run_name, 1, "client")
-    devcluster.kubectl(
-        "patch",
-        "fft",
-        run_name,
-        "-n",
-        namespace,
-        "--type=merge",
-        "-p",
-        '{"spec": {"suspend": true}}',
-    )
+    patch_spec(devcluster, namespace, run_name, suspend=True)
     run = wait_condition(devcluster, operator, namespace, run_name, "Suspended", 60)
     assert run["status"]["phase"] == "Suspended"
     wait_for(
@@ -228,16 +208,7 @@ def test_suspend_suspends_the_jobs_and_resume_finishes_the_run(
         timeout=60,
         what="round 1's unfinished Jobs to be suspended",
     )
-    devcluster.kubectl(
-        "patch",
-        "fft",
-        run_name,
-        "-n",
-        namespace,
-        "--type=merge",
-        "-p",
-        '{"spec": {"suspend": false}}',
-    )
+    patch_spec(devcluster, namespace, run_name, suspend=False)
     run = wait_condition(devcluster, operator, namespace, run_name, "Succeeded", RUN_TIMEOUT)
     assert condition(run, "Suspended")["status"] == "False"
     reasons = [e["reason"] for e in events_of(devcluster, namespace, run_name)]
@@ -259,7 +230,7 @@ def test_cleanup_policy_delete_removes_the_storage_prefix(
     run = wait_condition(devcluster, operator, namespace, run_name, "Succeeded", RUN_TIMEOUT)
     assert run["metadata"]["finalizers"] == ["fedtune.dev/cleanup"]
     assert storage_keys(devcluster, f"runs/{run_name}/")
-    devcluster.kubectl("delete", "fft", run_name, "-n", namespace, "--wait=true", "--timeout=120s")
+    delete_run(devcluster, namespace, run_name, timeout=120)
     assert storage_keys(devcluster, f"runs/{run_name}/") == []
 
 

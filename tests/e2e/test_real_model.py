@@ -24,7 +24,15 @@ import pytest
 
 from devcluster.testing import DevCluster
 from fedtune_trainer.task import EVALUATION_FILE, round_prefix
-from tests.e2e.support import BUCKET, CLIENTS, Assets, Manifest, Operator, wait_condition
+from tests.e2e.support import (
+    BUCKET,
+    CLIENTS,
+    Assets,
+    Manifest,
+    Operator,
+    apply,
+    wait_condition,
+)
 
 RUN_TIMEOUT = 1500
 """The run took 3.5 to 4.5 minutes (the whole test 4.3 to 5.4, with the cluster's start) with the
@@ -80,7 +88,7 @@ def test_a_pretrained_model_learns_from_real_text_and_its_adapter_generates(
 ) -> None:
     body = manifest(run_name, using=real_assets, **REAL_SPEC)
     started = time.monotonic()
-    devcluster.kubectl("apply", "-f", "-", input=json.dumps(body))
+    apply(devcluster, body)
     run = wait_condition(devcluster, operator, namespace, run_name, "Succeeded", RUN_TIMEOUT)
     wall = time.monotonic() - started
 
