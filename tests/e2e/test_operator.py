@@ -9,6 +9,10 @@ suspension, the cleanup policy."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
 
 from devcluster.testing import DevCluster, wait_for
 from tests.e2e.support import (
@@ -26,6 +30,7 @@ from tests.e2e.support import (
     patch_spec,
     small_run,
     storage_keys,
+    unique_name,
     wait_condition,
     wait_running,
 )
@@ -101,52 +106,62 @@ def test_an_operator_killed_mid_round_resumes_without_duplicates(
     assert max(keys.values()) == 1
 
 
-def test_suspend_suspends_the_jobs_and_resume_finishes_the_run(
+@dataclass(frozen=True)
+class SuspendedRun:
+    name: str
+    suspended: dict[str, Any]
+    """The run once Suspended."""
+    finished: dict[str, Any]
+    """The run at Succeeded, after the resume."""
+    events: list[dict[str, Any]]
+
+
+@pytest.fixture(scope="module")
+def suspended_run(
     devcluster: DevCluster,
     operator: Operator,
     namespace: str,
     assets: Assets,
     manifest: Callable[..., Manifest],
-    run_name: str,
-) -> None:
-    apply(devcluster, small_run(manifest, assets, run_name))
-    wait_running(devcluster, operator, namespace, run_name, 1, "client")
-    patch_spec(devcluster, namespace, run_name, suspend=True)
-    run = wait_condition(devcluster, operator, namespace, run_name, "Suspended", 60)
-    assert run["status"]["phase"] == "Suspended"
+) -> SuspendedRun:
+    """One small run with cleanupPolicy Delete, suspended while round 1's clients run (until its
+    unfinished Jobs are suspended), then resumed to Succeeded: the suspension's tests and the
+    cleanup policy's share it."""
+    name = unique_name()
+    apply(devcluster, small_run(manifest, assets, name, storage={"cleanupPolicy": "Delete"}))
+    wait_running(devcluster, operator, namespace, name, 1, "client")
+    patch_spec(devcluster, namespace, name, suspend=True)
+    suspended = wait_condition(devcluster, operator, namespace, name, "Suspended", 60)
     wait_for(
         lambda: all(
             j["spec"].get("suspend") or j.get("status", {}).get("succeeded")
-            for j in jobs_of(devcluster, namespace, run_name)
+            for j in jobs_of(devcluster, namespace, name)
             if j["metadata"]["labels"]["fedtune.dev/round"] == "1"
         ),
         timeout=60,
         what="round 1's unfinished Jobs to be suspended",
     )
-    patch_spec(devcluster, namespace, run_name, suspend=False)
-    run = wait_condition(devcluster, operator, namespace, run_name, "Succeeded", RUN_TIMEOUT)
-    assert condition(run, "Suspended")["status"] == "False"
-    reasons = [e["reason"] for e in events_of(devcluster, namespace, run_name)]
+    patch_spec(devcluster, namespace, name, suspend=False)
+    finished = wait_condition(devcluster, operator, namespace, name, "Succeeded", RUN_TIMEOUT)
+    return SuspendedRun(name, suspended, finished, events_of(devcluster, namespace, name))
+
+
+def test_suspend_suspends_the_jobs_and_resume_finishes_the_run(suspended_run: SuspendedRun) -> None:
+    assert suspended_run.suspended["status"]["phase"] == "Suspended"
+    assert condition(suspended_run.finished, "Suspended")["status"] == "False"
+    reasons = [e["reason"] for e in suspended_run.events]
     assert "Suspended" in reasons
     assert "Resumed" in reasons
 
 
 def test_cleanup_policy_delete_removes_the_storage_prefix(
-    devcluster: DevCluster,
-    operator: Operator,
-    namespace: str,
-    assets: Assets,
-    manifest: Callable[..., Manifest],
-    run_name: str,
+    devcluster: DevCluster, namespace: str, suspended_run: SuspendedRun
 ) -> None:
-    m = small_run(manifest, assets, run_name)
-    m["spec"]["storage"]["cleanupPolicy"] = "Delete"
-    apply(devcluster, m)
-    run = wait_condition(devcluster, operator, namespace, run_name, "Succeeded", RUN_TIMEOUT)
-    assert run["metadata"]["finalizers"] == ["fedtune.dev/cleanup"]
-    assert storage_keys(devcluster, f"runs/{run_name}/")
-    delete_run(devcluster, namespace, run_name, timeout=120)
-    assert storage_keys(devcluster, f"runs/{run_name}/") == []
+    name = suspended_run.name
+    assert suspended_run.finished["metadata"]["finalizers"] == ["fedtune.dev/cleanup"]
+    assert storage_keys(devcluster, f"runs/{name}/")
+    delete_run(devcluster, namespace, name, timeout=120)
+    assert storage_keys(devcluster, f"runs/{name}/") == []
 
 
 def test_a_spec_the_schema_accepts_but_the_operator_cannot_run_fails_as_invalid(
