@@ -2,9 +2,9 @@
 the Job pods, the real S3 server. Every wait has a timeout and names what it waited for.
 
 A whole successful run (its status, Jobs, kubectl's view, Events, adapter and deletion) is
-asserted on the real model's run (tests/e2e/test_real_model.py): here are the other outcomes a
-run can have, a client failing, a spec the operator refuses, an operator killed mid-round, a
-suspension, the cleanup policy."""
+asserted on the real model's run (tests/e2e/test_real_model.py), and an operator killed mid-round
+on the fault tests' interrupted run (tests/e2e/test_faults.py): here are the other outcomes a run
+can have, a client failing, a spec the operator refuses, a suspension, the cleanup policy."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import pytest
 from devcluster.testing import DevCluster, wait_for
 from tests.e2e.support import (
     CLIENTS,
-    PAIR,
     Assets,
     Manifest,
     Operator,
@@ -25,7 +24,6 @@ from tests.e2e.support import (
     condition,
     delete_run,
     events_of,
-    job_keys,
     jobs_of,
     patch_spec,
     small_run,
@@ -82,28 +80,6 @@ def test_without_the_quorum_the_run_fails_with_a_reason(
         if j["metadata"]["labels"]["fedtune.dev/role"] == "aggregator"
         and j["metadata"]["labels"]["fedtune.dev/round"] == "1"
     ]
-
-
-def test_an_operator_killed_mid_round_resumes_without_duplicates(
-    devcluster: DevCluster,
-    operator: Operator,
-    namespace: str,
-    assets: Assets,
-    manifest: Callable[..., Manifest],
-    run_name: str,
-) -> None:
-    apply(devcluster, small_run(manifest, assets, run_name, rounds=2))
-    wait_running(devcluster, operator, namespace, run_name, 1, "client")
-    operator.kill()
-    operator.start()
-    wait_running(devcluster, operator, namespace, run_name, 2, "aggregator", timeout=300)
-    operator.kill()
-    operator.start()
-    run = wait_condition(devcluster, operator, namespace, run_name, "Succeeded", RUN_TIMEOUT)
-    assert [(r["round"], r["attempt"]) for r in run["status"]["history"]] == [(1, 0), (2, 0)]
-    keys = job_keys(jobs_of(devcluster, namespace, run_name))
-    assert len(keys) == 1 + 2 * (len(PAIR) + 1)  # round 0's aggregator, then clients and aggregator
-    assert max(keys.values()) == 1
 
 
 @dataclass(frozen=True)
