@@ -50,9 +50,11 @@ def template(
     *,
     namespace: str = RELEASE_NAMESPACE,
     kube_version: str = KUBE_VERSION,
+    include_crds: bool = False,
     check: bool = True,
 ) -> subprocess.CompletedProcess[str]:
-    """`helm template` of the chart with these values (passed as a values file on stdin)."""
+    """`helm template` of the chart with these values (passed as a values file on stdin), with
+    the CRD it ships (crds/) when asked."""
     return helm(
         helm_bin,
         "template",
@@ -64,13 +66,15 @@ def template(
         kube_version,
         "--values",
         "-",
+        *(["--include-crds"] if include_crds else []),
         input=yaml.safe_dump(values or {}),
         check=check,
     )
 
 
-def render(helm_bin: Path, values: Values | None = None) -> Rendered:
-    return Rendered([d for d in yaml.safe_load_all(template(helm_bin, values).stdout) if d])
+def render(helm_bin: Path, values: Values | None = None, *, include_crds: bool = False) -> Rendered:
+    out = template(helm_bin, values, include_crds=include_crds).stdout
+    return Rendered([d for d in yaml.safe_load_all(out) if d])
 
 
 @dataclass

@@ -125,14 +125,6 @@ def test_helm_lint_strict_passes(helm_bin: Path, values: Values) -> None:
     assert "0 chart(s) failed" in result.stdout, result.stdout
 
 
-def test_chart_metadata() -> None:
-    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
-    assert chart["apiVersion"] == "v2"
-    assert chart["name"] == "fedtune-operator"
-    assert chart["appVersion"] == "0.1.0"
-    assert chart["kubeVersion"] == ">=1.30.0-0"
-
-
 def test_the_chart_ships_the_generated_crd_byte_for_byte() -> None:
     shipped = (CHART / "crds" / CRD_FILE).read_bytes()
     generated = subprocess.run(

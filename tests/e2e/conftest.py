@@ -5,7 +5,6 @@ non-IID by source (tests/e2e/test_real_model.py)."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ import pytest
 
 from devcluster.corpus import build_corpus
 from devcluster.testing import DevCluster, make_tiny_assets
-from tests.e2e.support import BUCKET, CLIENTS, Assets, Manifest, Operator
+from tests.e2e.support import BUCKET, CLIENTS, Assets, Manifest, Operator, unique_name
 
 
 @pytest.fixture(scope="session")
@@ -103,16 +102,17 @@ def operator(
 
 @pytest.fixture
 def run_name() -> str:
-    return f"run-{uuid.uuid4().hex[:6]}"
+    return unique_name()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def manifest(
     request: pytest.FixtureRequest, namespace: str, devcluster: DevCluster
 ) -> Callable[..., Manifest]:
     """A small but complete run: 3 clients x 3 rounds of a few steps each, on `using` (the tiny
     assets unless a test passes others, such as real_assets; the tiny ones are built only when
-    a test needs them)."""
+    a test needs them). Session-scoped, so that a module's fixture can start a run that several
+    tests share."""
 
     def build(name: str, using: Assets | None = None, **spec: Any) -> Manifest:
         assets: Assets = using or request.getfixturevalue("assets")

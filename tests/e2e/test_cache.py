@@ -1,35 +1,38 @@
 """The model cache measured end to end: what the S3 server served for the base model in a 2-round
-run of 2 clients (the second round is the one a cache saves), with a cache claim per client
-(spec.modelCache.mode perClient) and with an ephemeral volume per pod, which downloads in every
-round as mode none (the default, which every other e2e run uses; its Jobs' lack of a cache volume
-is specified in tests/operator/test_manifests.py) does.
+run of 2 clients (the second round is the one a cache saves) with an ephemeral volume per pod,
+which downloads in every round as mode none (the default, which every other tiny e2e run uses;
+its Jobs' lack of a cache volume is specified in tests/operator/test_manifests.py) does. Mode
+perClient, a cache claim per client that outlives the pods, is measured the same way on the real
+model's run (tests/e2e/test_real_model.py), which uses it.
 
-The bytes come from versitygw's server access log (.devcluster/logs/s3-access.log), which the
-trainer cannot influence: every GetObject of a key under the base model's prefix counts that
-object's size (versitygw 1.8 logs 0 bytes sent for a GetObject; a ranged read would be counted
-whole, so the figure is an upper bound). The clients' own account of it, the
-baseModelBytesDownloaded of their summaries, is checked against the same expectation.
+The bytes come from the S3 server's access log (`support.count_model_reads`). The clients' own
+account of it, the baseModelBytesDownloaded of their summaries, is checked against the same
+expectation.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from devcluster.s3 import parse_access_log
-from devcluster.testing import DevCluster, wait_for
+from devcluster.testing import DevCluster
 from tests.e2e.support import (
-    BUCKET,
     PAIR,
     Assets,
     Manifest,
     Operator,
+    apply,
+    claims_of,
+    count_model_reads,
+    delete_run,
+    downloads_by_round,
     jobs_of,
+    summaries,
+    unique_name,
     wait_condition,
 )
 
@@ -37,153 +40,47 @@ RUN_TIMEOUT = 600
 ROUNDS = 2
 
 
-def model_objects(dc: DevCluster, model_uri: str) -> dict[str, int]:
-    """Key -> size of every object of the base model."""
-    prefix = model_uri.removeprefix(f"s3://{BUCKET}/").rstrip("/") + "/"
-    listing = dc.s3.client().list_objects_v2(Bucket=BUCKET, Prefix=prefix)
-    return {o["Key"]: o["Size"] for o in listing["Contents"]}
-
-
-def access_log_until_marker(dc: DevCluster) -> str:
-    """The access log up to a request made now: the server writes its log asynchronously, and
-    once the marker is in, every earlier request is too."""
-    marker = f"marker-{uuid.uuid4().hex}"
-    s3 = dc.s3.client()
-    s3.put_object(Bucket=BUCKET, Key=marker, Body=b"")
-    path = dc.cluster.s3_access_log
-
-    def logged() -> str | None:
-        text = path.read_text()
-        return text if marker in text else None
-
-    return wait_for(logged, timeout=30, what="the S3 access log to record the marker request")
-
-
-def served_for(log: str, objects: dict[str, int]) -> tuple[int, Counter[str]]:
-    """Bytes served for the model's keys by successful GetObjects, and the GETs per key."""
-    gets: Counter[str] = Counter()
-    served = 0
-    for r in parse_access_log(log):
-        ok = 200 <= r.status < 300
-        if ok and r.bucket == BUCKET and r.operation == "s3_GetObject" and r.key in objects:
-            gets[r.key] += 1
-            served += r.bytes_sent or objects[r.key]
-    return served, gets
-
-
-def summaries(dc: DevCluster, namespace: str, run: str, role: str) -> list[dict[str, Any]]:
-    out = dc.kubectl(
-        "get",
-        "pods",
-        "-n",
-        namespace,
-        "-l",
-        f"fedtune.dev/run={run},fedtune.dev/role={role}",
-        "-o",
-        "json",
-    ).stdout
-    result = []
-    for pod in json.loads(out)["items"]:
-        for status in pod["status"].get("containerStatuses") or []:
-            terminated = status["state"].get("terminated") or {}
-            if terminated.get("exitCode") == 0:
-                result.append(json.loads(terminated["message"]))
-    return result
-
-
-def claims_of(dc: DevCluster, namespace: str, run: str) -> list[dict[str, Any]]:
-    out = dc.kubectl(
-        "get", "pvc", "-n", namespace, "-l", f"fedtune.dev/run={run}", "-o", "json"
-    ).stdout
-    return json.loads(out)["items"]
-
-
-def run_and_measure(
-    dc: DevCluster,
-    operator: Operator,
-    namespace: str,
-    assets: Assets,
-    manifest: Callable[..., Manifest],
-    mode: str,
-) -> tuple[str, int, Counter[str], int]:
-    """Run 3 rounds with `mode`; (run name, bytes served for the model, GETs per key, model
-    size). Only this run reads the model while it runs: the e2e tests run one at a time."""
-    objects = model_objects(dc, assets.model_uri)
-    before = len(access_log_until_marker(dc))
-    name = f"cache-{mode.lower()}-{uuid.uuid4().hex[:4]}"
-    clients = [{"name": c, "dataUri": assets.data_uris[c]} for c in PAIR]
-    body = manifest(name, rounds=ROUNDS, clients=clients, modelCache={"mode": mode})
-    dc.kubectl("apply", "-f", "-", input=json.dumps(body))
-    wait_condition(dc, operator, namespace, name, "Succeeded", RUN_TIMEOUT)
-    served, gets = served_for(access_log_until_marker(dc)[before:], objects)
-    size = sum(objects.values())
-    print(
-        f"\nmodelCache.mode={mode}: the S3 server served {served} bytes of the base model "
-        f"({served / size:.1f} x its {size} bytes) over {ROUNDS} rounds of {len(PAIR)} "
-        f"clients; GETs per key: {dict(gets)}"
-    )
-    return name, served, gets, size
-
-
-@pytest.mark.parametrize("mode", ["perClient", "ephemeral"])
-def test_the_base_model_is_downloaded_once_per_client_per_run(
+def test_an_ephemeral_cache_downloads_the_base_model_in_every_pod(
     devcluster: DevCluster,
     operator: Operator,
     namespace: str,
     assets: Assets,
     manifest: Callable[..., Manifest],
-    mode: str,
 ) -> None:
-    name, served, gets, size = run_and_measure(
-        devcluster, operator, namespace, assets, manifest, mode
+    name = unique_name("cache-ephemeral")
+    reads = count_model_reads(devcluster, assets.model_uri)
+    clients = [{"name": c, "dataUri": assets.data_uris[c]} for c in PAIR]
+    apply(
+        devcluster,
+        manifest(name, rounds=ROUNDS, clients=clients, modelCache={"mode": "ephemeral"}),
     )
-    clients = summaries(devcluster, namespace, name, "client")
-    by_round: dict[int, list[int]] = {}
-    for s in clients:
-        by_round.setdefault(s["round"], []).append(s["baseModelBytesDownloaded"])
+    wait_condition(devcluster, operator, namespace, name, "Succeeded", RUN_TIMEOUT)
+    read = reads()
+    size = read.size
+    print(
+        f"\nmodelCache.mode=ephemeral: the S3 server served {read.served} bytes of the base model "
+        f"({read.served / size:.1f} x its {size} bytes) over {ROUNDS} rounds of {len(PAIR)} "
+        f"clients; GETs per key: {dict(read.gets)}"
+    )
+    by_round = downloads_by_round(summaries(devcluster, namespace, name, "client"))
     assert sorted(by_round) == list(range(1, ROUNDS + 1))
     evaluations = len(
         [j for j in jobs_of(devcluster, namespace, name) if "evaluate" in j["metadata"]["name"]]
     )
     assert evaluations == 2  # round 0 (the baseline) and the last round
 
-    if mode == "perClient":
-        # Each client downloads the model in its first round and reuses it afterwards.
-        assert by_round[1] == [size] * len(PAIR)
-        for r in range(2, ROUNDS + 1):
-            assert by_round[r] == [0] * len(PAIR), f"round {r} downloaded again"
-        # One copy per client and one for the evaluation claim; the aggregator's round 0 reads
-        # the model too where it still loads it (it has no cache volume): at most one more.
-        lower, upper = (len(PAIR) + 1) * size, (len(PAIR) + 2) * size
-        assert lower <= served <= upper, (served, gets)
-        claims = {c["metadata"]["name"]: c for c in claims_of(devcluster, namespace, name)}
-        assert set(claims) == {f"{name}-cache-{c}" for c in (*PAIR, "evaluate")}
-        uid = json.loads(
-            devcluster.kubectl("get", "fft", name, "-n", namespace, "-o", "json").stdout
-        )["metadata"]["uid"]
-        for claim in claims.values():
-            assert [o["uid"] for o in claim["metadata"]["ownerReferences"]] == [uid]
-            assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
-        # The garbage collector removes the claims with the run.
-        devcluster.kubectl("delete", "fft", name, "-n", namespace, "--wait=true", "--timeout=60s")
-        wait_for(
-            lambda: not claims_of(devcluster, namespace, name),
-            timeout=120,
-            what="the run's cache claims to be garbage-collected",
-        )
-    else:  # ephemeral
-        # Without a volume that outlives the pod every client Job downloads it, in every round.
-        for r in range(1, ROUNDS + 1):
-            assert by_round[r] == [size] * len(PAIR)
-        assert served >= (ROUNDS * len(PAIR) + 2) * size, (served, gets)
-        # The ephemeral volume controller made one claim per client and evaluation pod from the
-        # template (its labels), each owned by its pod.
-        claims = claims_of(devcluster, namespace, name)
-        assert len(claims) == ROUNDS * len(PAIR) + evaluations
-        for claim in claims:
-            assert claim["metadata"]["name"].endswith("-model-cache")
-            assert [o["kind"] for o in claim["metadata"]["ownerReferences"]] == ["Pod"]
-        devcluster.kubectl("delete", "fft", name, "-n", namespace, "--wait=true", "--timeout=60s")
+    # Without a volume that outlives the pod every client Job downloads it, in every round.
+    for r in range(1, ROUNDS + 1):
+        assert by_round[r] == [size] * len(PAIR)
+    assert read.served >= (ROUNDS * len(PAIR) + 2) * size, (read.served, read.gets)
+    # The ephemeral volume controller made one claim per client and evaluation pod from the
+    # template (its labels), each owned by its pod.
+    claims = claims_of(devcluster, namespace, name)
+    assert len(claims) == ROUNDS * len(PAIR) + evaluations
+    for claim in claims:
+        assert claim["metadata"]["name"].endswith("-model-cache")
+        assert [o["kind"] for o in claim["metadata"]["ownerReferences"]] == ["Pod"]
+    delete_run(devcluster, namespace, name)
 
 
 def test_a_cache_claim_is_created_once_and_never_taken_from_another_owner(

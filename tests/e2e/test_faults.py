@@ -1,14 +1,17 @@
 """The fault matrix, end to end on the devcluster with the real operator, trainer and S3: storage
-going away mid-round, an aggregator killed mid-publish, the API server restarted mid-round and a
-client pod evicted. Each run is small (two clients, one or two rounds, the tiny model, no
-evaluation), each fault is struck when an observable step of the round has happened (a pod
-running, an object in the bucket), and each test asserts the final status, the history (every
-round once, in order) and that storage holds only whole commits."""
+going away mid-round, an aggregator killed mid-publish, the API server restarted mid-round, the
+operator killed mid-round and a client pod evicted. Each run is small (two clients, one or two
+rounds, the tiny model, no evaluation), each fault is struck when an observable step of the round
+has happened (a pod running, an object in the bucket), and each test asserts the final status, the
+history (every round once, in order) and that storage holds only whole commits. The API server's
+restart and the operator's kills strike one run in turn (`interrupted_run`), which the two tests
+about them share."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -28,7 +31,9 @@ from tests.e2e.support import (
     apply,
     job_keys,
     jobs_of,
+    labelled,
     small_run,
+    unique_name,
     wait_condition,
     wait_running,
 )
@@ -48,8 +53,8 @@ def run_store(dc: DevCluster, name: str) -> st.Store:
 
 def running_pod(dc: DevCluster, op: Operator, namespace: str, selector: str) -> dict[str, Any]:
     def check() -> dict[str, Any] | None:
-        out = dc.kubectl("get", "pods", "-n", namespace, "-l", selector, "-o", "json").stdout
-        pods = [p for p in json.loads(out)["items"] if p["status"].get("phase") == "Running"]
+        pods = labelled(dc, namespace, "pods", selector)
+        pods = [p for p in pods if p["status"].get("phase") == "Running"]
         return pods[0] if pods else None
 
     return wait_for(
@@ -61,7 +66,8 @@ def assert_finished(
     dc: DevCluster, name: str, run: dict[str, Any], rounds: int
 ) -> list[dict[str, Any]]:
     """Succeeded with every round in the history exactly once, in order, both clients merged in
-    each, and storage holding whole commits of every global adapter and every merged delta."""
+    each, storage holding whole commits of every global adapter, and every merged delta deleted
+    once its round was committed, its hash in the round's record."""
     status = run["status"]
     assert status["phase"] == "Succeeded"
     assert status["roundProgress"] == f"{rounds}/{rounds}"
@@ -75,7 +81,9 @@ def assert_finished(
         manifest, _ = st.read_committed(store, global_prefix(r))
         assert sorted(manifest["accepted"]) == sorted(PAIR)
         for c in PAIR:
-            st.read_committed(store, client_prefix(r, c))
+            assert store.list(client_prefix(r, c) + "/") == []
+        record = json.loads(store.get_bytes(st.join(round_prefix(r), "metrics.json")))
+        assert all(len(c["sha256"]) == 64 for c in record["contributions"])
     return history
 
 
@@ -184,28 +192,64 @@ def test_an_aggregator_killed_mid_publish_leaves_no_torn_global_and_its_retry_pu
     assert sorted(published["accepted"]) == sorted(c["client"] for c in record["contributions"])
 
 
-def test_the_api_server_restarted_mid_round_the_operator_reconnects_and_the_run_finishes(
+@dataclass(frozen=True)
+class InterruptedRun:
+    name: str
+    run: dict[str, Any]
+    """The run at Succeeded."""
+    jobs: list[dict[str, Any]]
+    reconnected: bool
+    """Whether the operator process that lived through the API server's restart was still the
+    one running, and running, when round 1's aggregator ran (a Job it created after the
+    restart)."""
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(
     devcluster: DevCluster,
     operator: Operator,
     namespace: str,
     assets: Assets,
     manifest: Callable[..., Manifest],
-    run_name: str,
-) -> None:
-    apply(devcluster, small_run(manifest, assets, run_name, rounds=2))
-    wait_running(devcluster, operator, namespace, run_name, 1, "client")
+) -> InterruptedRun:
+    """Two rounds, the control plane's processes taken away three times: the API server
+    restarted while round 1's clients run, then the operator SIGKILLed and started again while
+    round 1's aggregator runs and again while round 2's clients run."""
+    name = unique_name()
+    apply(devcluster, small_run(manifest, assets, name, rounds=2))
+    wait_running(devcluster, operator, namespace, name, 1, "client")
     process = operator.proc
     devcluster.cluster.stop_component("kube-apiserver")
     devcluster.cluster.start_component("kube-apiserver")
-    run = wait_condition(devcluster, operator, namespace, run_name, "Succeeded", RUN_TIMEOUT)
-    assert operator.proc is process  # not restarted: it reconnected
-    assert process is not None
-    assert process.poll() is None
-    history = assert_finished(devcluster, run_name, run, rounds=2)
+    wait_running(devcluster, operator, namespace, name, 1, "aggregator", timeout=300)
+    reconnected = operator.proc is process and process is not None and process.poll() is None
+    operator.kill()
+    operator.start()
+    wait_running(devcluster, operator, namespace, name, 2, "client", timeout=300)
+    operator.kill()
+    operator.start()
+    run = wait_condition(devcluster, operator, namespace, name, "Succeeded", RUN_TIMEOUT)
+    return InterruptedRun(name, run, jobs_of(devcluster, namespace, name), reconnected)
+
+
+def test_the_api_server_restarted_mid_round_the_operator_reconnects_and_the_run_finishes(
+    devcluster: DevCluster, interrupted_run: InterruptedRun
+) -> None:
+    assert interrupted_run.reconnected, "the operator did not live through the API server restart"
+    history = assert_finished(devcluster, interrupted_run.name, interrupted_run.run, rounds=2)
     assert [(h["round"], h["attempt"]) for h in history] == [(1, 0), (2, 0)]
-    keys = job_keys(jobs_of(devcluster, namespace, run_name))
-    assert len(keys) == 1 + 2 * (len(PAIR) + 1)
-    assert max(keys.values()) == 1  # no Job created twice
+
+
+def test_an_operator_killed_mid_round_resumes_without_duplicates(
+    interrupted_run: InterruptedRun,
+) -> None:
+    """Killed once while an aggregator ran and once while clients ran: it picks the round up
+    where it was, creating no Job twice and starting no new attempt."""
+    history = interrupted_run.run["status"]["history"]
+    assert [(r["round"], r["attempt"]) for r in history] == [(1, 0), (2, 0)]
+    keys = job_keys(interrupted_run.jobs)
+    assert len(keys) == 1 + 2 * (len(PAIR) + 1)  # round 0's aggregator, then clients and aggregator
+    assert max(keys.values()) == 1
 
 
 def test_a_client_pod_evicted_is_replaced_without_counting_against_backoff_limit(
@@ -240,17 +284,6 @@ def test_a_client_pod_evicted_is_replaced_without_counting_against_backoff_limit
     )
     assert job["status"].get("succeeded") == 1
     assert not job["status"].get("failed")  # the eviction was not counted
-    pods = json.loads(
-        devcluster.kubectl(
-            "get",
-            "pods",
-            "-n",
-            namespace,
-            "-l",
-            f"job-name={job['metadata']['name']}",
-            "-o",
-            "json",
-        ).stdout
-    )["items"]
+    pods = labelled(devcluster, namespace, "pods", f"job-name={job['metadata']['name']}")
     assert pods  # the replacement, whose termination message the operator read
     assert all(p["metadata"]["uid"] != uid for p in pods)

@@ -1,132 +1,39 @@
 """The operator end to end on the devcluster: real API server and controllers, the real trainer in
-the Job pods, the real S3 server. Every wait has a timeout and names what it waited for."""
+the Job pods, the real S3 server. Every wait has a timeout and names what it waited for.
+
+A whole successful run (its status, Jobs, kubectl's view, Events, adapter and deletion) is
+asserted on the real model's run (tests/e2e/test_real_model.py), and an operator killed mid-round
+on the fault tests' interrupted run (tests/e2e/test_faults.py): here are the other outcomes a run
+can have, a client failing, a spec the operator refuses, a suspension, the cleanup policy."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
 
 from devcluster.testing import DevCluster, wait_for
 from tests.e2e.support import (
-    BUCKET,
     CLIENTS,
-    PAIR,
     Assets,
     Manifest,
     Operator,
     apply,
     condition,
+    delete_run,
     events_of,
-    job_keys,
     jobs_of,
+    patch_spec,
     small_run,
     storage_keys,
+    unique_name,
     wait_condition,
     wait_running,
 )
 
 RUN_TIMEOUT = 420
-
-
-def test_a_run_goes_to_succeeded_and_its_adapter_loads(
-    devcluster: DevCluster,
-    operator: Operator,
-    namespace: str,
-    assets: Assets,
-    manifest: Callable[..., Manifest],
-    run_name: str,
-    tmp_path: Path,
-) -> None:
-    apply(devcluster, manifest(run_name, evaluation={"everyRounds": 1}))
-    run = wait_condition(devcluster, operator, namespace, run_name, "Succeeded", RUN_TIMEOUT)
-
-    status = run["status"]
-    assert status["phase"] == "Succeeded"
-    assert status["roundProgress"] == "3/3"
-    assert [r["round"] for r in status["history"]] == [1, 2, 3]
-    assert all(r["clientsSucceeded"] == 3 for r in status["history"])
-    # Every round was evaluated by a Job of its own, and the run waited for the last one.
-    assert all(r["evalLoss"] > 0 for r in status["history"])
-    assert status["lastEvalLoss"] == status["history"][-1]["evalLoss"]
-    assert status["initialEvalLoss"] > 0  # round 0's, the base model's, kept beside the last
-    assert not status.get("evaluatingRounds")
-    assert status["finalAdapterUri"].startswith(f"s3://{BUCKET}/runs/{run_name}/")
-    assert status["communication"]["reductionRatio"] > 1
-    assert {c["name"]: c["phase"] for c in status["clients"]} == dict.fromkeys(CLIENTS, "Succeeded")
-    assert condition(run, "Progressing")["status"] == "False"
-    assert condition(run, "Failed")["status"] == "False"
-    # Retain: nothing outside the cluster to clean up, so no finalizer to hold the deletion.
-    assert not run["metadata"].get("finalizers")
-
-    # One Job per client per round, one aggregator per round (round 0 initialises) and one
-    # evaluation per round (everyRounds 1, round 0 included): none was created twice, none
-    # retried as a new attempt.
-    jobs = jobs_of(devcluster, namespace, run_name)
-    keys = job_keys(jobs)
-    expected = {("0", "aggregator", "-"), ("0", "evaluator", "-")} | {
-        (str(r), role, c)
-        for r in (1, 2, 3)
-        for role, c in [("aggregator", "-"), ("evaluator", "-"), *[("client", c) for c in CLIENTS]]
-    }
-    assert set(keys) == expected
-    assert max(keys.values()) == 1
-
-    # What a user sees.
-    table = devcluster.kubectl("get", "fft", run_name, "-n", namespace).stdout
-    header, row = table.splitlines()
-    assert header.split()[:5] == ["NAME", "PHASE", "ROUND", "CLIENTS", "LOSS"]
-    assert "Succeeded" in row
-    assert "3/3" in row
-    assert status["communication"]["reduction"] in row
-    waited = devcluster.kubectl(
-        "wait", "--for=condition=Succeeded", f"fft/{run_name}", "-n", namespace, "--timeout=5s"
-    )
-    assert "condition met" in waited.stdout
-    reasons = [e["reason"] for e in events_of(devcluster, namespace, run_name)]
-    assert {"RoundStarted", "RoundAggregated", "Evaluated", "RunSucceeded"} <= set(reasons)
-
-    # The final adapter is a standard PEFT adapter.
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    final_prefix = status["finalAdapterUri"].removeprefix(f"s3://{BUCKET}/")
-    target = tmp_path / "adapter"
-    target.mkdir()
-    for key in storage_keys(devcluster, final_prefix):
-        rel = key.removeprefix(final_prefix).lstrip("/")
-        (target / rel).parent.mkdir(parents=True, exist_ok=True)
-        devcluster.s3.client().download_file(BUCKET, key, str(target / rel))
-    base = AutoModelForCausalLM.from_pretrained(assets.local_model)
-    model = PeftModel.from_pretrained(base, target)
-    assert any("lora_B" in n for n, _ in model.named_parameters())
-
-    # Deleting the run garbage-collects its Jobs and their pods.
-    devcluster.kubectl("delete", "fft", run_name, "-n", namespace, "--wait=true", "--timeout=60s")
-    wait_for(
-        lambda: not jobs_of(devcluster, namespace, run_name),
-        timeout=60,
-        what="the run's Jobs to be garbage-collected",
-    )
-    wait_for(
-        lambda: (
-            not json.loads(
-                devcluster.kubectl(
-                    "get",
-                    "pods",
-                    "-n",
-                    namespace,
-                    "-l",
-                    f"fedtune.dev/run={run_name}",
-                    "-o",
-                    "json",
-                ).stdout
-            )["items"]
-        ),
-        timeout=60,
-        what="the run's pods to be garbage-collected",
-    )
-    assert storage_keys(devcluster, f"runs/{run_name}/")  # Retain: the artifacts stay
 
 
 def test_a_failed_client_is_reported_and_the_round_goes_on_with_the_quorum(
@@ -175,92 +82,62 @@ def test_without_the_quorum_the_run_fails_with_a_reason(
     ]
 
 
-def test_an_operator_killed_mid_round_resumes_without_duplicates(
+@dataclass(frozen=True)
+class SuspendedRun:
+    name: str
+    suspended: dict[str, Any]
+    """The run once Suspended."""
+    finished: dict[str, Any]
+    """The run at Succeeded, after the resume."""
+    events: list[dict[str, Any]]
+
+
+@pytest.fixture(scope="module")
+def suspended_run(
     devcluster: DevCluster,
     operator: Operator,
     namespace: str,
     assets: Assets,
     manifest: Callable[..., Manifest],
-    run_name: str,
-) -> None:
-    apply(devcluster, small_run(manifest, assets, run_name, rounds=2))
-    wait_running(devcluster, operator, namespace, run_name, 1, "client")
-    operator.kill()
-    operator.start()
-    wait_running(devcluster, operator, namespace, run_name, 2, "aggregator", timeout=300)
-    operator.kill()
-    operator.start()
-    run = wait_condition(devcluster, operator, namespace, run_name, "Succeeded", RUN_TIMEOUT)
-    assert [(r["round"], r["attempt"]) for r in run["status"]["history"]] == [(1, 0), (2, 0)]
-    keys = job_keys(jobs_of(devcluster, namespace, run_name))
-    assert len(keys) == 1 + 2 * (len(PAIR) + 1)  # round 0's aggregator, then clients and aggregator
-    assert max(keys.values()) == 1
-
-
-def test_suspend_suspends_the_jobs_and_resume_finishes_the_run(
-    devcluster: DevCluster,
-    operator: Operator,
-    namespace: str,
-    assets: Assets,
-    manifest: Callable[..., Manifest],
-    run_name: str,
-) -> None:
-    apply(devcluster, small_run(manifest, assets, run_name))
-    wait_running(devcluster, operator, namespace, run_name, 1, "client")
-    devcluster.kubectl(
-        "patch",
-        "fft",
-        run_name,
-        "-n",
-        namespace,
-        "--type=merge",
-        "-p",
-        '{"spec": {"suspend": true}}',
-    )
-    run = wait_condition(devcluster, operator, namespace, run_name, "Suspended", 60)
-    assert run["status"]["phase"] == "Suspended"
+) -> SuspendedRun:
+    """One small run with cleanupPolicy Delete, suspended while round 1's clients run (until its
+    unfinished Jobs are suspended), then resumed to Succeeded: the suspension's tests and the
+    cleanup policy's share it."""
+    name = unique_name()
+    apply(devcluster, small_run(manifest, assets, name, storage={"cleanupPolicy": "Delete"}))
+    wait_running(devcluster, operator, namespace, name, 1, "client")
+    patch_spec(devcluster, namespace, name, suspend=True)
+    suspended = wait_condition(devcluster, operator, namespace, name, "Suspended", 60)
     wait_for(
         lambda: all(
             j["spec"].get("suspend") or j.get("status", {}).get("succeeded")
-            for j in jobs_of(devcluster, namespace, run_name)
+            for j in jobs_of(devcluster, namespace, name)
             if j["metadata"]["labels"]["fedtune.dev/round"] == "1"
         ),
         timeout=60,
         what="round 1's unfinished Jobs to be suspended",
     )
-    devcluster.kubectl(
-        "patch",
-        "fft",
-        run_name,
-        "-n",
-        namespace,
-        "--type=merge",
-        "-p",
-        '{"spec": {"suspend": false}}',
-    )
-    run = wait_condition(devcluster, operator, namespace, run_name, "Succeeded", RUN_TIMEOUT)
-    assert condition(run, "Suspended")["status"] == "False"
-    reasons = [e["reason"] for e in events_of(devcluster, namespace, run_name)]
+    patch_spec(devcluster, namespace, name, suspend=False)
+    finished = wait_condition(devcluster, operator, namespace, name, "Succeeded", RUN_TIMEOUT)
+    return SuspendedRun(name, suspended, finished, events_of(devcluster, namespace, name))
+
+
+def test_suspend_suspends_the_jobs_and_resume_finishes_the_run(suspended_run: SuspendedRun) -> None:
+    assert suspended_run.suspended["status"]["phase"] == "Suspended"
+    assert condition(suspended_run.finished, "Suspended")["status"] == "False"
+    reasons = [e["reason"] for e in suspended_run.events]
     assert "Suspended" in reasons
     assert "Resumed" in reasons
 
 
 def test_cleanup_policy_delete_removes_the_storage_prefix(
-    devcluster: DevCluster,
-    operator: Operator,
-    namespace: str,
-    assets: Assets,
-    manifest: Callable[..., Manifest],
-    run_name: str,
+    devcluster: DevCluster, namespace: str, suspended_run: SuspendedRun
 ) -> None:
-    m = small_run(manifest, assets, run_name)
-    m["spec"]["storage"]["cleanupPolicy"] = "Delete"
-    apply(devcluster, m)
-    run = wait_condition(devcluster, operator, namespace, run_name, "Succeeded", RUN_TIMEOUT)
-    assert run["metadata"]["finalizers"] == ["fedtune.dev/cleanup"]
-    assert storage_keys(devcluster, f"runs/{run_name}/")
-    devcluster.kubectl("delete", "fft", run_name, "-n", namespace, "--wait=true", "--timeout=120s")
-    assert storage_keys(devcluster, f"runs/{run_name}/") == []
+    name = suspended_run.name
+    assert suspended_run.finished["metadata"]["finalizers"] == ["fedtune.dev/cleanup"]
+    assert storage_keys(devcluster, f"runs/{name}/")
+    delete_run(devcluster, namespace, name, timeout=120)
+    assert storage_keys(devcluster, f"runs/{name}/") == []
 
 
 def test_a_spec_the_schema_accepts_but_the_operator_cannot_run_fails_as_invalid(

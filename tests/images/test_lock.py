@@ -1,31 +1,21 @@
 """One Python stack: uv.lock decides the test environment and both images. Fast checks of the
-plumbing (no image is built here; tests/realnode builds and runs them)."""
+plumbing, without building an image (tests/images/test_images.py builds them and reads what they
+install; tests/realnode runs them)."""
 
 from __future__ import annotations
 
 import re
 import subprocess
-import tomllib
 from importlib.metadata import version
-from pathlib import Path
 
 import pytest
-import yaml
 from uv import find_uv_bin
 
-ROOT = Path(__file__).resolve().parents[2]
-DOCKERFILES = {
-    "operator": ROOT / "operator" / "Dockerfile",
-    "trainer": ROOT / "trainer-image" / "Dockerfile",
-}
+from devcluster.cluster import REPO_ROOT as ROOT
+from tests.images.support import IMAGES, locked_version
 
 
-def locked_version(package: str) -> str:
-    lock = tomllib.loads((ROOT / "uv.lock").read_text())
-    return next(p["version"] for p in lock["package"] if p["name"] == package)
-
-
-@pytest.mark.parametrize("image", sorted(DOCKERFILES))
+@pytest.mark.parametrize("image", sorted(IMAGES))
 def test_image_requirements_are_the_locks_export(image: str) -> None:
     """requirements/<image>.txt is what `make lock` exports from uv.lock, hashes included."""
     exported = subprocess.run(
@@ -72,28 +62,10 @@ def test_images_install_the_torch_and_kopf_the_tests_run() -> None:
     assert "torch==" not in operator
 
 
-@pytest.mark.parametrize("image", sorted(DOCKERFILES))
-def test_dockerfile_layers_and_user(image: str) -> None:
-    text = DOCKERFILES[image].read_text()
-    # The uv the images install with is the locked one.
-    assert f"ARG UV_VERSION={locked_version('uv')}" in text
-    assert "ARG BASE_IMAGE=" in text
-    assert "FROM ${BASE_IMAGE}" in text
-    # Dependencies before the source: a source change rebuilds one small layer.
-    deps = text.index(f"COPY requirements/{image}.txt")
-    source = text.index("COPY pyproject.toml")
-    assert deps < source
-    assert "--require-hashes" in text
-    assert re.search(r"^USER 10001:10001$", text, re.M)
-
-
-def test_chart_and_crd_defaults_name_what_make_images_tags() -> None:
-    chart = yaml.safe_load((ROOT / "charts" / "fedtune-operator" / "Chart.yaml").read_text())
-    values = yaml.safe_load((ROOT / "charts" / "fedtune-operator" / "values.yaml").read_text())
-    script = (ROOT / "tools" / "build-images.sh").read_text()
-    assert values["image"]["repository"] == "ghcr.io/fedtune/operator"
-    assert values["image"]["tag"] == ""  # the appVersion, which build-images.sh reads
-    assert "OPERATOR_IMAGE:-ghcr.io/fedtune/operator:$version" in script
-    assert "TRAINER_IMAGE:-ghcr.io/fedtune/trainer:$version" in script
-    crd = (ROOT / "crds" / "fedtune.dev_federatedfinetunes.yaml").read_text()
-    assert f"default: ghcr.io/fedtune/trainer:{chart['appVersion']}" in crd
+@pytest.mark.parametrize("image", sorted(IMAGES))
+def test_a_plain_docker_build_installs_with_the_locked_uv(image: str) -> None:
+    """`make images` passes the locked uv (tests/images/test_images.py reads it from the built
+    images' history); the default of the build argument is what `docker build` without it uses,
+    and must not drift from the lock."""
+    text = (ROOT / IMAGES[image]).read_text()
+    assert re.findall(r"^ARG UV_VERSION=(\S+)$", text, re.M) == [locked_version("uv")]
