@@ -430,7 +430,7 @@ def write_report(
     """Render report/ from the committed records and name it in the summary.
 
     Runs after the round is committed, and a failure here is logged, not raised: the report is a
-    view of what storage already holds (`fedtune report` can render it later), so a plotting
+    view of what storage already holds (`fedtune-trainer report` can render it later), so a plotting
     problem must not fail, and so retry, a round whose adapter is already written.
     """
     try:
