@@ -113,10 +113,13 @@ def run(
     )
     sign = commit_signer(task)
     world.start()
+    finished = False
     try:
-        return _run(task, store or open_store(task.storage), log, world, runtime, start, sign)
+        summary = _run(task, store or open_store(task.storage), log, world, runtime, start, sign)
+        finished = True
+        return summary
     finally:
-        world.stop()
+        world.stop(finished)
 
 
 def commit_signer(

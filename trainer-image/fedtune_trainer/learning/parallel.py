@@ -44,8 +44,15 @@ class World:
         else:
             dist.init_process_group("gloo")
 
-    def stop(self) -> None:
+    def stop(self, finished: bool) -> None:
+        """Leave the process group. Processes that `finished` first meet at a barrier: the others
+        end their training long before rank 0 has uploaded, and a gloo process that tears its
+        group down while a peer still holds the connection can abort (SIGABRT) on exit, which
+        the elastic agent reports as a failed client. After a failure there is no barrier: the
+        peer may be gone, and the agent stops every process anyway."""
         if self.size > 1 and dist.is_initialized():
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()
 
     def all_reduce_grads(self, params: Sequence[torch.Tensor]) -> None:
