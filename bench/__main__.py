@@ -18,15 +18,7 @@ import traceback
 from pathlib import Path
 from types import ModuleType
 
-from bench.common import RESULTS_DIR, Result, machine
-
-BENCHMARKS = {
-    "communication": "bench.communication",
-    "parity": "bench.parity",
-    "client": "bench.client_throughput",
-    "aggregation": "bench.aggregation",
-    "operator": "bench.operator_overhead",
-}
+from bench.common import BENCHMARKS, RESULTS_DIR, Result, machine
 
 
 def module(name: str) -> ModuleType:

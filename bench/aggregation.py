@@ -57,6 +57,8 @@ NAME = "aggregation"
 TITLE = "Streaming aggregation against load-everything: wall time and peak RSS"
 LOSSLESS = DeltaSpec(dtype="fp32", compression="none", error_feedback=False)
 METHODS = ("streaming", "load-everything")
+REPRODUCIBLE = ("deltas_mb",)
+"""Columns a rerun must reproduce (bench/records.py compare); timings are not among them."""
 
 
 @dataclass(frozen=True)

@@ -290,10 +290,10 @@ def run(sizes: Sizes, work: Path, out: Path) -> Result:
         rows=rows,
         formats={
             "tokens_per_s": fmt_float(1),
-            "vs_plain": lambda v: f"{v:.1%}",
+            "vs_plain": "percent:1",
             "peak_rss_mb": fmt_int,
             "step_mb": fmt_int,
-            "loss_vs_plain": lambda v: f"{v:.1e}",
+            "loss_vs_plain": "sci:1",
         },
         settings={
             **where,

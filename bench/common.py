@@ -13,13 +13,25 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.tables import markdown
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
+"""Where `make bench` writes: scratch, ignored by git (bench/records/ holds what the docs cite)."""
+BENCHMARKS = {
+    "communication": "bench.communication",
+    "parity": "bench.parity",
+    "client": "bench.client_throughput",
+    "aggregation": "bench.aggregation",
+    "operator": "bench.operator_overhead",
+}
+"""Each benchmark's module: `run(sizes, work, out)`, FULL and SMOKE sizes, and optionally
+`REPRODUCIBLE` columns and `record_tables(doc)` (bench/records.py)."""
 VENV_BIN = Path(sys.executable).parent
 MiB = 1 << 20
 
@@ -98,15 +110,15 @@ def device_name() -> str:
 # Results
 # --------------------------------------------------------------------------------------------
 
-Formatter = Callable[[Any], str]
+Formatter = str
+"""A format name of bench.tables.cell ("int", "float:4"): a name, so that the JSON carries it."""
 
-
-def fmt_int(value: Any) -> str:
-    return "" if value is None else f"{round(value):,}"
+fmt_int: Formatter = "int"
+fmt_ratio: Formatter = "ratio"
 
 
 def fmt_float(digits: int) -> Formatter:
-    return lambda v: "" if v is None else f"{v:.{digits}f}"
+    return f"float:{digits}"
 
 
 def human_count(n: float) -> str:
@@ -115,12 +127,6 @@ def human_count(n: float) -> str:
         if n >= scale:
             return f"{n / scale:.3g}{unit}"
     return str(round(n))
-
-
-def fmt_ratio(value: Any) -> str:
-    if value is None:
-        return ""
-    return f"{value:.3g}x" if value < 100 else f"{value:,.0f}x"
 
 
 @dataclass
@@ -139,27 +145,7 @@ class Result:
 
     def table(self) -> str:
         """The rows as a GitHub markdown table (numbers right-aligned)."""
-        head = "| " + " | ".join(self.columns) + " |"
-        align = "|" + "|".join(
-            ":---" if i == 0 or self.columns[i] in ("config", "method", "metric") else "---:"
-            for i in range(len(self.columns))
-        )
-        lines = [head, align + "|"]
-        for row in self.rows:
-            cells = []
-            for col in self.columns:
-                value = row.get(col)
-                fmt = self.formats.get(col)
-                if fmt is not None:
-                    cells.append(fmt(value))
-                elif value is None:
-                    cells.append("")
-                elif isinstance(value, float):
-                    cells.append(f"{value:.4g}")
-                else:
-                    cells.append(str(value))
-            lines.append("| " + " | ".join(cells) + " |")
-        return "\n".join(lines)
+        return markdown(self.columns, self.rows, self.formats)
 
     def document(self, machine_info: Mapping[str, Any]) -> dict[str, Any]:
         return {
@@ -170,6 +156,7 @@ class Result:
             "machine": dict(machine_info),
             "settings": self.settings,
             "columns": self.columns,
+            "formats": self.formats,
             "rows": [_jsonable(r) for r in self.rows],
             "notes": self.notes,
             "plots": self.plots,

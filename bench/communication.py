@@ -46,6 +46,7 @@ from bench.common import (
     tiny_assets,
 )
 from bench.federation import Recipe, RunResult, federate, quiet
+from bench.tables import markdown
 from fedtune_trainer.aggregation.reducers import WeightedMean
 from fedtune_trainer.wire.settings import DeltaSpec, QuantizationSpec
 
@@ -66,9 +67,31 @@ ENCODINGS: dict[str, DeltaSpec] = {
     ),
 }
 """The delta encodings compared; EF = error feedback (what was not sent is carried over)."""
+REFERENCE = "fp32 adapter delta"
+"""What every encoding's loss cost is measured against: the lossless delta, at the same round."""
 REPORT_ENCODING = "top-k 10% + EF + 8-bit + zstd"
 """The run whose report (report/ as the aggregator writes it) is kept as the sample report."""
 FULL_MODEL = "full-model fp32 FedAvg"
+COLUMNS = [
+    "model",
+    "config",
+    "bytes_per_client_round",
+    "run_bytes_per_client",
+    "ratio_vs_fp32_delta",
+    "ratio_vs_full_model",
+    "eval_loss",
+    "loss_cost",
+]
+FORMATS = {
+    "bytes_per_client_round": fmt_int,
+    "run_bytes_per_client": fmt_int,
+    "ratio_vs_fp32_delta": fmt_ratio,
+    "ratio_vs_full_model": fmt_ratio,
+    "eval_loss": fmt_float(4),
+    "loss_cost": "signed-percent:2",
+}
+REPRODUCIBLE = ("bytes_per_client_round", "run_bytes_per_client", "eval_loss")
+"""Columns a rerun must reproduce (bench/records.py compare): seeded training, exact sizes."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +126,7 @@ class Sizes:
     tiny: TinySizes = field(default_factory=TinySizes)
     recipe: Recipe = field(
         default_factory=lambda: Recipe(
-            rounds=3,
+            rounds=10,
             local_steps=5,
             batch_size=4,
             learning_rate=1e-3,
@@ -255,12 +278,15 @@ def shape_rows(shape: LlamaShape, rank: int, seed: int = 0) -> list[dict[str, An
         _row(label, "full model fp32", full, full, None),
         _row(label, "full model bf16", count * 2, full, None),
     ]
+    reference = None
     for config, spec in ENCODINGS.items():
         if "no EF" in config:
             continue  # one round's bytes do not depend on error feedback
-        encoded = codec.encode(delta, spec)
-        rows.append(_row(label, config, encoded.encoded_bytes, full, None))
-        del encoded
+        size = codec.encode(delta, spec).encoded_bytes
+        reference = reference or (size if config == REFERENCE else None)
+        row = _row(label, config, size, full, None)
+        row["ratio_vs_fp32_delta"] = reference / size if reference else None
+        rows.append(row)
     return rows
 
 
@@ -282,29 +308,75 @@ def _row(
 
 
 def plot(runs: dict[str, RunResult], out: Path) -> Path:
+    """Eval loss against the bytes a client has uploaded so far (one point per round), and
+    the eval loss per round: where each encoding sits on the loss-bytes frontier."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 4), dpi=100, layout="constrained")
+    fig = Figure(figsize=(12, 4.5), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
-    loss_ax, bytes_ax = fig.subplots(1, 2)
+    frontier_ax, loss_ax = fig.subplots(1, 2)
     for config, result in runs.items():
-        points = [(r, v) for r, v in enumerate(result.eval_loss) if v is not None]
-        loss_ax.plot([p[0] for p in points], [p[1] for p in points], "o-", ms=3, label=config)
+        sent = cumulative_bytes_per_client(result)
+        losses = result.eval_loss[1:]
+        frontier_ax.plot(sent, losses, "o-", ms=3, label=config)
+        rounds = [r for r, v in enumerate(result.eval_loss) if v is not None]
+        loss_ax.plot(rounds, [result.eval_loss[r] for r in rounds], "o-", ms=3, label=config)
+    frontier_ax.set_xscale("log")
+    frontier_ax.set(
+        xlabel="bytes uploaded per client so far (log)",
+        ylabel="eval loss",
+        title="Eval loss against bytes sent (one point per round)",
+    )
     loss_ax.set(xlabel="round", ylabel="eval loss", title="Eval loss per round")
-    loss_ax.legend(fontsize=8)
-    loss_ax.grid(True, alpha=0.3)
-    names = list(runs)
-    sizes = [runs[n].mean_bytes_per_client or 0 for n in names]
-    bytes_ax.barh(range(len(names)), sizes)
-    bytes_ax.set_yticks(range(len(names)), names, fontsize=8)
-    bytes_ax.invert_yaxis()
-    bytes_ax.set_xscale("log")
-    bytes_ax.set(xlabel="bytes per client per round (log)", title="Upload size")
-    for i, size in enumerate(sizes):
-        bytes_ax.text(size, i, f" {size:,.0f}", va="center", fontsize=8)
-    bytes_ax.grid(True, axis="x", alpha=0.3)
+    for ax in (frontier_ax, loss_ax):
+        ax.grid(True, alpha=0.3)
+    loss_ax.legend(fontsize=7)
     return save_figure(fig, out, NAME)
+
+
+def cumulative_bytes_per_client(result: RunResult) -> list[float]:
+    """After each round, what one client has uploaded in all (the mean over the clients)."""
+    per_round = len(result.bytes_per_client) // max(1, len(result.eval_loss) - 1)
+    out, total = [], 0.0
+    for r in range(len(result.eval_loss) - 1):
+        chunk = result.bytes_per_client[r * per_round : (r + 1) * per_round]
+        total += sum(chunk) / max(1, len(chunk))
+        out.append(total)
+    return out
+
+
+def record_tables(doc: dict[str, Any]) -> dict[str, str]:
+    """The per-round tables of a record (bench/records.py): each encoding's eval loss, and its
+    cost against the lossless delta at the same round."""
+    per_round: dict[str, list[float | None]] = doc["settings"]["eval_loss_per_round"]
+    reference = per_round.get(REFERENCE)
+    rounds = len(next(iter(per_round.values())))
+    loss_rows, cost_rows = [], []
+    for config, losses in per_round.items():
+        loss_rows.append({"config": config} | {f"r{r}": v for r, v in enumerate(losses)})
+        if reference is not None and config != REFERENCE:
+            cost_rows.append(
+                {"config": config}
+                | {f"r{r}": loss_cost(losses[r], reference[r]) for r in range(1, rounds)}
+            )
+    loss_columns = ["config", *(f"r{r}" for r in range(rounds))]
+    cost_columns = ["config", *(f"r{r}" for r in range(1, rounds))]
+    return {
+        "loss-per-round": markdown(
+            loss_columns, loss_rows, {c: "float:4" for c in loss_columns[1:]}
+        ),
+        "cost-per-round": markdown(
+            cost_columns, cost_rows, {c: "signed-percent:1" for c in cost_columns[1:]}
+        ),
+    }
+
+
+def loss_cost(loss: float | None, reference: float | None) -> float | None:
+    """How much higher an encoding's eval loss is than the lossless delta's (0.01 = 1% worse)."""
+    if loss is None or reference is None:
+        return None
+    return loss / reference - 1
 
 
 def run(sizes: Sizes, work: Path, out: Path) -> Result:
@@ -345,10 +417,18 @@ def run(sizes: Sizes, work: Path, out: Path) -> Result:
     else:
         full = runs[FULL_MODEL].mean_bytes_per_client or 0
         rows = []
-    rows += [
-        _row(label, config, r.mean_bytes_per_client, full, r.final_eval_loss)
-        for config, r in runs.items()
-    ]
+    reference = runs[REFERENCE]
+    for config, r in runs.items():
+        row = _row(label, config, r.mean_bytes_per_client, full, r.final_eval_loss)
+        rounds_sent = cumulative_bytes_per_client(r)
+        row["run_bytes_per_client"] = round(rounds_sent[-1]) if rounds_sent else None
+        row["ratio_vs_fp32_delta"] = (
+            (reference.mean_bytes_per_client or 0) / r.mean_bytes_per_client
+            if r.mean_bytes_per_client
+            else None
+        )
+        row["loss_cost"] = loss_cost(r.final_eval_loss, reference.final_eval_loss)
+        rows.append(row)
     for shape in sizes.shapes:
         rows += shape_rows(shape, sizes.shape_rank)
     plot_path = plot(runs, out)
@@ -356,13 +436,9 @@ def run(sizes: Sizes, work: Path, out: Path) -> Result:
     return Result(
         name=NAME,
         title=TITLE,
-        columns=["model", "config", "bytes_per_client_round", "ratio_vs_full_model", "eval_loss"],
+        columns=COLUMNS,
         rows=rows,
-        formats={
-            "bytes_per_client_round": fmt_int,
-            "ratio_vs_full_model": fmt_ratio,
-            "eval_loss": fmt_float(4),
-        },
+        formats=FORMATS,
         settings={
             "device": device_name(),
             "model": str(assets.model),

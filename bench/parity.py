@@ -41,6 +41,8 @@ from fedtune_trainer.wire.settings import AggregationSpec, DeltaSpec
 NAME = "parity"
 TITLE = "Federated against centralized training (same data, same total optimizer steps)"
 LOSSLESS = DeltaSpec(dtype="fp32", compression="none", error_feedback=False)
+REPRODUCIBLE = ("eval_loss",)
+"""Columns a rerun must reproduce (bench/records.py compare); timings are not among them."""
 
 
 def variants(fedadam_server_lrs: tuple[float, ...]) -> dict[str, Variant]:

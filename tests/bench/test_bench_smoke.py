@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bench import __main__ as bench_main
-from bench import operator_overhead
+from bench import communication, operator_overhead, records
 from bench.common import Result, machine
 from devcluster.testing import DevCluster
 
@@ -59,11 +59,21 @@ def test_communication(work: Path, tmp_path: Path) -> None:
     configs = {r["config"] for r in doc["rows"]}
     assert {"full-model fp32 FedAvg", "fp32 adapter delta", "full model bf16"} <= configs
     tiny = [r for r in doc["rows"] if r["eval_loss"] is not None]
-    assert len(tiny) == 7  # full-model FedAvg at two learning rates, five delta encodings
+    assert len(tiny) == 2 + len(communication.ENCODINGS)  # full-model FedAvg at two rates
     full = next(r for r in tiny if r["config"] == "full-model fp32 FedAvg")
     assert full["ratio_vs_full_model"] == pytest.approx(1.0)
     deltas = [r for r in tiny if not r["config"].startswith("full-model")]
     assert all(r["bytes_per_client_round"] < full["bytes_per_client_round"] for r in deltas)
+    reference = next(r for r in tiny if r["config"] == communication.REFERENCE)
+    assert reference["loss_cost"] == 0
+    assert reference["ratio_vs_fp32_delta"] == 1
+    assert all(r["run_bytes_per_client"] > r["bytes_per_client_round"] for r in deltas) == (
+        doc["settings"]["rounds"] > 1
+    )
+    # What the docs show of a record: every config's loss per round and its cost per round.
+    per_round = records.tables(doc)
+    assert per_round["loss-per-round"].count("\n") == 1 + len(tiny)  # header, alignment, rows
+    assert per_round["cost-per-round"].count("\n") == len(tiny)  # the reference has no cost
     # The sample run report the aggregator wrote, fetched out of the run's storage.
     assert (tmp_path / "communication-report" / "report.html").is_file()
     assert (tmp_path / "communication.png").is_file()
