@@ -8,25 +8,47 @@ Pipeline per tensor (each stage optional, configured by `settings.DeltaSpec`):
 1. error feedback: `x = delta + residual`, where the residual is what earlier rounds did not send;
 2. cast to bf16/fp16 (round to nearest even);
 3. top-k: keep the k = ceil(top_k * n) entries of largest magnitude; their positions are stored as
-   a bitmap (n/8 bytes) or as int32 gaps between sorted indices (4k bytes), whichever is smaller;
-4. blockwise absmax quantization of the kept values to 8 or 4 bits, one fp32 scale per block
-   (4-bit values are stored offset by 8 and packed two per byte);
+   a bitmap (n/8 bytes), as int32 gaps between sorted indices (4k bytes) or Elias-Fano (about
+   k (2 + log2(n/k)) bits), whichever is smallest as stored (after zstd). (uint16 gaps with
+   escapes were not added: their size depends on the gaps, so a reader could not fix it from n
+   and k, and Elias-Fano is smaller wherever k > n / 2^14, i.e. wherever gaps fit 16 bits.)
+4. blockwise absmax quantization of the kept values, one fp32 scale per block: uniform at 8 or 4
+   bits (4-bit values stored offset by 8, two per byte), rounded to nearest or stochastically;
+   or at 4 bits to the nearest level of a 16-value codebook (nf4, fp4), the nibble its index;
 5. zstd on every stored part that it shrinks (tiny parts such as a single scale are kept raw).
 
 What the receiver decodes is `sent`; the new residual is `x - sent`. So, summed over rounds, what a
-client sent equals the sum of its true deltas minus the latest residual, whatever the compression.
+client sent equals the sum of its true deltas minus the latest residual, whatever the compression
+(quantization alone included: top_k 1 with bits 4/8 and error_feedback carries the rounding error).
 
 Stated error bounds for one tensor, element by element, from `x` to the decoded value:
 - fp32, top_k 1, no quantization: exact (bit for bit);
 - bf16 cast: |err| <= 2^-8 |x| (+ 2^-133 below the normal range); fp16: <= 2^-11 |x| + 2^-25;
-- quantization with b bits: |err| <= absmax(block) / (2 * qmax) with qmax = 2^(b-1) - 1,
+- uniform quantization with b bits: |err| <= absmax(block) / (2 * qmax) with qmax = 2^(b-1) - 1,
   on top of the cast error of the value it quantizes;
+- the same with stochastic rounding: |err| < absmax(block) / qmax (one step), and unbiased:
+  E[decoded] = x, each value rounded up with probability its fraction of a step (the draws are
+  seeded by `encode`'s seed and the tensor's name, so a rerun sends the same bytes);
+- nf4 / fp4: the decoded value is the level nearest x among absmax(block) * codebook, so |err| <=
+  half the widest gap between levels times absmax(block): 0.152 (nf4, between -1 and -0.696) and
+  1/6 (fp4, between 4/6 and 1): wider than uniform 4-bit's 1/14 at the edges, narrower near zero,
+  where a Gaussian block has most of its values (nf4's RMS error on Gaussian blocks is 15% below
+  uniform 4-bit's, but its codes are equiprobable, so zstd no longer shrinks them: ~9% larger);
 - top-k: a kept entry has the error above; a dropped entry is at most the k-th largest magnitude.
 
+LoRA-aware encodings. Under adapter.freezeA only B is trained and sent (`lora.trainable_names`):
+its delta dB is the compact form of the change dB A of the product (rank r, but out x r values
+against the (out + in) r of any rank-r factorisation). With both factors trained, the product's
+change B'A' - BA = B' dA + dB A has rank up to 2r: sent exactly as factors it is twice the
+factor delta; truncated to rank r it is as large as the factor delta and loses about 30% of its
+norm (measured: r 16, 1024 x 1024, 30% of the norm), and dense it is out x in. So sending the
+change of B A never pays, and is not implemented; the factor delta is already the compact form.
+
 The container: safetensors, one to three parts per tensor, keyed `<i>.<part>` where i is the
-tensor's position in the sorted names and part is v (values), s (scales), m (position bitmap) or
-x (position gaps); the metadata key "fedtune" holds one JSON document with the format, the
-encoding and, per tensor, its name, shape, k, position coding and which parts are zstd frames
+tensor's position in the sorted names and part is v (values), s (scales), m (position bitmap),
+x (position gaps) or e (Elias-Fano positions); the metadata key "fedtune" holds one JSON document
+with the format, the encoding (with "codebook" only when not uniform, so that earlier files read
+as they did) and, per tensor, its name, shape, k, position coding and which parts are zstd frames
 (stored as uint8). Each part's dtype and length follow from those (`part_spec`), so the reader
 checks every part against what it must be rather than trusting what the file says. Names appear
 once, in the metadata, so that the header stays small next to a sparse payload.
