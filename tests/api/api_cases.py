@@ -67,6 +67,17 @@ def _spec(**patch: Any) -> dict[str, Any]:
     return {"spec": patch}
 
 
+def _quantization(id_: str, quantization: dict[str, Any], rule_field: str) -> Invalid:
+    """A delta.quantization that the CEL rule on `rule_field` refuses (and the model's
+    validator, which speaks of the whole quantization object)."""
+    return Invalid(
+        id_,
+        _spec(delta={"quantization": quantization}),
+        f"spec.delta.quantization.{rule_field}",
+        model_field="spec.delta.quantization",
+    )
+
+
 def _client(index: int, **patch: Any) -> Callable[[dict[str, Any]], None]:
     def change(body: dict[str, Any]) -> None:
         body["spec"]["clients"][index].update(patch)
@@ -232,6 +243,18 @@ INVALID: tuple[Invalid, ...] = (
         # 0.6 x 10 = 6 clients per round, one short of 2 x 2 + 3.
         _clients(10, algorithm="multiKrum", byzantineClients=2, clientFraction=_KRUM_F2_SHORT),
         "spec.aggregation.byzantineClients",
+    ),
+    _quantization("codebook-without-4-bits", {"bits": 8, "codebook": "nf4"}, "codebook"),
+    _quantization("codebook-without-quantization", {"codebook": "fp4"}, "codebook"),
+    _quantization(
+        "stochastic-rounding-without-quantization",
+        {"stochasticRounding": True},
+        "stochasticRounding",
+    ),
+    _quantization(
+        "stochastic-rounding-with-a-codebook",
+        {"bits": 4, "codebook": "nf4", "stochasticRounding": True},
+        "stochasticRounding",
     ),
     Invalid(
         "noise-without-clip-norm",

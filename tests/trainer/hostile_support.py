@@ -10,12 +10,22 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedtune_trainer.codec.container import DELTA_FILE, METADATA_KEY
+import torch
+
+from fedtune_trainer.codec import encoding as codec
+from fedtune_trainer.codec.container import (
+    DELTA_FILE,
+    METADATA_KEY,
+    ef_low_bits,
+    ef_sizes,
+    to_bytes,
+)
+from fedtune_trainer.codec.decoding import unpack_bits
 from fedtune_trainer.storage import store as st
 from fedtune_trainer.wire.layout import client_prefix
 
@@ -163,3 +173,48 @@ def oversized_file(path: Path, base: bytes, extra_bytes: int) -> Path:
             f.write(zeros[: min(left, len(zeros))])
             left -= min(left, len(zeros))
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# Elias-Fano positions, edited bit by bit
+# --------------------------------------------------------------------------------------------
+
+HighBitsEdit = Callable[[torch.Tensor, int], None]
+"""Edits, in place, the unary high half of an Elias-Fano part: its bits (padding included) and
+how many of them the coding uses."""
+
+
+def edit_elias_fano(data: bytes, n: int, k: int, edit: HighBitsEdit) -> bytes:
+    """An Elias-Fano part of k of n positions with its high half edited by `edit`."""
+    low_bytes, _ = ef_sizes(n, k)
+    part = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    bits = unpack_bits(part[low_bytes:]).clone()
+    edit(bits, k + ((n - 1) >> ef_low_bits(n, k)) + 1)
+    return to_bytes(torch.cat([part[:low_bytes], codec.pack_bits(bits)]))
+
+
+def ef_extra_index(bits: torch.Tensor, used: int) -> None:
+    """One set bit more within the coding: k + 1 indices."""
+    bits[int(torch.nonzero(bits[:used] == 0)[0])] = 1
+
+
+def ef_no_indices(bits: torch.Tensor, used: int) -> None:
+    bits[:] = 0
+
+
+def ef_padding_bit(bits: torch.Tensor, used: int) -> None:
+    bits[-1] = 1
+
+
+def ef_past_the_tensor(bits: torch.Tensor, used: int) -> None:
+    """The last index's unary code moved to the coding's last bit: its high part one past the
+    largest that n allows, so the index is n or more."""
+    bits[int(torch.nonzero(bits).max())] = 0
+    bits[used - 1] = 1
+
+
+def ef_repeated_index(bits: torch.Tensor, used: int) -> None:
+    """Every high part 0: the indices are the low parts alone, out of order and repeated."""
+    k = int(bits.sum())
+    bits[:] = 0
+    bits[:k] = 1

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import struct
+from collections.abc import Callable
 
 import pytest
 import safetensors
@@ -14,15 +16,38 @@ from hypothesis import given, settings
 from hypothesis import strategies as stg
 
 from fedtune_trainer.codec import encoding as codec
-from fedtune_trainer.codec.container import FORMAT, DeltaFormatError, qmax
+from fedtune_trainer.codec.container import (
+    CAST,
+    CODEBOOKS,
+    FORMAT,
+    FP4,
+    NF4,
+    DeltaFormatError,
+    ef_sizes,
+    kept_count,
+    position_bytes,
+    qmax,
+)
 from fedtune_trainer.codec.decoding import (
     decode,
     dequantize,
+    elias_fano_indices,
     layout_from_metadata,
     read_layout,
     unpack_mask,
 )
 from fedtune_trainer.wire.settings import DeltaSpec, QuantizationSpec
+from tests.trainer.hostile_support import (
+    HighBitsEdit,
+    RawDelta,
+    RawPart,
+    edit_elias_fano,
+    ef_extra_index,
+    ef_no_indices,
+    ef_padding_bit,
+    ef_past_the_tensor,
+    ef_repeated_index,
+)
 
 FAST = settings(max_examples=60, deadline=None)
 
@@ -46,9 +71,13 @@ def deltas(draw: stg.DrawFn) -> dict[str, torch.Tensor]:
 
 
 def spec(**kw: object) -> DeltaSpec:
-    bits = kw.pop("bits", 0)
-    block = kw.pop("block", 64)
-    return DeltaSpec(quantization=QuantizationSpec(bits=bits, block_size=block), **kw)
+    quantization = QuantizationSpec(
+        bits=kw.pop("bits", 0),
+        block_size=kw.pop("block", 64),
+        codebook=kw.pop("codebook", "uniform"),
+        stochastic_rounding=kw.pop("stochastic_rounding", False),
+    )
+    return DeltaSpec(quantization=quantization, **kw)
 
 
 def block_absmax(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -127,6 +156,115 @@ def test_quantization_error_is_within_half_a_step(
         assert bool((err <= bound).all()), (name, float((err - bound).max()))
 
 
+def test_nf4_is_qloras_table_of_normal_quantiles() -> None:
+    """NF4 as QLoRA derives it: 8 positive and 7 negative quantiles of N(0, 1) between offset
+    0.9677 and 1/2, and zero, divided by the largest (bitsandbytes' create_normal_map)."""
+    offset = 0.9677083
+    positive = torch.special.ndtri(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])
+    negative = -torch.special.ndtri(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
+    table = torch.cat([positive, torch.zeros(1, dtype=torch.float64), negative]).sort().values
+    table /= table.max()
+    assert torch.allclose(table, torch.tensor(NF4, dtype=torch.float64), atol=1e-6)
+
+
+def test_fp4_is_e2m1_by_its_bits() -> None:
+    """Code = sign bit, 2 exponent bits, 1 mantissa bit (bias 1, subnormal at exponent 0)."""
+    for code in range(16):
+        sign, exponent, mantissa = code >> 3, (code >> 1) & 3, code & 1
+        magnitude = mantissa / 2 if exponent == 0 else (1 + mantissa / 2) * 2 ** (exponent - 1)
+        assert FP4[code] * 6 == (-1) ** sign * magnitude
+
+
+CODEBOOK_HALF_GAP = {"nf4": 0.1519, "fp4": 1 / 6}
+"""The stated bound of each codebook: half its widest gap, as a fraction of the block's absmax
+(nf4: between -1 and -0.696; fp4: between 4 and 6, of 6)."""
+
+
+@pytest.mark.parametrize("codebook", list(CODEBOOKS))
+def test_codebook_half_gap_is_the_stated_bound(codebook: str) -> None:
+    values = sorted(CODEBOOKS[codebook])
+    widest = max(b - a for a, b in itertools.pairwise(values))
+    assert widest / 2 == pytest.approx(CODEBOOK_HALF_GAP[codebook], abs=1e-4)
+
+
+@FAST
+@given(
+    d=deltas(),
+    codebook=stg.sampled_from(list(CODEBOOKS)),
+    block=stg.sampled_from([8, 64, 100]),
+    dtype=stg.sampled_from(["fp32", "bf16"]),
+)
+def test_codebook_quantization_sends_the_nearest_level(
+    d: dict[str, torch.Tensor], codebook: str, block: int, dtype: str
+) -> None:
+    """Each value (after the cast) decodes to the codebook level, times its block's absmax,
+    nearest to it; so its error is at most half the widest gap times the absmax, on top of the
+    cast's."""
+    s = spec(dtype=dtype, bits=4, block=block, codebook=codebook, error_feedback=False)
+    enc = codec.encode(d, s)
+    out = assert_decode_is_sent(enc)
+    assert read_layout(enc.blob).encoding["codebook"] == codebook
+    levels = torch.tensor(CODEBOOKS[codebook], dtype=torch.float64)
+    cast = 2**-8 if dtype == "bf16" else 0.0
+    for name, x in d.items():
+        quantized = x.float().to(CAST[dtype]).double().reshape(-1)  # what the quantizer is given
+        absmax = block_absmax(quantized, block)
+        got = out[name].double().reshape(-1)
+        nearest = (quantized[:, None] - absmax[:, None] * levels).abs().min(dim=1).values
+        fp32 = 2**-20 * absmax + 1e-30  # fp32 arithmetic: x / absmax, then level * absmax
+        err = (got - quantized).abs()
+        assert bool((err <= nearest + fp32).all()), (name, float((err - nearest - fp32).max()))
+        x = x.double().reshape(-1)
+        bound = CODEBOOK_HALF_GAP[codebook] * absmax + cast * x.abs() + fp32
+        excess = float(((got - x).abs() - bound).max())
+        assert excess <= 0, (name, excess)
+
+
+@FAST
+@given(d=deltas(), bits=stg.sampled_from([8, 4]), block=stg.sampled_from([8, 64, 100]))
+def test_stochastic_rounding_error_is_within_one_step(
+    d: dict[str, torch.Tensor], bits: int, block: int
+) -> None:
+    s = spec(dtype="fp32", bits=bits, block=block, stochastic_rounding=True, error_feedback=False)
+    out = assert_decode_is_sent(codec.encode(d, s, seed=5))
+    for name, x in d.items():
+        x = x.double().reshape(-1)
+        step = block_absmax(x, block) / qmax(bits)
+        err = (out[name].double().reshape(-1) - x).abs()
+        assert bool((err <= step + 2**-20 * x.abs() + 1e-30).all()), name
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.3, 0.5, 0.7, 0.9])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_stochastic_rounding_is_unbiased(fraction: float, bits: int) -> None:
+    """Values `fraction` of a step above a level: stochastic rounding's mean error is zero
+    (within 4 sigma of 20,000 draws, 0.015 steps), round-to-nearest's is min(f, 1 - f) >= 0.1
+    steps, so a biased rounding fails."""
+    top = float(qmax(bits))  # the block's absmax: the step is exactly 1
+    blocks = torch.full((20_000 // 63, 64), 2 + fraction)
+    blocks[:, 0] = top
+    x = {"w": blocks.reshape(-1)}
+    values = blocks[:, 1:]
+    mean_error = {}
+    for rounding in (True, False):
+        s = spec(dtype="fp32", bits=bits, block=64, stochastic_rounding=rounding)
+        sent = codec.encode(x, s, seed=1234).sent["w"].view_as(blocks)[:, 1:]
+        mean_error[rounding] = float((sent - values).mean())
+    assert abs(mean_error[True]) < 0.015
+    assert abs(mean_error[False]) >= 0.099
+
+
+def test_stochastic_rounding_is_reproducible_from_its_seed() -> None:
+    d = {"a": torch.randn(40, 30), "b": torch.randn(30, 40)}
+    s = spec(bits=8, stochastic_rounding=True)
+    blobs = [codec.encode(d, s, seed=seed).blob for seed in (7, 7, 8)]
+    assert blobs[0] == blobs[1]
+    assert blobs[0] != blobs[2]
+    # Each tensor draws from its own stream: the same bytes whatever else the delta holds.
+    alone = decode(codec.encode({"a": d["a"]}, s, seed=7).blob)["a"]
+    assert torch.equal(alone, decode(blobs[0])["a"])
+
+
 @FAST
 @given(d=deltas(), top_k=stg.floats(0.01, 0.99), bits=stg.sampled_from([0, 8]))
 def test_top_k_keeps_the_largest_entries(
@@ -156,16 +294,90 @@ def test_top_k_keeps_the_largest_entries(
 
 
 @pytest.mark.parametrize(
-    ("n", "top_k", "coding"),
-    [(4096, 0.10, "m"), (4096, 0.02, "x"), (8, 0.5, "m"), (100_000, 0.001, "x")],
+    ("n", "top_k", "coding", "part_bytes"),
+    [
+        (4096, 0.10, "e", 154 + 116),  # k 410, l 3: vs a 512-byte bitmap
+        (4096, 0.30, "m", 512),  # Elias-Fano would take 564
+        (4096, 0.02, "e", 52 + 27),  # vs 328 bytes of int32 gaps
+        (8, 0.5, "m", 1),
+        (64, 0.5, "m", 8),
+        (100_000, 0.001, "e", 113 + 37),  # vs 400
+        (1 << 20, 0.0001, "e", 171 + 30),  # k 105, l 13: vs 420
+    ],
 )
-def test_positions_use_the_smaller_coding(n: int, top_k: float, coding: str) -> None:
+def test_positions_use_the_smallest_coding(
+    n: int, top_k: float, coding: str, part_bytes: int
+) -> None:
     x = {"t": torch.randn(n, generator=torch.Generator().manual_seed(n))}
     enc = codec.encode(x, spec(dtype="fp32", top_k=top_k, compression="none", error_feedback=False))
     assert read_layout(enc.blob).tensors["t"]["pos"] == coding
+    assert position_bytes(coding, n, kept_count(n, top_k)) == part_bytes
+    stored = safetensors.torch.load(enc.blob)[f"0.{coding}"]
+    assert stored.numel() * stored.element_size() == part_bytes
     out = assert_decode_is_sent(enc)
     kept = out["t"] != 0
     assert torch.equal(out["t"][kept], x["t"][kept])
+
+
+def test_the_smallest_stored_coding_wins_after_zstd() -> None:
+    """Kept entries in one run: the bitmap compresses to almost nothing, Elias-Fano does not."""
+    x = torch.zeros(4096)
+    x[1000:1410] = torch.arange(1, 411, dtype=torch.float32)
+    enc = codec.encode({"t": x}, spec(dtype="fp32", top_k=0.1, error_feedback=False))
+    assert read_layout(enc.blob).tensors["t"] == {"i": 0, "shape": [4096], "k": 410, "pos": "m",
+                                                  "z": "mv"}  # fmt: skip
+    assert torch.equal(decode(enc.blob)["t"], x)
+
+
+@FAST
+@given(n=stg.integers(1, 3000), data=stg.data())
+def test_elias_fano_round_trip(n: int, data: stg.DataObject) -> None:
+    idx = sorted(data.draw(stg.sets(stg.integers(0, n - 1), min_size=1, max_size=n)))
+    t = torch.tensor(idx, dtype=torch.int64)
+    packed = codec.elias_fano(t, n)
+    assert packed.dtype == torch.uint8
+    assert packed.numel() == sum(ef_sizes(n, len(idx)))
+    assert elias_fano_indices(packed, n, len(idx)).tolist() == idx
+
+
+EF_N, EF_K = 4096, 82
+"""The Elias-Fano tensor of these tests: top-k 2% of 4096, l 5: 52 + 27 bytes."""
+
+
+def _ef_file(edit: Callable[[bytes], bytes]) -> bytes:
+    """A legitimate Elias-Fano file with its part replaced by `edit(part)`, stored raw (the file
+    says so: compression none)."""
+    x = {"t": torch.randn(EF_N, generator=torch.Generator().manual_seed(3))}
+    raw = RawDelta.parse(codec.encode(x, spec(dtype="fp32", top_k=0.02, compression="none")).blob)
+    edited = edit(raw.parts["0.e"].data)
+    raw.parts["0.e"] = RawPart("U8", [len(edited)], edited)
+    return raw.build()
+
+
+def _high_bits(edit: HighBitsEdit) -> Callable[[bytes], bytes]:
+    return lambda data: edit_elias_fano(data, EF_N, EF_K, edit)
+
+
+EF_CASES = [
+    ("truncated", lambda p: p[:-1], r"t.e: stored as torch.uint8 \[78\], expected torch.uint8"),
+    ("oversized", lambda p: p + p[:1], r"t.e: stored as torch.uint8 \[80\], expected"),
+    ("extra index", _high_bits(ef_extra_index), "holds 83 indices"),
+    ("no indices", _high_bits(ef_no_indices), "holds 0 indices"),
+    ("padding bit", _high_bits(ef_padding_bit), r"padding bits 1\) where 82"),
+    ("past the tensor", _high_bits(ef_past_the_tensor), "sparse positions do not match"),
+    ("repeated index", _high_bits(ef_repeated_index), "not strictly increasing"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"), [c[1:] for c in EF_CASES], ids=[c[0] for c in EF_CASES]
+)
+def test_malformed_elias_fano_parts_are_refused(
+    edit: Callable[[bytes], bytes], message: str
+) -> None:
+    assert len(decode(_ef_file(lambda p: p))) == 1  # the file unedited is fine
+    with pytest.raises(DeltaFormatError, match=message):
+        decode(_ef_file(edit))
 
 
 @FAST
@@ -212,11 +424,20 @@ def test_zero_blocks_decode_to_zero() -> None:
         {"dtype": "fp32", "top_k": 0.05},
         {"dtype": "bf16", "top_k": 0.1, "bits": 8},
         {"dtype": "bf16", "top_k": 0.02, "bits": 4, "block": 32},
+        # Quantization alone (top-k 1): the residual is the rounding error, carried over.
+        {"dtype": "bf16", "bits": 8},
+        {"dtype": "bf16", "bits": 4},
+        {"dtype": "bf16", "bits": 4, "codebook": "nf4"},
+        {"dtype": "bf16", "bits": 4, "codebook": "fp4"},
+        {"dtype": "bf16", "bits": 4, "stochastic_rounding": True},
     ],
+    ids=str,
 )
 def test_error_feedback_makes_the_sum_sent_approach_the_sum_of_deltas(settings_: dict) -> None:
     """The gap between what was sent and what was learned stays bounded (it is the residual), so
-    relative to the growing sum it shrinks like 1/rounds; without feedback it does not shrink."""
+    relative to the growing sum it shrinks like 1/rounds; without feedback it shrinks no faster
+    than 1/sqrt(rounds) (independent errors), or not at all (top-k's, always the same entries).
+    """
     direction = torch.randn(40, 50, generator=torch.Generator().manual_seed(7))
 
     def relative_gaps(feedback: bool, checkpoints: tuple[int, ...]) -> list[float]:

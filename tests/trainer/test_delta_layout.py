@@ -20,8 +20,8 @@ from hypothesis import strategies as stg
 
 from fedtune_trainer.codec import encoding as codec
 from fedtune_trainer.codec import precheck
-from fedtune_trainer.codec.container import DeltaFormatError
-from fedtune_trainer.codec.decoding import decompress_bounded
+from fedtune_trainer.codec.container import DeltaFormatError, position_bytes
+from fedtune_trainer.codec.decoding import decode, decompress_bounded, read_layout
 from fedtune_trainer.wire.settings import DeltaSpec, QuantizationSpec
 from tests.trainer.hostile_support import RawDelta, RawPart, zstd_bomb
 
@@ -42,11 +42,17 @@ def adapters(draw: stg.DrawFn) -> dict[str, tuple[int, ...]]:
 
 @stg.composite
 def delta_specs(draw: stg.DrawFn) -> DeltaSpec:
+    bits = draw(stg.sampled_from([0, 4, 8]))
+    codebook = draw(stg.sampled_from(["uniform", "nf4", "fp4"])) if bits == 4 else "uniform"
+    stochastic = bits > 0 and codebook == "uniform" and draw(stg.booleans())
     return DeltaSpec(
         dtype=draw(stg.sampled_from(["fp32", "bf16", "fp16"])),
         top_k=draw(stg.sampled_from([1.0, 0.5, 0.1, 0.01, 1 / 3])),
         quantization=QuantizationSpec(
-            bits=draw(stg.sampled_from([0, 4, 8])), block_size=draw(stg.sampled_from([8, 64]))
+            bits=bits,
+            block_size=draw(stg.sampled_from([8, 64])),
+            codebook=codebook,
+            stochastic_rounding=stochastic,
         ),
         compression=draw(stg.sampled_from(["zstd", "none"])),
         error_feedback=draw(stg.booleans()),
@@ -89,14 +95,27 @@ def test_every_legitimate_delta_fits_the_bound_and_passes_the_layout_check(
 @FAST
 @given(shapes=adapters(), spec=delta_specs(), seed=stg.integers(0, 2**31 - 1))
 def test_the_bound_is_tight(shapes: dict[str, tuple[int, ...]], spec: DeltaSpec, seed: int) -> None:
-    """The bound is the uncompressed file plus header slack: a file 10x a legitimate one (or
-    even 10% larger, beyond a few hundred bytes) never fits."""
+    """The bound is the uncompressed file, with the largest position coding the format allows,
+    plus header slack: a file 10x a legitimate one (or even 10% larger, beyond a few hundred
+    bytes) never fits."""
     plain = spec.model_copy(update={"compression": "none", "error_feedback": False})
-    largest = len(codec.encode(values(shapes, seed, "randn"), plain).blob)
+    blob = codec.encode(values(shapes, seed, "randn"), plain).blob
+    # The encoder picked the smallest coding; a file with the largest allowed (the v1 one, as a
+    # client before Elias-Fano sends) is larger by the difference.
+    tensors = read_layout(blob).tensors
+    smaller_by = 0
+    for name, entry in tensors.items():
+        if "pos" in entry:
+            n, k = math.prod(shapes[name]), entry["k"]
+            largest_coding = precheck.ExpectedLayout(shapes, spec).positions(name)[0]
+            smaller_by += position_bytes(largest_coding, n, k) - position_bytes(entry["pos"], n, k)
+    largest = len(blob) + smaller_by
     bound = precheck.max_encoded_size(shapes, spec)
     assert largest <= bound
-    assert bound - largest <= 128 + 16 * len(shapes)
-    assert 10 * largest > bound
+    # (8 bytes more per tensor than before Elias-Fano: a smaller part's count and offsets in the
+    # header have fewer digits than the v1 coding's would.)
+    assert bound - largest <= 128 + 24 * len(shapes)
+    assert 10 * len(blob) > bound
 
 
 SHAPES = {"m.q.lora_A.weight": (8, 256), "m.q.lora_B.weight": (256, 8)}
@@ -189,6 +208,70 @@ def test_each_lie_in_a_header_is_caught_before_any_tensor_is_read(
     head = blob[: 8 + size]  # only the header is handed over: nothing past it could be read
     with pytest.raises(DeltaFormatError, match=reason):
         precheck.check_file_layout(head, expected, len(blob))
+
+
+SPARSE = DeltaSpec(top_k=0.1, quantization=QuantizationSpec(bits=4, codebook="nf4"))
+"""k 205 of 2048 per tensor: Elias-Fano (l 3, 77 + 58 bytes) is smaller than the bitmap (256)."""
+
+
+def _sparse_file(first_pos: str, part: RawPart | None = None, z: str = "") -> bytes:
+    """A legit SPARSE file, its first tensor's coding and positions part replaced."""
+    raw = RawDelta.parse(codec.encode(values(SHAPES, 1, "randn"), SPARSE).blob)
+    assert raw.tensor(FIRST)["pos"] == "e"
+    raw.tensor(FIRST)["pos"] = first_pos
+    raw.tensor(FIRST)["z"] = raw.tensor(FIRST).get("z", "").replace("e", "") + z
+    if part is not None:
+        del raw.parts[raw.key(FIRST, "e")]
+        raw.parts[raw.key(FIRST, first_pos)] = part
+    return raw.build()
+
+
+SPARSE_CASES: list[tuple[str, bytes, str]] = [
+    ("unknown coding", _sparse_file("q"), r"position coding 'q' is not one of m, e"),
+    ("int32 gaps where a bitmap is smaller", _sparse_file("x", RawPart("I32", [205], bytes(820))),
+     r"position coding 'x' is not one of m, e"),
+    ("coding in a dense run", b"", "is not the run's"),
+    ("truncated part", _sparse_file("e", RawPart("U8", [134], bytes(134))),
+     r"lora_A.weight.e: stored as U8 \[134\], expected U8 \[135\]"),
+    ("oversized part", _sparse_file("e", RawPart("U8", [136], bytes(136))),
+     r"lora_A.weight.e: stored as U8 \[136\], expected U8 \[135\]"),
+    ("frame no smaller than the part", _sparse_file("e", RawPart("U8", [135], bytes(135)), "e"),
+     r"lora_A.weight.e: stored as U8 \[135\], expected a U8 zstd frame under 135 bytes"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("blob", "reason"), [c[1:] for c in SPARSE_CASES], ids=[c[0] for c in SPARSE_CASES]
+)
+def test_position_codings_are_checked_on_the_header(blob: bytes, reason: str) -> None:
+    """A file may pick any coding the format allows for its k of n, never a larger one, and
+    each coding's part must be exactly its size (Elias-Fano's fixed by n and k alone)."""
+    spec = RUN if not blob else SPARSE
+    if not blob:  # a dense run's file that claims positions
+        blob = _edit(_set(["tensors", FIRST, "pos"], "e"))
+    expected = precheck.ExpectedLayout(SHAPES, spec)
+    (size,) = struct.unpack("<Q", blob[:8])
+    with pytest.raises(DeltaFormatError, match=reason):
+        precheck.check_file_layout(blob[: 8 + size], expected, len(blob))
+
+
+def test_a_legit_sparse_file_may_use_either_coding() -> None:
+    """Elias-Fano or the bitmap (what a client before Elias-Fano sends): both pass."""
+    expected = precheck.ExpectedLayout(SHAPES, SPARSE)
+    blob = codec.encode(values(SHAPES, 1, "randn"), SPARSE).blob
+    assert precheck.check_file_layout(blob, expected, len(blob)).tensors[FIRST]["pos"] == "e"
+    raw = RawDelta.parse(blob)
+    for name in SHAPES:
+        indices = torch.nonzero(decode(blob)[name].reshape(-1)).view(-1)
+        del raw.parts[raw.key(name, "e")]
+        mask = codec.pack_mask(indices, 2048)
+        raw.parts[raw.key(name, "m")] = RawPart("U8", [256], mask.numpy().tobytes())
+        raw.tensor(name).update(pos="m", z=raw.tensor(name).get("z", "").replace("e", ""))
+    legacy = raw.build()
+    assert len(legacy) <= expected.max_size()
+    precheck.check_file_layout(legacy, expected, len(legacy))
+    decoded, legacy_decoded = decode(blob), decode(legacy)
+    assert all(torch.equal(decoded[name], legacy_decoded[name]) for name in SHAPES)
 
 
 def test_duplicate_keys_and_overlapping_parts_are_refused() -> None:

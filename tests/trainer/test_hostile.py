@@ -31,12 +31,18 @@ from fedtune_trainer.codec.container import DELTA_FILE
 from fedtune_trainer.storage import store as st
 from fedtune_trainer.wire.layout import client_prefix
 from fedtune_trainer.wire.results import AggregateSummary, parse_summary
-from fedtune_trainer.wire.settings import AggregationSpec, DeltaSpec
+from fedtune_trainer.wire.settings import AggregationSpec, DeltaSpec, QuantizationSpec
 from tests.trainer.aggregation_support import random_tensors, task, write_global
 from tests.trainer.hostile_support import (
+    HighBitsEdit,
     RawDelta,
     RawPart,
     commit_blob,
+    edit_elias_fano,
+    ef_extra_index,
+    ef_padding_bit,
+    ef_past_the_tensor,
+    ef_repeated_index,
     oversized_file,
     zstd_bomb,
 )
@@ -283,6 +289,47 @@ ROWS = [
     ),
 ]
 
+SPARSE = DeltaSpec(top_k=0.01, quantization=QuantizationSpec(bits=8))
+"""A sparse run: k 1311 of 131072 per tensor, positions as Elias-Fano (1404 bytes, l 6)."""
+SPARSE_N, SPARSE_K = 131072, 1311
+
+
+def _elias_fano(edit: Callable[[bytes], bytes], pos: str = "e") -> Maker:
+    """A SPARSE delta with its first tensor's Elias-Fano part replaced by `edit(part)` (stored
+    raw, as the file says) and its coding declared `pos`."""
+
+    def make(store: st.Store, _: Path, client: str) -> None:
+        plain = SPARSE.model_copy(update={"compression": "none"})
+        raw = RawDelta.parse(encode(honest_delta(9), plain))
+        raw.document["encoding"]["compression"] = SPARSE.compression  # all else as the run's
+        key = raw.key(FIRST, "e")
+        data = edit(raw.parts[key].data)
+        raw.parts[key] = RawPart("U8", [len(data)], data)
+        raw.tensor(FIRST)["pos"] = pos
+        commit_blob(store, 1, client, raw.build())
+
+    return make
+
+
+def _high_bits(edit: HighBitsEdit) -> Callable[[bytes], bytes]:
+    return lambda data: edit_elias_fano(data, SPARSE_N, SPARSE_K, edit)
+
+
+SPARSE_ROWS = [
+    Row("ef-truncated", _elias_fano(lambda p: p[:-1]), r"lora_A.weight.e: stored as U8 \[1403\]"),
+    Row("ef-oversized", _elias_fano(lambda p: p + p), r"lora_A.weight.e: stored as U8 \[2808\]"),
+    Row("ef-extra-index", _elias_fano(_high_bits(ef_extra_index)), "holds 1312 indices"),
+    Row("ef-padding-bit", _elias_fano(_high_bits(ef_padding_bit)), r"padding bits 1\)"),
+    Row("ef-past-the-tensor", _elias_fano(_high_bits(ef_past_the_tensor)),
+        "sparse positions do not match the values"),
+    Row("ef-repeated-index", _elias_fano(_high_bits(ef_repeated_index)),
+        "not strictly increasing"),
+    Row("unknown-position-coding", _elias_fano(lambda p: p, pos="q"),
+        "position coding 'q' is not one of x, e"),
+]  # fmt: skip
+"""Sparse positions that lie, in a run of SPARSE (batch "positions")."""
+ROWS += [replace(r, batch="positions") for r in SPARSE_ROWS]
+
 STORAGE_ROWS = {
     "truncated",
     "bad-checksum",
@@ -303,13 +350,14 @@ ROWS = [
 # Running a round in a real aggregator process
 # ------------------------------------------------------------------------------------------
 
-BATCHES: dict[str, tuple[dict[str, Any], list[Row]]] = {
+BATCHES: dict[str, tuple[dict[str, Any], list[Row], DeltaSpec]] = {
     # One aggregator process per batch keeps the table under two minutes on a shared machine
     # (a process costs seconds to import torch and render the report); each row is its own
     # client of the round and is checked on its own.
-    "storage-and-manifest": ({}, [r for r in ROWS if r.batch == "storage"]),
-    "layout-and-decoding": ({}, [r for r in ROWS if r.batch == "layout"]),
-    "max-delta-norm": ({"max_delta_norm": 100.0}, [r for r in ROWS if r.batch == "norm"]),
+    "storage-and-manifest": ({}, [r for r in ROWS if r.batch == "storage"], SPEC),
+    "layout-and-decoding": ({}, [r for r in ROWS if r.batch == "layout"], SPEC),
+    "max-delta-norm": ({"max_delta_norm": 100.0}, [r for r in ROWS if r.batch == "norm"], SPEC),
+    "sparse-positions": ({}, [r for r in ROWS if r.batch == "positions"], SPARSE),
 }
 
 
@@ -323,11 +371,16 @@ class Outcome:
 
 
 def aggregate_in_subprocess(
-    store: st.FileStore, root: Path, clients: list[str], env: dict[str, str], **aggregation: Any
+    store: st.FileStore,
+    root: Path,
+    clients: list[str],
+    env: dict[str, str],
+    delta: DeltaSpec = SPEC,
+    **aggregation: Any,
 ) -> Outcome:
     """Round 1 by `fedtune-trainer aggregate` in its own process, as a Job runs it."""
     spec = AggregationSpec(**aggregation)
-    job = task(store, 1, clients, aggregation=spec, delta=SPEC, min_clients=len(HONEST))
+    job = task(store, 1, clients, aggregation=spec, delta=delta, min_clients=len(HONEST))
     termination = root / "termination-log"
     job_env = {
         **env,
@@ -348,12 +401,13 @@ def aggregate_in_subprocess(
     return Outcome(run.returncode, summary, run.stderr, run.peak_rss, seconds)
 
 
-def honest_round(root: Path) -> st.FileStore:
+def honest_round(root: Path, spec: DeltaSpec = SPEC) -> st.FileStore:
     """Global 0 and the three honest deltas, committed under `root`."""
     store = st.FileStore(root / "store")
     write_global(store, 0, random_tensors(0, shapes=SHAPES))
     for i, client in enumerate(HONEST):
-        commit_blob(store, 1, client, encode(honest_delta(i + 1)), {"samples": 10 * (i + 1)})
+        blob = encode(honest_delta(i + 1), spec)
+        commit_blob(store, 1, client, blob, {"samples": 10 * (i + 1)})
     return store
 
 
@@ -410,12 +464,12 @@ def test_hostile_deltas_are_refused_within_bounded_memory_and_the_round_succeeds
     job_env: dict[str, str],
     record_property: pytest.RecordProperty,
 ) -> None:
-    aggregation, rows = BATCHES[batch]
-    store = honest_round(tmp_path)
+    aggregation, rows, spec = BATCHES[batch]
+    store = honest_round(tmp_path, spec)
     for row in rows:
         row.make(store, tmp_path, row.name)
     clients = [*HONEST, *(r.name for r in rows)]
-    outcome = aggregate_in_subprocess(store, tmp_path, clients, job_env, **aggregation)
+    outcome = aggregate_in_subprocess(store, tmp_path, clients, job_env, spec, **aggregation)
     assert outcome.returncode == 0, outcome.stderr[-3000:]
     assert outcome.summary is not None
     record = outcome.summary.record

@@ -204,14 +204,18 @@ def _run(
     previous, residual = read_residual(store, task)
     if residual is not None:
         log(f"error feedback: residual of round {previous}")
-    encoded = codec.encode(delta, task.delta, residual)
+    # Seeds stochastic rounding (if on): reproducible per run, round and client, and apart from
+    # the training's seeds so that rounding noise never correlates with the data order.
+    seed = derive_seed(task.training.seed, "delta", task.run, task.round, task.client)
+    encoded = codec.encode(delta, task.delta, residual, seed=seed)
     _check_finite(encoded, "delta", task)
     files = {DELTA_FILE: encoded.blob}
     control: codec.Encoded | None = None
     if scaffold:
         assert drift is not None
         # No error feedback of its own: the client keeps what the server decodes (kept_control).
-        control = codec.encode(dc.control_change(drift.new_control(), own_control), task.delta)
+        change = dc.control_change(drift.new_control(), own_control)
+        control = codec.encode(change, task.delta, seed=derive_seed(seed, "control"))
         _check_finite(control, "control change", task)
         kept = dc.kept_control(own_control, control.sent)
         dc.write_control(store, task.run, task.round, kept, own_version, task.client)

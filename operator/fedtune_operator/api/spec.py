@@ -39,6 +39,7 @@ from fedtune_operator.api.schema import (
 )
 from fedtune_trainer.wire.contract import SIGNING_KEY_SECRET_KEY
 from fedtune_trainer.wire.settings import (
+    CODEBOOK_BITS,
     KRUM_ALGORITHMS,
     KRUM_CLIENTS_PER_FAULTY,
     KRUM_EXTRA_CLIENTS,
@@ -284,6 +285,10 @@ _SELECTED = (
 _BYZANTINE = "(has(self.aggregation.byzantineClients) ? self.aggregation.byzantineClients : 1)"
 _KRUM_MIN = f"({KRUM_CLIENTS_PER_FAULTY} * {_BYZANTINE} + {KRUM_EXTRA_CLIENTS})"
 """`krum_min_clients` in CEL, from the same constants."""
+_CODEBOOK = "(has(self.quantization.codebook) ? self.quantization.codebook : 'uniform')"
+_BITS = "(has(self.quantization.bits) ? self.quantization.bits : 0)"
+"""delta.quantization's codebook and bits in CEL, their defaults where unset."""
+
 _KRUM_CEL = (
     "!has(self.aggregation.algorithm) "
     f"|| !(self.aggregation.algorithm in {cel_strings(KRUM_ALGORITHMS)}) "
@@ -345,7 +350,24 @@ class FederatedFineTuneSpec(Model):
             )
         ),
     )
-    delta: DeltaSpec = Field(default_factory=DeltaSpec)
+    delta: DeltaSpec = Field(
+        default_factory=DeltaSpec,
+        json_schema_extra=k8s_extensions(
+            cel(
+                f"!has(self.quantization) || {_CODEBOOK} == 'uniform' "
+                f"|| {_BITS} == {CODEBOOK_BITS}",
+                f"codebooks other than uniform need quantization.bits {CODEBOOK_BITS}",
+                field_path=".quantization.codebook",
+            ),
+            cel(
+                "!has(self.quantization) || !has(self.quantization.stochasticRounding) "
+                f"|| !self.quantization.stochasticRounding || ({_BITS} != 0 && {_CODEBOOK} "
+                "== 'uniform')",
+                "stochasticRounding needs quantization.bits 4 or 8 and the uniform codebook",
+                field_path=".quantization.stochasticRounding",
+            ),
+        ),
+    )
     privacy: PrivacySpec = Field(
         default_factory=PrivacySpec,
         json_schema_extra=k8s_extensions(

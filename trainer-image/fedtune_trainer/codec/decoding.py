@@ -19,41 +19,76 @@ import torch
 
 from fedtune_trainer.codec.container import (
     CAST,
+    CODEBOOKS,
     FORMAT,
     MAX_HEADER,
     METADATA_KEY,
     DeltaFormatError,
+    ef_low_bits,
+    ef_sizes,
     from_bytes,
     to_bytes,
 )
 
 
+def unpack_bits(packed: torch.Tensor) -> torch.Tensor:
+    """The bits of uint8 bytes, LSB first, as one uint8 0/1 per bit."""
+    shifts = torch.arange(8, dtype=torch.uint8)
+    return ((packed.view(-1, 1) >> shifts) & 1).view(-1)
+
+
 def unpack_mask(packed: torch.Tensor, n: int) -> torch.Tensor:
     """The sorted indices set in a bitmap made by pack_mask."""
-    shifts = torch.arange(8, dtype=torch.uint8)
-    bits = (packed.view(-1, 1) >> shifts) & 1
-    return torch.nonzero(bits.view(-1)[:n], as_tuple=False).view(-1)
+    return torch.nonzero(unpack_bits(packed)[:n], as_tuple=False).view(-1)
+
+
+def elias_fano_indices(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The k indices of an Elias-Fano part made by `encoding.elias_fano`, checked: the part is
+    exactly its size, the high half has exactly k set bits and none in its padding. (Indices
+    past n or out of order are the caller's check, as for every coding.)"""
+    low_bytes, high_bytes = ef_sizes(n, k)
+    if packed.numel() != low_bytes + high_bytes:
+        raise DeltaFormatError(f"Elias-Fano part of {packed.numel()} bytes for {k} of {n}")
+    low = ef_low_bits(n, k)
+    low_bits = unpack_bits(packed[:low_bytes])[: k * low].view(k, low).to(torch.int64)
+    lows = (low_bits << torch.arange(low)).sum(dim=1)
+    high_bits = unpack_bits(packed[low_bytes:])
+    used = k + ((n - 1) >> low) + 1
+    ones = torch.nonzero(high_bits[:used], as_tuple=False).view(-1)
+    if ones.numel() != k or bool(high_bits[used:].any()):
+        raise DeltaFormatError(
+            f"Elias-Fano part holds {ones.numel()} indices (and padding bits "
+            f"{int(high_bits[used:].sum())}) where {k} were announced"
+        )
+    return ((ones - torch.arange(k)) << low) | lows
 
 
 def dequantize(
-    codes: torch.Tensor, scales: torch.Tensor, bits: int, block: int, n: int
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    block: int,
+    n: int,
+    codebook: str = "uniform",
 ) -> torch.Tensor:
     """Inverse of quantize, in fp32."""
     if bits == 4:
         if codes.numel() != math.ceil(n / 2):
             raise DeltaFormatError(f"4-bit codes: {codes.numel()} bytes for {n} values")
-        low = (codes & 0x0F).to(torch.int16) - 8
-        high = (codes >> 4).to(torch.int16) - 8
-        q = torch.stack([low, high], dim=1).view(-1)[:n]
+        nibbles = torch.stack([codes & 0x0F, codes >> 4], dim=1).view(-1)[:n].long()
+        if codebook == "uniform":
+            q = nibbles.float() - 8
+        else:  # every nibble is a code of a 16-value codebook: nothing to check
+            q = torch.tensor(CODEBOOKS[codebook], dtype=torch.float32)[nibbles]
     else:
         if codes.numel() != n:
             raise DeltaFormatError(f"8-bit codes: {codes.numel()} for {n} values")
-        q = codes.to(torch.int16)
+        q = codes.float()
     nblocks = math.ceil(n / block)
     if scales.numel() != nblocks:
         raise DeltaFormatError(f"{scales.numel()} scales for {nblocks} blocks")
     per_value = scales.float().repeat_interleave(block)[:n]
-    return q.float() * per_value
+    return q * per_value
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,7 +183,14 @@ def part_spec(
         return torch.uint8, [math.ceil(n / 8)]
     if part == "x":
         return torch.int32, [k]
+    if part == "e":
+        return torch.uint8, [sum(ef_sizes(n, k))]
     raise DeltaFormatError(f"no part {part!r} in this encoding")
+
+
+def codebook(encoding: Mapping[str, Any]) -> str:
+    """The encoding's codebook: files without one (all before codebooks) are uniform."""
+    return encoding.get("codebook", "uniform")
 
 
 def layout_from_metadata(metadata: Mapping[str, str] | None) -> Layout:
@@ -167,6 +209,8 @@ def layout_from_metadata(metadata: Mapping[str, str] | None) -> Layout:
         or not isinstance(encoding.get("block_size"), int)
         or encoding["block_size"] < 1
         or not isinstance(tensors, dict)
+        or codebook(encoding) not in ("uniform", *CODEBOOKS)
+        or (codebook(encoding) != "uniform" and encoding["bits"] != 4)
     ):
         raise DeltaFormatError("bad encoding metadata")
     return Layout(encoding=encoding, tensors=tensors)
@@ -187,7 +231,11 @@ def read_layout(blob: bytes) -> Layout:
 
 
 def decode_tensor(
-    entry: Mapping[str, Any], bits: int, block: int, read: Callable[[str], torch.Tensor]
+    entry: Mapping[str, Any],
+    bits: int,
+    block: int,
+    read: Callable[[str], torch.Tensor],
+    codebook: str = "uniform",
 ) -> torch.Tensor:
     """Rebuild one dense fp32 tensor from its layout entry and a reader of its (raw) parts."""
     shape = [int(d) for d in entry["shape"]]
@@ -196,7 +244,7 @@ def decode_tensor(
     if not 0 <= k <= n:
         raise DeltaFormatError(f"k={k} outside [0, {n}]")
     if bits:
-        values = dequantize(read("v"), read("s"), bits, block, k)
+        values = dequantize(read("v"), read("s"), bits, block, k, codebook)
     else:
         values = read("v").reshape(-1).float()
         if values.numel() != k:
@@ -210,10 +258,16 @@ def decode_tensor(
         idx = unpack_mask(read("m"), n)
     elif positions == "x":
         idx = torch.cumsum(read("x").to(torch.int64), dim=0)
+    elif positions == "e":
+        idx = elias_fano_indices(read("e"), n, k)
     else:
         raise DeltaFormatError(f"unknown positions coding {positions!r}")
     if idx.numel() != k or (k and (int(idx.min()) < 0 or int(idx.max()) >= n)):
         raise DeltaFormatError("sparse positions do not match the values")
+    # Strictly increasing, as every encoder writes them: a repeated index would let a later
+    # value silently overwrite an earlier one.
+    if k > 1 and not bool((torch.diff(idx) > 0).all()):
+        raise DeltaFormatError("sparse positions are not strictly increasing")
     out = torch.zeros(n, dtype=torch.float32)
     out[idx] = values
     return out.reshape(shape)
@@ -227,6 +281,7 @@ def decode_one(layout: Layout, name: str, get: Callable[[str], torch.Tensor]) ->
         int(enc["bits"]),
         int(enc["block_size"]),
         layout.part_reader(name, get),
+        codebook(enc),
     )
 
 

@@ -26,6 +26,7 @@ from fedtune_trainer.codec.container import (
     DeltaFormatError,
     kept_count,
     position_coding,
+    position_codings,
 )
 from fedtune_trainer.codec.decoding import Layout, part_spec
 from fedtune_trainer.codec.encoding import run_encoding
@@ -85,7 +86,8 @@ class ExpectedLayout:
         return {name: i for i, name in enumerate(sorted(self.shapes))}
 
     def entry(self, name: str) -> dict[str, Any]:
-        """The layout entry of tensor `name` (without "z", which the file chooses)."""
+        """The layout entry of tensor `name` (without "z", which the file chooses), with the
+        largest position coding it may use (the file may choose a smaller one: `positions`)."""
         shape = self.shapes[name]
         n = math.prod(shape)
         entry: dict[str, Any] = {"i": self._index[name], "shape": list(shape)}
@@ -95,23 +97,43 @@ class ExpectedLayout:
             entry["pos"] = position_coding(n, k)
         return entry
 
+    def positions(self, name: str) -> tuple[str, ...]:
+        """The position codings tensor `name` may use; none when it is sent dense."""
+        if self.spec.top_k == 1.0:
+            return ()
+        n = math.prod(self.shapes[name])
+        return position_codings(n, kept_count(n, self.spec.top_k))
+
+    def _plans(self, name: str, position: str) -> list[PartPlan]:
+        entry = self.entry(name)
+        n = math.prod(self.shapes[name])
+        k = int(entry.get("k", n))
+        scales = ["s"] if self.spec.quantization.bits else []
+        plans = []
+        for part in filter(None, ["v", *scales, position]):
+            dtype, shape = part_spec(part, n, k, self.encoding)
+            key = f"{entry['i']}.{part}"
+            plans.append(PartPlan(key, name, part, dtype, shape[0]))
+        return plans
+
     @cached_property
     def _parts(self) -> dict[str, PartPlan]:
-        out = {}
-        for name in sorted(self.shapes):
-            entry = self.entry(name)
-            n = math.prod(self.shapes[name])
-            k = int(entry.get("k", n))
-            names = ["v"] + (["s"] if self.spec.quantization.bits else []) + [entry.get("pos", "")]
-            for part in filter(None, names):
-                dtype, shape = part_spec(part, n, k, self.encoding)
-                key = f"{entry['i']}.{part}"
-                out[key] = PartPlan(key, name, part, dtype, shape[0])
-        return out
+        return {
+            plan.key: plan
+            for name in sorted(self.shapes)
+            for plan in self._plans(name, self.entry(name).get("pos", ""))
+        }
 
-    def parts(self) -> dict[str, PartPlan]:
-        """Every stored part, by key."""
-        return dict(self._parts)
+    def parts(self, positions: Mapping[str, str] | None = None) -> dict[str, PartPlan]:
+        """Every stored part, by key: with the largest position codings (what bounds a file),
+        or with those a checked layout chose (`positions`: tensor name -> coding)."""
+        if positions is None:
+            return dict(self._parts)
+        return {
+            plan.key: plan
+            for name in sorted(self.shapes)
+            for plan in self._plans(name, positions.get(name, ""))
+        }
 
     def max_body(self) -> int:
         return sum(p.nbytes for p in self.parts().values())
@@ -252,9 +274,15 @@ def check_header(header: bytes, expected: ExpectedLayout, body_size: int) -> Lay
         z = entry.get("z", "")
         if not isinstance(z, str) or (z and not zstd) or len(set(z)) != len(z):
             raise DeltaFormatError(f"{name}: bad compressed-parts list {str(z)[:20]!r}")
-        if {k: v for k, v in entry.items() if k != "z"} != want:
+        position, allowed = entry.get("pos"), expected.positions(name)
+        if allowed and position not in allowed:
+            raise DeltaFormatError(
+                f"{name}: position coding {str(position)[:8]!r} is not one of {', '.join(allowed)}"
+            )
+        chosen = {"pos": position} if allowed else {}
+        if {k: v for k, v in entry.items() if k != "z"} != {**want, **chosen}:
             raise DeltaFormatError(f"{name}: layout {json.dumps(entry)[:120]} is not the run's")
-    parts = expected.parts()
+    parts = expected.parts({name: tensors[name].get("pos", "") for name in expected.shapes})
     stored = set(doc)
     if unreferenced := sorted(stored - set(parts)):
         raise DeltaFormatError(

@@ -168,11 +168,38 @@ class DataSpec(Model):
     )
 
 
+Codebook = Literal["uniform", "nf4", "fp4"]
+"""The levels a quantized value may take, as multiples of its block's scale."""
+CODEBOOK_BITS = 4
+"""nf4 and fp4 are 16-level codebooks: they need 4-bit quantization."""
+
+
 class QuantizationSpec(Model):
     """Blockwise quantization of the delta, one scale per block."""
 
     bits: Literal[0, 4, 8] = Field(0, description="0 turns quantization off.")
     block_size: int = Field(64, ge=8, le=65536, description="Values per block, one scale each.")
+    codebook: Codebook = Field(
+        "uniform",
+        description="uniform: 2^(bits-1)-1 evenly spaced levels each side of zero. nf4 (QLoRA's "
+        "NormalFloat: the 16 quantiles of N(0,1), scaled to [-1,1]) or fp4 (the e2m1 values): "
+        "16 levels of the block's absmax, denser near zero; bits 4 only.",
+    )
+    stochastic_rounding: bool = Field(
+        False,
+        description="Round each value up or down at random, in proportion to its distance from "
+        "the two nearest levels: unbiased (the expected decoded value is the value) at up to one "
+        "step of error instead of half a step. Seeded from the run, round and client, so a rerun "
+        "sends the same bytes. Uniform codebook only.",
+    )
+
+    @model_validator(mode="after")
+    def _codebook_rules(self) -> QuantizationSpec:
+        if self.codebook != "uniform" and self.bits != CODEBOOK_BITS:
+            raise ValueError(f"codebook {self.codebook} needs bits {CODEBOOK_BITS}")
+        if self.stochastic_rounding and (self.bits == 0 or self.codebook != "uniform"):
+            raise ValueError("stochasticRounding needs bits 4 or 8 and the uniform codebook")
+        return self
 
 
 class DeltaSpec(Model):
