@@ -78,8 +78,14 @@ Elias-Fano) on their own. The rows explore what reaches 30x smaller than the fp3
 default (bf16 + zstd, about 2.6x), quantization alone (about 4x, error feedback carrying the
 rounding), then top-k at 10% and 5% (25-37x and 44x on Llama-7B shapes), the price in loss
 being top-k's. Each trained row costs 10 rounds of four clients on a CPU (about 10 minutes),
-so the set is kept small; nf4 alone (7.7x), fp4 (7.6x), 4-bit with stochastic rounding (35x at
-top-k 10%) and top-k 20% + nf4 (23x) were measured on Llama-7B shapes only (docs/benchmarks.md)."""
+so the set is kept small; SHAPE_ONLY's are measured in bytes on the Llama shapes alone."""
+SHAPE_ONLY: dict[str, DeltaSpec] = {
+    "nf4 + EF + zstd": _ef(bits=4, codebook="nf4"),
+    "top-k 20% + EF + nf4 + zstd": _ef(0.2, bits=4, codebook="nf4"),
+    "top-k 10% + EF + 4-bit SR + zstd": _ef(0.1, bits=4, stochastic_rounding=True),
+    "top-k 1% + EF + 4-bit + zstd": _ef(0.01, bits=4),
+}
+"""Encodings measured on the Llama shapes only (bytes; no training, so no loss)."""
 REFERENCE = "fp32 adapter delta"
 """What every encoding's loss cost is measured against: the lossless delta, at the same round."""
 REPORT_ENCODING = "top-k 10% + EF + 8-bit + zstd"
@@ -292,9 +298,7 @@ def shape_rows(shape: LlamaShape, rank: int, seed: int = 0) -> list[dict[str, An
         _row(label, "full model bf16", count * 2, full, None),
     ]
     reference = None
-    for config, spec in ENCODINGS.items():
-        if "no EF" in config:
-            continue  # one round's bytes do not depend on error feedback
+    for config, spec in (ENCODINGS | SHAPE_ONLY).items():
         size = codec.encode(delta, spec).encoded_bytes
         reference = reference or (size if config == REFERENCE else None)
         row = _row(label, config, size, full, None)
