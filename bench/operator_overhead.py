@@ -429,7 +429,7 @@ def measure(
         }
 
     assert sampler is not None
-    share = "of which the operator's own: the event that woke the run -> its writes done"
+    share = "the operator's own: first event its reconcile served -> its writes done"
     return [
         timing("(a) last client Job complete -> aggregator Job created, 1 run", single[0]),
         timing(f"(a) {share}, 1 run", single_share[0]),
@@ -499,8 +499,10 @@ def run(sizes: Sizes, work: Path, out: Path) -> Result:
             "operator's reconcile and its create reaching the watch; pods are local processes, "
             "so pod start is not in them.",
             "The operator's own share is what its log says of the reconcile that created each "
-            "hand-off's Job: from its kopf handler for the event that woke the run to its "
-            "writes done (waiting for the run's previous reconcile included).",
+            "hand-off's Job: from its kopf handler for the first event that reconcile served to "
+            "its writes done (waiting for the run's previous reconcile included). That event "
+            "can be an earlier one than the hand-off's (another client's completion that "
+            "waited for a reconcile in flight), so the share can exceed the hand-off itself.",
             f"MiB of the operator process; memory is sampled every 0.2 s while {load_label(sizes)}"
             " are in flight.",
         ],
