@@ -7,26 +7,41 @@ it holds no memory: a restarted operator resumes every run from its status and J
 that raises is retried with exponential backoff (up to MAX_BACKOFF_SECONDS), not at every resync.
 
 The run's Jobs come from a kopf index over the Job watch the operator keeps anyway (no list call
-per reconcile); pods are read only for the Jobs that just finished, whose termination messages
-hold the results the status does not have yet.
+per reconcile), read after the run itself so that they are as recent as it; pods are read only
+for the Jobs that just finished, whose termination messages hold the results the status does not
+have yet. Only a Job change the engine can see (compact_job: conditions, suspension, deletion)
+wakes its run: the Job controller's other status updates (active, ready, start time) would each
+cost a reconcile, a read of the run, for nothing.
 
 The order of a reconcile is fixed: decide; when the decision creates pods, apply the run's
 NetworkPolicy and record what that came to (network_policy.settle: a policy of its name that the
 run does not own holds those Jobs back); write the status (guarded by resourceVersion; on a
 conflict, re-read and decide again), then create or delete Jobs, then post events. A status that
 says round r therefore always exists before round r's Jobs, and an event never announces what was
-not recorded.
+not recorded. The Jobs one decision creates are created at once, each in its own request: they
+do not depend on each other, and one after another they made a round's hand-off as slow as its
+number of clients.
+
+The Kubernetes client is synchronous: its calls run in a thread pool of the shell's own, sized
+for many runs handing off rounds at once (kube.API_CONCURRENCY), never on the event loop. A
+reconcile that creates Jobs logs how long after the event that woke the run its writes were done
+(`created Jobs ... s after the event that woke the run`), and fedtune_handoff_seconds counts it:
+the operator's own share of a round's hand-off, which the `operator` benchmark reports.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import datetime as dt
+import functools
 import logging
 import os
-from collections.abc import Mapping
-from typing import Any, Literal
+import time
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal, ParamSpec, TypeVar
 
 import kopf
 from kubernetes.client.rest import ApiException
@@ -39,7 +54,7 @@ from fedtune_operator.api import (
     FederatedFineTuneSpec,
     FederatedFineTuneStatus,
 )
-from fedtune_operator.kube import Conflict, Kube, NamespaceTerminating, NotOwned
+from fedtune_operator.kube import API_CONCURRENCY, Conflict, Kube, NamespaceTerminating, NotOwned
 from fedtune_operator.observe import (
     compact_job,
     failure_message,
@@ -58,12 +73,23 @@ ANNOTATION_PREFIX = GROUP
 
 _kube: Kube | None = None
 
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+_api_threads = ThreadPoolExecutor(API_CONCURRENCY, thread_name_prefix="fedtune-api")
+
 
 def kube() -> Kube:
     global _kube
     if _kube is None:
         _kube = Kube()
     return _kube
+
+
+async def _io(fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+    """asyncio.to_thread on the operator's own pool: the default one (cores + 4 threads) queued
+    each run's API calls behind every other run's when many hand off rounds at once."""
+    call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
+    return await asyncio.get_running_loop().run_in_executor(_api_threads, call)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,11 +130,25 @@ class Loops:
     def __init__(self) -> None:
         self.tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
         self.pokes: dict[tuple[str, str], asyncio.Event] = {}
+        self.woken: dict[tuple[str, str], float] = {}
+        """When (monotonic) the first wake-up that no reconcile has started on yet came."""
         self.jobs: Mapping[tuple[str, str], Any] = {}
         """kopf's live index of Jobs by (namespace, run), handed over by the first event."""
+        self.seen: dict[str, dict[str, Any]] = {}
+        """compact_job of every Job by uid, as its last event had it: what job_news compares."""
+
+    def job_news(self, uid: str, job: dict[str, Any] | None) -> bool:
+        """Whether a Job's event changes what the engine sees of it (None: it is gone)."""
+        if job is None:
+            return self.seen.pop(uid, None) is not None
+        if self.seen.get(uid) == job:
+            return False
+        self.seen[uid] = job
+        return True
 
     def wake(self, namespace: str, name: str) -> None:
         key = (namespace, name)
+        self.woken.setdefault(key, time.monotonic())
         self.pokes.setdefault(key, asyncio.Event()).set()
         task = self.tasks.get(key)
         if task is None or task.done():
@@ -118,6 +158,7 @@ class Loops:
         if task := self.tasks.pop((namespace, name), None):
             task.cancel()
         self.pokes.pop((namespace, name), None)
+        self.woken.pop((namespace, name), None)
 
     async def stop_all(self) -> None:
         tasks = list(self.tasks.values())
@@ -130,10 +171,16 @@ class Loops:
         namespace, name = key
         poke = self.pokes.setdefault(key, asyncio.Event())
         failures = 0
+        woken: float | None = None
         while True:
             poke.clear()
+            pending = self.woken.pop(key, None)
+            if woken is None:  # a retry (conflict, error) still serves the first try's event
+                woken = pending
             try:
-                outcome = await reconcile(namespace, name, list(self.jobs.get(key, ())))
+                outcome = await reconcile(
+                    namespace, name, lambda: list(self.jobs.get(key, ())), woken
+                )
                 failures = 0
             except asyncio.CancelledError:
                 raise
@@ -155,9 +202,11 @@ class Loops:
             if outcome == "gone":
                 self.pokes.pop(key, None)
                 self.tasks.pop(key, None)
+                self.woken.pop(key, None)
                 return
             if outcome == "again":
                 continue
+            woken = None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(poke.wait(), RESYNC_SECONDS)
 
@@ -200,9 +249,17 @@ async def run_changed(
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_RUN: kopf.PRESENT})
 async def job_changed(
-    labels: kopf.Labels, namespace: str | None, run_jobs: kopf.Index, **_: Any
+    labels: kopf.Labels,
+    namespace: str | None,
+    uid: str,
+    type: str | None,
+    body: kopf.Body,
+    run_jobs: kopf.Index,
+    **_: Any,
 ) -> None:
     loops.jobs = run_jobs
+    if not loops.job_news(uid, None if type == "DELETED" else compact_job(body)):
+        return
     run = labels.get(LABEL_RUN)
     if namespace and run and (namespace, run) in loops.tasks:
         loops.wake(namespace, run)
@@ -220,12 +277,22 @@ def _status_json(status: FederatedFineTuneStatus) -> dict[str, Any]:
 Outcome = Literal["wait", "again", "gone"]
 
 
-async def reconcile(namespace: str, name: str, jobs: list[dict[str, Any]]) -> Outcome:
-    """One observe-decide-act pass over the run and its Jobs (from the index): then wait for the
-    next wake-up, go again at once (the run changed under a status write), or stop (the run is
-    gone or going)."""
+async def reconcile(
+    namespace: str,
+    name: str,
+    read_jobs: Callable[[], list[dict[str, Any]]],
+    woken: float | None = None,
+) -> Outcome:
+    """One observe-decide-act pass over the run and its Jobs (`read_jobs`: the index, read once
+    the run is): then wait for the next wake-up, go again at once (the run changed under a status
+    write), or stop (the run is gone or going). `woken` is when (monotonic) the event it serves
+    came: a reconcile that creates Jobs logs how long after it its writes were done.
+
+    The Jobs are read after the run, not before: read before, a Job this loop created in its
+    previous pass could be missing from them while the run's read waited, and be created again
+    (a request answered 409)."""
     k = kube()
-    obj = await asyncio.to_thread(k.get_run, namespace, name)
+    obj = await _io(k.get_run, namespace, name)
     if obj is None or obj["metadata"].get("deletionTimestamp"):
         return "gone"
     meta = obj["metadata"]
@@ -240,8 +307,9 @@ async def reconcile(namespace: str, name: str, jobs: list[dict[str, Any]]) -> Ou
     if problems or spec is None:
         decided = engine.invalid_spec(status, problems, meta.get("generation", 0), now)
     else:
+        jobs = read_jobs()
         needed = jobs_needing_pods(meta["uid"], status, jobs)
-        pods = await asyncio.to_thread(k.job_pods, namespace, needed) if needed else []
+        pods = await _io(k.job_pods, namespace, needed) if needed else []
         run = decision.Run(
             name=name,
             namespace=namespace,
@@ -272,20 +340,59 @@ async def reconcile(namespace: str, name: str, jobs: list[dict[str, Any]]) -> Ou
 
     if _status_json(decided.status) != _status_json(status):
         try:
-            await asyncio.to_thread(k.write_status, obj, _status_json(decided.status))
+            await _io(k.write_status, obj, _status_json(decided.status))
         except Conflict:
             return "again"
         _count(namespace, name, decided.facts)
 
     try:
-        for action in decided.actions:
-            await asyncio.to_thread(_apply, k, obj, spec, action)
+        for batch in action_batches(decided.actions):
+            await asyncio.gather(*(_io(_apply, k, obj, spec, action) for action in batch))
     except NamespaceTerminating:
         log.info("namespace %s is being deleted: not acting on run %s", namespace, name)
         return "gone"
+    created = [a for a in decided.actions if isinstance(a, CREATES)]
+    if created and woken is not None:
+        seconds = time.monotonic() - woken
+        metrics.HANDOFF_SECONDS.observe(seconds)
+        log.info(
+            "created Jobs %s of %s/%s %.3f s after the event that woke the run",
+            ", ".join(created_job_name(name, a) for a in created),
+            namespace,
+            name,
+            seconds,
+        )
     for event in decided.events:
         kopf.event(obj, type=event.type, reason=event.reason, message=event.message)
     return "wait"
+
+
+CREATES = (decision.CreateClientJob, decision.CreateAggregateJob, decision.CreateEvaluateJob)
+
+
+def action_batches(actions: Iterable[decision.Action]) -> list[list[decision.Action]]:
+    """The actions in their order, each run of Job creations one batch applied at once (they
+    do not depend on each other), every other action a batch of its own (a deletion or a
+    suspension may be what a later action waits for)."""
+    batches: list[list[decision.Action]] = []
+    for action in actions:
+        if batches and isinstance(action, CREATES) and isinstance(batches[-1][-1], CREATES):
+            batches[-1].append(action)
+        else:
+            batches.append([action])
+    return batches
+
+
+def created_job_name(run: str, action: decision.Action) -> str:
+    """The name of the Job a create action makes (for the log line)."""
+    match action:
+        case decision.CreateClientJob(round=r, client=c):
+            return objects.client_job_name(run, r, c)
+        case decision.CreateAggregateJob(round=r):
+            return objects.aggregate_job_name(run, r)
+        case decision.CreateEvaluateJob(round=r):
+            return objects.evaluate_job_name(run, r)
+    raise AssertionError(f"{action!r} creates no Job")
 
 
 async def _ensure_network_policy(
@@ -301,7 +408,7 @@ async def _ensure_network_policy(
         run=meta["name"], namespace=meta["namespace"], uid=meta["uid"], spec=spec
     )
     try:
-        await asyncio.to_thread(k.apply_network_policy, manifest)
+        await _io(k.apply_network_policy, manifest)
     except ApiException as e:
         kopf.warn(
             obj,
@@ -404,14 +511,14 @@ async def cleanup_storage(name: str, namespace: str, uid: str, body: kopf.Body, 
         return
     k = kube()
     job_name = objects.cleanup_job_name(name)
-    job = await asyncio.to_thread(k.job_state, namespace, job_name)
+    job = await _io(k.job_state, namespace, job_name)
     if job is None:
         manifest = manifests.cleanup_job(run=name, namespace=namespace, uid=uid, spec=spec)
         try:
             # Normally in place since the run's first Job; a run that never started has none.
             if spec.network_policy.enabled:
                 await _ensure_network_policy(k, body, spec)
-            await asyncio.to_thread(k.create_job, manifest)
+            await _io(k.create_job, manifest)
         except NotOwned as e:
             # No Job runs without the run's own policy, and none ever will: leave it in place.
             message = f"{e}: no cleanup Job runs unconfined; {spec.storage.uri} is left in place"
@@ -434,7 +541,7 @@ async def cleanup_storage(name: str, namespace: str, uid: str, body: kopf.Body, 
         if cond.get("type") == "Failed":
             # The trainer's reason: a refusal (exit 2: not this run's marker, a whole bucket)
             # or what failed; either way nothing more is tried.
-            pods = await asyncio.to_thread(k.job_pods, namespace, [job_name])
+            pods = await _io(k.job_pods, namespace, [job_name])
             why = failure_message(cond, pods, limit=800)
             kopf.warn(
                 body,

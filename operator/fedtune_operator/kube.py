@@ -2,6 +2,10 @@
 
 Everything here is a thin verb over the API: no decisions. Creating what exists and deleting what
 is gone both count as success, which makes every action safe to repeat.
+
+Verbs whose answer is not read ask for it unparsed (`_preload_content=False`): turning a Job into
+the client's model classes costs milliseconds of CPU under the GIL, which every other request of
+the operator, and its event loop, would wait for.
 """
 
 from __future__ import annotations
@@ -49,12 +53,28 @@ def _patch_test_failed(e: ApiException) -> bool:
     return not details.get("kind") and not details.get("causes")
 
 
+API_CONCURRENCY = 32
+"""Requests the operator has in flight at most: the threads the shell runs these verbs in, and
+the connections kept to the API server. With many runs handing off rounds at once, fewer threads
+queue one run's requests behind every other run's (the default executor has cores + 4)."""
+
+
+def _drain(response: Any) -> None:
+    """Read an unparsed answer to its end: only then does urllib3 give its connection back to
+    the pool (an answer left unread would hold its connection, and the next request open one)."""
+    response.drain_conn()
+    response.release_conn()
+
+
 def api_client() -> client.ApiClient:
     try:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
-    return client.ApiClient()
+    configuration = client.Configuration.get_default_copy()
+    # One connection per thread: urllib3 would otherwise open and drop one per extra request.
+    configuration.connection_pool_maxsize = API_CONCURRENCY
+    return client.ApiClient(configuration)
 
 
 class Kube:
@@ -112,7 +132,11 @@ class Kube:
     def create_job(self, manifest: dict[str, Any]) -> bool:
         """True when created, False when it existed already."""
         try:
-            self.batch.create_namespaced_job(manifest["metadata"]["namespace"], manifest)
+            _drain(
+                self.batch.create_namespaced_job(
+                    manifest["metadata"]["namespace"], manifest, _preload_content=False
+                )
+            )
         except ApiException as e:
             if e.status == 409:
                 return False
@@ -122,8 +146,13 @@ class Kube:
         return True
 
     def apply_network_policy(self, manifest: dict[str, Any]) -> None:
-        """Create the NetworkPolicy, or bring the run's existing one to the manifest (a run's
-        storage endpoint or its spec.networkPolicy may change): create, then patch on 409.
+        """Bring the run's NetworkPolicy to the manifest (a run's storage endpoint or its
+        spec.networkPolicy may change), or create it: patch, then create on 404 (and patch again
+        should a create race with someone else's).
+
+        Patch first because the policy exists from the run's first Job on, and it is applied
+        again before every Job: one request where create-then-patch took two, on the path from
+        a finished Job to the next one.
 
         Only a policy the run owns is patched: the patch is a JSON patch whose first operation
         tests that the policy's (first) owner reference is the manifest's, so the API server
@@ -132,13 +161,28 @@ class Kube:
         request, no read in between to race with, and the RBAC stays create and patch."""
         meta = manifest["metadata"]
         try:
-            self.networking.create_namespaced_network_policy(meta["namespace"], manifest)
+            self._patch_network_policy(manifest)
+            return
+        except ApiException as e:
+            if e.status != 404:
+                raise
+        try:
+            _drain(
+                self.networking.create_namespaced_network_policy(
+                    meta["namespace"], manifest, _preload_content=False
+                )
+            )
             return
         except ApiException as e:
             if _terminating(e):
                 raise NamespaceTerminating(meta["namespace"]) from None
             if e.status != 409:
                 raise
+        self._patch_network_policy(manifest)
+
+    def _patch_network_policy(self, manifest: dict[str, Any]) -> None:
+        """The owner-tested JSON patch of apply_network_policy (NotOwned when the test fails)."""
+        meta = manifest["metadata"]
         (owner,) = meta["ownerReferences"]
         patch = [
             {"op": "test", "path": "/metadata/ownerReferences/0/uid", "value": owner["uid"]},
@@ -147,8 +191,14 @@ class Kube:
             {"op": "add", "path": "/spec", "value": manifest["spec"]},
         ]
         try:
-            self.networking.patch_namespaced_network_policy(
-                meta["name"], meta["namespace"], patch, _content_type="application/json-patch+json"
+            _drain(
+                self.networking.patch_namespaced_network_policy(
+                    meta["name"],
+                    meta["namespace"],
+                    patch,
+                    _content_type="application/json-patch+json",
+                    _preload_content=False,
+                )
             )
         except ApiException as e:
             if _patch_test_failed(e):
@@ -169,7 +219,11 @@ class Kube:
         """
         meta = manifest["metadata"]
         try:
-            self.core.create_namespaced_persistent_volume_claim(meta["namespace"], manifest)
+            _drain(
+                self.core.create_namespaced_persistent_volume_claim(
+                    meta["namespace"], manifest, _preload_content=False
+                )
+            )
         except ApiException as e:
             if _terminating(e):
                 raise NamespaceTerminating(meta["namespace"]) from None
@@ -204,14 +258,22 @@ class Kube:
     def delete_job(self, namespace: str, name: str) -> None:
         try:
             # Background propagation: without it the Job's pods would be orphaned.
-            self.batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
+            _drain(
+                self.batch.delete_namespaced_job(
+                    name, namespace, propagation_policy="Background", _preload_content=False
+                )
+            )
         except ApiException as e:
             if e.status != 404:
                 raise
 
     def suspend_job(self, namespace: str, name: str, suspend: bool) -> None:
         try:
-            self.batch.patch_namespaced_job(name, namespace, {"spec": {"suspend": suspend}})
+            _drain(
+                self.batch.patch_namespaced_job(
+                    name, namespace, {"spec": {"suspend": suspend}}, _preload_content=False
+                )
+            )
         except ApiException as e:
             if e.status != 404:
                 raise

@@ -78,7 +78,7 @@ class FakeKube:
 
 def reconcile(monkeypatch: pytest.MonkeyPatch, fake: FakeKube) -> str:
     monkeypatch.setattr(handlers, "_kube", fake)
-    return asyncio.run(handlers.reconcile("ns", "demo", []))
+    return asyncio.run(handlers.reconcile("ns", "demo", lambda: []))
 
 
 @pytest.mark.parametrize(
@@ -404,7 +404,7 @@ def test_a_run_whose_policy_name_is_taken_waits_with_a_condition(
     )
     before = get_json(devcluster, "networkpolicy", "db-pods", "-n", api_namespace)
 
-    assert asyncio.run(handlers.reconcile(api_namespace, "db", [])) == "wait"
+    assert asyncio.run(handlers.reconcile(api_namespace, "db", lambda: [])) == "wait"
     assert k.jobs == []
     status = get_json(devcluster, "fft", "db", "-n", api_namespace)["status"]
     ready = conditions(status)["NetworkPolicyReady"]
@@ -416,7 +416,7 @@ def test_a_run_whose_policy_name_is_taken_waits_with_a_condition(
     assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
 
     devcluster.kubectl("delete", "networkpolicy", "db-pods", "-n", api_namespace, "--wait=true")
-    assert asyncio.run(handlers.reconcile(api_namespace, "db", [])) == "wait"
+    assert asyncio.run(handlers.reconcile(api_namespace, "db", lambda: [])) == "wait"
     assert k.jobs == ["db-r0-aggregate"]
     status = get_json(devcluster, "fft", "db", "-n", api_namespace)["status"]
     assert conditions(status)["NetworkPolicyReady"]["status"] == "True"
