@@ -1,10 +1,10 @@
 """The kopf shell: observe, decide (engine.decide), act; nothing else.
 
-Each FederatedFineTune gets one reconcile loop (`Loops`), which runs whenever something about the
-run changes (its own watch events and its Jobs' wake it) and at least every RESYNC_SECONDS (which
-is what makes round timeouts fire). One loop per run serialises its reconciles without locks, and
-it holds no memory: a restarted operator resumes every run from its status and Jobs. A reconcile
-that raises is retried with exponential backoff (up to MAX_BACKOFF_SECONDS), not at every resync.
+Each FederatedFineTune gets one reconcile loop (loops.py), which runs whenever something about
+the run changes (its own watch events and its Jobs' wake it) and at least every RESYNC_SECONDS
+(which is what makes round timeouts fire). One loop per run serialises its reconciles without
+locks, and it holds no memory: a restarted operator resumes every run from its status and Jobs.
+A reconcile that raises is retried with exponential backoff, not at every resync.
 
 The run's Jobs come from a kopf index over the Job watch the operator keeps anyway (no list call
 per reconcile), read after the run itself so that they are as recent as it; pods are read only
@@ -32,16 +32,11 @@ the operator's own share of a round's hand-off, which the `operator` benchmark r
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import contextvars
 import datetime as dt
-import functools
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal, ParamSpec, TypeVar
+from typing import Any
 
 import kopf
 from kubernetes.client.rest import ApiException
@@ -54,7 +49,8 @@ from fedtune_operator.api import (
     FederatedFineTuneSpec,
     FederatedFineTuneStatus,
 )
-from fedtune_operator.kube import API_CONCURRENCY, Conflict, Kube, NamespaceTerminating, NotOwned
+from fedtune_operator.kube import Conflict, Kube, NamespaceTerminating, NotOwned
+from fedtune_operator.loops import Loops, Outcome, in_thread
 from fedtune_operator.observe import (
     compact_job,
     failure_message,
@@ -66,16 +62,10 @@ from fedtune_trainer.wire.contract import FINALIZER, LABEL_RUN
 
 log = logging.getLogger("fedtune.operator")
 
-RESYNC_SECONDS = float(os.environ.get("FEDTUNE_RESYNC_SECONDS", "15"))
-MAX_BACKOFF_SECONDS = 300.0
 ANNOTATION_PREFIX = GROUP
 """kopf keeps its own state (progress, last-handled configuration) under this prefix."""
 
 _kube: Kube | None = None
-
-_P = ParamSpec("_P")
-_T = TypeVar("_T")
-_api_threads = ThreadPoolExecutor(API_CONCURRENCY, thread_name_prefix="fedtune-api")
 
 
 def kube() -> Kube:
@@ -83,13 +73,6 @@ def kube() -> Kube:
     if _kube is None:
         _kube = Kube()
     return _kube
-
-
-async def _io(fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
-    """asyncio.to_thread on the operator's own pool: the default one (cores + 4 threads) queued
-    each run's API calls behind every other run's when many hand off rounds at once."""
-    call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
-    return await asyncio.get_running_loop().run_in_executor(_api_threads, call)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,105 +101,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-class Loops:
-    """One reconcile loop per run, owned here rather than by kopf.
-
-    A kopf daemon would do the same, but kopf puts a finalizer on every object that has a
-    daemon; the operator keeps finalizers for storage cleanup only. Watch events (the run's own,
-    and its Jobs') start a run's loop when it has none and wake it; the initial listing after a
-    restart starts one for every existing run, which is how a restarted operator resumes.
-    """
-
-    def __init__(self) -> None:
-        self.tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
-        self.pokes: dict[tuple[str, str], asyncio.Event] = {}
-        self.woken: dict[tuple[str, str], float] = {}
-        """When (monotonic) the first wake-up that no reconcile has started on yet came."""
-        self.jobs: Mapping[tuple[str, str], Any] = {}
-        """kopf's live index of Jobs by (namespace, run), handed over by the first event."""
-        self.seen: dict[str, dict[str, Any]] = {}
-        """compact_job of every Job by uid, as its last event had it: what job_news compares."""
-
-    def job_news(self, uid: str, job: dict[str, Any] | None) -> bool:
-        """Whether a Job's event changes what the engine sees of it (None: it is gone)."""
-        if job is None:
-            return self.seen.pop(uid, None) is not None
-        if self.seen.get(uid) == job:
-            return False
-        self.seen[uid] = job
-        return True
-
-    def wake(self, namespace: str, name: str) -> None:
-        key = (namespace, name)
-        self.woken.setdefault(key, time.monotonic())
-        self.pokes.setdefault(key, asyncio.Event()).set()
-        task = self.tasks.get(key)
-        if task is None or task.done():
-            self.tasks[key] = asyncio.create_task(self._loop(key), name=f"reconcile {key}")
-
-    def stop(self, namespace: str, name: str) -> None:
-        if task := self.tasks.pop((namespace, name), None):
-            task.cancel()
-        self.pokes.pop((namespace, name), None)
-        self.woken.pop((namespace, name), None)
-
-    async def stop_all(self) -> None:
-        tasks = list(self.tasks.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self.tasks.clear()
-
-    async def _loop(self, key: tuple[str, str]) -> None:
-        namespace, name = key
-        poke = self.pokes.setdefault(key, asyncio.Event())
-        failures = 0
-        woken: float | None = None
-        while True:
-            poke.clear()
-            pending = self.woken.pop(key, None)
-            if woken is None:  # a retry (conflict, error) still serves the first try's event
-                woken = pending
-            try:
-                outcome = await reconcile(
-                    namespace, name, lambda: list(self.jobs.get(key, ())), woken
-                )
-                failures = 0
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                failures += 1
-                delay = backoff_seconds(failures)
-                metrics.RECONCILE_ERRORS.inc()
-                log.exception(
-                    "reconcile of %s/%s failed (%d in a row); retrying in %.0fs",
-                    namespace,
-                    name,
-                    failures,
-                    delay,
-                )
-                # Wake-ups do not cut a backoff short: a failing API or a bug would otherwise be
-                # hammered at the rate the run's Jobs change.
-                await asyncio.sleep(delay)
-                continue
-            if outcome == "gone":
-                self.pokes.pop(key, None)
-                self.tasks.pop(key, None)
-                self.woken.pop(key, None)
-                return
-            if outcome == "again":
-                continue
-            woken = None
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(poke.wait(), RESYNC_SECONDS)
-
-
-def backoff_seconds(failures: int) -> float:
-    """1, 2, 4, ... seconds after 1, 2, 3, ... failures in a row, at most MAX_BACKOFF_SECONDS."""
-    return min(MAX_BACKOFF_SECONDS, 2.0 ** min(failures - 1, 16))
-
-
-loops = Loops()
+loops = Loops(lambda *args: reconcile(*args))
 
 
 @kopf.index("batch", "v1", "jobs", labels={LABEL_RUN: kopf.PRESENT})
@@ -274,9 +159,6 @@ def _status_json(status: FederatedFineTuneStatus) -> dict[str, Any]:
     return status.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
-Outcome = Literal["wait", "again", "gone"]
-
-
 async def reconcile(
     namespace: str,
     name: str,
@@ -292,7 +174,7 @@ async def reconcile(
     previous pass could be missing from them while the run's read waited, and be created again
     (a request answered 409)."""
     k = kube()
-    obj = await _io(k.get_run, namespace, name)
+    obj = await in_thread(k.get_run, namespace, name)
     if obj is None or obj["metadata"].get("deletionTimestamp"):
         return "gone"
     meta = obj["metadata"]
@@ -309,7 +191,7 @@ async def reconcile(
     else:
         jobs = read_jobs()
         needed = jobs_needing_pods(meta["uid"], status, jobs)
-        pods = await _io(k.job_pods, namespace, needed) if needed else []
+        pods = await in_thread(k.job_pods, namespace, needed) if needed else []
         run = decision.Run(
             name=name,
             namespace=namespace,
@@ -340,14 +222,14 @@ async def reconcile(
 
     if _status_json(decided.status) != _status_json(status):
         try:
-            await _io(k.write_status, obj, _status_json(decided.status))
+            await in_thread(k.write_status, obj, _status_json(decided.status))
         except Conflict:
             return "again"
         _count(namespace, name, decided.facts)
 
     try:
         for batch in action_batches(decided.actions):
-            await asyncio.gather(*(_io(_apply, k, obj, spec, action) for action in batch))
+            await asyncio.gather(*(in_thread(_apply, k, obj, spec, action) for action in batch))
     except NamespaceTerminating:
         log.info("namespace %s is being deleted: not acting on run %s", namespace, name)
         return "gone"
@@ -408,7 +290,7 @@ async def _ensure_network_policy(
         run=meta["name"], namespace=meta["namespace"], uid=meta["uid"], spec=spec
     )
     try:
-        await _io(k.apply_network_policy, manifest)
+        await in_thread(k.apply_network_policy, manifest)
     except ApiException as e:
         kopf.warn(
             obj,
@@ -511,14 +393,14 @@ async def cleanup_storage(name: str, namespace: str, uid: str, body: kopf.Body, 
         return
     k = kube()
     job_name = objects.cleanup_job_name(name)
-    job = await _io(k.job_state, namespace, job_name)
+    job = await in_thread(k.job_state, namespace, job_name)
     if job is None:
         manifest = manifests.cleanup_job(run=name, namespace=namespace, uid=uid, spec=spec)
         try:
             # Normally in place since the run's first Job; a run that never started has none.
             if spec.network_policy.enabled:
                 await _ensure_network_policy(k, body, spec)
-            await _io(k.create_job, manifest)
+            await in_thread(k.create_job, manifest)
         except NotOwned as e:
             # No Job runs without the run's own policy, and none ever will: leave it in place.
             message = f"{e}: no cleanup Job runs unconfined; {spec.storage.uri} is left in place"
@@ -541,7 +423,7 @@ async def cleanup_storage(name: str, namespace: str, uid: str, body: kopf.Body, 
         if cond.get("type") == "Failed":
             # The trainer's reason: a refusal (exit 2: not this run's marker, a whole bucket)
             # or what failed; either way nothing more is tried.
-            pods = await _io(k.job_pods, namespace, [job_name])
+            pods = await in_thread(k.job_pods, namespace, [job_name])
             why = failure_message(cond, pods, limit=800)
             kopf.warn(
                 body,

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from bench.operator_overhead import HANDOFF_LINE, JobTimes, operator_shares
-from fedtune_operator import decision, handlers
+from fedtune_operator import decision, handlers, loops
 from fedtune_operator.observe import compact_job
 from fedtune_operator.validation import parse_spec
 from tests.operator.test_network_policy_apply import SPEC
@@ -53,13 +53,13 @@ def test_only_job_changes_the_engine_sees_wake_the_run() -> None:
         ("deleted", None, True),
         ("deleted again", None, False),
     ]
-    loops = handlers.Loops()
+    run_loops = loops.Loops(handlers.reconcile)
     seen = [
-        (what, loops.job_news("job-1", None if body is None else compact_job(body)))
+        (what, run_loops.job_news("job-1", None if body is None else compact_job(body)))
         for what, body, _ in steps
     ]
     assert seen == [(what, wakes) for what, _, wakes in steps]
-    assert loops.seen == {}
+    assert run_loops.seen == {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,7 +131,7 @@ async def act(fake: FakeKube, actions: list[decision.Action]) -> None:
         {**SPEC, "clients": [{"name": c, "dataUri": f"s3://data/{c}.jsonl"} for c in "ab"]}
     )
     for batch in handlers.action_batches(actions):
-        await asyncio.gather(*(handlers._io(handlers._apply, fake, RUN, spec, a) for a in batch))  # type: ignore[arg-type]
+        await asyncio.gather(*(loops.in_thread(handlers._apply, fake, RUN, spec, a) for a in batch))  # type: ignore[arg-type]
 
 
 def test_the_jobs_of_one_decision_are_created_at_once_after_what_comes_before() -> None:
