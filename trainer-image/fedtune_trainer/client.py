@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from fedtune_trainer.adapter import exact, lora
+from fedtune_trainer.aggregation.privacy import privatise_at_client
 from fedtune_trainer.codec import encoding as codec
 from fedtune_trainer.codec.container import DELTA_FILE
 from fedtune_trainer.learning import drift as dc
@@ -201,6 +202,12 @@ def _run(
 
     names = lora.trainable_names(list(global_tensors), task.adapter)
     delta = codec.compute_delta(lora.adapter_tensors(model), global_tensors, names)
+    if task.local_privacy is not None:
+        norm = privatise_at_client(delta, task.local_privacy)
+        log(
+            f"local privacy: delta norm {norm:.4g} clipped to {task.local_privacy.clip_norm:g}, "
+            f"noise multiplier {task.local_privacy.noise_multiplier:g}"
+        )
     previous, residual = read_residual(store, task)
     if residual is not None:
         log(f"error feedback: residual of round {previous}")

@@ -25,6 +25,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 DOMAIN = b"fedtune.manifest-signature/v1\x00"
 """Prefixed to what is signed, so that a fedtune signature means nothing anywhere else."""
+TASK_DOMAIN = b"fedtune.task-signature/v1\x00"
+"""The run's signatures of remote tasks (storage/tasks.py): another domain, so that a manifest
+signature can never pass for a task's, whoever holds both keys."""
 PUBLIC_PREFIX = "ed25519:"
 
 
@@ -70,20 +73,23 @@ def load_public(text: str) -> Ed25519PublicKey:
         raise SignatureError(f"not an Ed25519 public key: {e}") from e
 
 
-def signer(key: Ed25519PrivateKey) -> Callable[[bytes], bytes]:
-    """What the commit protocol calls with a manifest's bytes to get their signature."""
-    return lambda manifest: key.sign(DOMAIN + manifest)
+def signer(key: Ed25519PrivateKey, domain: bytes = DOMAIN) -> Callable[[bytes], bytes]:
+    """What the commit protocol calls with a manifest's bytes to get their signature (with
+    TASK_DOMAIN: what the run signs a remote task with)."""
+    return lambda document: key.sign(domain + document)
 
 
-def verifier(public: str) -> Callable[[bytes, bytes | None], None]:
-    """What a reader calls with a manifest's bytes and its signature (None: there is none)."""
+def verifier(public: str, domain: bytes = DOMAIN) -> Callable[[bytes, bytes | None], None]:
+    """What a reader calls with a manifest's (or, with TASK_DOMAIN, a task's) bytes and its
+    signature (None: there is none)."""
     key = load_public(public)
+    what = "task" if domain == TASK_DOMAIN else "manifest"
 
-    def verify(manifest: bytes, signature: bytes | None) -> None:
+    def verify(document: bytes, signature: bytes | None) -> None:
         if signature is None:
-            raise SignatureError("unsigned: no manifest.sig, but the run pins a key for it")
+            raise SignatureError(f"unsigned: no {what} signature, but a key is pinned for it")
         try:
-            key.verify(signature, DOMAIN + manifest)
+            key.verify(signature, domain + document)
         except InvalidSignature as e:
             raise SignatureError(
                 "mis-signed: the signature does not verify with the pinned key"

@@ -54,6 +54,17 @@ class _TaskBase(Model):
     storage: StorageLocation
 
 
+class LocalPrivacy(Model):
+    """Clipping and Gaussian noise applied to a client's delta before it leaves the client (a
+    site's own guarantee, whatever the run asks of its aggregator): the delta's L2 norm is
+    clipped to clipNorm, then noise of std noiseMultiplier * clipNorm is added to every value."""
+
+    clip_norm: float = Field(gt=0, le=1e6, description="The delta's L2 norm is clipped to this.")
+    noise_multiplier: float = Field(
+        0.0, ge=0, le=100, description="Noise std in units of clipNorm; 0 clips only."
+    )
+
+
 class ClientTask(_TaskBase):
     """Train round `round` (>= 1) from the global adapter of round `round - 1`."""
 
@@ -68,6 +79,17 @@ class ClientTask(_TaskBase):
         description="Sign the commit with the private key in FEDTUNE_SIGNING_KEY (the run pins "
         "the public key, and the aggregator refuses this client's unsigned deltas).",
     )
+    local_privacy: LocalPrivacy | None = Field(
+        None,
+        description="Clip and noise the delta at the client, before encoding (a site's policy).",
+    )
+
+    @model_validator(mode="after")
+    def _local_privacy_covers_what_is_sent(self) -> ClientTask:
+        # SCAFFOLD also sends a control-variate change, which local noise would not cover.
+        if self.local_privacy is not None and self.training.drift_control == "scaffold":
+            raise ValueError("localPrivacy cannot protect SCAFFOLD's control variates: use none")
+        return self
 
 
 class AggregateTask(_TaskBase):
