@@ -25,11 +25,12 @@ from fedtune_trainer.wire.layout import client_prefix, client_state_prefix, glob
 from fedtune_trainer.wire.settings import (
     AdapterSpec,
     DeltaSpec,
+    LocalPrivacy,
     QuantizationSpec,
     StorageLocation,
     TrainingSpec,
 )
-from fedtune_trainer.wire.task import AggregateTask, CleanupTask, ClientTask, LocalPrivacy
+from fedtune_trainer.wire.task import AggregateTask, CleanupTask, ClientTask
 from tests.trainer.support import Demo, Storage
 
 # PEFT calls an API that transformers 5 deprecates; nothing a user can act on.

@@ -17,18 +17,16 @@ from fedtune_trainer.aggregation.privacy import privatise_at_client
 from fedtune_trainer.storage import signing, tasks
 from fedtune_trainer.storage import store as st
 from fedtune_trainer.wire.layout import TASK_SIGNATURE_SUFFIX, heartbeat_key, task_key
-from fedtune_trainer.wire.settings import StorageLocation, TrainingSpec
+from fedtune_trainer.wire.settings import LocalPrivacy, StorageLocation, TrainingSpec
 from fedtune_trainer.wire.site import (
     Heartbeat,
     Refusal,
     RemoteTask,
     SitePolicy,
-    SitePrivacy,
     image_allowed,
     policy_refusals,
-    site_client_task,
 )
-from fedtune_trainer.wire.task import ClientTask, LocalPrivacy
+from fedtune_trainer.wire.task import ClientTask, site_client_task
 from tests.trainer.support import Storage
 
 RUN_KEY, OTHER_KEY = signing.generate(), signing.generate()  # (private PEM, public text)
@@ -99,7 +97,7 @@ def test_a_task_outside_the_site_policy_is_refused_with_the_reason(
 
 
 def test_the_site_client_task_adds_what_never_leaves_the_site() -> None:
-    privacy = SitePrivacy(clip_norm=1.0, noise_multiplier=0.5)
+    privacy = LocalPrivacy(clip_norm=1.0, noise_multiplier=0.5)
     storage = StorageLocation(uri="s3://fed/runs/r", endpoint="https://s3.site.example")
     got = site_client_task(remote(), "s3://bank-b-private/train.jsonl", storage, privacy)
     assert isinstance(got, ClientTask)
@@ -117,7 +115,7 @@ def test_local_privacy_refuses_scaffold_whose_control_variates_it_would_not_cove
             remote(training=TrainingSpec(local_steps=2, drift_control="scaffold")),
             "file:///d.jsonl",
             StorageLocation(uri="file:///s"),
-            SitePrivacy(clip_norm=1.0),
+            LocalPrivacy(clip_norm=1.0),
         )
 
 

@@ -42,7 +42,8 @@ from fedtune_trainer.wire.layout import (
     CLIP_STATE_PREFIX,
 )
 from fedtune_trainer.wire.results import RoundRecord
-from fedtune_trainer.wire.task import AggregateTask, LocalPrivacy
+from fedtune_trainer.wire.settings import LocalPrivacy
+from fedtune_trainer.wire.task import AggregateTask
 
 
 def privatise(task: AggregateTask, update: dict[str, torch.Tensor], n_clients: int) -> None:

@@ -1,13 +1,14 @@
 """What a run and a site say to each other through storage (docs/sites.md).
 
-A site is a data owner that takes part in a run from its own cluster. The run writes each round's
-`RemoteTask` for it (signed with the run's task key, storage/tasks.py); the site answers with a
-signed commit, a `Heartbeat` now and then, or a `Refusal`. The site turns a task it accepts into
-the `ClientTask` its own client Job runs (`site_client_task`), adding what never leaves the site:
-its data URI, its storage location, and the privacy it insists on.
+A site is a data owner that takes part in a run from its own cluster. The run's relay Job
+(`RelayTask`) writes each round's `RemoteTask` for it, signed with the run's task key
+(storage/tasks.py), and waits; the site answers with a signed commit, a `Heartbeat` now and then,
+or a `Refusal`. On the site, a watch Job (`WatchTask`) waits for the task, verifies it and checks
+the site's policy (`policy_refusals`); the site's client Job (`SiteClientTask`) turns it into the
+`ClientTask` it trains (`task.site_client_task`), adding what never leaves the site: its data
+URI, its storage location and the privacy it insists on.
 
-Pure models and rules: the site's operator checks its policy with `policy_refusals` before it
-runs anything, and the tests hold each rule.
+Pure models and rules; the tests hold each one.
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ from fedtune_trainer.wire.settings import (
     ClientName,
     DataSpec,
     DeltaSpec,
+    LocalPrivacy,
     Model,
+    PublicKey,
+    RunUid,
     ShortStr,
     StorageLocation,
     TrainingSpec,
     Uri,
 )
-from fedtune_trainer.wire.task import ClientTask, LocalPrivacy, RunUid
 
 Image = Annotated[str, Field(min_length=1, max_length=512)]
 
@@ -50,10 +53,6 @@ class RemoteTask(Model):
     delta: DeltaSpec = Field(default_factory=DeltaSpec)
 
 
-class SitePrivacy(LocalPrivacy):
-    """The privacy a site insists on, applied to its delta at the site whatever the run asks."""
-
-
 class SitePolicy(Model):
     """What a site accepts of a run; a task outside it is refused, with the reason, before any
     Job of the site runs it."""
@@ -69,8 +68,9 @@ class SitePolicy(Model):
     max_local_steps: int | None = Field(
         None, ge=1, description="The most optimizer steps a round may ask of the site."
     )
-    privacy: SitePrivacy | None = Field(
-        None, description="Clipping and noise applied to every delta at the site."
+    privacy: LocalPrivacy | None = Field(
+        None,
+        description="Clipping and noise applied to every delta at the site, whatever the run asks.",
     )
     paused: bool = Field(False, description="Take no task until unpaused (the run goes on).")
 
@@ -129,21 +129,67 @@ def policy_refusals(
     return out
 
 
-def site_client_task(
-    task: RemoteTask,
-    data_uri: str,
-    storage: StorageLocation,
-    privacy: SitePrivacy | None,
-) -> ClientTask:
-    """The ClientTask the site's own client Job runs: the run's task, the site's data and
-    storage location, the site's privacy, and always signed (the run pins the site's key)."""
-    fields = task.model_dump(exclude={"kind", "run_uid", "image"})
-    return ClientTask.model_validate(
-        fields
-        | {
-            "data_uri": data_uri,
-            "storage": storage,
-            "sign": True,
-            "local_privacy": privacy,
-        }
+# --------------------------------------------------------------------------------------------
+# The Jobs of a remote client: the run's relay, the site's watch and client
+# --------------------------------------------------------------------------------------------
+
+SILENCE_SECONDS = 900
+"""How long a site may go without a heartbeat before its relay gives the round up on it."""
+
+
+class RelayTask(Model):
+    """The run's side of a remote client in one round: publish `remote` (signed with the run's
+    task key, from FEDTUNE_TASK_SIGNING_KEY), then wait for the site's signed commit, its
+    refusal, or its silence; report the commit as a client Job would (ClientSummary)."""
+
+    kind: Literal["relay"] = "relay"
+    storage: StorageLocation
+    remote: RemoteTask
+    client_key: PublicKey = Field(
+        description="The site's pinned key: only its signed commit counts."
     )
+    silence_seconds: int = Field(
+        SILENCE_SECONDS, ge=10, le=86_400, description="No heartbeat this long: the site is silent."
+    )
+
+    @property
+    def run(self) -> str:
+        return self.remote.run
+
+    @property
+    def round(self) -> int:
+        return self.remote.round
+
+    @property
+    def client(self) -> str:
+        return self.remote.client
+
+
+class WatchTask(Model):
+    """The site's wait for its next task: the first round after `after_round` whose global is not
+    yet committed; verified with the pinned `run_key`, checked against `policy`. Reports the
+    accepted task (WatchSummary), the run's end, or a refusal (written to storage as well)."""
+
+    kind: Literal["watch"] = "watch"
+    run: ShortStr
+    client: ClientName
+    storage: StorageLocation = Field(description="The run's root, as the site reaches it.")
+    run_key: PublicKey = Field(description="The run's task key, pinned in the site's resource.")
+    after_round: int = Field(0, ge=0, le=1_000_000)
+    contributed: int = Field(0, ge=0, description="Rounds the site has given the run so far.")
+    policy: SitePolicy = Field(default_factory=SitePolicy)
+
+
+class SiteClientTask(Model):
+    """The site's client Job: read the task the watch accepted (verified again, and by its
+    digest), then train it with the site's data and privacy, signed with the site's key."""
+
+    kind: Literal["site-client"] = "site-client"
+    run: ShortStr
+    round: int = Field(ge=1, le=1_000_000)
+    client: ClientName
+    storage: StorageLocation
+    run_key: PublicKey
+    task_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    data_uri: Uri
+    privacy: LocalPrivacy | None = None

@@ -27,22 +27,22 @@ from fedtune_trainer.wire.settings import (
     DataSpec,
     DeltaSpec,
     EvaluationSpec,
+    LocalPrivacy,
     Model,
     PrivacySpec,
     PublicKey,
+    RunUid,
     ShortStr,
     StorageLocation,
     TrainingSpec,
     Uri,
     lora_mode_problems,
 )
+from fedtune_trainer.wire.site import RelayTask, RemoteTask, SiteClientTask, WatchTask
 
 # --------------------------------------------------------------------------------------------
 # Tasks
 # --------------------------------------------------------------------------------------------
-
-RunUid = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9-]+$")]
-"""A Kubernetes object's metadata.uid (a UUID)."""
 
 
 class _TaskBase(Model):
@@ -52,17 +52,6 @@ class _TaskBase(Model):
     tokenizer: Uri | None = None
     adapter: AdapterSpec = Field(default_factory=AdapterSpec)
     storage: StorageLocation
-
-
-class LocalPrivacy(Model):
-    """Clipping and Gaussian noise applied to a client's delta before it leaves the client (a
-    site's own guarantee, whatever the run asks of its aggregator): the delta's L2 norm is
-    clipped to clipNorm, then noise of std noiseMultiplier * clipNorm is added to every value."""
-
-    clip_norm: float = Field(gt=0, le=1e6, description="The delta's L2 norm is clipped to this.")
-    noise_multiplier: float = Field(
-        0.0, ge=0, le=100, description="Noise std in units of clipNorm; 0 clips only."
-    )
 
 
 class ClientTask(_TaskBase):
@@ -175,7 +164,23 @@ class CleanupTask(Model):
     storage: StorageLocation
 
 
-AnyTask = ClientTask | AggregateTask | EvaluateTask | CleanupTask
+def site_client_task(
+    task: RemoteTask,
+    data_uri: str,
+    storage: StorageLocation,
+    privacy: LocalPrivacy | None,
+) -> ClientTask:
+    """The ClientTask a site's client Job trains: the run's task, the site's data and storage
+    location, the site's privacy, and always signed (the run pins the site's key)."""
+    fields = task.model_dump(exclude={"kind", "run_uid", "image"})
+    return ClientTask.model_validate(
+        fields | {"data_uri": data_uri, "storage": storage, "sign": True, "local_privacy": privacy}
+    )
+
+
+AnyTask = (
+    ClientTask | AggregateTask | EvaluateTask | CleanupTask | RelayTask | WatchTask | SiteClientTask
+)
 Task = Annotated[AnyTask, Field(discriminator="kind")]
 
 
