@@ -126,7 +126,10 @@ def start_federation(
     most of a control plane's start is waiting on its readiness."""
     for name, prefix in sites.items():
         if name == "run" or not prefix.endswith("/"):
-            raise ValueError(f"site {name!r}: not named 'run', and a prefix ending in '/'")
+            raise ValueError(
+                f"site {name!r}, prefix {prefix!r}: 'run' is the run's cluster, and a "
+                "prefix ends in '/'"
+            )
     run_cluster = Cluster(root / "run")
     started: list[Cluster] = [run_cluster]
     try:
