@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from botocore.exceptions import ClientError
 from kubernetes import client, config
 
 from devcluster.cluster import Cluster, ClusterState
@@ -44,6 +45,30 @@ def wait_for(
             detail = f"\n{diagnose()}" if diagnose else ""
             raise WaitTimeout(f"timed out after {timeout:.0f}s waiting for {what}{detail}")
         time.sleep(interval)
+
+
+def refused(call: Callable[[], Any]) -> bool:
+    """Whether the server answered 403 AccessDenied (False when the call went through); any
+    other error propagates. A transfer (upload_fileobj) wraps the ClientError, and DeleteObjects
+    reports a refused key inside a 200 answer: both count as refused."""
+    try:
+        result = call()
+    except Exception as e:
+        error: BaseException | None = e
+        while error is not None and not isinstance(error, ClientError):
+            error = error.__cause__ or error.__context__
+        if error is None:
+            raise
+        status = error.response["ResponseMetadata"]["HTTPStatusCode"]
+        code = error.response["Error"]["Code"]
+        if status == 403 and code in ("AccessDenied", "403"):  # HEAD answers have no body
+            return True
+        raise
+    if isinstance(result, dict) and result.get("Errors"):
+        codes = {e["Code"] for e in result["Errors"]}
+        assert codes == {"AccessDenied"}, result["Errors"]
+        return True
+    return False
 
 
 def make_tiny_assets(
