@@ -31,7 +31,16 @@ from typing import Any, Literal
 import kopf
 from kubernetes.client.rest import ApiException
 
-from fedtune_operator import decision, engine, manifests, metrics, network_policy, objects, volumes
+from fedtune_operator import (
+    decision,
+    engine,
+    manifests,
+    metrics,
+    network_policy,
+    objects,
+    remote,
+    volumes,
+)
 from fedtune_operator.api import (
     GROUP,
     PLURAL,
@@ -320,9 +329,10 @@ def _apply(
     ns, run, uid = meta["namespace"], meta["name"], meta["uid"]
     match action:
         case decision.CreateClientJob(round=r, attempt=a, client=c) if spec is not None:
-            _create_cache_claim(k, obj, spec, c)
+            if not remote.is_remote(spec, c):
+                _create_cache_claim(k, obj, spec, c)
             k.create_job(
-                manifests.client_job(
+                remote.job_for_client(
                     run=run, namespace=ns, uid=uid, spec=spec, round_=r, attempt=a, client=c
                 )
             )

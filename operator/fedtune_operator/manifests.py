@@ -146,8 +146,11 @@ def client_task(run: str, spec: FederatedFineTuneSpec, round_: int, client: str)
 
 
 def client_keys(spec: FederatedFineTuneSpec, clients: list[str]) -> dict[str, str]:
-    """The pinned public keys of the signing clients among `clients`."""
-    return {c.name: c.signing.public_key for c in spec.clients if c.signing and c.name in clients}
+    """The pinned public keys of the signing clients among `clients` (a site's client always
+    signs: its key is pinned by site.publicKey)."""
+    keys = {c.name: c.signing.public_key for c in spec.clients if c.signing}
+    keys |= {c.name: c.site.public_key for c in spec.clients if c.site}
+    return {name: key for name, key in keys.items() if name in clients}
 
 
 def aggregate_task(
@@ -232,7 +235,7 @@ def dump(model: Any) -> dict[str, Any] | None:
     return model.model_dump(mode="json", by_alias=True, exclude_none=True) if model else None
 
 
-def _job(
+def job_manifest(
     *,
     name: str,
     namespace: str,
@@ -378,7 +381,7 @@ def client_job(
     task = client_task(run, spec, round_, client)
     storage_creds, data_creds, data_with = client_credentials(spec, client)
     settings = merge_pod_settings(spec.template, entry)
-    return _job(
+    return job_manifest(
         name=client_job_name(run, round_, client),
         namespace=namespace,
         run=run,
@@ -412,7 +415,7 @@ def aggregate_job(
     clients: list[str],
 ) -> dict[str, Any]:
     task = aggregate_task(run, spec, round_, clients, uid, attempt)
-    return _job(
+    return job_manifest(
         name=aggregate_job_name(run, round_),
         namespace=namespace,
         run=run,
@@ -433,7 +436,7 @@ def evaluate_job(
 ) -> dict[str, Any]:
     """Evaluates global adapter `round_`; one per due round, whatever the round's attempts."""
     task = evaluate_task(run, spec, round_)
-    return _job(
+    return job_manifest(
         name=evaluate_job_name(run, round_),
         namespace=namespace,
         run=run,
@@ -458,7 +461,7 @@ def cleanup_job(
     refuses anything else). No owner reference: it must outlive the run's deletion, which waits
     on it through the finalizer; it removes itself after a minute."""
     task = CleanupTask(run=run, run_uid=uid, storage=spec.storage.location())
-    job = _job(
+    job = job_manifest(
         name=cleanup_job_name(run),
         namespace=namespace,
         run=run,

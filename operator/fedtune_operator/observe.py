@@ -23,6 +23,7 @@ from fedtune_trainer.wire.contract import (
     ROLE_AGGREGATOR,
     ROLE_CLIENT,
     ROLE_EVALUATOR,
+    ROLE_RELAY,
 )
 from fedtune_trainer.wire.results import parse_summary
 
@@ -117,6 +118,8 @@ def observe_jobs(run_uid: str, jobs: list[Obj], pods: list[Obj]) -> list[Observe
             continue
         labels = meta.get("labels") or {}
         role = labels.get(LABEL_ROLE)
+        # A site's client is relayed: to the round it is a client like any other.
+        role = ROLE_CLIENT if role == ROLE_RELAY else role
         if role not in (ROLE_CLIENT, ROLE_AGGREGATOR, ROLE_EVALUATOR):
             continue
         state, cond = job_state(job.get("status"))
