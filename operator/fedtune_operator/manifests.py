@@ -19,6 +19,7 @@ from typing import Any
 from fedtune_operator.api import (
     FederatedFineTuneSpec,
     PodSettings,
+    PodTemplate,
     Resources,
     S3Credentials,
 )
@@ -63,7 +64,7 @@ from fedtune_trainer.wire.contract import (
     client_command,
     processes_for,
 )
-from fedtune_trainer.wire.settings import AdapterSpec
+from fedtune_trainer.wire.settings import AdapterSpec, StorageLocation
 from fedtune_trainer.wire.task import AggregateTask, CleanupTask, ClientTask, EvaluateTask
 
 # ---------------------------------------------------------------------------------------------
@@ -253,15 +254,54 @@ def job_manifest(
     credentials: S3Credentials | None = None,
     data_credentials: str | None = None,
 ) -> dict[str, Any]:
-    """One Job. `credentials`: the storage identity its pods get (the run's when None);
+    """One Job of a run. `credentials`: the storage identity its pods get (the run's when None);
     `data_credentials`: for a client, what the annotation says it reads its data with."""
-    template = spec.template
+    return pod_job(
+        name=name,
+        namespace=namespace,
+        owner=owner_reference(run, uid) if uid else None,
+        template=spec.template,
+        storage=spec.storage,
+        deadline=spec.active_deadline_seconds,
+        labels=labels,
+        settings=settings,
+        command=command,
+        task_json=task_json,
+        extra_env=extra_env,
+        uris=uris,
+        backoff_limit=backoff_limit,
+        cache=cache,
+        credentials=credentials or spec.storage.credentials_secret,
+        data_credentials=data_credentials,
+    )
+
+
+def pod_job(
+    *,
+    name: str,
+    namespace: str,
+    owner: dict[str, Any] | None,
+    template: PodTemplate,
+    storage: StorageLocation,
+    deadline: int | None,
+    labels: dict[str, str],
+    settings: PodSettings,
+    command: list[str],
+    task_json: str,
+    extra_env: list[dict[str, Any]],
+    uris: tuple[str | None, ...],
+    backoff_limit: int,
+    credentials: S3Credentials | None,
+    cache: tuple[list[dict[str, Any]], ...] = ([], [], []),
+    data_credentials: str | None = None,
+    image: str | None = None,
+) -> dict[str, Any]:
+    """One Job of the operator's (a run's, or a site's): the restricted pod, the task, the
+    storage identity from a Secret, the retry policy. `image` overrides the template's."""
     all_labels = {**(template.labels or {}), **labels}
     pod_sc, container_sc = security_context()
     pvc_vols, pvc_mounts = pvc_volumes(*uris)
     cache_vols, cache_mounts, cache_env = cache
-    storage = spec.storage
-    credentials = credentials or storage.credentials_secret
     env: list[dict[str, Any]] = [
         {"name": TASK_ENV, "value": task_json},
         {"name": "HOME", "value": "/tmp/home"},
@@ -287,7 +327,7 @@ def job_manifest(
     container = drop_empty(
         {
             "name": CONTAINER,
-            "image": template.image,
+            "image": image or template.image,
             "imagePullPolicy": template.image_pull_policy,
             "command": command,
             "env": env,
@@ -328,13 +368,13 @@ def job_manifest(
                 "namespace": namespace,
                 "labels": all_labels,
                 "annotations": {**(template.annotations or {}), **who},
-                "ownerReferences": [owner_reference(run, uid)] if uid else None,
+                "ownerReferences": [owner] if owner else None,
             }
         ),
         "spec": drop_empty(
             {
                 "backoffLimit": backoff_limit,
-                "activeDeadlineSeconds": spec.active_deadline_seconds,
+                "activeDeadlineSeconds": deadline,
                 "completions": 1,
                 "parallelism": 1,
                 "podFailurePolicy": {
