@@ -222,7 +222,7 @@ class EvaluationSummary(Model):
     seconds: float = Field(0.0, ge=0)
 
 
-AnySummary = ClientSummary | AggregateSummary | EvaluationSummary
+AnySummary = ClientSummary | AggregateSummary | EvaluationSummary | WatchSummary
 Summary = Annotated[AnySummary, Field(discriminator="kind")]
 
 
