@@ -17,11 +17,13 @@ to pin in a run's spec. `cryptography` does the maths; nothing here is hand-writ
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from fedtune_trainer.wire.errors import SettingError
 
 DOMAIN = b"fedtune.manifest-signature/v1\x00"
 """Prefixed to what is signed, so that a fedtune signature means nothing anywhere else."""
@@ -77,6 +79,21 @@ def signer(key: Ed25519PrivateKey, domain: bytes = DOMAIN) -> Callable[[bytes], 
     """What the commit protocol calls with a manifest's bytes to get their signature (with
     TASK_DOMAIN: what the run signs a remote task with)."""
     return lambda document: key.sign(domain + document)
+
+
+def signer_from_env(
+    environ: Mapping[str, str], name: str, missing: str, domain: bytes = DOMAIN
+) -> Callable[[bytes], bytes]:
+    """The signer of the private key PEM in variable `name` (a client's own key, or the run's
+    task key). A missing or unusable key is a SettingError (exit 2): its Secret must change, and
+    a retry cannot fix that; `missing` says whose key it is."""
+    pem = environ.get(name, "")
+    if not pem.strip():
+        raise SettingError(missing)
+    try:
+        return signer(load_private(pem.encode()), domain)
+    except SignatureError as e:
+        raise SettingError(f"{name}: {e}") from e
 
 
 def verifier(public: str, domain: bytes = DOMAIN) -> Callable[[bytes, bytes | None], None]:

@@ -98,7 +98,12 @@ REFUSED_PREFIX: Final = "Refused: "
 SITE_PAUSED: Final = "SitePaused"
 SITE_SILENT: Final = "SiteSilent"
 SITE_LEFT: Final = "SiteLeft"
-"""A relay Job's failure reasons when the site paused, went silent or left (no retry helps)."""
+"""A relay Job's failure reasons when the site paused, went silent or left: each reason begins
+with its word, and may go on after ': ' with what the relay saw. A retry may find a silent site
+back (exit 1); a pause or a departure stands (exit 2)."""
+SITE_UNVERIFIED: Final = "SiteUnverified"
+"""A relay Job's failure when the site's commit for the round stays there without verifying
+against its pinned key (a key that differs at either end: no retry helps)."""
 NOISE_KEY_ENV: Final = "FEDTUNE_DP_NOISE_KEY"
 """The aggregator's key of its DP noise (privacy.noiseKeySecret), from a Secret only it gets."""
 NOISE_KEY_SECRET_KEY: Final = "noise.key"
