@@ -48,7 +48,7 @@ from fedtune_operator.api import (
     FederatedFineTuneSpec,
     FederatedFineTuneStatus,
 )
-from fedtune_operator.kube import Conflict, Kube, NamespaceTerminating, NotOwned
+from fedtune_operator.kube import Conflict, Kube, NamespaceTerminating, NotOwned, shared
 from fedtune_operator.observe import (
     compact_job,
     failure_message,
@@ -65,14 +65,9 @@ MAX_BACKOFF_SECONDS = 300.0
 ANNOTATION_PREFIX = GROUP
 """kopf keeps its own state (progress, last-handled configuration) under this prefix."""
 
-_kube: Kube | None = None
-
 
 def kube() -> Kube:
-    global _kube
-    if _kube is None:
-        _kube = Kube()
-    return _kube
+    return shared()
 
 
 # ---------------------------------------------------------------------------------------------

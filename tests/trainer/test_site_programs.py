@@ -25,6 +25,7 @@ from fedtune_trainer.wire.contract import (
     TASK_ENV,
     TASK_SIGNING_KEY_ENV,
     TERMINATION_LOG_ENV,
+    refused_round,
 )
 from fedtune_trainer.wire.errors import SiteError
 from fedtune_trainer.wire.layout import FINAL_PREFIX, client_prefix, global_prefix, task_key
@@ -122,7 +123,7 @@ OUTCOMES = [
     # (case, what the poll saw, alive at, unverified since, now, the outcome: None waits)
     ("a verified commit, whatever else", Seen(MANIFEST, refusal=REFUSAL), 0, None, 5e3, "done"),
     ("nothing yet", Seen(), 0, None, 900, None),
-    ("a refusal", Seen(refusal=REFUSAL), 0, None, 1, "Refused: image not allowed"),
+    ("a refusal", Seen(refusal=REFUSAL), 0, None, 1, "Refused: round 3: image not allowed"),
     ("paused since the task", Seen(heartbeat=beat("paused")), 0, None, 1, "SitePaused: "),
     ("left since the task", Seen(heartbeat=beat("left")), 0, None, 1, "SiteLeft: "),
     ("silent past the allowance", Seen(), 0, None, 900.5, "SiteSilent: "),
@@ -242,7 +243,7 @@ def test_the_relay_waits_out_a_bad_commit_while_the_site_trains_and_takes_the_go
 @pytest.mark.parametrize(
     ("note", "reason", "code"),
     [
-        (lambda s: tasks.write_refusal(s, REFUSAL), "Refused: image not allowed", 2),
+        (lambda s: tasks.write_refusal(s, REFUSAL), "Refused: round 3: image not allowed", 2),
         (lambda s: heartbeat(s, "paused"), "SitePaused: ", 2),
         (lambda s: heartbeat(s, "left"), "SiteLeft: ", 2),
     ],
@@ -405,12 +406,13 @@ def test_the_watch_refuses_a_task_and_the_relay_reads_why(
 ) -> None:
     store = storage.open()
     publish(store)
-    with pytest.raises(SiteError, match=f"^Refused: {reason}") as refused:
+    with pytest.raises(SiteError, match=f"^Refused: round 3: {reason}") as refused:
         run_watch(store, FakeClock())
     assert cli.exit_code(refused.value) == EXIT_INVALID_INPUT
     refusal = tasks.read_refusal(store, CLIENT, 3)
     assert refusal is not None
-    assert refusal.reason == refused.value.reason.removeprefix("Refused: ")
+    assert refused_round(refused.value.reason) == 3
+    assert refusal.reason == refused.value.reason.removeprefix("Refused: round 3: ")
     fake = FakeClock()
     with pytest.raises(SiteError) as relayed:
         run_relay(store, fake)
@@ -463,7 +465,7 @@ def test_the_site_client_refuses_a_task_other_than_the_one_its_watch_accepted(
     accepted = run_watch(file_store, FakeClock())
     tasks.publish_task(file_store, remote(image=IMAGE[:-1] + "b"), run_signer())  # rewritten
     task = site_client_task(file_store, accepted.task_sha256 or "", demo)
-    with pytest.raises(SiteError, match=r"^Refused: the task changed after the site accepted it"):
+    with pytest.raises(SiteError, match=r"^Refused: round 3: the task changed after the site"):
         site_client.run(task, file_store, FakeClock().clock, quiet)
     refusal = tasks.read_refusal(file_store, CLIENT, 3)
     assert refusal is not None

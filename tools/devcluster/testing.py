@@ -141,24 +141,23 @@ class DevCluster:
         return config.new_client_from_config(config_file=str(self.kubeconfig))
 
     def apply_crds(self) -> None:
-        """Apply the CRDs and wait until the API server serves them. Not `kubectl wait
+        """Apply the CRDs and wait until the API server serves each. Not `kubectl wait
         --for=condition=Established`: on a CRD whose status has no conditions yet it fails at
         once ("<nil> is of the type <nil>") instead of waiting."""
         self.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO_ROOT / "crds"))
         established = "{.status.conditions[?(@.type=='Established')].status}"
 
-        def served() -> bool:
-            # Not check=True: while the CRD has no conditions yet, the jsonpath filter fails.
-            got = self.kubectl(
-                "get",
-                "crd/federatedfinetunes.fedtune.dev",
-                "-o",
-                f"jsonpath={established}",
-                check=False,
-            )
-            return got.returncode == 0 and got.stdout.strip() == "True"
+        # crds/<group>_<plural>.yaml holds the CRD <plural>.<group>.
+        for path in sorted((REPO_ROOT / "crds").glob("*.yaml")):
+            group, plural = path.stem.split("_", 1)
+            crd = f"crd/{plural}.{group}"
 
-        wait_for(served, timeout=60, what="the FederatedFineTune CRD to be Established")
+            def served(crd: str = crd) -> bool:
+                # Not check=True: while the CRD has no conditions yet, the jsonpath filter fails.
+                got = self.kubectl("get", crd, "-o", f"jsonpath={established}", check=False)
+                return got.returncode == 0 and got.stdout.strip() == "True"
+
+            wait_for(served, timeout=60, what=f"{crd} to be Established")
 
     def logs(self, lines: int = 40) -> str:
         """The controller manager's and kubelet's warnings and every recent pod log, for a

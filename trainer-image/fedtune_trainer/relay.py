@@ -41,12 +41,12 @@ from fedtune_trainer.storage.tasks import (
     read_refusal,
 )
 from fedtune_trainer.wire.contract import (
-    REFUSED_PREFIX,
     SITE_LEFT,
     SITE_PAUSED,
     SITE_SILENT,
     SITE_UNVERIFIED,
     TASK_SIGNING_KEY_ENV,
+    refused,
 )
 from fedtune_trainer.wire.errors import SiteError
 from fedtune_trainer.wire.layout import client_prefix
@@ -92,7 +92,7 @@ def relay_outcome(
     if seen.manifest is not None:
         return seen.manifest
     if seen.refusal is not None:
-        return SiteError(REFUSED_PREFIX + seen.refusal.reason)
+        return SiteError(refused(seen.refusal.round, seen.refusal.reason))
     beat = seen.heartbeat
     if beat is not None and beat.state in ("paused", "left"):
         word = SITE_PAUSED if beat.state == "paused" else SITE_LEFT

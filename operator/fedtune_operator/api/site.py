@@ -112,17 +112,21 @@ class FederatedSiteStatus(StatusModel):
     """What the site's operator observed. `afterRound` and `watchAttempt` are its memory: the
     last round it handled, and how many watches it started after it."""
 
-    phase: SitePhase = "Pending"
-    observed_generation: int | None = None
+    phase: SitePhase = Field("Pending", description="A one-word summary for people.")
+    observed_generation: int | None = Field(None, description="metadata.generation decided on.")
     run_round: int | None = Field(None, description="The round of the run's last task seen.")
     after_round: int = Field(0, ge=0, description="The last round handled (trained or refused).")
-    watch_attempt: int = Field(0, ge=0)
-    rounds_contributed: Count = 0
-    bytes_sent: Count = 0
+    watch_attempt: int = Field(0, ge=0, description="Watches started after afterRound.")
+    rounds_contributed: Count = Field(0, description="Rounds the site trained and committed.")
+    bytes_sent: Count = Field(0, description="Bytes of the deltas it committed, in all.")
     last_heartbeat: Timestamp | None = Field(
         None, description="When a Job of the site last reported (the site's clock)."
     )
-    refusals: list[SiteRefusal] = Field(default_factory=list, max_length=REFUSALS_LIMIT)
+    refusals: list[SiteRefusal] = Field(
+        default_factory=list,
+        max_length=REFUSALS_LIMIT,
+        description="The latest rounds it did not train, and why.",
+    )
     message: Annotated[str, bounded_str(None, 1024, min_length=0)] | None = Field(
         None, description="One line on the current phase."
     )

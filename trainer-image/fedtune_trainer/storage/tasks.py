@@ -20,7 +20,7 @@ from typing import Literal, NamedTuple, TypeVar
 from pydantic import ValidationError
 
 from fedtune_trainer.storage import store as st
-from fedtune_trainer.wire.contract import REFUSED_PREFIX
+from fedtune_trainer.wire.contract import refused
 from fedtune_trainer.wire.errors import SiteError
 from fedtune_trainer.wire.layout import TASK_SIGNATURE_SUFFIX, heartbeat_key, refusal_key, task_key
 from fedtune_trainer.wire.site import Heartbeat, Refusal, RemoteTask
@@ -178,7 +178,7 @@ def refuse(store: st.Store, client: str, round_: int, reason: str, clock: Clock)
     """Write the site's refusal of `round_`, which the run's relay Job reads (so the run learns
     it at its next poll, not after the site's silence), and return the Job's own failure."""
     write_refusal(store, Refusal(client=client, round=round_, reason=reason[:1024], at=clock.now()))
-    return SiteError(REFUSED_PREFIX + reason)
+    return SiteError(refused(round_, reason))
 
 
 def keep_beating(wait: Callable[[float], bool], write: Callable[[], None], every: float) -> int:

@@ -26,6 +26,8 @@ LABEL_ROUND: Final = f"{GROUP}/round"
 LABEL_ROLE: Final = f"{GROUP}/role"
 LABEL_CLIENT: Final = f"{GROUP}/client"
 LABEL_ATTEMPT: Final = f"{GROUP}/attempt"
+LABEL_SITE: Final = f"{GROUP}/site"
+"""On a site's Jobs (in the site's cluster): the FederatedSite they belong to."""
 ANNOTATION_STORAGE_CREDENTIALS: Final = f"{GROUP}/storage-credentials"
 ANNOTATION_DATA_CREDENTIALS: Final = f"{GROUP}/data-credentials"
 """On every Job: which Secret its pods reach storage (and a client its data) with, so that
@@ -95,6 +97,23 @@ TASK_SIGNING_SECRET_KEY: Final = "task-signing.key"
 """The key in the run's task-signing Secret."""
 REFUSED_PREFIX: Final = "Refused: "
 """How a relay or watch Job's failure reason begins when the site refused the round's task."""
+
+
+def refused(round_: int, reason: str) -> str:
+    """A Job's failure reason for a refused round: `Refused: round <r>: <reason>`, so that the
+    operator that reads it (the site's, the run's) knows which round, without storage."""
+    return f"{REFUSED_PREFIX}round {round_}: {reason}"
+
+
+def refused_round(text: str) -> int | None:
+    """The round a `refused` reason names; None when `text` is no refusal."""
+    head, _, _ = text.removeprefix(REFUSED_PREFIX).partition(":")
+    if not text.startswith(REFUSED_PREFIX) or not head.startswith("round "):
+        return None
+    number = head.removeprefix("round ")
+    return int(number) if number.isdigit() else None
+
+
 SITE_PAUSED: Final = "SitePaused"
 SITE_SILENT: Final = "SiteSilent"
 SITE_LEFT: Final = "SiteLeft"
