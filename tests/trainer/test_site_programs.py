@@ -126,11 +126,21 @@ OUTCOMES = [
     ("a refusal", Seen(refusal=REFUSAL), 0, None, 1, "Refused: round 3: image not allowed"),
     ("paused since the task", Seen(heartbeat=beat("paused")), 0, None, 1, "SitePaused: "),
     ("left since the task", Seen(heartbeat=beat("left")), 0, None, 1, "SiteLeft: "),
+    ("waiting for this round", Seen(heartbeat=beat("waiting")), 0, None, 1, None),
+    ("waiting for a later round", Seen(heartbeat=beat("waiting", 4)), 0, None, 1, "SiteMovedOn: "),
     ("silent past the allowance", Seen(), 0, None, 900.5, "SiteSilent: "),
     ("alive lately", Seen(heartbeat=beat("waiting")), 600, None, 1400, None),
     ("silent since its last beat", Seen(heartbeat=beat("waiting")), 600, None, 1501, "SiteSilent"),
     ("unverified, briefly", Seen(unverified="bad"), 0, 10, 10 + GRACE - 1, None),
     ("unverified, staying", Seen(unverified="bad"), 0, 10, 10 + GRACE, "SiteUnverified: bad"),
+    (
+        "unverified, the site moved on",
+        Seen(unverified="bad", heartbeat=beat("waiting", 4)),
+        0,
+        10,
+        11,
+        "SiteUnverified: bad",
+    ),
     ("unverified, training it", Seen(unverified="x", heartbeat=TRAINING_HERE), 100, 10, 200, None),
     (
         "unverified, training another",
@@ -212,13 +222,14 @@ def test_the_relay_backs_off_to_fifteen_seconds_with_jitter() -> None:
 def test_the_relay_does_not_take_a_commit_its_key_does_not_verify(
     file_store: st.FileStore, case: str, wrong: Callable[[st.Store], object], reason: str
 ) -> None:
-    """Not success: it waits (the site may be rewriting its commit), and gives up with the
-    reason once the commit has stayed unverifiable with the site doing nothing about it."""
+    """Not success: the relay gives up with the reason, at once when the site has moved on to
+    the next round (its commit is final then), else once it has stayed unverifiable past the
+    grace with the site not training it (the table above)."""
     fake = FakeClock(at={1: lambda: (wrong(file_store), heartbeat(file_store, "waiting", 4))})
     with pytest.raises(SiteError, match=rf"^SiteUnverified: .*{reason}") as failed:
         run_relay(file_store, fake)
     assert failed.value.retry is False
-    assert GRACE <= fake.t - START < GRACE + 2 * tasks.MOST_DELAY
+    assert fake.t - START < GRACE
 
 
 def copy(store: st.Store, source: int, target: int) -> None:

@@ -206,10 +206,17 @@ class OperatorProcess:
     failing node: what the e2e tests and the benchmarks run against the devcluster."""
 
     def __init__(
-        self, dc: DevCluster, namespace: str, log: Path, resync_seconds: float | None = 5
+        self,
+        dc: DevCluster,
+        namespace: str,
+        log: Path,
+        resync_seconds: float | None = 5,
+        mode: str = "run",
     ) -> None:
+        """`mode` site runs the operator's site mode (FederatedSites, docs/sites.md)."""
         self.dc, self.namespace, self.log = dc, namespace, log
         self.resync_seconds = resync_seconds
+        self.mode = mode
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -223,6 +230,8 @@ class OperatorProcess:
                 [
                     str(Path(sys.executable).parent / "fedtune"),
                     "operator",
+                    "--mode",
+                    self.mode,
                     "--namespace",
                     self.namespace,
                     "--liveness-port",

@@ -42,6 +42,7 @@ from fedtune_trainer.storage.tasks import (
 )
 from fedtune_trainer.wire.contract import (
     SITE_LEFT,
+    SITE_MOVED_ON,
     SITE_PAUSED,
     SITE_SILENT,
     SITE_UNVERIFIED,
@@ -97,14 +98,22 @@ def relay_outcome(
     if beat is not None and beat.state in ("paused", "left"):
         word = SITE_PAUSED if beat.state == "paused" else SITE_LEFT
         return SiteError(f"{word}: the site's heartbeat says {beat.state} (round {beat.round})")
+    # A site writes `waiting` for a later round only once its client's Job for this one has
+    # ended (a commit comes first, and wins above): whatever is there will not change.
+    moved_on = beat is not None and beat.state == "waiting" and beat.round > round_
     training = beat is not None and beat.state == "training" and beat.round == round_
     if (
         seen.unverified is not None
         and unverified_since is not None
-        and now - unverified_since >= UNVERIFIED_GRACE
-        and not training
+        and (moved_on or (now - unverified_since >= UNVERIFIED_GRACE and not training))
     ):
         return SiteError(f"{SITE_UNVERIFIED}: {seen.unverified}")
+    if moved_on:
+        assert beat is not None
+        return SiteError(
+            f"{SITE_MOVED_ON}: the site waits for round {beat.round}; its client did not "
+            f"commit round {round_} (the site's status says why)"
+        )
     if now - alive_at > silence:
         last = f"its last ({beat.state}, round {beat.round})" if beat else "none since the task"
         return SiteError(f"{SITE_SILENT}: no heartbeat for {silence:g} s ({last})", retry=True)

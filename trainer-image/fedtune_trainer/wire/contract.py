@@ -121,6 +121,9 @@ SITE_LEFT: Final = "SiteLeft"
 with its word, and may go on after ': ' with what the relay saw. A retry may find a silent site
 back (exit 1); a pause or a departure stands (exit 2)."""
 SITE_UNVERIFIED: Final = "SiteUnverified"
+SITE_MOVED_ON: Final = "SiteMovedOn"
+"""A relay's failure when the site waits for a later round: its client failed this one, and its
+operator has moved on (the site's own status says why)."""
 """A relay Job's failure when the site's commit for the round stays there without verifying
 against its pinned key (a key that differs at either end: no retry helps)."""
 NOISE_KEY_ENV: Final = "FEDTUNE_DP_NOISE_KEY"
