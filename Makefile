@@ -54,9 +54,10 @@ fmt: install  ## ruff format and autofix
 	@$(DEPS_BIN)/ruff format .
 	@$(DEPS_BIN)/ruff check --fix .
 
-crds: install  ## regenerate the CRD (and the chart's copy), docs/api.md and the chart's values schema
+crds: install  ## regenerate the CRDs (and the chart's copies), docs/api.md and the chart's values schema
 	@$(PY) -m fedtune_operator.crd > crds/fedtune.dev_federatedfinetunes.yaml
-	@cp crds/fedtune.dev_federatedfinetunes.yaml $(CHART)/crds/
+	@$(PY) -m fedtune_operator.crd --site > crds/fedtune.dev_federatedsites.yaml
+	@cp crds/fedtune.dev_federatedfinetunes.yaml crds/fedtune.dev_federatedsites.yaml $(CHART)/crds/
 	@$(PY) -m fedtune_operator.crd_docs > docs/api.md
 	@$(PY) -m fedtune_operator.chart_schema > $(CHART)/values.schema.json
 

@@ -341,6 +341,12 @@ class ChartValues(Values):
     fullname_override: str = Field(
         "", max_length=63, description="Replaces the release's full name in resource names."
     )
+    mode: Literal["run", "site"] = Field(
+        "run",
+        description="run: the operator reconciles FederatedFineTunes (runs and their Jobs). "
+        "site: it reconciles FederatedSites, this cluster's part in runs that live elsewhere, "
+        "and needs no rights on FederatedFineTunes, NetworkPolicies or claims (docs/sites.md).",
+    )
     watch_namespaces: list[DnsLabel] = Field(
         [],
         json_schema_extra={"uniqueItems": True},

@@ -1,6 +1,6 @@
 """`fedtune`: the operator's entry point.
 
-    fedtune operator [--namespace NS ...] [--liveness-port P] [--metrics-port P]
+    fedtune operator [--mode run|site] [--namespace NS ...] [--liveness-port P] [--metrics-port P]
     fedtune storage-policy -f RUN.yaml [--flavor aws|minio|versitygw] [--account SECRET=NAME]
 
 Without --namespace the operator watches the whole cluster (it then needs a ClusterRole); with one
@@ -21,7 +21,11 @@ import sys
 def _operator(args: argparse.Namespace) -> int:
     import kopf
 
-    from fedtune_operator import handlers  # noqa: F401  (registers the kopf handlers)
+    # Registers the kopf handlers of the mode: runs, or a site's part in another's run.
+    if args.mode == "site":
+        from fedtune_operator import site_handlers  # noqa: F401
+    else:
+        from fedtune_operator import handlers  # noqa: F401
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -88,6 +92,13 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=8080,
         help="serve Prometheus metrics on :PORT/metrics (0: off)",
+    )
+    op.add_argument(
+        "--mode",
+        choices=["run", "site"],
+        default="run",
+        help="run: reconcile FederatedFineTunes; site: reconcile FederatedSites, this cluster's "
+        "part in runs elsewhere (docs/sites.md)",
     )
     op.add_argument("--verbose", "-v", action="store_true")
     op.set_defaults(func=_operator)

@@ -2,6 +2,7 @@
 is crd_docs.py's).
 
     python -m fedtune_operator.crd > crds/fedtune.dev_federatedfinetunes.yaml
+    python -m fedtune_operator.crd --site > crds/fedtune.dev_federatedsites.yaml
 
 Both files are committed and tests compare them with a fresh generation, so the models stay the
 one place where a default, a bound or a rule is written. The generator turns pydantic's JSON
@@ -24,8 +25,10 @@ from pydantic.json_schema import GenerateJsonSchema
 from pydantic_core import core_schema
 
 from fedtune_operator import api
+from fedtune_operator.api import site
 
 CRD_NAME = f"{api.PLURAL}.{api.GROUP}"
+SITE_CRD_NAME = f"{site.SITE_PLURAL}.{api.GROUP}"
 GENERATED_BY = "python -m fedtune_operator.crd"
 
 PRINTER_COLUMNS: tuple[dict[str, Any], ...] = (
@@ -51,6 +54,18 @@ PRINTER_COLUMNS: tuple[dict[str, Any], ...] = (
     {"name": "Adapter", "type": "string", "jsonPath": ".status.finalAdapterUri", "priority": 1},
 )
 """`kubectl get fft` columns; `priority: 1` ones show with `-o wide`. Conditions by type."""
+
+SITE_PRINTER_COLUMNS: tuple[dict[str, Any], ...] = (
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Run", "type": "string", "jsonPath": ".spec.run.name"},
+    {"name": "Client", "type": "string", "jsonPath": ".spec.client"},
+    {"name": "Round", "type": "integer", "jsonPath": ".status.runRound"},
+    {"name": "Contributed", "type": "integer", "jsonPath": ".status.roundsContributed"},
+    {"name": "Sent", "type": "integer", "jsonPath": ".status.bytesSent"},
+    {"name": "Heartbeat", "type": "date", "jsonPath": ".status.lastHeartbeat"},
+    {"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1},
+)
+"""`kubectl get fsite` columns, like the run's."""
 
 
 class SchemaError(ValueError):
@@ -231,61 +246,85 @@ def model_schema(model: type[BaseModel]) -> dict[str, Any]:
     return _structural(raw, raw.get("$defs", {}), model.__name__)
 
 
+def _object_schema(
+    kind: str, description: str, name: dict[str, Any], spec: dict[str, Any], status: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "description": f"{kind}: {description}",
+        "type": "object",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {
+                "description": f"APIVersion of the object: {api.API_VERSION}.",
+                "type": "string",
+                "maxLength": 253,
+            },
+            "kind": {
+                "description": f"Kind of the object: {kind}.",
+                "type": "string",
+                "maxLength": 63,
+            },
+            # The API server allows nothing on metadata but name and generateName rules.
+            "metadata": {"type": "object", "properties": {"name": name}},
+            "spec": spec,
+            "status": status,
+        },
+    }
+
+
 def openapi_schema() -> dict[str, Any]:
     """The CRD's openAPIV3Schema: the object, its spec and status, and the whole-object rules."""
-    return _ordered(
+    schema = _object_schema(
+        api.KIND,
+        api.FederatedFineTuneSpec.__doc__.splitlines()[0],
         {
-            "description": f"{api.KIND}: {api.FederatedFineTuneSpec.__doc__.splitlines()[0]}",
-            "type": "object",
-            "required": ["spec"],
-            "properties": {
-                "apiVersion": {
-                    "description": "APIVersion of the object: fedtune.dev/v1alpha1.",
-                    "type": "string",
-                    "maxLength": 253,
-                },
-                "kind": {
-                    "description": "Kind of the object: FederatedFineTune.",
-                    "type": "string",
-                    "maxLength": 63,
-                },
-                # The API server allows nothing on metadata but name and generateName rules.
-                "metadata": {
-                    "type": "object",
-                    "properties": {
-                        "name": {
-                            "description": "The run's name: a DNS label, because it is the "
-                            "fedtune.dev/run label value of every Job.",
-                            "type": "string",
-                            "maxLength": api.RUN_NAME_MAX,
-                            "pattern": api.RUN_NAME_PATTERN,
-                        }
-                    },
-                },
-                "spec": model_schema(api.FederatedFineTuneSpec),
-                "status": model_schema(api.FederatedFineTuneStatus),
+            "description": "The run's name: a DNS label, because it is the fedtune.dev/run "
+            "label value of every Job.",
+            "type": "string",
+            "maxLength": api.RUN_NAME_MAX,
+            "pattern": api.RUN_NAME_PATTERN,
+        },
+        model_schema(api.FederatedFineTuneSpec),
+        model_schema(api.FederatedFineTuneStatus),
+    )
+    schema["x-kubernetes-validations"] = [dict(r) for r in api.ROOT_RULES]
+    return _ordered(schema)
+
+
+def site_openapi_schema() -> dict[str, Any]:
+    """The FederatedSite's openAPIV3Schema."""
+    return _ordered(
+        _object_schema(
+            site.SITE_KIND,
+            site.FederatedSiteSpec.__doc__.splitlines()[0],
+            {
+                "description": "The site's name: a DNS label, because it names the site's Jobs.",
+                "type": "string",
+                "maxLength": api.RUN_NAME_MAX,
+                "pattern": api.RUN_NAME_PATTERN,
             },
-            "x-kubernetes-validations": [dict(r) for r in api.ROOT_RULES],
-        }
+            model_schema(site.FederatedSiteSpec),
+            model_schema(site.FederatedSiteStatus),
+        )
     )
 
 
-def crd() -> dict[str, Any]:
-    """The CustomResourceDefinition (apiextensions.k8s.io/v1)."""
+def _definition(
+    plural: str,
+    names: dict[str, Any],
+    columns: tuple[dict[str, Any], ...],
+    schema: dict[str, Any],
+) -> dict[str, Any]:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": CRD_NAME, "labels": {"app.kubernetes.io/part-of": "fedtune"}},
+        "metadata": {
+            "name": f"{plural}.{api.GROUP}",
+            "labels": {"app.kubernetes.io/part-of": "fedtune"},
+        },
         "spec": {
             "group": api.GROUP,
-            "names": {
-                "kind": api.KIND,
-                "listKind": f"{api.KIND}List",
-                "plural": api.PLURAL,
-                "singular": api.SINGULAR,
-                "shortNames": list(api.SHORT_NAMES),
-                "categories": list(api.CATEGORIES),
-            },
+            "names": {**names, "categories": list(api.CATEGORIES)},
             "scope": "Namespaced",
             "versions": [
                 {
@@ -293,12 +332,36 @@ def crd() -> dict[str, Any]:
                     "served": True,
                     "storage": True,
                     "subresources": {"status": {}},
-                    "additionalPrinterColumns": [dict(c) for c in PRINTER_COLUMNS],
-                    "schema": {"openAPIV3Schema": openapi_schema()},
+                    "additionalPrinterColumns": [dict(c) for c in columns],
+                    "schema": {"openAPIV3Schema": schema},
                 }
             ],
         },
     }
+
+
+def crd() -> dict[str, Any]:
+    """The FederatedFineTune CustomResourceDefinition (apiextensions.k8s.io/v1)."""
+    names = {
+        "kind": api.KIND,
+        "listKind": f"{api.KIND}List",
+        "plural": api.PLURAL,
+        "singular": api.SINGULAR,
+        "shortNames": list(api.SHORT_NAMES),
+    }
+    return _definition(api.PLURAL, names, PRINTER_COLUMNS, openapi_schema())
+
+
+def site_crd() -> dict[str, Any]:
+    """The FederatedSite CustomResourceDefinition, for the clusters of sites (docs/sites.md)."""
+    names = {
+        "kind": site.SITE_KIND,
+        "listKind": f"{site.SITE_KIND}List",
+        "plural": site.SITE_PLURAL,
+        "singular": site.SITE_SINGULAR,
+        "shortNames": list(site.SITE_SHORT_NAMES),
+    }
+    return _definition(site.SITE_PLURAL, names, SITE_PRINTER_COLUMNS, site_openapi_schema())
 
 
 class _Dumper(yaml.SafeDumper):
@@ -316,17 +379,20 @@ def _str_representer(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
 _Dumper.add_representer(str, _str_representer)
 
 
-def render_crd() -> str:
-    """The text of crds/fedtune.dev_federatedfinetunes.yaml."""
-    body = yaml.dump(crd(), Dumper=_Dumper, sort_keys=False, width=100, allow_unicode=True)
+def render_crd(definition: dict[str, Any] | None = None) -> str:
+    """The text of crds/fedtune.dev_federatedfinetunes.yaml (or of another definition)."""
+    body = yaml.dump(
+        definition or crd(), Dumper=_Dumper, sort_keys=False, width=100, allow_unicode=True
+    )
     header = f"# Generated by `{GENERATED_BY}` from fedtune_operator/api/. Do not edit."
     return f"{header}\n---\n{body}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedtune_operator.crd", description=__doc__)
-    parser.parse_args(argv)
-    sys.stdout.write(render_crd())
+    parser.add_argument("--site", action="store_true", help="the FederatedSite CRD instead")
+    args = parser.parse_args(argv)
+    sys.stdout.write(render_crd(site_crd() if args.site else None))
     return 0
 
 

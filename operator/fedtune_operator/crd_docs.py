@@ -15,7 +15,12 @@ from collections.abc import Iterator
 from typing import Any
 
 from fedtune_operator import api
-from fedtune_operator.crd import PRINTER_COLUMNS, openapi_schema
+from fedtune_operator.crd import (
+    PRINTER_COLUMNS,
+    SITE_PRINTER_COLUMNS,
+    openapi_schema,
+    site_openapi_schema,
+)
 
 DOCS_GENERATED_BY = "python -m fedtune_operator.crd_docs"
 
@@ -190,19 +195,45 @@ Aggregating, Suspended, Succeeded, Failed) is a one-word summary for people.
 """
 
 
+SITE_INTRO = """
+# FederatedSite
+
+`fedtune.dev/v1alpha1`, kind `FederatedSite` (short name `fsite`): a data owner's part in a run
+that lives in another organization's cluster, created in the data owner's own cluster, where the
+operator runs in site mode (docs/sites.md). Its storage identity, signing key, data, data
+credentials, Job template and policy never leave that cluster.
+
+## Columns
+
+`kubectl get fsite` shows the columns below; `-o wide` adds those of priority 1.
+
+{columns}
+
+## Fields
+"""
+
+
+def _columns(columns: tuple[dict[str, Any], ...]) -> str:
+    rows = ["| Column | JSONPath | Priority |", "|---|---|---|"]
+    rows += [
+        f"| {c['name']} | `{_cell(c['jsonPath'])}` | {c.get('priority', 0)} |" for c in columns
+    ]
+    return "\n".join(rows)
+
+
 def render_docs() -> str:
     """The text of docs/api.md."""
     schema = openapi_schema()
     root_rules = "\n".join(_rules(schema))
-    columns = ["| Column | JSONPath | Priority |", "|---|---|---|"]
-    columns += [
-        f"| {c['name']} | `{_cell(c['jsonPath'])}` | {c.get('priority', 0)} |"
-        for c in PRINTER_COLUMNS
-    ]
-    text = DOCS_INTRO.format(root_rules=root_rules, columns="\n".join(columns))
+    text = DOCS_INTRO.format(root_rules=root_rules, columns=_columns(PRINTER_COLUMNS))
     seen: dict[str, str] = {}
     for part in ("spec", "status"):
         text += "\n" + "\n".join(_sections(schema["properties"][part], part, seen))
+    site = site_openapi_schema()
+    text += SITE_INTRO.format(columns=_columns(SITE_PRINTER_COLUMNS))
+    for part in ("spec", "status"):
+        name = f"fsite.{part}"
+        text += "\n" + "\n".join(_sections(site["properties"][part], name, seen))
     return text
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedtune_operator.api import ClientSigning, FederatedFineTuneSpec, S3Credentials
+from fedtune_operator.api import ClientSigning, FederatedFineTuneSpec, S3Credentials, TaskSigning
 from fedtune_trainer.wire.contract import (
     AWS_CREDENTIAL_ENV,
     NOISE_KEY_ENV,
     NOISE_KEY_SECRET_KEY,
     SIGNING_KEY_ENV,
+    TASK_SIGNING_KEY_ENV,
 )
 
 
@@ -61,6 +62,14 @@ def signing_env(signing: ClientSigning | None) -> list[dict[str, Any]]:
         return []
     ref = {"name": signing.secret_name, "key": signing.secret_key}
     return [{"name": SIGNING_KEY_ENV, "valueFrom": {"secretKeyRef": ref}}]
+
+
+def task_signing_env(signing: TaskSigning | None) -> list[dict[str, Any]]:
+    """The run's key that signs its remote clients' tasks, in its relay Jobs' pods alone."""
+    if signing is None:
+        return []
+    ref = {"name": signing.secret_name, "key": signing.secret_key}
+    return [{"name": TASK_SIGNING_KEY_ENV, "valueFrom": {"secretKeyRef": ref}}]
 
 
 def noise_key_env(secret: str | None) -> list[dict[str, Any]]:

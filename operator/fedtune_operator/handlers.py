@@ -41,7 +41,16 @@ from typing import Any
 import kopf
 from kubernetes.client.rest import ApiException
 
-from fedtune_operator import decision, engine, manifests, metrics, network_policy, objects, volumes
+from fedtune_operator import (
+    decision,
+    engine,
+    manifests,
+    metrics,
+    network_policy,
+    objects,
+    remote,
+    volumes,
+)
 from fedtune_operator.api import (
     GROUP,
     PLURAL,
@@ -49,7 +58,7 @@ from fedtune_operator.api import (
     FederatedFineTuneSpec,
     FederatedFineTuneStatus,
 )
-from fedtune_operator.kube import Conflict, Kube, NamespaceTerminating, NotOwned
+from fedtune_operator.kube import Conflict, Kube, NamespaceTerminating, NotOwned, shared
 from fedtune_operator.loops import Loops, Outcome, in_thread
 from fedtune_operator.observe import (
     compact_job,
@@ -65,14 +74,9 @@ log = logging.getLogger("fedtune.operator")
 ANNOTATION_PREFIX = GROUP
 """kopf keeps its own state (progress, last-handled configuration) under this prefix."""
 
-_kube: Kube | None = None
-
 
 def kube() -> Kube:
-    global _kube
-    if _kube is None:
-        _kube = Kube()
-    return _kube
+    return shared()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,9 +313,10 @@ def _apply(
     ns, run, uid = meta["namespace"], meta["name"], meta["uid"]
     match action:
         case decision.CreateClientJob(round=r, attempt=a, client=c) if spec is not None:
-            _create_cache_claim(k, obj, spec, c)
+            if not remote.is_remote(spec, c):
+                _create_cache_claim(k, obj, spec, c)
             k.create_job(
-                manifests.client_job(
+                remote.job_for_client(
                     run=run, namespace=ns, uid=uid, spec=spec, round_=r, attempt=a, client=c
                 )
             )

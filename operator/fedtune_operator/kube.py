@@ -89,13 +89,22 @@ class Kube:
     def _json(response: Any) -> dict[str, Any]:
         return json.loads(response.data)
 
-    def get_run(self, namespace: str, name: str) -> dict[str, Any] | None:
+    def get_run(self, namespace: str, name: str, plural: str = PLURAL) -> dict[str, Any] | None:
+        """The run (or, with plural federatedsites, the site), None when it is gone."""
         try:
-            return self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+            return self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
         except ApiException as e:
             if e.status == 404:
                 return None
             raise
+
+    def labelled_jobs(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        """The Jobs of a label selector (a site's: it has few, and no index of its own)."""
+        return self._json(
+            self.batch.list_namespaced_job(
+                namespace, label_selector=selector, _preload_content=False
+            )
+        )["items"]
 
     def job_pods(self, namespace: str, jobs: list[str]) -> list[dict]:
         """The pods of the named Jobs (by the Job controller's job-name label)."""
@@ -106,7 +115,9 @@ class Kube:
             )
         )["items"]
 
-    def write_status(self, obj: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
+    def write_status(
+        self, obj: dict[str, Any], status: dict[str, Any], plural: str = PLURAL
+    ) -> dict[str, Any]:
         """Replace the status, guarded by the resourceVersion we read (409 -> Conflict)."""
         meta = obj["metadata"]
         body = {
@@ -122,7 +133,7 @@ class Kube:
         }
         try:
             return self.custom.replace_namespaced_custom_object_status(
-                GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], body
+                GROUP, VERSION, meta["namespace"], plural, meta["name"], body
             )
         except ApiException as e:
             if e.status == 409:
@@ -286,3 +297,15 @@ class Kube:
         except ApiException as e:
             if e.status != 404:
                 raise
+
+
+_shared: Kube | None = None
+
+
+def shared() -> Kube:
+    """The operator's one client, made on first use (after kopf has started, so that a test
+    process can import the handlers without a cluster)."""
+    global _shared
+    if _shared is None:
+        _shared = Kube()
+    return _shared

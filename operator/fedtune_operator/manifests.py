@@ -19,6 +19,7 @@ from typing import Any
 from fedtune_operator.api import (
     FederatedFineTuneSpec,
     PodSettings,
+    PodTemplate,
     Resources,
     S3Credentials,
 )
@@ -63,7 +64,7 @@ from fedtune_trainer.wire.contract import (
     client_command,
     processes_for,
 )
-from fedtune_trainer.wire.settings import AdapterSpec
+from fedtune_trainer.wire.settings import AdapterSpec, StorageLocation
 from fedtune_trainer.wire.task import AggregateTask, CleanupTask, ClientTask, EvaluateTask
 
 # ---------------------------------------------------------------------------------------------
@@ -146,8 +147,11 @@ def client_task(run: str, spec: FederatedFineTuneSpec, round_: int, client: str)
 
 
 def client_keys(spec: FederatedFineTuneSpec, clients: list[str]) -> dict[str, str]:
-    """The pinned public keys of the signing clients among `clients`."""
-    return {c.name: c.signing.public_key for c in spec.clients if c.signing and c.name in clients}
+    """The pinned public keys of the signing clients among `clients` (a site's client always
+    signs: its key is pinned by site.publicKey)."""
+    keys = {c.name: c.signing.public_key for c in spec.clients if c.signing}
+    keys |= {c.name: c.site.public_key for c in spec.clients if c.site}
+    return {name: key for name, key in keys.items() if name in clients}
 
 
 def aggregate_task(
@@ -232,7 +236,7 @@ def dump(model: Any) -> dict[str, Any] | None:
     return model.model_dump(mode="json", by_alias=True, exclude_none=True) if model else None
 
 
-def _job(
+def job_manifest(
     *,
     name: str,
     namespace: str,
@@ -250,15 +254,54 @@ def _job(
     credentials: S3Credentials | None = None,
     data_credentials: str | None = None,
 ) -> dict[str, Any]:
-    """One Job. `credentials`: the storage identity its pods get (the run's when None);
+    """One Job of a run. `credentials`: the storage identity its pods get (the run's when None);
     `data_credentials`: for a client, what the annotation says it reads its data with."""
-    template = spec.template
+    return pod_job(
+        name=name,
+        namespace=namespace,
+        owner=owner_reference(run, uid) if uid else None,
+        template=spec.template,
+        storage=spec.storage,
+        deadline=spec.active_deadline_seconds,
+        labels=labels,
+        settings=settings,
+        command=command,
+        task_json=task_json,
+        extra_env=extra_env,
+        uris=uris,
+        backoff_limit=backoff_limit,
+        cache=cache,
+        credentials=credentials or spec.storage.credentials_secret,
+        data_credentials=data_credentials,
+    )
+
+
+def pod_job(
+    *,
+    name: str,
+    namespace: str,
+    owner: dict[str, Any] | None,
+    template: PodTemplate,
+    storage: StorageLocation,
+    deadline: int | None,
+    labels: dict[str, str],
+    settings: PodSettings,
+    command: list[str],
+    task_json: str,
+    extra_env: list[dict[str, Any]],
+    uris: tuple[str | None, ...],
+    backoff_limit: int,
+    credentials: S3Credentials | None,
+    cache: tuple[list[dict[str, Any]], ...] = ([], [], []),
+    data_credentials: str | None = None,
+    image: str | None = None,
+) -> dict[str, Any]:
+    """One Job of the operator's (a run's, or a site's): the restricted pod, the task, the
+    storage identity from a Secret, the retry policy. `image` overrides the template's."""
     all_labels = {**(template.labels or {}), **labels}
     pod_sc, container_sc = security_context()
     pvc_vols, pvc_mounts = pvc_volumes(*uris)
     cache_vols, cache_mounts, cache_env = cache
-    storage = spec.storage
-    credentials = credentials or storage.credentials_secret
     env: list[dict[str, Any]] = [
         {"name": TASK_ENV, "value": task_json},
         {"name": "HOME", "value": "/tmp/home"},
@@ -284,7 +327,7 @@ def _job(
     container = drop_empty(
         {
             "name": CONTAINER,
-            "image": template.image,
+            "image": image or template.image,
             "imagePullPolicy": template.image_pull_policy,
             "command": command,
             "env": env,
@@ -325,13 +368,13 @@ def _job(
                 "namespace": namespace,
                 "labels": all_labels,
                 "annotations": {**(template.annotations or {}), **who},
-                "ownerReferences": [owner_reference(run, uid)] if uid else None,
+                "ownerReferences": [owner] if owner else None,
             }
         ),
         "spec": drop_empty(
             {
                 "backoffLimit": backoff_limit,
-                "activeDeadlineSeconds": spec.active_deadline_seconds,
+                "activeDeadlineSeconds": deadline,
                 "completions": 1,
                 "parallelism": 1,
                 "podFailurePolicy": {
@@ -378,7 +421,7 @@ def client_job(
     task = client_task(run, spec, round_, client)
     storage_creds, data_creds, data_with = client_credentials(spec, client)
     settings = merge_pod_settings(spec.template, entry)
-    return _job(
+    return job_manifest(
         name=client_job_name(run, round_, client),
         namespace=namespace,
         run=run,
@@ -412,7 +455,7 @@ def aggregate_job(
     clients: list[str],
 ) -> dict[str, Any]:
     task = aggregate_task(run, spec, round_, clients, uid, attempt)
-    return _job(
+    return job_manifest(
         name=aggregate_job_name(run, round_),
         namespace=namespace,
         run=run,
@@ -433,7 +476,7 @@ def evaluate_job(
 ) -> dict[str, Any]:
     """Evaluates global adapter `round_`; one per due round, whatever the round's attempts."""
     task = evaluate_task(run, spec, round_)
-    return _job(
+    return job_manifest(
         name=evaluate_job_name(run, round_),
         namespace=namespace,
         run=run,
@@ -458,7 +501,7 @@ def cleanup_job(
     refuses anything else). No owner reference: it must outlive the run's deletion, which waits
     on it through the finalizer; it removes itself after a minute."""
     task = CleanupTask(run=run, run_uid=uid, storage=spec.storage.location())
-    job = _job(
+    job = job_manifest(
         name=cleanup_job_name(run),
         namespace=namespace,
         run=run,

@@ -42,10 +42,11 @@ def cleanup_job_name(run: str) -> str:
     return job_name(run, None, "cleanup")
 
 
-def owner_reference(name: str, uid: str) -> dict[str, Any]:
+def owner_reference(name: str, uid: str, kind: str = KIND) -> dict[str, Any]:
+    """The controller reference to a run (or, with kind FederatedSite, to a site)."""
     return {
         "apiVersion": API_VERSION,
-        "kind": KIND,
+        "kind": kind,
         "name": name,
         "uid": uid,
         "controller": True,

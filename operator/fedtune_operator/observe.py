@@ -23,6 +23,7 @@ from fedtune_trainer.wire.contract import (
     ROLE_AGGREGATOR,
     ROLE_CLIENT,
     ROLE_EVALUATOR,
+    ROLE_RELAY,
 )
 from fedtune_trainer.wire.results import parse_summary
 
@@ -70,7 +71,7 @@ def jobs_needing_pods(run_uid: str, status: FederatedFineTuneStatus, jobs: list[
     return names
 
 
-def _termination(pod: Obj) -> tuple[int | None, str, str]:
+def termination(pod: Obj) -> tuple[int | None, str, str]:
     """The trainer container's exit code, termination message and the kubelet's reason
     (OOMKilled, Error, ContainerCannotRun: the one word a person needs when the message is
     empty)."""
@@ -92,7 +93,7 @@ def failure_message(condition: Obj | None, pods: list[Obj], limit: int = 200) ->
     one-line reason, at most `limit` characters), else the Job's Failed condition."""
     message = (condition or {}).get("message") or (condition or {}).get("reason") or ""
     for pod in reversed(pods):
-        code, text, reason = _termination(pod)
+        code, text, reason = termination(pod)
         if code not in (None, 0):
             # "Error" is the kubelet's word for any non-zero exit: it says nothing more.
             why = f" ({reason})" if reason and reason != "Error" else ""
@@ -117,6 +118,8 @@ def observe_jobs(run_uid: str, jobs: list[Obj], pods: list[Obj]) -> list[Observe
             continue
         labels = meta.get("labels") or {}
         role = labels.get(LABEL_ROLE)
+        # A site's client is relayed: to the round it is a client like any other.
+        role = ROLE_CLIENT if role == ROLE_RELAY else role
         if role not in (ROLE_CLIENT, ROLE_AGGREGATOR, ROLE_EVALUATOR):
             continue
         state, cond = job_state(job.get("status"))
@@ -127,7 +130,7 @@ def observe_jobs(run_uid: str, jobs: list[Obj], pods: list[Obj]) -> list[Observe
         )
         if state == "succeeded":
             for pod in job_pods:
-                code, text, _ = _termination(pod)
+                code, text, _ = termination(pod)
                 if code == 0 and text:
                     try:
                         summary = parse_summary(text)

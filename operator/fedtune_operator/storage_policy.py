@@ -34,8 +34,12 @@ from fedtune_trainer.wire.layout import (
     FINAL_PREFIX,
     REPORT_PREFIX,
     SERVER_STATE_PREFIX,
+    TASK_SIGNATURE_SUFFIX,
     client_state_prefix,
     control_prefix,
+    round_prefix,
+    site_prefix,
+    task_key,
 )
 
 Flavor = Literal["aws", "minio", "versitygw"]
@@ -100,6 +104,25 @@ def client_access(spec: FederatedFineTuneSpec, client: str, access: Access) -> N
         access.read_uri(entry.data_uri)
 
 
+def site_access(spec: FederatedFineTuneSpec, client: str, access: Access) -> None:
+    """A site's client (docs/sites.md): a client's access, plus reading its own tasks and the
+    run's end, and writing its heartbeats and refusals; its data is the site's own business."""
+    client_access(spec, client, access)
+    bucket, root = _split(spec.storage.uri)
+    tasks = f"{task_key(0, client).replace(round_prefix(0), f'rounds/{ROUND}')}"
+    reads = [tasks, tasks + TASK_SIGNATURE_SUFFIX, f"{FINAL_PREFIX}/*"]
+    access.allow(bucket, READ, *_under(root, *reads))
+    access.allow(bucket, READ + WRITE, *_under(root, f"{site_prefix(client)}/*"))
+
+
+def relay_access(spec: FederatedFineTuneSpec, access: Access) -> None:
+    """The run's relay Jobs: write the sites' tasks (reading their commits and notes is the
+    aggregator's reading of the whole root, the same identity)."""
+    bucket, root = _split(spec.storage.uri)
+    access.roles.append("relay")
+    access.allow(bucket, READ + WRITE, *_under(root, f"rounds/{ROUND}/tasks/*"))
+
+
 def aggregator_access(spec: FederatedFineTuneSpec, access: Access) -> None:
     bucket, root = _split(spec.storage.uri)
     access.roles.append("aggregator")
@@ -149,11 +172,22 @@ def identities(spec: FederatedFineTuneSpec) -> dict[str, Access]:
 
     aggregator_access(spec, of(None))
     cleanup_access(spec, of(None))
+    if any(c.site is not None for c in spec.clients):
+        relay_access(spec, of(None))
     for c in spec.clients:
-        client_access(spec, c.name, of(c.storage_credentials_secret))
+        if c.site is not None:  # the site's own identity, which the run never names
+            site_access(spec, c.name, found.setdefault(site_identity(c.name), Access()))
+        else:
+            client_access(spec, c.name, of(c.storage_credentials_secret))
     if spec.evaluation.data_uri:
         evaluation_access(spec, of(spec.evaluation.storage_credentials_secret))
     return found
+
+
+def site_identity(client: str) -> str:
+    """How the policies name a site's identity: the run does not know its Secret (`--account
+    site-<client>=<account>` names the versitygw account)."""
+    return f"site-{client}"
 
 
 def statements(access: Access) -> list[dict[str, Any]]:

@@ -210,6 +210,38 @@ def _drift_problems(spec: FederatedFineTuneSpec) -> list[str]:
     return problems
 
 
+def _site_problems(spec: FederatedFineTuneSpec) -> list[str]:
+    """A client is trained here (dataUri) or at a site (site), never both; a site's keys and
+    credentials stay at the site; a run with a site's client signs its tasks."""
+    problems = []
+    for i, c in enumerate(spec.clients):
+        path = f"spec.clients[{i}]"
+        if (c.data_uri is None) == (c.site is None):
+            problems.append(
+                f"{path}: exactly one of dataUri (trained here) and site (trained at a site)"
+            )
+        held = [
+            n
+            for n, v in (
+                ("signing", c.signing),
+                ("credentialsSecret", c.credentials_secret),
+                ("storageCredentialsSecret", c.storage_credentials_secret),
+            )
+            if v
+        ]
+        if c.site is not None and held:
+            problems.append(
+                f"{path}: a site's client has no {', '.join(held)} here: its keys and "
+                "credentials stay at the site (site.publicKey pins its key)"
+            )
+    if spec.task_signing is None and any(c.site is not None for c in spec.clients):
+        problems.append(
+            "spec.taskSigning: a run with a site's client needs taskSigning (the key its tasks "
+            "are signed with)"
+        )
+    return problems
+
+
 def validate_spec(spec: FederatedFineTuneSpec, *, name: str | None = None) -> list[str]:
     """Every rule that spans fields, as "<field path>: <problem>" lines (empty when valid).
 
@@ -224,7 +256,9 @@ def validate_spec(spec: FederatedFineTuneSpec, *, name: str | None = None) -> li
       ranks (clients[].adapter.r) only in exact mode and at most adapter.r
       (`fedtune_trainer.wire.settings.lora_mode_problems`, which the aggregator's task checks too).
     * training.driftControl scaffold only with a mean-based aggregation, without DP noise and
-      with aggregation.lora separate.
+      with aggregation.lora separate;
+    * a site's client (clients[].site) has no dataUri, keys or credentials here, and the run
+      then has taskSigning (also CEL rules).
     """
     problems = validate_run_name(name) if name is not None else []
     first: dict[str, int] = {}
@@ -271,6 +305,7 @@ def validate_spec(spec: FederatedFineTuneSpec, *, name: str | None = None) -> li
             f"round, but the run selects {selected}"
         )
     problems += _drift_problems(spec)
+    problems += _site_problems(spec)
 
     storage = spec.storage
     if storage.uri.startswith("file://") and storage.endpoint is not None:

@@ -110,6 +110,33 @@ def _clients(n: int, **aggregation: Any) -> Callable[[dict[str, Any]], None]:
     return change
 
 
+SITE_KEY = "ed25519:eaLkirYtCkhKhn2akQl3xE5pOBWBYSYB0KIxSk3JAgQ="
+TASK_SIGNING = {"secretName": "run-task-signing"}
+
+
+def _site_client(
+    index: int, signed: bool = True, **fields: Any
+) -> Callable[[dict[str, Any]], None]:
+    """Client `index` made a site's (no dataUri), the run signing its tasks unless not `signed`."""
+
+    def change(body: dict[str, Any]) -> None:
+        name = body["spec"]["clients"][index]["name"]
+        body["spec"]["clients"][index] = {"name": name, "site": {"publicKey": SITE_KEY}, **fields}
+        if signed:
+            body["spec"]["taskSigning"] = TASK_SIGNING
+
+    return change
+
+
+def _data_and_site(body: dict[str, Any]) -> None:
+    body["spec"]["clients"][0]["site"] = {"publicKey": SITE_KEY}
+    body["spec"]["taskSigning"] = TASK_SIGNING
+
+
+def _without_data(body: dict[str, Any]) -> None:
+    del body["spec"]["clients"][0]["dataUri"]
+
+
 _KRUM_F2_SHORT = (krum_min_clients(2) - 1) / 10
 """A client fraction of 10 clients that selects one client fewer than krum's quorum for f = 2.
 The krum cases take the quorum from `krum_min_clients`, so that the CRD and the operator are
@@ -166,6 +193,31 @@ INVALID: tuple[Invalid, ...] = (
         "spec.clients[0].signing.secretName",
     ),
     Invalid("client-name-with-slash", _client(0, name="a/b"), "spec.clients[0].name"),
+    Invalid("client-without-data-or-site", _without_data, "spec.clients", "spec.clients[0]"),
+    Invalid(
+        "client-with-data-and-site",
+        _data_and_site,
+        "spec.clients",
+        "spec.clients[0]",
+    ),
+    Invalid(
+        "site-client-with-a-signing-key-here",
+        _site_client(0, signing={"publicKey": SITE_KEY, "secretName": "a-signing"}),
+        "spec.clients",
+        "spec.clients[0]",
+    ),
+    Invalid(
+        "site-client-with-credentials-here",
+        _site_client(0, storageCredentialsSecret={"name": "a-s3"}),
+        "spec.clients",
+        "spec.clients[0]",
+    ),
+    Invalid("site-client-without-task-signing", _site_client(0, signed=False), "spec.taskSigning"),
+    Invalid(
+        "site-silence-too-short",
+        _site_client(0, site={"publicKey": SITE_KEY, "silenceSeconds": 1}),
+        "spec.clients[0].site.silenceSeconds",
+    ),
     Invalid("client-weight-zero", _client(0, weight=0), "spec.clients[0].weight"),
     Invalid(
         "data-uri-http",

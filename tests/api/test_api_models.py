@@ -228,10 +228,8 @@ def test_krum_message_names_the_rule_and_the_numbers() -> None:
 
 def test_missing_field_is_named() -> None:
     body = base()["spec"]
-    del body["clients"][1]["dataUri"]
-    with pytest.raises(
-        validation.SpecError, match=r"^spec\.clients\[1\]\.dataUri: Field required$"
-    ):
+    del body["clients"][1]["name"]
+    with pytest.raises(validation.SpecError, match=r"^spec\.clients\[1\]\.name: Field required$"):
         validation.parse_spec(body)
 
 

@@ -46,6 +46,15 @@ OPERATOR_GRANTS = {
 }
 """Everything the operator does in a namespace it watches (see the rules in _helpers.tpl)."""
 
+SITE_GRANTS = {
+    *{("fedtune.dev", "federatedsites", v) for v in ("get", "list", "watch", "patch")},
+    ("fedtune.dev", "federatedsites/status", "update"),
+    *{("batch", "jobs", v) for v in ("get", "list", "watch", "create")},
+    ("", "pods", "list"),
+    ("", "events", "create"),
+}
+"""Everything the operator does in site mode: a FederatedSite's reconcile (docs/sites.md)."""
+
 CRD_READ = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}
 NAMESPACE_READ = {("", "namespaces", v) for v in ("list", "watch")}
 
@@ -126,6 +135,8 @@ def test_helm_lint_strict_passes(helm_bin: Path, values: Values) -> None:
 
 
 def test_the_chart_ships_the_generated_crd_byte_for_byte() -> None:
+    for crd in (REPO_ROOT / "crds").iterdir():
+        assert (CHART / "crds" / crd.name).read_bytes() == crd.read_bytes(), crd.name
     shipped = (CHART / "crds" / CRD_FILE).read_bytes()
     generated = subprocess.run(
         [sys.executable, "-m", "fedtune_operator.crd"], check=True, capture_output=True
@@ -387,6 +398,14 @@ def test_cluster_mode_grants_exactly_what_the_operator_does(helm_bin: Path) -> N
     assert role["kind"] == "ClusterRole"
     assert grants(role["rules"]) == OPERATOR_GRANTS | CRD_READ
     assert not rendered.of_kind("Role", "RoleBinding")
+
+
+def test_site_mode_runs_the_site_operator_with_the_site_rights_alone(helm_bin: Path) -> None:
+    rendered = render(helm_bin, {"mode": "site"})
+    assert ("mode", "site") in list(flags(rendered.container["command"]))
+    (role,) = rendered.bound_to("fedtune-operator")
+    assert grants(role["rules"]) == SITE_GRANTS | CRD_READ
+    assert ("mode", "site") not in list(flags(render(helm_bin).container["command"]))
 
 
 @pytest.mark.parametrize("values", [NAMESPACED, EVERYTHING], ids=["namespaced", "everything"])

@@ -23,34 +23,10 @@ from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError
 
 from devcluster.s3 import AdminError, S3Account, server_argv
-from devcluster.testing import DevCluster
+from devcluster.testing import DevCluster, refused
 
 RUN = "runs/r1"
 CLIENTS = ("alice", "bob")
-
-
-def refused(call: Callable[[], Any]) -> bool:
-    """Whether the server answered 403 AccessDenied (False when the call went through); any
-    other error propagates. A transfer (upload_fileobj) wraps the ClientError, and DeleteObjects
-    reports a refused key inside a 200 answer: both count as refused."""
-    try:
-        result = call()
-    except Exception as e:
-        error: BaseException | None = e
-        while error is not None and not isinstance(error, ClientError):
-            error = error.__cause__ or error.__context__
-        if error is None:
-            raise
-        status = error.response["ResponseMetadata"]["HTTPStatusCode"]
-        code = error.response["Error"]["Code"]
-        if status == 403 and code in ("AccessDenied", "403"):  # HEAD answers have no body
-            return True
-        raise
-    if isinstance(result, dict) and result.get("Errors"):
-        codes = {e["Code"] for e in result["Errors"]}
-        assert codes == {"AccessDenied"}, result["Errors"]
-        return True
-    return False
 
 
 def statement(principal: S3Account, actions: list[str], resources: list[str], **extra: Any):

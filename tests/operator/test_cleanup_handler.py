@@ -13,6 +13,7 @@ import kopf
 import pytest
 
 from fedtune_operator import handlers
+from fedtune_operator import kube as kube_module
 from fedtune_operator.kube import NotOwned
 
 UID = "0c0ffee0-0000-4000-8000-00000000000a"
@@ -65,7 +66,7 @@ class FakeKube:
 
 
 def cleanup(monkeypatch: pytest.MonkeyPatch, fake: FakeKube) -> None:
-    monkeypatch.setattr(handlers, "_kube", fake)
+    monkeypatch.setattr(kube_module, "_shared", fake)
     asyncio.run(handlers.cleanup_storage(name="demo", namespace="ns", uid=UID, body=BODY))
 
 

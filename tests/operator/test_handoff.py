@@ -14,6 +14,7 @@ import pytest
 
 from bench.operator_overhead import HANDOFF_LINE, JobTimes, operator_shares
 from fedtune_operator import decision, handlers, loops
+from fedtune_operator import kube as kube_module
 from fedtune_operator.observe import compact_job
 from fedtune_operator.validation import parse_spec
 from tests.operator.test_network_policy_apply import SPEC
@@ -152,7 +153,7 @@ def test_a_reconcile_reads_the_jobs_after_the_run_and_logs_its_time(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     fake = FakeKube(creations=1)
-    monkeypatch.setattr(handlers, "_kube", fake)
+    monkeypatch.setattr(kube_module, "_shared", fake)
 
     def read_jobs() -> list[dict[str, Any]]:
         fake.record("read_jobs")
@@ -181,7 +182,7 @@ def test_a_reconcile_nothing_woke_logs_no_time(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The periodic resync: no event, so no share of a hand-off to report."""
-    monkeypatch.setattr(handlers, "_kube", FakeKube(creations=1))
+    monkeypatch.setattr(kube_module, "_shared", FakeKube(creations=1))
     with caplog.at_level(logging.INFO, logger="fedtune.operator"):
         assert asyncio.run(handlers.reconcile("ns", "demo", list, None)) == "wait"
     assert not [r for r in caplog.records if "created Jobs" in r.getMessage()]

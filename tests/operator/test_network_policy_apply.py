@@ -18,6 +18,7 @@ from kubernetes.client.rest import ApiException
 
 from devcluster.testing import DevCluster, wait_for
 from fedtune_operator import api, decision, handlers, network_policy
+from fedtune_operator import kube as kube_module
 from fedtune_operator.kube import Kube, NotOwned
 from fedtune_operator.validation import parse_spec
 from fedtune_trainer.wire.contract import LABEL_RUN
@@ -77,7 +78,7 @@ class FakeKube:
 
 
 def reconcile(monkeypatch: pytest.MonkeyPatch, fake: FakeKube) -> str:
-    monkeypatch.setattr(handlers, "_kube", fake)
+    monkeypatch.setattr(kube_module, "_shared", fake)
     return asyncio.run(handlers.reconcile("ns", "demo", lambda: []))
 
 
@@ -397,7 +398,7 @@ def test_a_run_whose_policy_name_is_taken_waits_with_a_condition(
     `db-pods` creates no Job, says why in NetworkPolicyReady and a Warning event, and leaves the
     policy alone; once the name is free it applies its own and starts."""
     k = ApiServerKube(devcluster)
-    monkeypatch.setattr(handlers, "_kube", k)
+    monkeypatch.setattr(kube_module, "_shared", k)
     run = create_run(devcluster, api_namespace, "db")
     devcluster.kubectl(
         "create", "-f", "-", input=json.dumps(foreign_policy(api_namespace, "db-pods", []))

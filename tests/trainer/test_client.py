@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from fedtune_trainer.wire.layout import client_prefix, client_state_prefix, glob
 from fedtune_trainer.wire.settings import (
     AdapterSpec,
     DeltaSpec,
+    LocalPrivacy,
     QuantizationSpec,
     StorageLocation,
     TrainingSpec,
@@ -297,3 +299,26 @@ def test_a_tokenizer_may_live_apart_from_the_model(demo: Demo, tmp_path: Path) -
     assert tok.chat_template is not None
     with pytest.raises(FileNotFoundError, match=r"no config\.json, not a Hugging Face model"):
         model_dir(str(tok_dir))
+
+
+def test_local_privacy_clips_the_delta_before_it_leaves_the_client(
+    demo: Demo, file_store: st.FileStore
+) -> None:
+    """A site's own guarantee: whatever the client trained, what it uploads is within the site's
+    clip norm (lossless encoding, no noise: the uploaded norm is the clipped norm exactly)."""
+    aggregate.run(init_task(demo, file_store), file_store, quiet)
+    lines: list[str] = []
+    task = client_task(
+        demo,
+        file_store,
+        1,
+        DeltaSpec(dtype="fp32", error_feedback=False),
+        local_privacy=LocalPrivacy(clip_norm=1e-3),
+    )
+    client.run(task, file_store, lines.append)
+    _, files = st.read_committed(file_store, client_prefix(1, "client-0"))
+    delta = decode(files[DELTA_FILE])
+    norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in delta.values()))
+    assert norm == pytest.approx(1e-3, rel=1e-5)
+    clipped = next(line for line in lines if line.startswith("local privacy: delta norm "))
+    assert float(clipped.split()[4]) > 1e-3  # it was clipped, not merely small

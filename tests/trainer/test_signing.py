@@ -98,7 +98,7 @@ MAKERS: dict[str, Callable[[st.Store], None]] = {
 CASES = [
     # (case, the reason in the round record or None when accepted, whether the body was read)
     ("signed", None, True),
-    ("unsigned", r"^unsigned: no manifest\.sig", False),
+    ("unsigned", r"^unsigned: no manifest signature", False),
     ("forged", r"^mis-signed: the signature does not verify", False),
     ("another-client's", r"^mis-signed", False),
     ("another-round's", r"^replayed: the manifest names run 't' round 1 client 'alice'", False),

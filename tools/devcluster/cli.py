@@ -3,8 +3,12 @@
 devcluster up        build what is missing, start everything, write .devcluster/kubeconfig
                      (--node real: kubelet, containerd and a registry instead of the process
                      kubelet, in namespaces of its own; images from `make images`)
+                     (--storage-of DIR: no S3 server of its own, the one of the devcluster
+                     running in DIR instead, with its root account: several control planes
+                     side by side on one storage, e.g.
+                     devcluster --dir .devcluster/site-a up --storage-of .devcluster)
 devcluster down      stop every component and every pod process
-devcluster status    one line per component
+devcluster status    one line per component (and where the S3 server is, when it is another's)
 devcluster env       shell exports (KUBECONFIG, AWS_* for the S3 server)
 devcluster logs [C]  the last lines of a component's log, or of every pod log
 devcluster bucket N  create an S3 bucket
@@ -37,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up")
     up.add_argument("--pod-env", action="append", default=[], metavar="NAME=VALUE")
     up.add_argument("--node", choices=NODE_KINDS, default="process")
+    up.add_argument(
+        "--storage-of",
+        type=Path,
+        metavar="DIR",
+        help="use the S3 server of the devcluster whose state directory is DIR (process node)",
+    )
     sub.add_parser("down")
     sub.add_parser("status")
     sub.add_parser("env")
@@ -48,8 +58,18 @@ def main(argv: list[str] | None = None) -> int:
     bucket.add_argument("name")
     args = parser.parse_args(argv)
     if args.command == "up":
+        storage = None
+        if args.storage_of is not None:
+            owner = Cluster(args.storage_of)
+            if owner.dir == args.dir.resolve() or not owner.is_running():
+                print(f"devcluster: no other devcluster is running in {owner.dir}", file=sys.stderr)
+                return 1
+            storage = owner.s3_account()
         running = Cluster(args.dir)
-        if running.node != args.node and running.is_running():
+        wanted = storage.endpoint if storage else ""
+        if running.is_running() and (
+            running.node != args.node or running.state().shared_s3_endpoint != wanted
+        ):
             running.down(quiet=True)
         cluster = Cluster(args.dir, node=args.node)
     else:
@@ -57,13 +77,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "up":
         try:
-            state = cluster.up(pod_env=dict(kv.split("=", 1) for kv in args.pod_env))
-        except (StartupError, subprocess.CalledProcessError, OSError) as e:
+            pod_env = dict(kv.split("=", 1) for kv in args.pod_env)
+            state = cluster.up(pod_env=pod_env, storage=storage)
+        except (StartupError, subprocess.CalledProcessError, OSError, ValueError) as e:
             print(f"devcluster: {e}", file=sys.stderr)
             cluster.down(quiet=True)
             return 1
         kubectl = Path(state.bin_dir) / "kubectl"
-        print(f"devcluster is up: API {state.api_url}, S3 {state.s3_endpoint}")
+        shared = " (another devcluster's)" if state.shared_s3_endpoint else ""
+        print(f"devcluster is up: API {state.api_url}, S3 {state.s3_endpoint}{shared}")
         if state.registry_port:
             print(
                 f"  real node; registry 127.0.0.1:{state.registry_port} "
@@ -78,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         for c in cluster.components:
             print(f"{c:25} {'running' if cluster.processes.alive(c) else 'stopped'}")
+        if cluster.shares_storage():
+            print(f"{'s3':25} another's, at {cluster.state().s3_endpoint}")
         return 0 if cluster.is_running() else 1
     if args.command == "env":
         if not cluster.state_file.exists():

@@ -1,6 +1,10 @@
 """Start and stop the devcluster: etcd, kube-apiserver, kube-controller-manager, an S3 server and
 the process kubelet, all on 127.0.0.1 with ports chosen at start and kept in `state.json`.
 
+With `storage` (devcluster up --storage-of DIR), a process-node cluster runs no S3 server of its
+own and uses another's, as a site's cluster meets a run only through the run's storage: several
+control planes side by side, one S3 server (devcluster/federation.py).
+
 With `node="real"` (devcluster up --node real) the node is a real one instead: kubelet,
 containerd, kube-scheduler, kube-proxy and a local registry, the whole cluster inside namespaces
 of its own (devcluster/realnode.py); the host reaches it at the same 127.0.0.1 ports.
@@ -28,7 +32,7 @@ from devcluster import controlplane, net, pki, s3
 from devcluster.controlplane import ADMIN, Certificates
 from devcluster.namespaces import NODE_IP
 from devcluster.net import free_port
-from devcluster.processes import Processes
+from devcluster.processes import Processes, StartupError
 from devcluster.realnode import NODE_COMPONENTS, RealNode
 from devcluster.registry import registry_port
 from devcluster.state import NODE_KINDS, NODE_NAME, REPO_ROOT, ClusterState
@@ -77,9 +81,13 @@ class Cluster:
 
     @property
     def components(self) -> tuple[str, ...]:
-        if self.real is None:
-            return COMPONENTS
-        return ("forward", *CONTROL_PLANE, *NODE_COMPONENTS)
+        """The processes this cluster runs: never the S3 server of another whose storage it
+        uses (so `down` leaves that one serving)."""
+        if self.real is not None:
+            return ("forward", *CONTROL_PLANE, *NODE_COMPONENTS)
+        if self.shares_storage():
+            return tuple(c for c in COMPONENTS if c != "s3")
+        return COMPONENTS
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -90,6 +98,10 @@ class Cluster:
     def state(self) -> ClusterState:
         return ClusterState(**json.loads(self.state_file.read_text()))
 
+    def shares_storage(self) -> bool:
+        """Whether this cluster uses another's S3 server (as its state, once up, says)."""
+        return self.state_file.exists() and bool(self.state().shared_s3_endpoint)
+
     def is_running(self) -> bool:
         return self.state_file.exists() and all(self.processes.alive(c) for c in self.components)
 
@@ -98,7 +110,8 @@ class Cluster:
         return s3.S3Account(st.s3_endpoint, st.s3_access_key, st.s3_secret_key)
 
     def env(self) -> dict[str, str]:
-        """Variables a shell (or a test) needs to talk to this cluster and its S3 server."""
+        """Variables a shell (or a test) needs to talk to this cluster and its S3 server (the
+        shared one, with the account it was given, when it uses another's)."""
         return {
             "KUBECONFIG": str(self.kubeconfig),
             "DEVCLUSTER_BIN": self.state().bin_dir,
@@ -141,10 +154,10 @@ class Cluster:
         self.processes.wait(component, self._ready(component), timeout=120)
 
     def _restartable(self, component: str) -> None:
-        if self.real is not None or component not in COMPONENTS:
+        if self.real is not None or component not in self.components:
             raise ValueError(
-                f"only a process-node devcluster's {', '.join(COMPONENTS)} can be stopped and "
-                f"started one by one, not {component!r} ({self.node} node)"
+                f"only a process-node devcluster's own {', '.join(self.components)} can be "
+                f"stopped and started one by one, not {component!r} ({self.node} node)"
             )
 
     def log_tail(self, component: str, lines: int = 40) -> str:
@@ -152,24 +165,38 @@ class Cluster:
 
     # -- up --------------------------------------------------------------------------------------
 
-    def up(self, *, pod_env: dict[str, str] | None = None) -> ClusterState:
+    def up(
+        self, *, pod_env: dict[str, str] | None = None, storage: s3.S3Account | None = None
+    ) -> ClusterState:
         """Start the cluster, each component waited for before the ones that need it; a cluster
-        already running is left as it is."""
+        already running is left as it is.
+
+        `storage`: an account on another devcluster's S3 server (its endpoint and keys), which
+        this cluster then uses instead of starting one of its own; it must answer already. Only
+        on the process node, whose pods share the host's loopback: the real node's pods could
+        not reach a server on it."""
         if self.is_running():
             print(f"[devcluster] already running ({self.dir})", file=sys.stderr)
             return self.state()
+        if storage is not None:
+            if self.real is not None:
+                raise ValueError("a real-node devcluster runs its own S3 server (no storage=)")
+            if s3.health_status(storage.endpoint) != 200:
+                raise StartupError(f"no S3 server answers at {storage.endpoint}")
         self.down(quiet=True)
-        state = self._new_state(self._link_binaries())
+        state = self._new_state(self._link_binaries(), storage)
         certs = controlplane.issue_certificates(self.pki_dir, node_ip=self._node_ip)
         kubeconfigs = self._write_kubeconfigs(state, certs)
         if self.real is not None:
             self.real.isolate(state)
-        self._start_s3(state)
+        if storage is None:
+            self._start_s3(state)
         self._start_etcd(state)
         self._start_apiserver(state, certs)
         self._start_controller_manager(state, certs, kubeconfigs["kcm"])
-        # Started first, S3 came up meanwhile; it is waited for once the control plane is.
-        self.processes.wait("s3", self._ready("s3"))
+        if storage is None:
+            # Started first, S3 came up meanwhile; it is waited for once the control plane is.
+            self.processes.wait("s3", self._ready("s3"))
         if self.real is not None:
             self.real.start(state, Path(state.bin_dir), kubeconfigs, self.processes)
         else:
@@ -190,20 +217,29 @@ class Cluster:
         (self.dir / "bin").symlink_to(bin_dir)
         return bin_dir
 
-    def _new_state(self, bin_dir: Path) -> ClusterState:
+    def _new_state(self, bin_dir: Path, storage: s3.S3Account | None) -> ClusterState:
         """Fresh ports, written to `state.json`; the S3 account of an earlier start is kept, so
-        that credentials handed out before stay valid."""
+        that credentials handed out before stay valid. With `storage`, no S3 port: its endpoint
+        and account instead."""
         previous = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+        if storage is not None:
+            keys = (storage.access_key, storage.secret_key)
+        else:
+            keys = (
+                previous.get("s3_access_key", "devcluster"),
+                previous.get("s3_secret_key", secrets.token_urlsafe(24)),
+            )
         state = ClusterState(
             etcd_port=free_port(),
             etcd_peer_port=free_port(),
             api_port=free_port(),
             kcm_port=free_port(),
-            s3_port=free_port(),
-            s3_access_key=previous.get("s3_access_key", "devcluster"),
-            s3_secret_key=previous.get("s3_secret_key", secrets.token_urlsafe(24)),
+            s3_port=0 if storage else free_port(),
+            s3_access_key=keys[0],
+            s3_secret_key=keys[1],
             bin_dir=str(bin_dir),
             node=self.node,
+            shared_s3_endpoint=storage.endpoint if storage else "",
         )
         if self.real is not None:
             state.registry_port = registry_port()

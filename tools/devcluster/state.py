@@ -26,7 +26,9 @@ def cache_root() -> Path:
 
 @dataclass
 class ClusterState:
-    """What a running cluster is: where it listens and what its S3 root account is."""
+    """What a running cluster is: where it listens and what its S3 account is. A cluster that
+    uses another's S3 server (`Cluster.up(storage=...)`) has no port of its own (`s3_port` 0):
+    `shared_s3_endpoint` says where its storage is, and the keys are the account it was given."""
 
     etcd_port: int
     etcd_peer_port: int
@@ -40,6 +42,7 @@ class ClusterState:
     registry_port: int = 0
     sched_port: int = 0
     proxy_port: int = 0
+    shared_s3_endpoint: str = ""
 
     @property
     def api_url(self) -> str:
@@ -47,4 +50,4 @@ class ClusterState:
 
     @property
     def s3_endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.s3_port}"
+        return self.shared_s3_endpoint or f"http://127.0.0.1:{self.s3_port}"

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from botocore.exceptions import ClientError
 from kubernetes import client, config
 
 from devcluster.cluster import Cluster, ClusterState
@@ -44,6 +45,30 @@ def wait_for(
             detail = f"\n{diagnose()}" if diagnose else ""
             raise WaitTimeout(f"timed out after {timeout:.0f}s waiting for {what}{detail}")
         time.sleep(interval)
+
+
+def refused(call: Callable[[], Any]) -> bool:
+    """Whether the server answered 403 AccessDenied (False when the call went through); any
+    other error propagates. A transfer (upload_fileobj) wraps the ClientError, and DeleteObjects
+    reports a refused key inside a 200 answer: both count as refused."""
+    try:
+        result = call()
+    except Exception as e:
+        error: BaseException | None = e
+        while error is not None and not isinstance(error, ClientError):
+            error = error.__cause__ or error.__context__
+        if error is None:
+            raise
+        status = error.response["ResponseMetadata"]["HTTPStatusCode"]
+        code = error.response["Error"]["Code"]
+        if status == 403 and code in ("AccessDenied", "403"):  # HEAD answers have no body
+            return True
+        raise
+    if isinstance(result, dict) and result.get("Errors"):
+        codes = {e["Code"] for e in result["Errors"]}
+        assert codes == {"AccessDenied"}, result["Errors"]
+        return True
+    return False
 
 
 def make_tiny_assets(
@@ -116,24 +141,23 @@ class DevCluster:
         return config.new_client_from_config(config_file=str(self.kubeconfig))
 
     def apply_crds(self) -> None:
-        """Apply the CRDs and wait until the API server serves them. Not `kubectl wait
+        """Apply the CRDs and wait until the API server serves each. Not `kubectl wait
         --for=condition=Established`: on a CRD whose status has no conditions yet it fails at
         once ("<nil> is of the type <nil>") instead of waiting."""
         self.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO_ROOT / "crds"))
         established = "{.status.conditions[?(@.type=='Established')].status}"
 
-        def served() -> bool:
-            # Not check=True: while the CRD has no conditions yet, the jsonpath filter fails.
-            got = self.kubectl(
-                "get",
-                "crd/federatedfinetunes.fedtune.dev",
-                "-o",
-                f"jsonpath={established}",
-                check=False,
-            )
-            return got.returncode == 0 and got.stdout.strip() == "True"
+        # crds/<group>_<plural>.yaml holds the CRD <plural>.<group>.
+        for path in sorted((REPO_ROOT / "crds").glob("*.yaml")):
+            group, plural = path.stem.split("_", 1)
+            crd = f"crd/{plural}.{group}"
 
-        wait_for(served, timeout=60, what="the FederatedFineTune CRD to be Established")
+            def served(crd: str = crd) -> bool:
+                # Not check=True: while the CRD has no conditions yet, the jsonpath filter fails.
+                got = self.kubectl("get", crd, "-o", f"jsonpath={established}", check=False)
+                return got.returncode == 0 and got.stdout.strip() == "True"
+
+            wait_for(served, timeout=60, what=f"{crd} to be Established")
 
     def logs(self, lines: int = 40) -> str:
         """The controller manager's and kubelet's warnings and every recent pod log, for a
@@ -182,10 +206,17 @@ class OperatorProcess:
     failing node: what the e2e tests and the benchmarks run against the devcluster."""
 
     def __init__(
-        self, dc: DevCluster, namespace: str, log: Path, resync_seconds: float | None = 5
+        self,
+        dc: DevCluster,
+        namespace: str,
+        log: Path,
+        resync_seconds: float | None = 5,
+        mode: str = "run",
     ) -> None:
+        """`mode` site runs the operator's site mode (FederatedSites, docs/sites.md)."""
         self.dc, self.namespace, self.log = dc, namespace, log
         self.resync_seconds = resync_seconds
+        self.mode = mode
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -199,6 +230,8 @@ class OperatorProcess:
                 [
                     str(Path(sys.executable).parent / "fedtune"),
                     "operator",
+                    "--mode",
+                    self.mode,
                     "--namespace",
                     self.namespace,
                     "--liveness-port",

@@ -1,10 +1,11 @@
 """`fedtune-trainer`: the thin shell around the client, the aggregator and the dev tools.
 
-Jobs: `client`, `aggregate`, `evaluate` and `cleanup` read their task from FEDTUNE_TASK_FILE or
-FEDTUNE_TASK (task.py), print progress on stderr and, on exit, write to the termination log
-(FEDTUNE_TERMINATION_LOG, else /dev/termination-log) either the JSON summary (success, exit 0) or
-one line `error: <reason>` (failure: exit 2 for input no retry can fix, else 1), which Kubernetes
-copies into the pod status for the operator to read.
+Jobs: `client`, `aggregate`, `evaluate` and `cleanup`, and a remote client's `relay` (the run's
+side), `watch` and `site-client` (the site's side, docs/sites.md), read their task from
+FEDTUNE_TASK_FILE or FEDTUNE_TASK (task.py), print progress on stderr and, on exit, write to the
+termination log (FEDTUNE_TERMINATION_LOG, else /dev/termination-log) either the JSON summary
+(success, exit 0) or one line `error: <reason>` (failure: exit 2 for input no retry can fix, else
+1), which Kubernetes copies into the pod status for the operator to read.
 
 `report URI --out DIR` downloads a run's report (report.html and its plots) from the run's storage
 root with the standard AWS_* credentials, or renders it from the stored round records when none is
@@ -34,7 +35,8 @@ from fedtune_trainer.wire.contract import (
     TERMINATION_LOG,
     TERMINATION_LOG_ENV,
 )
-from fedtune_trainer.wire.results import dump_summary
+from fedtune_trainer.wire.results import AnySummary, dump_summary
+from fedtune_trainer.wire.site import RelayTask, SiteClientTask, WatchTask
 from fedtune_trainer.wire.task import (
     AggregateTask,
     AnyTask,
@@ -44,13 +46,26 @@ from fedtune_trainer.wire.task import (
     load_task,
 )
 
+JOBS: dict[str, type[AnyTask]] = {
+    "client": ClientTask,
+    "aggregate": AggregateTask,
+    "evaluate": EvaluateTask,
+    "cleanup": CleanupTask,
+    "relay": RelayTask,
+    "watch": WatchTask,
+    "site-client": SiteClientTask,
+}
+"""Each Job command and the one task kind it runs."""
+
 
 def exit_code(error: BaseException) -> int:
     from pydantic import ValidationError
 
     from fedtune_trainer.learning.data import DataError
-    from fedtune_trainer.wire.errors import QuorumError, SettingError
+    from fedtune_trainer.wire.errors import QuorumError, SettingError, SiteError
 
+    if isinstance(error, SiteError):
+        return EXIT_FAILED if error.retry else EXIT_INVALID_INPUT
     permanent = (DataError, ValidationError, json.JSONDecodeError, QuorumError, SettingError)
     return EXIT_INVALID_INPUT if isinstance(error, permanent) else EXIT_FAILED
 
@@ -69,7 +84,13 @@ def write_termination(text: str) -> None:
 
 
 def failure_reason(error: BaseException) -> str:
-    """`error: <type>: <first line>`, short enough for `kubectl get` and events."""
+    """`error: <type>: <first line>`, short enough for `kubectl get` and events; what a site
+    did is said in the contract's words instead (`error: SiteSilent: ...`, `error: Refused:
+    ...`)."""
+    from fedtune_trainer.wire.errors import SiteError
+
+    if isinstance(error, SiteError):
+        return "error: " + error.reason.strip().splitlines()[0][:480]
     first = str(error).strip().splitlines()[0] if str(error).strip() else ""
     text = f"{type(error).__name__}: {first}" if first else type(error).__name__
     return "error: " + text[:480]
@@ -119,6 +140,8 @@ def without_bitsandbytes(task: AnyTask) -> None:
     uses it. A None entry in sys.modules is Python's own way of saying "not importable", and both
     libraries then take it as not installed.
     """
+    if isinstance(task, SiteClientTask):
+        return  # its adapter is in the remote task, not read yet: a 4-bit site must find it
     adapter = getattr(task, "adapter", None)
     if adapter is None or adapter.base_quantization != "nf4":
         sys.modules.setdefault("bitsandbytes", None)
@@ -154,34 +177,19 @@ def run_job(kind: str) -> int:
     worker = worker_file()
     if worker is not None:
         os.environ[TERMINATION_LOG_ENV] = str(worker)
-    expected = {
-        "client": ClientTask,
-        "aggregate": AggregateTask,
-        "evaluate": EvaluateTask,
-        "cleanup": CleanupTask,
-    }[kind]
+    expected = JOBS[kind]
     try:
         task = load_task()
         if not isinstance(task, expected):
             raise ValueError(f"`{kind}` was given a {task.kind} task")
         without_bitsandbytes(task)
-        if isinstance(task, ClientTask):
-            from fedtune_trainer.client import run
-
-            summary = run(task)
+        if isinstance(task, CleanupTask):
+            text = cleanup(task)
+        else:
+            summary = run_task(task)
             if summary is None:  # a worker other than rank 0: it uploaded nothing
                 return 0
             text = dump_summary(summary)
-        elif isinstance(task, AggregateTask):
-            from fedtune_trainer.aggregate import run as run_aggregate
-
-            text = dump_summary(run_aggregate(task))
-        elif isinstance(task, EvaluateTask):
-            from fedtune_trainer.evaluate import run as run_evaluate
-
-            text = dump_summary(run_evaluate(task))
-        else:
-            text = cleanup(task)
     except Exception as e:
         traceback.print_exc(file=sys.stderr)
         reason = failure_reason(e)
@@ -194,6 +202,36 @@ def run_job(kind: str) -> int:
     if worker is None:
         print(text)
     return 0
+
+
+def run_task(task: AnyTask) -> AnySummary | None:
+    """The program of `task`'s kind, imported only when its Job runs it (the relay and the
+    watch never load torch)."""
+    if isinstance(task, ClientTask):
+        from fedtune_trainer.client import run
+
+        return run(task)
+    if isinstance(task, AggregateTask):
+        from fedtune_trainer.aggregate import run as run_aggregate
+
+        return run_aggregate(task)
+    if isinstance(task, EvaluateTask):
+        from fedtune_trainer.evaluate import run as run_evaluate
+
+        return run_evaluate(task)
+    if isinstance(task, RelayTask):
+        from fedtune_trainer.relay import run as run_relay
+
+        return run_relay(task)
+    if isinstance(task, WatchTask):
+        from fedtune_trainer.watch import run as run_watch
+
+        return run_watch(task)
+    if isinstance(task, SiteClientTask):
+        from fedtune_trainer.site_client import run as run_site_client
+
+        return run_site_client(task)
+    raise TypeError(f"no program runs a {task.kind} task")
 
 
 def run_launcher(kind: str, nproc: int, torchrun_args: list[str]) -> int:
@@ -234,6 +272,16 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("evaluate", help="evaluate one round's global adapter on held-out data")
     sub.add_parser(
         "cleanup", help="delete everything under the run's storage root, if its marker is the run's"
+    )
+    sub.add_parser(
+        "relay",
+        help="a remote client's round, run side: publish its signed task, wait for its commit",
+    )
+    sub.add_parser(
+        "watch", help="a site's wait for its next task: verified, checked against its policy"
+    )
+    sub.add_parser(
+        "site-client", help="a site's client: the task its watch accepted, trained and signed"
     )
     rep = sub.add_parser(
         "report",
@@ -279,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if args.nproc_per_node > 1 or spread:
             return run_launcher("client", args.nproc_per_node, spread)
-    if args.command in ("client", "aggregate", "evaluate", "cleanup"):
+    if args.command in JOBS:
         return run_job(args.command)
     if args.command == "report":
         return report(args.uri, args.endpoint, args.region, args.out)

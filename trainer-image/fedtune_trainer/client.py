@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from fedtune_trainer.adapter import exact, lora
+from fedtune_trainer.aggregation.privacy import privatise_at_client
 from fedtune_trainer.codec import encoding as codec
 from fedtune_trainer.codec.container import DELTA_FILE
 from fedtune_trainer.learning import drift as dc
@@ -46,7 +47,6 @@ from fedtune_trainer.storage import store as st
 from fedtune_trainer.storage.cache import bytes_downloaded
 from fedtune_trainer.storage.locate import open_store
 from fedtune_trainer.wire.contract import SIGNING_KEY_ENV
-from fedtune_trainer.wire.errors import SettingError
 from fedtune_trainer.wire.layout import client_prefix, client_state_prefix, global_prefix
 from fedtune_trainer.wire.results import ClientSummary
 from fedtune_trainer.wire.task import ClientTask
@@ -130,15 +130,11 @@ def commit_signer(
     any work (exit 2: the Secret must change, a retry cannot fix it)."""
     if not task.sign:
         return None
-    pem = (os.environ if environ is None else environ).get(SIGNING_KEY_ENV, "")
-    if not pem.strip():
-        raise SettingError(
-            f"the run pins a signing key for {task.client}, but {SIGNING_KEY_ENV} is empty"
-        )
-    try:
-        return signing.signer(signing.load_private(pem.encode()))
-    except signing.SignatureError as e:
-        raise SettingError(f"{SIGNING_KEY_ENV}: {e}") from e
+    return signing.signer_from_env(
+        os.environ if environ is None else environ,
+        SIGNING_KEY_ENV,
+        f"the run pins a signing key for {task.client}, but {SIGNING_KEY_ENV} is empty",
+    )
 
 
 def _run(
@@ -201,6 +197,12 @@ def _run(
 
     names = lora.trainable_names(list(global_tensors), task.adapter)
     delta = codec.compute_delta(lora.adapter_tensors(model), global_tensors, names)
+    if task.local_privacy is not None:
+        norm = privatise_at_client(delta, task.local_privacy)
+        log(
+            f"local privacy: delta norm {norm:.4g} clipped to {task.local_privacy.clip_norm:g}, "
+            f"noise multiplier {task.local_privacy.noise_multiplier:g}"
+        )
     previous, residual = read_residual(store, task)
     if residual is not None:
         log(f"error feedback: residual of round {previous}")

@@ -75,6 +75,9 @@ devcluster's process kubelet) runs exactly this.
 {{- define "fedtune-operator.command" -}}
 - fedtune
 - operator
+{{- if eq .Values.mode "site" }}
+- --mode=site
+{{- end }}
 {{- range .Values.watchNamespaces }}
 - --namespace={{ . }}
 {{- end }}
@@ -106,6 +109,9 @@ their credentials through secretKeyRef, which the kubelet resolves, never the op
   the garbage collector deletes it with the run.
 */}}
 {{- define "fedtune-operator.rules" -}}
+{{- if eq .Values.mode "site" }}
+{{- include "fedtune-operator.siteRules" . }}
+{{- else }}
 - apiGroups: ["fedtune.dev"]
   resources: ["federatedfinetunes"]
   verbs: ["get", "list", "watch", "patch", "delete"]
@@ -127,6 +133,29 @@ their credentials through secretKeyRef, which the kubelet resolves, never the op
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
   verbs: ["create", "patch"]
+{{- end }}
+{{- end }}
+
+{{/*
+Site mode: a FederatedSite's reconcile reads it and replaces its status, lists and creates its
+Jobs, reads their pods' termination messages, and posts events. No Secrets, no storage.
+*/}}
+{{- define "fedtune-operator.siteRules" -}}
+- apiGroups: ["fedtune.dev"]
+  resources: ["federatedsites"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["fedtune.dev"]
+  resources: ["federatedsites/status"]
+  verbs: ["update"]
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["get", "list", "watch", "create"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
 {{- end }}
 
 {{/*

@@ -8,6 +8,7 @@ Parsing and validation are in `fedtune_operator.validation`; the round rules in
 
 from __future__ import annotations
 
+from fedtune_operator.api.keys import ClientSigning, RemoteClient, TaskSigning
 from fedtune_operator.api.network import (
     CIDR_PATTERN,
     Cidr,
@@ -80,7 +81,6 @@ from fedtune_operator.api.spec import (
     IMMUTABLE_ONCE_STARTED,
     ROOT_RULES,
     STARTED_CEL,
-    ClientSigning,
     ClientSpec,
     Evaluation,
     FederatedFineTuneSpec,
@@ -187,6 +187,7 @@ __all__ = [
     "PodTemplate",
     "QualifiedName",
     "Quantity",
+    "RemoteClient",
     "Resources",
     "RoundRecord",
     "S3Credentials",
@@ -194,6 +195,7 @@ __all__ = [
     "StatusModel",
     "StorageSpec",
     "StorageUri",
+    "TaskSigning",
     "Timestamp",
     "Toleration",
     "bounded_str",

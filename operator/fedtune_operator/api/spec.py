@@ -19,6 +19,7 @@ from typing import Literal, NamedTuple
 
 from pydantic import ConfigDict, Field
 
+from fedtune_operator.api.keys import ClientSigning, RemoteClient, TaskSigning
 from fedtune_operator.api.network import NetworkPolicySpec
 from fedtune_operator.api.pod import PodSettings, PodTemplate
 from fedtune_operator.api.schema import (
@@ -37,7 +38,6 @@ from fedtune_operator.api.schema import (
     k8s_extensions,
     map_list,
 )
-from fedtune_trainer.wire.contract import SIGNING_KEY_SECRET_KEY
 from fedtune_trainer.wire.settings import (
     CODEBOOK_BITS,
     KRUM_ALGORITHMS,
@@ -52,7 +52,6 @@ from fedtune_trainer.wire.settings import (
     EvaluationSpec,
     Model,
     PrivacySpec,
-    PublicKey,
     StorageLocation,
     TrainingSpec,
 )
@@ -155,29 +154,19 @@ class ClientAdapter(Model):
     )
 
 
-class ClientSigning(Model):
-    """The client's signing key: its public half pinned in the run, its private half in a Secret
-    that only this client's pods get (`fedtune-trainer keygen` makes both). The client signs each
-    delta it commits; the aggregator refuses this client's unsigned, mis-signed or replayed deltas
-    before it downloads them."""
-
-    public_key: PublicKey = Field(
-        description="The client's Ed25519 public key, `ed25519:<base64>` (keygen prints it)."
-    )
-    secret_name: ObjectName = Field(
-        description="The Secret in the run's namespace that holds the private key (PEM)."
-    )
-    secret_key: SecretKey = Field(
-        SIGNING_KEY_SECRET_KEY, description="Key of the private key in that Secret."
-    )
-
-
 class _ClientData(Model):
     """The client's own fields; a separate base only so that they come first in the schema."""
 
     name: ClientName = Field(description="The client's name, unique in the run.")
-    data_uri: DataUri = Field(
-        description="The client's jsonl file or prefix: s3://, file:// or pvc://<claim>/<path>."
+    data_uri: DataUri | None = Field(
+        None,
+        description="The client's jsonl file or prefix: s3://, file:// or pvc://<claim>/<path>. "
+        "Required unless the client is a site's.",
+    )
+    site: RemoteClient | None = Field(
+        None,
+        description="The client trains at a site, in its own cluster (docs/sites.md): no "
+        "dataUri, credentials or signing here; the run relays its tasks through storage.",
     )
     weight: float = Field(
         1.0,
@@ -337,7 +326,25 @@ class FederatedFineTuneSpec(Model):
                 + " are reserved for the aggregator's and the evaluation's Jobs",
                 reason="FieldValueForbidden",
             ),
+            cel(
+                "self.all(c, has(c.dataUri) != has(c.site))",
+                "each client has exactly one of dataUri (trained here) and site (trained at a "
+                "site)",
+                reason="FieldValueRequired",
+            ),
+            cel(
+                "self.all(c, !has(c.site) || !(has(c.signing) || has(c.credentialsSecret) "
+                "|| has(c.storageCredentialsSecret)))",
+                "a site's client has no signing, credentialsSecret or storageCredentialsSecret "
+                "here: its keys and credentials stay at the site (site.publicKey pins its key)",
+                reason="FieldValueForbidden",
+            ),
         ),
+    )
+    task_signing: TaskSigning | None = Field(
+        None,
+        description="The run's key that signs its remote clients' tasks; required when a client "
+        "is a site's.",
     )
     aggregation: AggregationSpec = Field(
         default_factory=AggregationSpec,
@@ -408,6 +415,12 @@ class FederatedFineTuneSpec(Model):
 
     model_config = ConfigDict(
         json_schema_extra=k8s_extensions(
+            cel(
+                "has(self.taskSigning) || !self.clients.exists(c, has(c.site))",
+                "a run with a site's client needs taskSigning (the key its tasks are signed with)",
+                field_path=".taskSigning",
+                reason="FieldValueRequired",
+            ),
             cel(
                 "!has(self.aggregation.clientsPerRound) "
                 "|| self.aggregation.clientsPerRound <= size(self.clients)",

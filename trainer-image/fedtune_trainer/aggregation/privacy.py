@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from fedtune_trainer.aggregation.bounds import clip_factor, l2_norm
 from fedtune_trainer.aggregation.intake import (
     Accepted,
 )
@@ -41,6 +42,7 @@ from fedtune_trainer.wire.layout import (
     CLIP_STATE_PREFIX,
 )
 from fedtune_trainer.wire.results import RoundRecord
+from fedtune_trainer.wire.settings import LocalPrivacy
 from fedtune_trainer.wire.task import AggregateTask
 
 
@@ -54,6 +56,26 @@ def privatise(task: AggregateTask, update: dict[str, torch.Tensor], n_clients: i
     for name in sorted(update):
         noise = source.gaussian(tuple(update[name].shape), f"dp-noise/{name}")
         update[name].add_(noise.mul_(std).float())
+
+
+def privatise_at_client(
+    delta: dict[str, torch.Tensor], privacy: LocalPrivacy, source: NoiseSource | None = None
+) -> float:
+    """A site's own guarantee, on its delta before it is encoded: clip the whole delta's L2 norm
+    to clipNorm, then add Gaussian noise of std noiseMultiplier * clipNorm to every value (in
+    place). The noise comes from the OS's CSPRNG: nothing the run or the site publishes derives
+    it. Returns the delta's norm before clipping (for the client's log only)."""
+    norm = l2_norm(delta)
+    factor = clip_factor(norm, privacy.clip_norm)
+    std = privacy.noise_multiplier * privacy.clip_norm
+    source = source or NoiseSource(None, "client")
+    for name in sorted(delta):
+        t = delta[name]
+        if factor < 1.0:
+            t.mul_(factor)
+        if std > 0:
+            t.add_(source.gaussian(tuple(t.shape), f"local-noise/{name}").mul_(std).to(t.dtype))
+    return norm
 
 
 class NoiseSource:

@@ -17,14 +17,19 @@ to pin in a run's spec. `cryptography` does the maths; nothing here is hand-writ
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from fedtune_trainer.wire.errors import SettingError
+
 DOMAIN = b"fedtune.manifest-signature/v1\x00"
 """Prefixed to what is signed, so that a fedtune signature means nothing anywhere else."""
+TASK_DOMAIN = b"fedtune.task-signature/v1\x00"
+"""The run's signatures of remote tasks (storage/tasks.py): another domain, so that a manifest
+signature can never pass for a task's, whoever holds both keys."""
 PUBLIC_PREFIX = "ed25519:"
 
 
@@ -70,20 +75,38 @@ def load_public(text: str) -> Ed25519PublicKey:
         raise SignatureError(f"not an Ed25519 public key: {e}") from e
 
 
-def signer(key: Ed25519PrivateKey) -> Callable[[bytes], bytes]:
-    """What the commit protocol calls with a manifest's bytes to get their signature."""
-    return lambda manifest: key.sign(DOMAIN + manifest)
+def signer(key: Ed25519PrivateKey, domain: bytes = DOMAIN) -> Callable[[bytes], bytes]:
+    """What the commit protocol calls with a manifest's bytes to get their signature (with
+    TASK_DOMAIN: what the run signs a remote task with)."""
+    return lambda document: key.sign(domain + document)
 
 
-def verifier(public: str) -> Callable[[bytes, bytes | None], None]:
-    """What a reader calls with a manifest's bytes and its signature (None: there is none)."""
+def signer_from_env(
+    environ: Mapping[str, str], name: str, missing: str, domain: bytes = DOMAIN
+) -> Callable[[bytes], bytes]:
+    """The signer of the private key PEM in variable `name` (a client's own key, or the run's
+    task key). A missing or unusable key is a SettingError (exit 2): its Secret must change, and
+    a retry cannot fix that; `missing` says whose key it is."""
+    pem = environ.get(name, "")
+    if not pem.strip():
+        raise SettingError(missing)
+    try:
+        return signer(load_private(pem.encode()), domain)
+    except SignatureError as e:
+        raise SettingError(f"{name}: {e}") from e
+
+
+def verifier(public: str, domain: bytes = DOMAIN) -> Callable[[bytes, bytes | None], None]:
+    """What a reader calls with a manifest's (or, with TASK_DOMAIN, a task's) bytes and its
+    signature (None: there is none)."""
     key = load_public(public)
+    what = "task" if domain == TASK_DOMAIN else "manifest"
 
-    def verify(manifest: bytes, signature: bytes | None) -> None:
+    def verify(document: bytes, signature: bytes | None) -> None:
         if signature is None:
-            raise SignatureError("unsigned: no manifest.sig, but the run pins a key for it")
+            raise SignatureError(f"unsigned: no {what} signature, but a key is pinned for it")
         try:
-            key.verify(signature, DOMAIN + manifest)
+            key.verify(signature, domain + document)
         except InvalidSignature as e:
             raise SignatureError(
                 "mis-signed: the signature does not verify with the pinned key"

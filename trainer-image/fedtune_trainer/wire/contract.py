@@ -26,16 +26,22 @@ LABEL_ROUND: Final = f"{GROUP}/round"
 LABEL_ROLE: Final = f"{GROUP}/role"
 LABEL_CLIENT: Final = f"{GROUP}/client"
 LABEL_ATTEMPT: Final = f"{GROUP}/attempt"
+LABEL_SITE: Final = f"{GROUP}/site"
+"""On a site's Jobs (in the site's cluster): the FederatedSite they belong to."""
 ANNOTATION_STORAGE_CREDENTIALS: Final = f"{GROUP}/storage-credentials"
 ANNOTATION_DATA_CREDENTIALS: Final = f"{GROUP}/data-credentials"
 """On every Job: which Secret its pods reach storage (and a client its data) with, so that
 `kubectl describe job` shows who holds what."""
 
-Role = Literal["client", "aggregator", "evaluator", "cleanup"]
+Role = Literal["client", "aggregator", "evaluator", "cleanup", "relay", "watch"]
 ROLE_CLIENT: Final = "client"
 ROLE_AGGREGATOR: Final = "aggregator"
 ROLE_EVALUATOR: Final = "evaluator"
 ROLE_CLEANUP: Final = "cleanup"
+ROLE_RELAY: Final = "relay"
+"""The run's Job for a remote client's round: publishes its signed task, waits for its commit."""
+ROLE_WATCH: Final = "watch"
+"""A site's Job that waits for its next task and checks it against the site's policy."""
 
 FINALIZER: Final = f"{GROUP}/cleanup"
 """Held only by runs with storage.cleanupPolicy Delete, until their storage is deleted."""
@@ -85,6 +91,41 @@ SIGNING_KEY_ENV: Final = "FEDTUNE_SIGNING_KEY"
 """A client's Ed25519 private key (PEM), from its own Secret: it signs the client's commits."""
 SIGNING_KEY_SECRET_KEY: Final = "signing.key"
 """The key in that Secret's data (the file name `fedtune-trainer keygen` writes)."""
+TASK_SIGNING_KEY_ENV: Final = "FEDTUNE_TASK_SIGNING_KEY"
+"""The run's Ed25519 private key (PEM) that signs remote tasks: relay Jobs alone get it."""
+TASK_SIGNING_SECRET_KEY: Final = "task-signing.key"
+"""The key in the run's task-signing Secret."""
+REFUSED_PREFIX: Final = "Refused: "
+"""How a relay or watch Job's failure reason begins when the site refused the round's task."""
+
+
+def refused(round_: int, reason: str) -> str:
+    """A Job's failure reason for a refused round: `Refused: round <r>: <reason>`, so that the
+    operator that reads it (the site's, the run's) knows which round, without storage."""
+    return f"{REFUSED_PREFIX}round {round_}: {reason}"
+
+
+def refused_round(text: str) -> int | None:
+    """The round a `refused` reason names; None when `text` is no refusal."""
+    head, _, _ = text.removeprefix(REFUSED_PREFIX).partition(":")
+    if not text.startswith(REFUSED_PREFIX) or not head.startswith("round "):
+        return None
+    number = head.removeprefix("round ")
+    return int(number) if number.isdigit() else None
+
+
+SITE_PAUSED: Final = "SitePaused"
+SITE_SILENT: Final = "SiteSilent"
+SITE_LEFT: Final = "SiteLeft"
+"""A relay Job's failure reasons when the site paused, went silent or left: each reason begins
+with its word, and may go on after ': ' with what the relay saw. A retry may find a silent site
+back (exit 1); a pause or a departure stands (exit 2)."""
+SITE_UNVERIFIED: Final = "SiteUnverified"
+SITE_MOVED_ON: Final = "SiteMovedOn"
+"""A relay's failure when the site waits for a later round: its client failed this one, and its
+operator has moved on (the site's own status says why)."""
+"""A relay Job's failure when the site's commit for the round stays there without verifying
+against its pinned key (a key that differs at either end: no retry helps)."""
 NOISE_KEY_ENV: Final = "FEDTUNE_DP_NOISE_KEY"
 """The aggregator's key of its DP noise (privacy.noiseKeySecret), from a Secret only it gets."""
 NOISE_KEY_SECRET_KEY: Final = "noise.key"

@@ -20,6 +20,28 @@ def client_prefix(round_: int, client: str) -> str:
     return f"{round_prefix(round_)}/clients/{client}"
 
 
+def task_key(round_: int, client: str) -> str:
+    """A remote client's task for `round_` (wire.site.RemoteTask), written by the run."""
+    return f"{round_prefix(round_)}/tasks/{client}.json"
+
+
+TASK_SIGNATURE_SUFFIX = ".sig"
+"""The run's signature of a task sits beside it: `<task_key>.sig`."""
+
+
+def site_prefix(client: str) -> str:
+    """What a site writes besides its commits: heartbeats and refusals (docs/sites.md)."""
+    return f"sites/{client}"
+
+
+def heartbeat_key(client: str) -> str:
+    return f"{site_prefix(client)}/heartbeat.json"
+
+
+def refusal_key(client: str, round_: int) -> str:
+    return f"{site_prefix(client)}/refusals/{round_:06d}.json"
+
+
 RUN_MARKER = "fedtune-run.json"
 """At the storage root: `{"kind": "fedtune.run", "run": <name>, "uid": <metadata.uid>}`, written
 by round 0's aggregator to a root that is empty (or already holds it). It is what storage cleanup

@@ -54,6 +54,18 @@ class ClientSummary(Model):
     )
 
 
+class WatchSummary(Model):
+    """A site's watch Job's result: the task it accepted for `round`, or the run's end."""
+
+    kind: Literal["watch"] = "watch"
+    client: str
+    outcome: Literal["task", "finished"]
+    round: int = Field(ge=0, description="The accepted task's round; the last round when finished.")
+    task_sha256: str | None = Field(None, description="The accepted task's digest.")
+    image: str | None = Field(None, description="The image the accepted task runs.")
+    seconds: float = 0.0
+
+
 class Rejection(Model):
     """A client delta the aggregator refused, and why (for people: one line)."""
 
@@ -210,7 +222,7 @@ class EvaluationSummary(Model):
     seconds: float = Field(0.0, ge=0)
 
 
-AnySummary = ClientSummary | AggregateSummary | EvaluationSummary
+AnySummary = ClientSummary | AggregateSummary | EvaluationSummary | WatchSummary
 Summary = Annotated[AnySummary, Field(discriminator="kind")]
 
 

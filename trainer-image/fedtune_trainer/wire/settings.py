@@ -30,6 +30,10 @@ PublicKey = Annotated[
 keygen` prints it). The pattern admits exactly the encodings of 32 bytes."""
 
 
+RunUid = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9-]+$")]
+"""A Kubernetes object's metadata.uid (a UUID)."""
+
+
 class Model(BaseModel):
     """Base of every contract model: camelCase on the wire, strict about unknown fields."""
 
@@ -431,6 +435,17 @@ class PrivacySpec(Model):
         if self.target_epsilon is not None and self.noise_multiplier == 0:
             raise ValueError("targetEpsilon needs noiseMultiplier > 0 (no noise: no guarantee)")
         return self
+
+
+class LocalPrivacy(Model):
+    """Clipping and Gaussian noise applied to a client's delta before it leaves the client (a
+    site's own guarantee, whatever the run asks of its aggregator): the delta's L2 norm is
+    clipped to clipNorm, then noise of std noiseMultiplier * clipNorm is added to every value."""
+
+    clip_norm: float = Field(gt=0, le=1e6, description="The delta's L2 norm is clipped to this.")
+    noise_multiplier: float = Field(
+        0.0, ge=0, le=100, description="Noise std in units of clipNorm; 0 clips only."
+    )
 
 
 def lora_mode_problems(

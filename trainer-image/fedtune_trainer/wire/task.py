@@ -27,22 +27,22 @@ from fedtune_trainer.wire.settings import (
     DataSpec,
     DeltaSpec,
     EvaluationSpec,
+    LocalPrivacy,
     Model,
     PrivacySpec,
     PublicKey,
+    RunUid,
     ShortStr,
     StorageLocation,
     TrainingSpec,
     Uri,
     lora_mode_problems,
 )
+from fedtune_trainer.wire.site import RelayTask, RemoteTask, SiteClientTask, WatchTask
 
 # --------------------------------------------------------------------------------------------
 # Tasks
 # --------------------------------------------------------------------------------------------
-
-RunUid = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9-]+$")]
-"""A Kubernetes object's metadata.uid (a UUID)."""
 
 
 class _TaskBase(Model):
@@ -68,6 +68,17 @@ class ClientTask(_TaskBase):
         description="Sign the commit with the private key in FEDTUNE_SIGNING_KEY (the run pins "
         "the public key, and the aggregator refuses this client's unsigned deltas).",
     )
+    local_privacy: LocalPrivacy | None = Field(
+        None,
+        description="Clip and noise the delta at the client, before encoding (a site's policy).",
+    )
+
+    @model_validator(mode="after")
+    def _local_privacy_covers_what_is_sent(self) -> ClientTask:
+        # SCAFFOLD also sends a control-variate change, which local noise would not cover.
+        if self.local_privacy is not None and self.training.drift_control == "scaffold":
+            raise ValueError("localPrivacy cannot protect SCAFFOLD's control variates: use none")
+        return self
 
 
 class AggregateTask(_TaskBase):
@@ -153,7 +164,23 @@ class CleanupTask(Model):
     storage: StorageLocation
 
 
-AnyTask = ClientTask | AggregateTask | EvaluateTask | CleanupTask
+def site_client_task(
+    task: RemoteTask,
+    data_uri: str,
+    storage: StorageLocation,
+    privacy: LocalPrivacy | None,
+) -> ClientTask:
+    """The ClientTask a site's client Job trains: the run's task, the site's data and storage
+    location, the site's privacy, and always signed (the run pins the site's key)."""
+    fields = task.model_dump(exclude={"kind", "run_uid", "image"})
+    return ClientTask.model_validate(
+        fields | {"data_uri": data_uri, "storage": storage, "sign": True, "local_privacy": privacy}
+    )
+
+
+AnyTask = (
+    ClientTask | AggregateTask | EvaluateTask | CleanupTask | RelayTask | WatchTask | SiteClientTask
+)
 Task = Annotated[AnyTask, Field(discriminator="kind")]
 
 
