@@ -8,7 +8,7 @@ DEPS_BIN  := .venv/deps/bin
 CLUSTER   := $(PY) -m devcluster.cli
 PYTEST_ARGS ?=
 NODE      ?= process
-# make demo MODEL=tiny|smollm2 (empty: the demo's default, see README.md)
+# make demo MODEL=tiny|smollm2 (empty: the demo's default, see README.md); SITES=N: sites demo
 MODEL     ?=
 
 .PHONY: help install lock model binaries test test-unit lint fmt crds demo bench cluster-up cluster-down \
@@ -76,8 +76,8 @@ cluster-logs:  ## the tail of every component and pod log
 cluster-env:  ## shell exports for the devcluster: eval $$(make -s cluster-env)
 	@$(CLUSTER) env
 
-demo: install model  ## a whole federated fine-tune on the devcluster, start to finish (MODEL=tiny|smollm2)
-	@$(PY) -m devcluster.demo $(if $(MODEL),--model $(MODEL))
+demo: install model  ## a whole federated fine-tune on the devcluster (MODEL=tiny|smollm2; SITES=N: N more clusters)
+	@$(PY) -m devcluster.demo $(if $(MODEL),--model $(MODEL)) $(if $(SITES),--sites $(SITES))
 
 bench: install model  ## benchmarks: tables on stdout, JSON in bench/results/
 	@OMP_NUM_THREADS=2 $(PY) -m bench

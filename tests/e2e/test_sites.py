@@ -12,23 +12,18 @@ both are told apart, in both clusters' status, and the run goes on with its quor
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from devcluster.federation import Federation, remove_federation, start_federation
-from devcluster.testing import DevCluster, OperatorProcess, make_tiny_assets, wait_for
-from fedtune_operator import storage_policy
-from fedtune_operator.validation import parse_spec
-from fedtune_trainer.storage import signing
-from tests.e2e.support import condition
+from devcluster.federation import remove_federation, start_federation
+from devcluster.sites import LOCAL, ROUNDS, Sites
+from devcluster.testing import make_tiny_assets
 
 pytestmark = pytest.mark.e2e
 
@@ -36,189 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 FEDERATION_DIR = REPO / ".devcluster" / "pytest-sites"
 ASSETS_DIR = REPO / "build" / "pytest-sites"
 BUCKET = "fedsites"
-NAMESPACE = "fed"
-SITE_NAMESPACE = "ml"
 SITES = ("site-a", "site-b")
-LOCAL = "clinic"
-ROUNDS = 2
-RUN_TIMEOUT = 600
-
-
-def secret(dc: DevCluster, namespace: str, name: str, **data: str) -> None:
-    literals = [f"--from-literal={k}={v}" for k, v in data.items()]
-    dc.kubectl("create", "secret", "generic", name, "-n", namespace, *literals)
-
-
-def get(dc: DevCluster, kind: str, namespace: str, name: str) -> dict[str, Any]:
-    return json.loads(dc.kubectl("get", kind, name, "-n", namespace, "-o", "json").stdout)
-
-
-def resource(kind: str, name: str, namespace: str, spec: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "apiVersion": "fedtune.dev/v1alpha1",
-        "kind": kind,
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": spec,
-    }
-
-
-def apply(dc: DevCluster, body: dict[str, Any]) -> None:
-    dc.kubectl("apply", "-f", "-", input=yaml.safe_dump(body))
-
-
-@dataclass
-class Sites:
-    """The federation with its operators, keys and accounts, set up once for the module."""
-
-    fed: Federation
-    data: Path
-    work: Path
-    task_key: tuple[bytes, str] = field(default_factory=signing.generate)
-    site_keys: dict[str, tuple[bytes, str]] = field(
-        default_factory=lambda: {s: signing.generate() for s in SITES}
-    )
-    operators: list[OperatorProcess] = field(default_factory=list)
-    statements: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def run(self) -> DevCluster:
-        return self.fed.run
-
-    def site(self, name: str) -> DevCluster:
-        return self.fed.sites[name].dc
-
-    def data_of(self, site: str) -> Path:
-        return self.data / f"client-{SITES.index(site) + 1}.jsonl"
-
-    def prepare(self, model: Path) -> None:
-        run, root = self.run, self.run.s3
-        run.upload_dir(model, BUCKET, "models/tiny")
-        run.s3.client().upload_file(str(self.data / "client-0.jsonl"), BUCKET, "data/clinic.jsonl")
-        for dc in self.fed.clusters().values():
-            dc.apply_crds()
-        # The run's cluster: its own identity (the bucket's owner) and the task key, no more.
-        run.kubectl("create", "namespace", NAMESPACE)
-        secret(
-            run,
-            NAMESPACE,
-            "run-s3",
-            AWS_ACCESS_KEY_ID=root.access_key,
-            AWS_SECRET_ACCESS_KEY=root.secret_key,
-        )
-        secret(run, NAMESPACE, "task-key", **{"task-signing.key": self.task_key[0].decode()})
-        # Each site's cluster: its storage identity and its signing key (and a key the run never
-        # pinned, for the site that signs with the wrong one).
-        for s in SITES:
-            dc, account = self.site(s), self.fed.sites[s].s3
-            dc.kubectl("create", "namespace", SITE_NAMESPACE)
-            secret(
-                dc,
-                SITE_NAMESPACE,
-                "site-s3",
-                AWS_ACCESS_KEY_ID=account.access_key,
-                AWS_SECRET_ACCESS_KEY=account.secret_key,
-            )
-            secret(dc, SITE_NAMESPACE, "site-key", **{"signing.key": self.site_keys[s][0].decode()})
-            wrong = signing.generate()[0].decode()
-            secret(dc, SITE_NAMESPACE, "wrong-key", **{"signing.key": wrong})
-            self.operators.append(
-                OperatorProcess(dc, SITE_NAMESPACE, self.work / f"{s}.log", mode="site")
-            )
-        self.operators.append(OperatorProcess(run, NAMESPACE, self.work / "run.log"))
-        for op in self.operators:
-            op.start()
-
-    def start(self, name: str, min_clients: int, **sites: dict[str, Any]) -> None:
-        """Run `name`: its FederatedFineTune, each site's FederatedSite (`sites`: overrides of a
-        site's spec), and the bucket policy that adds this run's identities to the earlier runs'."""
-        root = self.run.s3
-        spec = {
-            "baseModel": f"s3://{BUCKET}/models/tiny",
-            "rounds": ROUNDS,
-            "adapter": {"r": 4, "alpha": 8, "targetModules": ["q_proj", "v_proj"]},
-            "training": {
-                "localSteps": 3,
-                "batchSize": 4,
-                "maxSeqLength": 64,
-                "learningRate": 0.003,
-            },
-            "data": {"format": "chat"},
-            "storage": {
-                "uri": f"s3://{BUCKET}/runs/{name}",
-                "endpoint": root.endpoint,
-                "credentialsSecret": {"name": "run-s3"},
-            },
-            "clients": [
-                {"name": LOCAL, "dataUri": f"s3://{BUCKET}/data/clinic.jsonl"},
-                *({"name": s, "site": {"publicKey": self.site_keys[s][1]}} for s in SITES),
-            ],
-            "taskSigning": {"secretName": "task-key"},
-            "aggregation": {"minClients": min_clients},
-            "backoffLimit": 0,
-        }
-        accounts = {"run-s3": root.name} | {
-            storage_policy.site_identity(s): self.fed.sites[s].s3.name for s in SITES
-        }
-        policy = storage_policy.policies(parse_spec(spec), "versitygw", accounts)[BUCKET]
-        self.statements += policy["policy"]["Statement"]
-        root.put_bucket_policy(BUCKET, {"Version": "2012-10-17", "Statement": self.statements})
-        for s in SITES:
-            site_spec = {
-                "client": s,
-                "run": {
-                    "name": name,
-                    "storage": {
-                        "uri": spec["storage"]["uri"],
-                        "endpoint": root.endpoint,
-                        "credentialsSecret": {"name": "site-s3"},
-                    },
-                    "taskPublicKey": self.task_key[1],
-                },
-                "signing": {"secretName": "site-key"},
-                "dataUri": self.data_of(s).as_uri(),
-                "policy": {"images": ["ghcr.io/fedtune/"], "maxLocalSteps": 10},
-            } | sites.get(s, {})
-            apply(
-                self.site(s), resource("FederatedSite", f"{s}-in-{name}", SITE_NAMESPACE, site_spec)
-            )
-        apply(self.run, resource("FederatedFineTune", name, NAMESPACE, spec))
-
-    def succeeded(self, name: str) -> dict[str, Any]:
-        def check() -> dict[str, Any] | None:
-            obj = get(self.run, "fft", NAMESPACE, name)
-            failed = condition(obj, "Failed")
-            if failed and failed["status"] == "True":
-                raise AssertionError(f"{name} failed: {failed['message']}\n{self.diagnose(name)}")
-            done = condition(obj, "Succeeded")
-            return obj if done and done["status"] == "True" else None
-
-        return wait_for(
-            check,
-            timeout=RUN_TIMEOUT,
-            what=f"{name} to succeed",
-            interval=2.0,
-            diagnose=lambda: self.diagnose(name),
-        )
-
-    def site_status(self, site: str, run: str, phase: str) -> dict[str, Any]:
-        def check() -> dict[str, Any] | None:
-            obj = get(self.site(site), "fsite", SITE_NAMESPACE, f"{site}-in-{run}")
-            return obj if (obj.get("status") or {}).get("phase") == phase else None
-
-        return wait_for(
-            check,
-            timeout=120,
-            what=f"{site} in {run} to be {phase}",
-            diagnose=lambda: self.diagnose(run),
-        )
-
-    def diagnose(self, run: str) -> str:
-        logs = [f"--- {o.log.name}\n{o.log_tail(40)}" for o in self.operators]
-        sites = [
-            json.dumps(get(self.site(s), "fsite", SITE_NAMESPACE, f"{s}-in-{run}").get("status"))
-            for s in SITES
-        ]
-        return "\n".join([*logs, *sites, self.run.logs()])
 
 
 @pytest.fixture(scope="module")
@@ -235,13 +48,12 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sites]:
     with start_federation(
         FEDERATION_DIR, prefixes, bucket=BUCKET, pod_env={"OMP_NUM_THREADS": "1"}
     ) as fed:
-        federated = Sites(fed, data, tmp_path_factory.mktemp("sites"))
+        federated = Sites(fed, BUCKET, data, tmp_path_factory.mktemp("sites"))
         try:
             federated.prepare(model)
             yield federated
         finally:
-            for op in federated.operators:
-                op.stop()
+            federated.stop()
 
 
 @dataclass

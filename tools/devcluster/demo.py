@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,10 +34,12 @@ import yaml
 
 from devcluster.cluster import REPO_ROOT, Cluster
 from devcluster.corpus import build_corpus
+from devcluster.federation import remove_federation, start_federation
 from devcluster.net import free_port
 from devcluster.pretrained import ensure_model
 from devcluster.processes import StartupError
-from devcluster.testing import DevCluster
+from devcluster.sites import Sites
+from devcluster.testing import DevCluster, make_tiny_assets
 
 NAMESPACE = "fedtune-demo"
 OPERATOR_NAMESPACE = "fedtune-system"
@@ -240,6 +243,57 @@ def round_table(run: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+SITES_DIR = REPO_ROOT / ".devcluster" / "demo-sites"
+SITES_ASSETS = REPO_ROOT / "build" / "demo-sites"
+"""The sites' data lives on this machine's disk, where their pods read it; not under /tmp,
+which a pod has of its own."""
+
+
+def sites_demo(count: int) -> int:
+    """`make demo SITES=N`: the run's cluster and N sites' clusters side by side, one client
+    training in the run's cluster and one at each site, meeting only in the run's S3 storage
+    (docs/sites.md); the three views as the run goes, then the clusters are stopped."""
+    started = time.monotonic()
+    names = {f"site-{chr(ord('a') + i)}": f"runs/site-{i}/" for i in range(count)}
+    say(f"writing a tiny model and {count + 1} clients' data to {SITES_ASSETS}")
+    shutil.rmtree(SITES_ASSETS, ignore_errors=True)
+    model, data = make_tiny_assets(
+        SITES_ASSETS, clients=count + 1, samples=48, hidden_size=64, eval_samples=16
+    )
+    remove_federation(SITES_DIR)
+    say(f"starting {count + 1} control planes (the run's and {', '.join(names)}'s), one S3 server")
+    with (
+        start_federation(
+            SITES_DIR, names, bucket="fedsites", pod_env={"OMP_NUM_THREADS": "1"}
+        ) as fed,
+        tempfile.TemporaryDirectory() as work,
+    ):
+        sites = Sites(fed, "fedsites", data, Path(work))
+        try:
+            say("keys (fedtune-trainer keygen), each cluster's Secrets, and its operator")
+            sites.prepare(model)
+            say("the run: clinic trains in the run's cluster, each site in its own")
+            sites.start("chatbot", min_clients=count + 1)
+            shown = [0.0]
+
+            def show() -> None:
+                if time.monotonic() - shown[0] >= 10:
+                    shown[0] = time.monotonic()
+                    print(f"\n{sites.views()}", flush=True)
+
+            sites.succeeded("chatbot", each=show)
+            for s in sites.names:
+                sites.site_status(s, "chatbot", "Completed")
+            print(f"\n{sites.views()}\n")
+        except AssertionError as e:
+            print(f"demo: {e}", file=sys.stderr)
+            return 1
+        finally:
+            sites.stop()
+    say(f"done in {time.monotonic() - started:.0f} s; the clusters are stopped (docs/sites.md)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m devcluster.demo",
@@ -247,7 +301,15 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", choices=sorted(MODELS), default=DEFAULT_MODEL)
+    parser.add_argument(
+        "--sites",
+        type=int,
+        default=0,
+        help="N > 0: a run whose clients train in N other clusters too (the tiny model)",
+    )
     args = parser.parse_args(argv)
+    if args.sites:
+        return sites_demo(args.sites)
     model = MODELS[args.model]
     started = time.monotonic()
     cluster = Cluster(REPO_ROOT / ".devcluster")
