@@ -6,8 +6,10 @@ storage-policy` prints (enforced by the S3 server).
 One client trains in the run's cluster, two at sites. The run succeeds with every round merged
 from all three; each site's FederatedSite completes with the rounds it gave; and nothing of a
 site's (its data, its Secrets, its key) is in the run cluster's API objects. A second run meets a
-site whose policy refuses the run's image and a site that signs with a key the run did not pin:
-both are told apart, in both clusters' status, and the run goes on with its quorum.
+site whose policy refuses the run's image and a site that signs with a key the run did not pin;
+a third, a site that pinned a task key that is not the run's (to it every task is forged) and a
+site paused at the start that resumes after round 1. Each is told apart, in both clusters'
+status, and the run goes on with its quorum.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from typing import Any
 import pytest
 
 from devcluster.federation import remove_federation, start_federation
-from devcluster.sites import LOCAL, ROUNDS, Sites
-from devcluster.testing import make_tiny_assets
+from devcluster.sites import LOCAL, ROUNDS, SITE_NAMESPACE, Sites
+from devcluster.testing import make_tiny_assets, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -89,6 +91,47 @@ def guarded(sites: Sites, chatbot: Finished) -> Finished:
     return Finished(run, {s: sites.site_status(s, "guarded", "Completed") for s in SITES}, seconds)
 
 
+@pytest.fixture(scope="module")
+def resumed(sites: Sites, guarded: Finished) -> Finished:
+    """site-a pins a task key that is not the run's (every task looks forged to it); site-b is
+    paused when the run starts and resumes once round 1 is merged."""
+    start = time.monotonic()
+    sites.start(
+        "resumed",
+        min_clients=1,
+        **{
+            "site-a": {
+                "run": {**sites.site_run("resumed"), "taskPublicKey": sites.keys["wrong"][1]}
+            },
+            "site-b": {"policy": {"images": ["ghcr.io/fedtune/"], "paused": True}},
+        },
+    )
+
+    def round_one_merged() -> bool:
+        run = sites.get_run("resumed")
+        return len((run.get("status") or {}).get("history") or []) >= 1
+
+    wait_for(
+        round_one_merged,
+        timeout=300,
+        what="round 1 of resumed to be merged",
+        diagnose=lambda: sites.diagnose("resumed"),
+    )
+    sites.site("site-b").kubectl(
+        "patch",
+        "fsite",
+        "site-b-in-resumed",
+        "-n",
+        SITE_NAMESPACE,
+        "--type=merge",
+        "-p",
+        '{"spec": {"policy": {"paused": false}}}',
+    )
+    run = sites.succeeded("resumed")
+    seconds = time.monotonic() - start
+    return Finished(run, {s: sites.site_status(s, "resumed", "Completed") for s in SITES}, seconds)
+
+
 def test_a_run_with_two_site_clients_succeeds_with_every_round_from_all_three(
     chatbot: Finished,
 ) -> None:
@@ -133,3 +176,19 @@ def test_a_delta_signed_with_a_key_the_run_did_not_pin_is_not_merged(guarded: Fi
     assert "SiteUnverified" in clients["site-a"]["message"]
     # The run went on with its quorum: the local client's delta alone, every round.
     assert [h["clientsSucceeded"] for h in guarded.run["status"]["history"]] == [1] * ROUNDS
+
+
+def test_a_task_not_signed_with_the_key_a_site_pinned_is_refused_by_the_site(
+    resumed: Finished,
+) -> None:
+    refusals = resumed.sites["site-a"]["status"]["refusals"]
+    assert [r["round"] for r in refusals] == list(range(1, ROUNDS + 1))
+    assert all("does not verify" in r["reason"] for r in refusals)
+    clients = {c["name"]: c for c in resumed.run["status"]["clients"]}
+    assert "Refused: round" in clients["site-a"]["message"]
+
+
+def test_a_paused_site_is_left_out_and_rejoins_when_it_resumes(resumed: Finished) -> None:
+    # Round 1 without site-b (paused) and without site-a (refusing); round 2 with site-b back.
+    assert [h["clientsSucceeded"] for h in resumed.run["status"]["history"]] == [1, 2]
+    assert resumed.sites["site-b"]["status"]["roundsContributed"] == 1

@@ -127,6 +127,17 @@ OUTCOMES = [
     ("paused since the task", Seen(heartbeat=beat("paused")), 0, None, 1, "SitePaused: "),
     ("left since the task", Seen(heartbeat=beat("left")), 0, None, 1, "SiteLeft: "),
     ("waiting for this round", Seen(heartbeat=beat("waiting")), 0, None, 1, None),
+    ("paused before the task, briefly", Seen(before=beat("paused")), 0, None, 29, None),
+    ("paused before the task, still", Seen(before=beat("paused")), 0, None, 30, "SitePaused: "),
+    ("left before the task, still", Seen(before=beat("left")), 0, None, 30, "SiteLeft: "),
+    (
+        "paused before the task, resumed since",
+        Seen(heartbeat=beat("waiting"), before=beat("paused")),
+        20,
+        None,
+        60,
+        None,
+    ),
     ("waiting for a later round", Seen(heartbeat=beat("waiting", 4)), 0, None, 1, "SiteMovedOn: "),
     ("silent past the allowance", Seen(), 0, None, 900.5, "SiteSilent: "),
     ("alive lately", Seen(heartbeat=beat("waiting")), 600, None, 1400, None),
@@ -274,12 +285,24 @@ def test_the_relay_fails_with_what_the_site_said(
 
 
 def test_a_silent_site_fails_its_relay_and_a_retry_may_help(file_store: st.FileStore) -> None:
-    heartbeat(file_store, "paused", round_=2, at=START - 10_000)  # before the task: not "since"
+    heartbeat(file_store, "waiting", round_=2, at=START - 10_000)  # before the task: not "since"
     fake = FakeClock()
     with pytest.raises(SiteError, match=r"^SiteSilent: no heartbeat for 60 s") as failed:
         run_relay(file_store, fake, silence=60)
     assert cli.exit_code(failed.value) == EXIT_FAILED
     assert 60 < fake.t - START <= 60 + tasks.MOST_DELAY * 1.25
+
+
+def test_a_site_paused_before_the_task_is_taken_as_paused_after_a_grace(
+    file_store: st.FileStore,
+) -> None:
+    """Not after the whole silence allowance: a paused site must not stall every round."""
+    heartbeat(file_store, "paused", round_=2, at=START - 10_000)
+    fake = FakeClock()
+    with pytest.raises(SiteError, match=r"^SitePaused: .*since before the task") as failed:
+        run_relay(file_store, fake, silence=900)
+    assert cli.exit_code(failed.value) == EXIT_INVALID_INPUT
+    assert relay.PAUSED_GRACE <= fake.t - START <= relay.PAUSED_GRACE + tasks.MOST_DELAY * 1.25
 
 
 def test_heartbeats_keep_the_relay_waiting_past_the_silence_allowance(

@@ -169,6 +169,21 @@ class Sites:
         policy = {"Version": "2012-10-17", "Statement": self.statements}
         self.run.s3.put_bucket_policy(self.bucket, policy)
 
+    def site_run(self, name: str) -> dict[str, Any]:
+        """A FederatedSite's `run`: how the run's author announced run `name` to the sites."""
+        return {
+            "name": name,
+            "storage": {
+                "uri": f"s3://{self.bucket}/runs/{name}",
+                "endpoint": self.run.s3.endpoint,
+                "credentialsSecret": {"name": "site-s3"},
+            },
+            "taskPublicKey": self.keys["run"][1],
+        }
+
+    def get_run(self, name: str) -> dict[str, Any]:
+        return get(self.run, "fft", NAMESPACE, name)
+
     def start(self, name: str, min_clients: int, **sites: dict[str, Any]) -> None:
         """Run `name`: the bucket policy for it, each site's FederatedSite (`sites`: overrides of
         a site's spec), then the run."""
@@ -177,15 +192,7 @@ class Sites:
         for s in self.names:
             site_spec = {
                 "client": s,
-                "run": {
-                    "name": name,
-                    "storage": {
-                        "uri": spec["storage"]["uri"],
-                        "endpoint": self.run.s3.endpoint,
-                        "credentialsSecret": {"name": "site-s3"},
-                    },
-                    "taskPublicKey": self.keys["run"][1],
-                },
+                "run": self.site_run(name),
                 "signing": {"secretName": "site-key"},
                 "dataUri": self.data_of(s).as_uri(),
                 "policy": {"images": ["ghcr.io/fedtune/"], "maxLocalSteps": 10},

@@ -14,6 +14,9 @@ Two choices, and why:
   maybe another organisation; its clock may be minutes off, and a skew must not read as silence.
   For the same reason "since the task" means "differs from the heartbeat there just before the
   task was published".
+- A site that said `paused` before the task was published and has said nothing since is taken
+  as paused after PAUSED_GRACE seconds (time for a site that has just resumed to say so), not
+  after the whole silence allowance: a paused site must not stall every round.
 - A commit that does not verify (unsigned, signed by another key, another round's copied here)
   is not success: the aggregator would reject it. The relay keeps waiting, since the site may be
   rewriting its commit (the commit protocol removes the old manifest, then writes the signature
@@ -54,6 +57,9 @@ from fedtune_trainer.wire.layout import client_prefix
 from fedtune_trainer.wire.results import ClientSummary
 from fedtune_trainer.wire.site import Heartbeat, Refusal, RelayTask
 
+PAUSED_GRACE = 30.0
+"""Seconds a site whose heartbeat said paused (or left) before the task was published has to say
+otherwise: a site that resumes starts a watch, whose first heartbeat comes within seconds."""
 UNVERIFIED_GRACE = 60.0
 """Seconds an unverifiable commit may stay before the relay gives up on it (a commit is
 rewritten in well under a second; a site's wrong key stays)."""
@@ -76,6 +82,8 @@ class Seen:
     refusal: Refusal | None = None
     heartbeat: Heartbeat | None = None
     """The newest heartbeat written since the task was published (None: none since)."""
+    before: Heartbeat | None = None
+    """The heartbeat that was there when the task was published."""
 
 
 def relay_outcome(
@@ -98,6 +106,17 @@ def relay_outcome(
     if beat is not None and beat.state in ("paused", "left"):
         word = SITE_PAUSED if beat.state == "paused" else SITE_LEFT
         return SiteError(f"{word}: the site's heartbeat says {beat.state} (round {beat.round})")
+    # Paused (or gone) since before the task: say so once a site that resumes has had time to
+    # say it has, instead of waiting out the whole silence allowance.
+    old = seen.before
+    if (
+        beat is None
+        and old is not None
+        and old.state in ("paused", "left")
+        and now - alive_at >= PAUSED_GRACE
+    ):
+        word = SITE_PAUSED if old.state == "paused" else SITE_LEFT
+        return SiteError(f"{word}: the site's heartbeat has said {old.state} since before the task")
     # A site writes `waiting` for a later round only once its client's Job for this one has
     # ended (a commit comes first, and wins above): whatever is there will not change.
     moved_on = beat is not None and beat.state == "waiting" and beat.round > round_
@@ -187,7 +206,7 @@ def run(
     sign = sign or task_signer()
     store = store or open_store(task.storage)
     verify = signing.verifier(task.client_key)
-    last = read_heartbeat(store, task.client)  # what was there before the task: not "since"
+    last = before = read_heartbeat(store, task.client)  # there before the task: not "since"
     publish_task(store, task.remote, sign)
     published = alive = clock.now()
     log(f"relay: published round {task.round}'s task for {task.client} at {store.uri}")
@@ -207,7 +226,7 @@ def run(
         elif unverified_since is None:
             unverified_since = now
             log(f"relay: a commit that does not count: {unverified}")
-        seen = Seen(manifest, unverified, refusal, since)
+        seen = Seen(manifest, unverified, refusal, since, before)
         outcome = relay_outcome(
             seen, task.round, alive, unverified_since, now, task.silence_seconds
         )
