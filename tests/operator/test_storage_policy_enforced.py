@@ -1,10 +1,11 @@
 """The policies `fedtune storage-policy --flavor versitygw` prints, enforced by the real S3 server.
 
-Each identity of a run with two clients on identities of their own and an evaluation on its own
-gets an account; the generated bucket policies go on the buckets; then every row below is tried
-with that account's own keys. The server answers: 403 AccessDenied for everything of another
-client's (deltas, residuals, control variates, data), for writes outside the identity's own
-prefixes, and for the evaluation on client deltas.
+Each identity of a run gets an account: two clients on identities of their own, a site's client
+(carol, whose identity the run never names: `site-carol`), an evaluation on its own, and the run's
+(aggregator, relay). The generated bucket policies go on the buckets; then every row below is
+tried with that account's own keys. The server answers: 403 AccessDenied for everything of
+another client's (deltas, residuals, control variates, data, tasks, heartbeats), for writes
+outside the identity's own prefixes, and for the evaluation on client deltas.
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ def world(s3: S3Account) -> dict[str, Any]:
                     "dataUri": f"s3://{buckets['bd']}/train.jsonl",
                     "storageCredentialsSecret": {"name": "bob-fedtune"},
                 },
+                {"name": "carol", "site": {"publicKey": "ed25519:" + "A" * 43 + "="}},
             ],
+            "taskSigning": {"secretName": "task-key"},
             "evaluation": {
                 "dataUri": f"s3://{buckets['ev']}/heldout.jsonl",
                 "storageCredentialsSecret": {"name": "eval-fedtune"},
@@ -70,7 +73,7 @@ def world(s3: S3Account) -> dict[str, Any]:
     )
     accounts = {
         secret: s3.create_user(f"{secret.split('-')[0]}{tag}")
-        for secret in ("run", "alice-fedtune", "bob-fedtune", "eval-fedtune")
+        for secret in ("run", "alice-fedtune", "bob-fedtune", "eval-fedtune", "site-carol")
     }
     names = {secret: a.name for secret, a in accounts.items()}
     for bucket, doc in storage_policy.policies(spec, "versitygw", names).items():
@@ -85,6 +88,13 @@ def world(s3: S3Account) -> dict[str, Any]:
             "state/clients/alice/000001/residual.safetensors",
             "state/clients/bob/000001/residual.safetensors",
             "state/control/server/000001/control.safetensors",
+            "rounds/000002/tasks/carol.json",
+            "rounds/000002/tasks/carol.json.sig",
+            "rounds/000002/tasks/alice.json",
+            "rounds/000002/clients/carol/delta.safetensors",
+            "sites/carol/heartbeat.json",
+            "sites/bob/heartbeat.json",
+            "final/manifest.json",
         ],
         "models": ["tiny/config.json"],
         "ad": ["train.jsonl"],
@@ -131,12 +141,34 @@ ROWS = [
     ("eval-fedtune", GET, "runs", "rounds/000002/clients/alice/delta.safetensors", False),
     ("eval-fedtune", GET, "runs", "state/clients/alice/000001/residual.safetensors", False),
     ("eval-fedtune", PUT, "runs", "rounds/000002/global/adapter_model.safetensors", False),
+    # a site's client: its tasks, the globals and the run's end in; its commits and notes out
+    ("site-carol", GET, "runs", "rounds/000002/tasks/carol.json", True),
+    ("site-carol", GET, "runs", "rounds/000002/tasks/carol.json.sig", True),
+    ("site-carol", GET, "runs", "rounds/000001/global/adapter_model.safetensors", True),
+    ("site-carol", GET, "runs", "final/manifest.json", True),
+    ("site-carol", PUT, "runs", "rounds/000002/clients/carol/delta.safetensors", True),
+    ("site-carol", PUT, "runs", "sites/carol/heartbeat.json", True),
+    ("site-carol", PUT, "runs", "sites/carol/refusals/000002.json", True),
+    ("site-carol", GET, "models", "tiny/config.json", True),
+    # ... and nothing of anyone else's, nor the run's tasks for it to write
+    ("site-carol", GET, "runs", "rounds/000002/tasks/alice.json", False),
+    ("site-carol", PUT, "runs", "rounds/000002/tasks/carol.json", False),
+    ("site-carol", GET, "runs", "rounds/000002/clients/bob/delta.safetensors", False),
+    ("site-carol", PUT, "runs", "sites/bob/heartbeat.json", False),
+    ("site-carol", GET, "runs", "state/clients/alice/000001/residual.safetensors", False),
+    ("site-carol", PUT, "runs", "rounds/000002/global/adapter_model.safetensors", False),
+    ("site-carol", GET, "ad", "train.jsonl", False),
+    ("alice-fedtune", GET, "runs", "rounds/000002/tasks/carol.json", False),
+    ("alice-fedtune", PUT, "runs", "sites/carol/heartbeat.json", False),
     # the aggregator: every delta in, the global out, merged deltas deleted
     ("run", GET, "runs", "rounds/000002/clients/bob/delta.safetensors", True),
     ("run", PUT, "runs", "rounds/000002/global/adapter_model.safetensors", True),
     ("run", DELETE, "runs", "rounds/000002/clients/bob/delta.safetensors", True),
     ("run", LIST, "runs", "", True),
     ("run", PUT, "models", "tiny/config.json", False),
+    # ... and, for its relay Jobs, the sites' tasks out and their notes in
+    ("run", PUT, "runs", "rounds/000002/tasks/carol.json", True),
+    ("run", GET, "runs", "sites/carol/heartbeat.json", True),
 ]
 
 
