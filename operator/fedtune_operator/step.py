@@ -194,6 +194,7 @@ class Step:
                     last_loss=summary.train_loss,
                     bytes_sent=self.client(j.client).bytes_sent + summary.bytes_sent,
                     message=None,
+                    **heartbeat_of(summary),
                 )
                 comm = s.communication
                 sent = (comm.bytes_sent if comm else 0) + summary.bytes_sent
@@ -326,3 +327,10 @@ class Step:
         if r >= newest:
             self.set(last_eval_loss=loss)
         self.event("Evaluated", f"round {r}: eval loss {loss:.4f}")
+
+
+def heartbeat_of(summary: ClientSummary) -> dict[str, dt.datetime]:
+    """A site's client's last heartbeat, as its relay reported it (nothing for a local client)."""
+    if summary.last_heartbeat is None:
+        return {}
+    return {"last_heartbeat": dt.datetime.fromtimestamp(summary.last_heartbeat, dt.UTC)}

@@ -138,8 +138,11 @@ def test_a_run_with_two_site_clients_succeeds_with_every_round_from_all_three(
     history = chatbot.run["status"]["history"]
     assert [h["round"] for h in history] == list(range(1, ROUNDS + 1))
     assert [h["clientsSucceeded"] for h in history] == [3] * ROUNDS
-    clients = {c["name"] for c in chatbot.run["status"]["clients"]}
-    assert clients == {LOCAL, *SITES}
+    clients = {c["name"]: c for c in chatbot.run["status"]["clients"]}
+    assert set(clients) == {LOCAL, *SITES}
+    # The site's last heartbeat, as its relay saw it; a local client has none.
+    assert all(clients[s]["lastHeartbeat"] for s in SITES)
+    assert "lastHeartbeat" not in clients[LOCAL]
 
 
 def test_each_site_completes_with_the_rounds_it_gave(chatbot: Finished) -> None:

@@ -176,6 +176,17 @@ def test_clients_that_all_succeed_start_the_aggregator() -> None:
     assert d.status.communication.reduction == "100.0x"
 
 
+def test_a_sites_last_heartbeat_from_its_relay_reaches_the_clients_status() -> None:
+    run = make_run()
+    status = in_round_1(run)
+    relayed = client_summary(1, CLIENTS[0]).model_copy(update={"last_heartbeat": 1_800_000_000.0})
+    jobs = [job("client", 1, CLIENTS[0], "succeeded", summary=relayed)]
+    jobs += [job("client", 1, c, "succeeded") for c in CLIENTS[1:]]
+    clients = {c.name: c for c in step(run, status, jobs).status.clients}
+    assert clients[CLIENTS[0]].last_heartbeat == dt.datetime.fromtimestamp(1_800_000_000, dt.UTC)
+    assert clients[CLIENTS[1]].last_heartbeat is None
+
+
 def test_the_last_aggregate_finishes_the_run() -> None:
     run = make_run(rounds=1)
     status = in_round_1(run)

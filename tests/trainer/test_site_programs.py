@@ -192,8 +192,11 @@ def test_the_relay_publishes_the_signed_task_and_reports_the_sites_signed_commit
     storage: Storage,
 ) -> None:
     store = storage.open()
-    fake = FakeClock(at={2: lambda: site_commit(store)})
+    fake = FakeClock(
+        at={1: lambda: heartbeat(store, "training", at=1234.5), 2: lambda: site_commit(store)}
+    )
     summary = run_relay(store, fake)
+    assert summary.last_heartbeat == 1234.5  # the site's clock, as the site wrote it
     verify = signing.verifier(RUN_KEY[1], signing.TASK_DOMAIN)
     assert tasks.read_task(store, 3, CLIENT, "r", verify) == remote()
     manifest = st.read_manifest(store, client_prefix(3, CLIENT))

@@ -171,7 +171,9 @@ def read_commit(
     return manifest, None
 
 
-def client_summary(manifest: Mapping[str, Any], seconds: float) -> ClientSummary:
+def client_summary(
+    manifest: Mapping[str, Any], seconds: float, heartbeat: Heartbeat | None = None
+) -> ClientSummary:
     """What a client Job would have reported, from what its signed manifest says. The base
     model's size and downloads are the site's business: 0. What was sent is every file of the
     commit (the delta, and SCAFFOLD's control change when there is one)."""
@@ -190,6 +192,7 @@ def client_summary(manifest: Mapping[str, Any], seconds: float) -> ClientSummary
         dropped_records=manifest.get("dropped_records", 0),
         sha256=manifest["sha256"],
         seconds=round(seconds, 3),
+        last_heartbeat=heartbeat.at if heartbeat is not None else None,
     )
 
 
@@ -234,6 +237,6 @@ def run(
             raise outcome
         if outcome is not None:
             log(f"relay: {task.client} committed round {task.round} ({now - published:.0f} s)")
-            return client_summary(outcome, clock.now() - start)
+            return client_summary(outcome, clock.now() - start, last)
         clock.sleep(delay)
     raise AssertionError("backoff never ends")

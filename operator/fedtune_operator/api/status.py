@@ -145,6 +145,10 @@ class ClientStatus(StatusModel):
     samples: Count | None = Field(None, description="Training samples it reported.")
     last_loss: Loss | None = Field(None, description="Its training loss in lastRound.")
     bytes_sent: Count = Field(0, description="Encoded delta bytes over the whole run.")
+    last_heartbeat: Timestamp | None = Field(
+        None,
+        description="A site's client: the site's last heartbeat its relay saw (the site's clock).",
+    )
     message: Annotated[str, bounded_str(None, 1024, min_length=0)] | None = Field(
         None, description="Why it failed or was rejected."
     )

@@ -52,6 +52,12 @@ class ClientSummary(Model):
         description="Bytes of the base model this Job downloaded: all of it without a cache "
         "volume or in the client's first round, none once its cache holds it (spec.modelCache).",
     )
+    last_heartbeat: float | None = Field(
+        None,
+        ge=0,
+        description="A site's client (its relay's summary): the Unix time of the site's last "
+        "heartbeat the relay saw, on the site's clock.",
+    )
 
 
 class WatchSummary(Model):
