@@ -20,7 +20,6 @@ from fedtune_operator.api import (
     FederatedFineTuneSpec,
     PodSettings,
     PodTemplate,
-    Resources,
     S3Credentials,
 )
 from fedtune_operator.credentials import (
@@ -38,6 +37,7 @@ from fedtune_operator.objects import (
     evaluate_job_name,
     owner_reference,
 )
+from fedtune_operator.pod_settings import merge_pod_settings
 from fedtune_operator.rounds import clients_per_round, quorum
 from fedtune_operator.volumes import all_local, cache_volume, local_uri, pvc_volumes
 from fedtune_trainer.wire.contract import (
@@ -70,42 +70,6 @@ from fedtune_trainer.wire.task import AggregateTask, CleanupTask, ClientTask, Ev
 # ---------------------------------------------------------------------------------------------
 # Pod settings merge
 # ---------------------------------------------------------------------------------------------
-
-
-def _merged_map(base: dict | None, over: dict | None) -> dict | None:
-    if base is None and over is None:
-        return None
-    return {**(base or {}), **(over or {})}
-
-
-def merge_pod_settings(base: PodSettings, override: PodSettings | None) -> PodSettings:
-    """The pod settings of one Job: `override` (a client or spec.aggregator) over `base`
-    (spec.template), with the merge rules documented on `PodSettings`."""
-    fields = set(PodSettings.model_fields)
-    if override is None:
-        return PodSettings.model_validate(base.model_dump(include=fields))
-    resources = None
-    if base.resources is not None or override.resources is not None:
-        b, o = base.resources or Resources(), override.resources or Resources()
-        resources = Resources(
-            limits=_merged_map(b.limits, o.limits), requests=_merged_map(b.requests, o.requests)
-        )
-    env = None
-    if base.env is not None or override.env is not None:
-        by_name = {v.name: v for v in base.env or []}
-        by_name.update({v.name: v for v in override.env or []})
-        env = list(by_name.values())
-    tolerations = None
-    if base.tolerations is not None or override.tolerations is not None:
-        tolerations = [*(base.tolerations or []), *(override.tolerations or [])]
-    return PodSettings(
-        resources=resources,
-        node_selector=_merged_map(base.node_selector, override.node_selector),
-        tolerations=tolerations,
-        affinity=override.affinity if override.affinity is not None else base.affinity,
-        env=env,
-        service_account_name=override.service_account_name or base.service_account_name,
-    )
 
 
 # ---------------------------------------------------------------------------------------------

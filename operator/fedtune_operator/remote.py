@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from fedtune_operator.api import FederatedFineTuneSpec, PodSettings, Resources
+from fedtune_operator.api import FederatedFineTuneSpec, PodSettings
 from fedtune_operator.credentials import task_signing_env
 from fedtune_operator.manifests import (
     base_labels,
@@ -21,15 +21,13 @@ from fedtune_operator.manifests import (
     job_manifest,
 )
 from fedtune_operator.objects import client_job_name
+from fedtune_operator.pod_settings import poller_resources
 from fedtune_trainer.wire.contract import (
     COMMAND,
     LABEL_CLIENT,
     ROLE_RELAY,
 )
 from fedtune_trainer.wire.site import RelayTask, RemoteTask
-
-RELAY_RESOURCES = Resources(requests={"cpu": "50m", "memory": "192Mi"}, limits={"memory": "512Mi"})
-"""A relay polls storage: a Python process with boto3, never a model."""
 
 
 def remote_task(
@@ -73,7 +71,7 @@ def relay_job(
     )
     # The template's placement is for training; a relay needs neither GPUs nor their nodes.
     settings = PodSettings(
-        resources=RELAY_RESOURCES,
+        resources=poller_resources(spec.template.resources),
         env=spec.template.env,
         service_account_name=spec.template.service_account_name,
     )

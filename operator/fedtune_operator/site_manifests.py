@@ -15,12 +15,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from fedtune_operator.api import PodSettings, Resources
+from fedtune_operator.api import PodSettings
 from fedtune_operator.api.site import SITE_KIND, FederatedSiteSpec
 from fedtune_operator.credentials import secret_env, secret_name
 from fedtune_operator.manifests import pod_job
 from fedtune_operator.objects import owner_reference
 from fedtune_operator.observe import failure_message, termination
+from fedtune_operator.pod_settings import poller_resources
 from fedtune_operator.rounds import job_state
 from fedtune_operator.site_engine import CreateSiteClientJob, CreateWatchJob, SiteJob
 from fedtune_trainer.wire.contract import (
@@ -36,9 +37,6 @@ from fedtune_trainer.wire.contract import (
 )
 from fedtune_trainer.wire.results import ClientSummary, WatchSummary, parse_summary
 from fedtune_trainer.wire.site import SiteClientTask, WatchTask
-
-WATCH_RESOURCES = Resources(requests={"cpu": "50m", "memory": "192Mi"}, limits={"memory": "512Mi"})
-"""A watch polls storage: a Python process with boto3, never a model."""
 
 
 def watch_job_name(site: str, after_round: int, attempt: int) -> str:
@@ -75,7 +73,7 @@ def watch_job(
         policy=spec.policy,
     )
     settings = PodSettings(
-        resources=WATCH_RESOURCES,
+        resources=poller_resources(spec.template.resources),
         env=spec.template.env,
         service_account_name=spec.template.service_account_name,
     )

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from fedtune_operator import api, manifests, validation
+from fedtune_operator import api, manifests, pod_settings, validation
 from fedtune_trainer.wire import contract, settings
 from fedtune_trainer.wire.settings import StorageLocation
 from tests.api.api_cases import (
@@ -450,7 +450,7 @@ def test_run_name(name: str, ok: bool) -> None:
 
 def test_client_pod_settings_merge_over_the_template() -> None:
     spec = validation.parse_spec(example("full")["spec"])
-    merged = manifests.merge_pod_settings(spec.template, spec.clients[0])
+    merged = pod_settings.merge_pod_settings(spec.template, spec.clients[0])
     assert merged.resources is not None
     assert merged.resources.limits == {"memory": "64Gi", "nvidia.com/gpu": 1}
     assert merged.resources.requests == {"cpu": "8", "memory": "48Gi"}
@@ -474,8 +474,8 @@ def test_client_pod_settings_merge_over_the_template() -> None:
 
 def test_client_without_overrides_gets_the_template() -> None:
     spec = validation.parse_spec(example("full")["spec"])
-    merged = manifests.merge_pod_settings(spec.template, spec.clients[2])
-    expected = manifests.merge_pod_settings(spec.template, None)
+    merged = pod_settings.merge_pod_settings(spec.template, spec.clients[2])
+    expected = pod_settings.merge_pod_settings(spec.template, None)
     assert merged == expected
     assert expected.affinity == spec.template.affinity
     assert isinstance(expected, api.PodSettings)
@@ -487,7 +487,7 @@ def test_env_override_by_name_keeps_the_template_order() -> None:
         env=[api.EnvVar(name="A", value="1"), api.EnvVar(name="B", value="2")]
     )
     client = api.PodSettings(env=[api.EnvVar(name="A", value="9")])
-    merged = manifests.merge_pod_settings(template, client)
+    merged = pod_settings.merge_pod_settings(template, client)
     assert [(e.name, e.value) for e in merged.env or []] == [("A", "9"), ("B", "2")]
 
 

@@ -121,7 +121,10 @@ def test_operator(devcluster: DevCluster, tmp_path: Path) -> None:
     result = Result(name="operator", title="smoke", columns=list(rows[0]), rows=rows)
     doc = written(result, tmp_path, "operator")
     timings = [r for r in doc["rows"] if r["p95_s"] is not None]
-    assert len(timings) == 4
+    # Hand-offs (a) and (b), alone and loaded, each followed by the operator's own share of it.
+    assert len(timings) == 8
+    shares = [r for r in timings if "the operator's own" in r["metric"]]
+    assert len(shares) == 4
     for row in timings:
         assert row["samples"] > 0
         assert 0 <= row["median_s"] <= row["p95_s"] < sizes.timeout_s

@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from devcluster.cluster import REPO_ROOT
-from fedtune_operator import manifests, network_policy
+from fedtune_operator import manifests, network_policy, remote
 from fedtune_operator.validation import parse_spec
 from tests.chart.support import Values, template
 
@@ -99,7 +99,8 @@ def justified() -> dict[str, Justified]:
 
 
 def run_objects(overrides: dict[str, Any], ns: str) -> list[dict[str, Any]]:
-    """Every Job kind the operator creates for examples/full.yaml, and the run's NetworkPolicy."""
+    """Every Job kind the operator creates for examples/full.yaml (a relay for its site's
+    client), and the run's NetworkPolicy."""
     doc = yaml.safe_load(FULL_EXAMPLE.read_text())
     raw = doc["spec"]
     for key, value in overrides.items():
@@ -110,7 +111,8 @@ def run_objects(overrides: dict[str, Any], ns: str) -> list[dict[str, Any]]:
     clients = [c.name for c in spec.clients]
     return [
         network_policy.network_policy(**common),
-        *(manifests.client_job(**common, round_=1, attempt=0, client=c) for c in clients),
+        # A site's client is a relay Job; the others train here.
+        *(remote.job_for_client(**common, round_=1, attempt=0, client=c) for c in clients),
         manifests.aggregate_job(**common, round_=1, attempt=0, clients=clients),
         manifests.evaluate_job(**common, round_=1),
         manifests.cleanup_job(**common),

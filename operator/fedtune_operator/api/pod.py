@@ -1,5 +1,5 @@
 """Pod settings of a run's Jobs: a bounded subset of the core/v1 Pod fields that a client, the
-aggregator or the evaluation may set over spec.template (merged by manifests.merge_pod_settings).
+aggregator or the evaluation may set over spec.template (merged by pod_settings.merge_pod_settings).
 """
 
 from __future__ import annotations
