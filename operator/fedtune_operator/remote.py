@@ -91,27 +91,11 @@ def relay_job(
     )
 
 
-def job_for_client(
-    *,
-    run: str,
-    namespace: str,
-    uid: str,
-    spec: FederatedFineTuneSpec,
-    round_: int,
-    attempt: int,
-    client: str,
-) -> dict[str, Any]:
-    """A client's Job for a round: its training Job, or its relay when a site trains it."""
+def job_for_client(*, spec: FederatedFineTuneSpec, client: str, **job: Any) -> dict[str, Any]:
+    """A client's Job for a round (`job`: the run, namespace, uid, round and attempt): its
+    training Job, or its relay when a site trains it."""
     build = relay_job if is_remote(spec, client) else client_job
-    return build(
-        run=run,
-        namespace=namespace,
-        uid=uid,
-        spec=spec,
-        round_=round_,
-        attempt=attempt,
-        client=client,
-    )
+    return build(spec=spec, client=client, **job)
 
 
 def is_remote(spec: FederatedFineTuneSpec, client: str) -> bool:
