@@ -24,6 +24,7 @@ from fedtune_operator.observe import failure_message, termination
 from fedtune_operator.pod_settings import poller_resources
 from fedtune_operator.rounds import job_state
 from fedtune_operator.site_engine import CreateSiteClientJob, CreateWatchJob, SiteJob
+from fedtune_operator.volumes import state_volume
 from fedtune_trainer.wire.contract import (
     COMMAND,
     DATA_CREDENTIALS_PREFIX,
@@ -130,6 +131,7 @@ def site_client_job(
         uris=(spec.data_uri,),
         backoff_limit=2,
         credentials=spec.run.storage.credentials_secret,
+        cache=state_volume(spec.state_claim),
         data_credentials=secret_name(data) if data else None,
         image=action.image,
     )

@@ -19,12 +19,16 @@ from fedtune_trainer.wire.contract import (
     LABEL_RUN,
     ROLE_CLIENT,
     ROLE_EVALUATOR,
+    STATE_DIR_ENV,
 )
 
 PVC_ROOT = "/mnt/pvc"
 CACHE_MOUNT = "/var/cache/fedtune"
 """Where a Job's model cache volume is mounted (FEDTUNE_CACHE_DIR points here)."""
 HF_CACHE = f"{CACHE_MOUNT}/hf"
+CLIENT_STATE = f"{CACHE_MOUNT}/state"
+"""Where a client with a claim of its own (modelCache perClient) keeps its residual and control
+variate (FEDTUNE_STATE_DIR): on its volume, not over the network to the run's storage."""
 CACHE_VOLUME = "model-cache"
 
 
@@ -117,7 +121,9 @@ def cache_volume(
     run: str, spec: FederatedFineTuneSpec, client: str | None
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     """The cache volume, its mount and FEDTUNE_CACHE_DIR of a client's (or, with `client` None,
-    an evaluation) Job's pod; nothing for mode none (the trainer then caches under /tmp)."""
+    an evaluation) Job's pod; nothing for mode none (the trainer then caches under /tmp). A
+    client's claim (perClient) outlives its pods, so its round-to-round state goes there too
+    (FEDTUNE_STATE_DIR); an ephemeral volume does not, so that state stays in the run's storage."""
     cache = spec.model_cache
     if cache.mode == "perClient":
         source: dict[str, Any] = {
@@ -134,11 +140,32 @@ def cache_volume(
         }
     else:
         return [], [], []
+    # The hub's own cache too, for a baseModel given as a hub id.
+    env = [{"name": CACHE_DIR_ENV, "value": CACHE_MOUNT}, {"name": "HF_HOME", "value": HF_CACHE}]
+    if cache.mode == "perClient" and client is not None:
+        env.append({"name": STATE_DIR_ENV, "value": CLIENT_STATE})
     return (
         [{"name": CACHE_VOLUME, **source}],
         [{"name": CACHE_VOLUME, "mountPath": CACHE_MOUNT}],
-        # The hub's own cache too, for a baseModel given as a hub id.
-        [{"name": CACHE_DIR_ENV, "value": CACHE_MOUNT}, {"name": "HF_HOME", "value": HF_CACHE}],
+        env,
+    )
+
+
+SITE_STATE_MOUNT = "/var/lib/fedtune/state"
+STATE_VOLUME = "client-state"
+
+
+def state_volume(
+    claim: str | None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """A site's stateClaim as its client Job's volume, mount and FEDTUNE_STATE_DIR; nothing
+    without one (the client's state then goes to the run's storage)."""
+    if claim is None:
+        return [], [], []
+    return (
+        [{"name": STATE_VOLUME, "persistentVolumeClaim": {"claimName": claim}}],
+        [{"name": STATE_VOLUME, "mountPath": SITE_STATE_MOUNT}],
+        [{"name": STATE_DIR_ENV, "value": SITE_STATE_MOUNT}],
     )
 
 

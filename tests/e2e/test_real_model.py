@@ -12,14 +12,15 @@ client per round), must reach Succeeded, lower the held-out loss of the base mod
 evaluation) by a measured margin, and leave an adapter that plain peft loads on the real base and
 generates with.
 
-The same run carries what any whole run must show, so that no other test pays for a run of its
-own to show it (each trainer pod costs its imports, about 15 s of CPU): the status a user reads
-with every round evaluated, `kubectl get` and `kubectl wait`, the Events, one Job per client,
-aggregation and evaluation of each round, the model cache of mode perClient (the base downloaded
-once per client per run, not once per round, counted from the S3 server's access log as
-tests/e2e/test_cache.py counts mode ephemeral), and what deleting the run collects and what it
-keeps. The module's `real_run` fixture starts the run once and keeps what the cluster said about
-it at Succeeded, so each test asserts on its own, in any order; only the deletion test deletes.
+The same run carries what any whole run must show, so that no other test pays for a run of its own
+to show it (each trainer pod costs its imports, about 15 s of CPU): the status a user reads with
+every round evaluated, `kubectl get` and `kubectl wait`, the Events, one Job per client, aggregation
+and evaluation of each round, the model cache of mode perClient (the base downloaded once per client
+per run, not once per round, counted from the S3 server's access log as tests/e2e/test_cache.py
+counts mode ephemeral) with each client's error-feedback residual kept on its claim, not in the
+run's storage, and what deleting the run collects and what it keeps. The module's `real_run` fixture
+starts the run once and keeps what the cluster said about it at Succeeded, so each test asserts on
+its own, in any order; only the deletion test deletes.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any
 import pytest
 
 from devcluster.testing import DevCluster, wait_for
-from fedtune_trainer.wire.layout import EVALUATION_FILE, round_prefix
+from fedtune_trainer.wire.layout import EVALUATION_FILE, client_prefix, round_prefix
 from tests.e2e.support import (
     BUCKET,
     CLIENTS,
@@ -76,9 +77,11 @@ REAL_SPEC: dict[str, Any] = {
     "rounds": ROUNDS,
     "adapter": {"r": 8, "alpha": 16, "targetModules": ["q_proj", "v_proj"]},
     "training": {"localSteps": 4, "batchSize": 2, "maxSeqLength": 128, "learningRate": 0.002},
-    # Dense bf16 deltas: what a real run sends by default; the codec's lossy settings are
-    # measured elsewhere.
-    "delta": {"dtype": "bf16", "topK": 1.0, "quantization": {"bits": 0}},
+    # Dense 8-bit deltas with error feedback (3.9x less than fp32 at no loss, docs/benchmarks.md):
+    # each client carries a residual from round to round, which its cache claim keeps.
+    "delta": {"dtype": "bf16", "topK": 1.0, "quantization": {"bits": 8}, "errorFeedback": True},
+    # The deltas stay after their round (for audits), so that their manifests can be read.
+    "storage": {"clientDeltaPolicy": "Retain"},
     # Every round, round 0 (the base model) included, by a Job of its own.
     "evaluation": {"maxSamples": 24, "everyRounds": 1},
     # The 517 MB base is fetched once per client per run, not once per client per round.
@@ -280,6 +283,20 @@ def test_the_base_model_is_downloaded_once_per_client_per_run(real_run: RealRun)
         owners = [o["uid"] for o in claim["metadata"]["ownerReferences"]]
         assert owners == [real_run.run["metadata"]["uid"]]
         assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+
+
+def test_each_client_keeps_its_residual_on_its_claim_not_in_the_run_storage(
+    devcluster: DevCluster, real_run: RealRun
+) -> None:
+    """With a claim of its own (perClient), a client's error-feedback residual, an fp32 copy of
+    the adapter, stays on it (FEDTUNE_STATE_DIR): the run's storage gets the deltas alone."""
+    s3 = devcluster.s3.client()
+    for r in range(1, ROUNDS + 1):
+        for c in CLIENTS:
+            key = f"runs/{real_run.name}/{client_prefix(r, c)}/manifest.json"
+            manifest = json.loads(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+            assert manifest["encoding"]["error_feedback"] is True, (r, c)
+    assert storage_keys(devcluster, f"runs/{real_run.name}/state/") == []
 
 
 # -- deleting it ---------------------------------------------------------------------------------

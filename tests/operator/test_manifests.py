@@ -702,15 +702,17 @@ def test_a_spec_cannot_label_its_pods_out_of_the_policy() -> None:
 
 CACHE_CASES = [
     # (modelCache, client or None for the evaluation Job, the claim the operator creates,
-    #  the pod's cache volume source, FEDTUNE_CACHE_DIR)
-    ({}, "hospital-a", None, None, None),
-    ({"mode": "none"}, None, None, None, None),
+    #  the pod's cache volume source, FEDTUNE_CACHE_DIR, FEDTUNE_STATE_DIR: a client's residual
+    #  and control variate stay on its own claim, the one volume that outlives its pods)
+    ({}, "hospital-a", None, None, None, None),
+    ({"mode": "none"}, None, None, None, None, None),
     (
         {"mode": "perClient"},
         "hospital-a",
         "demo-cache-hospital-a",
         {"persistentVolumeClaim": {"claimName": "demo-cache-hospital-a"}},
         "/var/cache/fedtune",
+        "/var/cache/fedtune/state",
     ),
     (
         {"mode": "perClient", "size": "200Gi", "storageClassName": "fast-ssd"},
@@ -718,6 +720,7 @@ CACHE_CASES = [
         "demo-cache-evaluate",
         {"persistentVolumeClaim": {"claimName": "demo-cache-evaluate"}},
         "/var/cache/fedtune",
+        None,
     ),
     (
         {"mode": "ephemeral", "size": "100Gi"},
@@ -741,6 +744,7 @@ CACHE_CASES = [
             }
         },
         "/var/cache/fedtune",
+        None,
     ),
 ]
 
@@ -756,13 +760,16 @@ def _job_for(cache: dict[str, Any], client: str | None) -> dict[str, Any]:
     )
 
 
-@pytest.mark.parametrize(("cache", "client", "claim", "source", "cache_dir"), CACHE_CASES)
+@pytest.mark.parametrize(
+    ("cache", "client", "claim", "source", "cache_dir", "state_dir"), CACHE_CASES
+)
 def test_the_model_cache_volume_of_each_mode(
     cache: dict[str, Any],
     client: str | None,
     claim: str | None,
     source: dict[str, Any] | None,
     cache_dir: str | None,
+    state_dir: str | None,
 ) -> None:
     spec = parse_spec({**SPEC, "modelCache": cache})
     built = volumes.cache_claim(run="demo", namespace="ns", uid="uid-1", spec=spec, client=client)
@@ -774,6 +781,7 @@ def test_the_model_cache_volume_of_each_mode(
     env = env_of(job)
     names = [e["name"] for e in pod["containers"][0]["env"]]
     assert len(names) == len(set(names))  # HF_HOME moves, it is not set twice
+    assert env.get("FEDTUNE_STATE_DIR") == state_dir
     if source is None:
         assert "model-cache" not in pod_volumes
         assert "model-cache" not in mounts

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 import yaml
 
 from fedtune_operator.api.site import FederatedSiteSpec
@@ -84,6 +85,30 @@ def test_the_client_runs_the_accepted_image_with_the_site_template_and_key() -> 
     assert isinstance(task, SiteClientTask)
     assert (task.round, task.task_sha256, task.data_uri) == (4, SHA, SPEC.data_uri)
     assert task.privacy == SPEC.policy.privacy
+
+
+@pytest.mark.parametrize(
+    ("state_claim", "state_dir"), [("bank-d-fedtune-state", "/var/lib/fedtune/state"), (None, None)]
+)
+def test_the_client_keeps_its_state_on_the_site_claim_when_it_names_one(
+    state_claim: str | None, state_dir: str | None
+) -> None:
+    """The residual (fp32, the adapter's size) and the control variate stay at the site; without
+    a claim they go to the run's storage (FEDTUNE_STATE_DIR unset)."""
+    spec = SPEC.model_copy(update={"state_claim": state_claim})
+    job = site_client_job(
+        site="s", namespace="ml", uid="u-1", spec=spec, action=CreateSiteClientJob(4, SHA, "i")
+    )
+    assert env_of(job).get("FEDTUNE_STATE_DIR") == state_dir
+    claims = [
+        v["persistentVolumeClaim"]["claimName"]
+        for v in job["spec"]["template"]["spec"]["volumes"]
+        if "persistentVolumeClaim" in v
+    ]
+    assert claims == ([state_claim] if state_claim else [])
+    mounts = [m["mountPath"] for m in container(job)["volumeMounts"]]
+    assert (state_dir in mounts) if state_dir else mounts == ["/tmp"]
+    assert "FEDTUNE_STATE_DIR" not in env_of(watch())
 
 
 def test_site_pods_are_restricted_and_carry_no_secret_value() -> None:

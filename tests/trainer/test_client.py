@@ -21,7 +21,13 @@ from fedtune_trainer.learning.training import mean_loss
 from fedtune_trainer.storage import s3
 from fedtune_trainer.storage import store as st
 from fedtune_trainer.storage.marker import claim_root
-from fedtune_trainer.wire.layout import client_prefix, client_state_prefix, global_prefix
+from fedtune_trainer.wire.contract import STATE_DIR_ENV
+from fedtune_trainer.wire.layout import (
+    client_prefix,
+    client_state_prefix,
+    control_prefix,
+    global_prefix,
+)
 from fedtune_trainer.wire.settings import (
     AdapterSpec,
     DeltaSpec,
@@ -191,6 +197,32 @@ def test_a_rerun_overwrites_and_never_feeds_the_residual_back_twice(
     for k in sent:
         assert float(res1[k].abs().max()) > 0
         torch.testing.assert_close(sent[k] + res2[k], true[k] + res1[k], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("drift_control", ["none", "scaffold"])
+def test_a_client_with_a_state_dir_keeps_its_residual_and_control_variate_there(
+    demo: Demo,
+    file_store: st.FileStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    drift_control: str,
+) -> None:
+    """FEDTUNE_STATE_DIR names a volume of the client's own: what it carries from round to round
+    stays there, and the run's storage gets the round's commit alone."""
+    monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "state"))
+    training = TRAINING.model_copy(update={"drift_control": drift_control})
+    aggregate.run(init_task(demo, file_store), file_store, quiet)
+    logs: list[str] = []
+    client.run(client_task(demo, file_store, 1, LOSSY, training=training), file_store, logs.append)
+
+    own = st.FileStore(tmp_path / "state" / "unit")
+    assert st.committed_versions(own, client_state_prefix("client-0")) == [1]
+    scaffold = drift_control == "scaffold"
+    assert st.committed_versions(own, control_prefix("client-0")) == ([1] if scaffold else [])
+    assert file_store.list("state/") == []
+    assert f"error feedback: this round's residual kept in {own.uri}" in logs
+    # A rerun of the round reads its residual from there, like the run's storage.
+    assert client.read_residual(own, client_task(demo, file_store, 2, LOSSY))[0] == 1
 
 
 def test_missing_global_adapter_fails_clearly(demo: Demo, file_store: st.FileStore) -> None:

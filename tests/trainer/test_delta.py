@@ -474,10 +474,28 @@ def test_feedback_adds_the_residual_before_compressing() -> None:
     assert enc.residual["w"].tolist() == [float(i) for i in range(8)] + [0.0, 0.0]
 
 
-def test_no_residual_without_feedback_or_when_lossless() -> None:
+@pytest.mark.parametrize(
+    ("settings_", "keeps_residual"),
+    [
+        ({"top_k": 0.1, "error_feedback": False}, False),
+        ({"dtype": "fp32"}, False),
+        # A cast alone: its rounding is at most 2^-8 of each value, its residual a dense fp32
+        # copy of the adapter, more bytes than the delta it would correct.
+        ({"dtype": "bf16"}, False),
+        ({"dtype": "fp16"}, False),
+        ({"dtype": "bf16", "top_k": 0.1}, True),
+        ({"dtype": "fp32", "bits": 8}, True),
+        ({"dtype": "bf16", "bits": 4, "codebook": "nf4"}, True),
+    ],
+    ids=str,
+)
+def test_a_residual_is_kept_only_where_top_k_or_quantization_drop_something(
+    settings_: dict, keeps_residual: bool
+) -> None:
     d = {"w": torch.randn(100)}
-    assert codec.encode(d, spec(top_k=0.1, error_feedback=False)).residual is None
-    assert codec.encode(d, spec(dtype="fp32", error_feedback=True)).residual is None
+    s = spec(**{"error_feedback": True, **settings_})
+    assert s.feeds_back is keeps_residual
+    assert (codec.encode(d, s).residual is not None) is keeps_residual
 
 
 # ------------------------------------------------------------------------------------------

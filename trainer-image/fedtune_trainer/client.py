@@ -9,7 +9,9 @@ error-feedback residual is versioned by round: round r reads the newest residual
 r and writes its own as version r, so a rerun of r starts from the same residual and nothing is
 fed back twice. (The newest, not exactly r-1: a client that sat out a round keeps its residual.)
 SCAFFOLD's control variate is kept the same way (drift.py), and its change is uploaded next to
-the delta, in the same commit, encoded by the same codec.
+the delta, in the same commit, encoded by the same codec. Both are the client's own state: kept
+with the client where FEDTUNE_STATE_DIR names a volume of its own (`state_store`), else in the
+run's storage.
 
 On several processes (a client with several GPUs, see launch.py and parallel.py) every process
 loads the model and the data and trains on its share of each batch; the gradients are summed, so
@@ -23,6 +25,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import torch
 
@@ -46,7 +49,7 @@ from fedtune_trainer.storage import signing
 from fedtune_trainer.storage import store as st
 from fedtune_trainer.storage.cache import bytes_downloaded
 from fedtune_trainer.storage.locate import open_store
-from fedtune_trainer.wire.contract import SIGNING_KEY_ENV
+from fedtune_trainer.wire.contract import SIGNING_KEY_ENV, STATE_DIR_ENV
 from fedtune_trainer.wire.layout import client_prefix, client_state_prefix, global_prefix
 from fedtune_trainer.wire.results import ClientSummary
 from fedtune_trainer.wire.task import ClientTask
@@ -61,6 +64,21 @@ def _stderr(line: str) -> None:
 
 def _quiet(_: str) -> None:
     """The log of processes other than rank 0: one progress log per client is enough."""
+
+
+def state_store(
+    store: st.Store, task: ClientTask, environ: Mapping[str, str] | None = None
+) -> st.Store:
+    """Where this client keeps what it carries from round to round: the directory
+    FEDTUNE_STATE_DIR names (a volume of the client's that outlives its pods: the operator mounts
+    the client's modelCache claim there, a site its stateClaim), else the run's storage.
+
+    Why it matters: the error-feedback residual is a dense fp32 copy of the adapter, written and
+    read once a round. In the run's storage that is more bytes over the client's link than the
+    compressed delta itself (32x more for top-k 10% + nf4); kept at the client it never leaves.
+    The same versioned layout either way, so reruns behave the same."""
+    directory = (os.environ if environ is None else environ).get(STATE_DIR_ENV)
+    return st.FileStore(Path(directory) / task.run) if directory else store
 
 
 def read_residual(
@@ -176,11 +194,12 @@ def _run(
         f"{trainable} trainable parameters, {runtime.name}{processes}"
     )
 
+    state = state_store(store, task)
     scaffold = task.training.drift_control == "scaffold"
     server_control = own_control = own_version = None
     if scaffold:
         server_version, server_control = dc.read_control(store, task.round)
-        own_version, own_control = dc.read_control(store, task.round, task.client)
+        own_version, own_control = dc.read_control(state, task.round, task.client)
         log(f"scaffold: server control of round {server_version}, own of round {own_version}")
     drift = dc.Drift.create(
         lora.trainable_parameters(model),
@@ -203,7 +222,7 @@ def _run(
             f"local privacy: delta norm {norm:.4g} clipped to {task.local_privacy.clip_norm:g}, "
             f"noise multiplier {task.local_privacy.noise_multiplier:g}"
         )
-    previous, residual = read_residual(store, task)
+    previous, residual = read_residual(state, task)
     if residual is not None:
         log(f"error feedback: residual of round {previous}")
     # Seeds stochastic rounding (if on): reproducible per run, round and client, and apart from
@@ -220,10 +239,11 @@ def _run(
         control = codec.encode(change, task.delta, seed=derive_seed(seed, "control"))
         _check_finite(control, "control change", task)
         kept = dc.kept_control(own_control, control.sent)
-        dc.write_control(store, task.run, task.round, kept, own_version, task.client)
+        dc.write_control(state, task.run, task.round, kept, own_version, task.client)
         files[dc.CONTROL_FILE] = control.blob
     if encoded.residual is not None:
-        write_residual(store, task, encoded.residual, previous)
+        write_residual(state, task, encoded.residual, previous)
+        log(f"error feedback: this round's residual kept in {state.uri}")
     meta = codec.manifest_fields(
         encoded,
         run=task.run,

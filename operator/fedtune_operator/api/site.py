@@ -92,6 +92,14 @@ class FederatedSiteSpec(Model):
         "runs its watch Jobs; its client Jobs run the image the run's task names, when "
         "policy.images allows it.",
     )
+    state_claim: ObjectName | None = Field(
+        None,
+        description="A PersistentVolumeClaim of the site's where its client keeps what it "
+        "carries from round to round: the error-feedback residual (fp32, the adapter's size) and "
+        "SCAFFOLD's control variate. Without one they go to the run's storage, written and read "
+        "over the site's link every round; with a lossy delta encoding that is more bytes than "
+        "the delta itself.",
+    )
     policy: SitePolicy = Field(default_factory=SitePolicy)
     leave: bool = Field(False, description="Take no more tasks of the run, for good.")
 

@@ -20,6 +20,7 @@ Pipeline per tensor (each stage optional, configured by `settings.DeltaSpec`):
 What the receiver decodes is `sent`; the new residual is `x - sent`. So, summed over rounds, what a
 client sent equals the sum of its true deltas minus the latest residual, whatever the compression
 (quantization alone included: top_k 1 with bits 4/8 and error_feedback carries the rounding error).
+A cast alone (bf16/fp16, no top-k, no quantization) keeps no residual (`DeltaSpec.feeds_back`).
 
 Stated error bounds for one tensor, element by element, from `x` to the decoded value:
 - fp32, top_k 1, no quantization: exact (bit for bit);
@@ -89,7 +90,7 @@ class Encoded:
     sent: dict[str, torch.Tensor]
     """Exactly what `decode(blob)` returns (fp32): what the aggregator will see."""
     residual: dict[str, torch.Tensor] | None
-    """What was not sent (fp32), for the next round; None when lossless or without feedback."""
+    """What was not sent (fp32), for the next round; None unless `spec.feeds_back`."""
     raw_bytes: int
     """The same delta as dense fp32: the baseline the encoding is measured against."""
 
@@ -280,7 +281,7 @@ def encode(
     import safetensors.torch
     import zstandard
 
-    use_feedback = spec.error_feedback and not spec.lossless
+    use_feedback = spec.feeds_back
     compressor = (
         zstandard.ZstdCompressor(level=spec.compression_level)
         if spec.compression == "zstd"

@@ -87,6 +87,10 @@ DATA_CREDENTIALS_PREFIX: Final = "FEDTUNE_DATA_"
 """A client's own data credentials arrive as FEDTUNE_DATA_AWS_ACCESS_KEY_ID and so on."""
 CACHE_DIR_ENV: Final = "FEDTUNE_CACHE_DIR"
 """Where the trainer caches downloaded models and data."""
+STATE_DIR_ENV: Final = "FEDTUNE_STATE_DIR"
+"""A directory on a volume that outlives the pod, where a client keeps what it carries from round
+to round (its error-feedback residual, its SCAFFOLD control variate); unset, that state goes to
+the run's storage."""
 SIGNING_KEY_ENV: Final = "FEDTUNE_SIGNING_KEY"
 """A client's Ed25519 private key (PEM), from its own Secret: it signs the client's commits."""
 SIGNING_KEY_SECRET_KEY: Final = "signing.key"

@@ -214,7 +214,12 @@ class DeltaSpec(Model):
         1.0, gt=0, le=1, description="Fraction of entries kept per tensor (1 keeps all)."
     )
     error_feedback: bool = Field(
-        True, description="Carry what top-k and quantization dropped into the next round."
+        True,
+        description="Carry what top-k and quantization dropped into the next round. The client "
+        "keeps the residual between rounds, fp32 values in the adapter's shapes (where its "
+        "FEDTUNE_STATE_DIR points, else in the run's storage). A cast to bf16/fp16 alone keeps "
+        "none: it rounds each value by at most 2^-8 of itself, and its residual would outweigh "
+        "the delta.",
     )
     quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
     compression: Literal["zstd", "none"] = Field(
@@ -223,8 +228,12 @@ class DeltaSpec(Model):
     compression_level: int = Field(3, ge=1, le=22, description="zstd level: 1 fast, 22 small.")
 
     @property
-    def lossless(self) -> bool:
-        return self.dtype == "fp32" and self.top_k == 1.0 and self.quantization.bits == 0
+    def feeds_back(self) -> bool:
+        """Whether the client keeps an error-feedback residual. Only where top-k or quantization
+        drop something: a dtype cast's rounding is unbiased and at most 2^-8 (bf16) of each
+        value, while the residual is a dense fp32 copy of the adapter that the client writes
+        and reads every round, 2.6x the bytes of the bf16 + zstd delta it would correct."""
+        return self.error_feedback and (self.top_k < 1.0 or self.quantization.bits != 0)
 
 
 Algorithm = Literal[
