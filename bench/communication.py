@@ -11,7 +11,9 @@ Two parts:
    model, where full-model fp32 FedAvg (every client trains every weight and uploads the whole
    model as fp32 safetensors; the server averages the models) is trained too.
    Bytes are the files the clients actually upload, averaged over every client and round; the
-   eval loss is the evaluation Job's after the last round.
+   eval loss is the evaluation Job's after the last round. `state_bytes_per_client_round` is the
+   error-feedback residual each client commits per round: written to (and read back from) the
+   run's storage unless the client keeps its state on a volume of its own (FEDTUNE_STATE_DIR).
 2. Llama shapes (1B and 7B parameters), computed, not trained: the parameter count comes from
    the model built on PyTorch's meta device (no memory), the full-model bytes are that count times
    4 (fp32) or 2 (bf16), and each encoding's bytes are the real codec's output on a delta of the
@@ -95,6 +97,7 @@ COLUMNS = [
     "model",
     "config",
     "bytes_per_client_round",
+    "state_bytes_per_client_round",
     "run_bytes_per_client",
     "ratio_vs_fp32_delta",
     "ratio_vs_full_model",
@@ -103,6 +106,7 @@ COLUMNS = [
 ]
 FORMATS = {
     "bytes_per_client_round": fmt_int,
+    "state_bytes_per_client_round": fmt_int,
     "run_bytes_per_client": fmt_int,
     "ratio_vs_fp32_delta": fmt_ratio,
     "ratio_vs_full_model": fmt_ratio,
@@ -439,6 +443,10 @@ def run(sizes: Sizes, work: Path, out: Path) -> Result:
         row = _row(label, config, r.mean_bytes_per_client, full, r.final_eval_loss)
         rounds_sent = cumulative_bytes_per_client(r)
         row["run_bytes_per_client"] = round(rounds_sent[-1]) if rounds_sent else None
+        # The residual each client commits per round: over its link too, unless it keeps its
+        # state on a volume of its own (FEDTUNE_STATE_DIR).
+        state = r.state_bytes_per_client
+        row["state_bytes_per_client_round"] = round(sum(state) / len(state)) if state else None
         row["ratio_vs_fp32_delta"] = (
             (reference.mean_bytes_per_client or 0) / r.mean_bytes_per_client
             if r.mean_bytes_per_client

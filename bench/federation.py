@@ -43,6 +43,9 @@ class RunResult:
     train_loss: list[float | None] = field(default_factory=list)
     bytes_per_client: list[float] = field(default_factory=list)
     raw_bytes_per_client: list[float] = field(default_factory=list)
+    state_bytes_per_client: list[float] = field(default_factory=list)
+    """What each client wrote to its own state in the round (the error-feedback residual):
+    bytes over its link too, unless it keeps its state on a volume of its own."""
     full_model_bytes: int = 0
     report_uri: str | None = None
 
@@ -56,6 +59,15 @@ class RunResult:
         if not self.bytes_per_client:
             return None
         return sum(self.bytes_per_client) / len(self.bytes_per_client)
+
+
+def state_bytes(store: Any, client_name: str, round_: int) -> int:
+    """The bytes of the residual `client_name` committed for `round_` (0 without one)."""
+    from fedtune_trainer.storage import store as st
+    from fedtune_trainer.wire.layout import client_state_prefix
+
+    prefix = st.versioned_prefix(client_state_prefix(client_name), round_) + "/"
+    return sum(len(store.get_bytes(key)) for key in store.list(prefix))
 
 
 def quiet(_: str) -> None:
@@ -175,6 +187,7 @@ def federate(
             )
             summary = client.run(task, store, quiet)
             result.bytes_per_client.append(summary.bytes_sent)
+            result.state_bytes_per_client.append(state_bytes(store, name, r))
             result.raw_bytes_per_client.append(summary.raw_bytes)
             result.full_model_bytes = summary.full_model_bytes
         aggregate_round(r)

@@ -70,6 +70,9 @@ def test_communication(work: Path, tmp_path: Path) -> None:
     assert all(r["run_bytes_per_client"] > r["bytes_per_client_round"] for r in deltas) == (
         doc["settings"]["rounds"] > 1
     )
+    # The residual: kept by the error-feedback encodings alone, a dense fp32 adapter per round.
+    for row in deltas:
+        assert (row["state_bytes_per_client_round"] > 0) == ("EF" in row["config"]), row
     # What the docs show of a record: every config's loss per round and its cost per round.
     per_round = records.tables(doc)
     assert per_round["loss-per-round"].count("\n") == 1 + len(tiny)  # header, alignment, rows
