@@ -48,7 +48,7 @@ from bench.common import (
     tiny_assets,
 )
 from bench.federation import Recipe, RunResult, federate, quiet
-from bench.tables import markdown
+from bench.tables import per_round
 from fedtune_trainer.aggregation.reducers import WeightedMean
 from fedtune_trainer.wire.settings import DeltaSpec, QuantizationSpec
 
@@ -370,26 +370,16 @@ def cumulative_bytes_per_client(result: RunResult) -> list[float]:
 def record_tables(doc: dict[str, Any]) -> dict[str, str]:
     """The per-round tables of a record (bench/records.py): each encoding's eval loss, and its
     cost against the lossless delta at the same round."""
-    per_round: dict[str, list[float | None]] = doc["settings"]["eval_loss_per_round"]
-    reference = per_round.get(REFERENCE)
-    rounds = len(next(iter(per_round.values())))
-    loss_rows, cost_rows = [], []
-    for config, losses in per_round.items():
-        loss_rows.append({"config": config} | {f"r{r}": v for r, v in enumerate(losses)})
-        if reference is not None and config != REFERENCE:
-            cost_rows.append(
-                {"config": config}
-                | {f"r{r}": loss_cost(losses[r], reference[r]) for r in range(1, rounds)}
-            )
-    loss_columns = ["config", *(f"r{r}" for r in range(rounds))]
-    cost_columns = ["config", *(f"r{r}" for r in range(1, rounds))]
+    losses: dict[str, list[float | None]] = doc["settings"]["eval_loss_per_round"]
+    reference = losses.get(REFERENCE)
+    costs = {
+        config: [loss_cost(loss, ref) for loss, ref in zip(series, reference, strict=True)]
+        for config, series in losses.items()
+        if reference is not None and config != REFERENCE
+    }
     return {
-        "loss-per-round": markdown(
-            loss_columns, loss_rows, {c: "float:4" for c in loss_columns[1:]}
-        ),
-        "cost-per-round": markdown(
-            cost_columns, cost_rows, {c: "signed-percent:1" for c in cost_columns[1:]}
-        ),
+        "loss-per-round": per_round(losses, "float:4"),
+        "cost-per-round": per_round(costs, "signed-percent:1", first_round=1),
     }
 
 

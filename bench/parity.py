@@ -36,6 +36,7 @@ from bench.common import (
     tiny_assets,
 )
 from bench.federation import Recipe, RunResult, Variant, federate
+from bench.tables import per_round
 from fedtune_trainer.wire.settings import AggregationSpec, DeltaSpec
 
 NAME = "parity"
@@ -194,3 +195,9 @@ def run(sizes: Sizes, work: Path, out: Path) -> Result:
         ],
         plots=[plot_path.name],
     )
+
+
+def record_tables(doc: dict[str, Any]) -> dict[str, str]:
+    """A record's eval loss after every round, one row per federated setting (bench/records.py):
+    where each setting gains or loses its distance to centralized training."""
+    return {"loss-per-round": per_round(doc["settings"]["eval_loss_per_round"], "float:4")}

@@ -46,3 +46,15 @@ def markdown(
         "| " + " | ".join(cell(row.get(c), formats.get(c)) for c in columns) + " |" for row in rows
     ]
     return "\n".join(lines)
+
+
+def per_round(series: Mapping[str, Sequence[float | None]], spec: str, first_round: int = 0) -> str:
+    """One value per round, a row per config and a column `r<N>` per round from `first_round`
+    (a series holds every round from 0, so a cost that has no round 0 starts at 1)."""
+    rounds = max(len(values) for values in series.values())
+    columns = ["config", *(f"r{r}" for r in range(first_round, rounds))]
+    rows = [
+        {"config": config} | {f"r{r}": values[r] for r in range(first_round, len(values))}
+        for config, values in series.items()
+    ]
+    return markdown(columns, rows, {c: spec for c in columns[1:]})
