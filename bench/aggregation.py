@@ -50,7 +50,8 @@ from bench.common import (
 from fedtune_trainer.adapter.lora import read_global
 from fedtune_trainer.aggregation.server import server_step
 from fedtune_trainer.codec.container import DELTA_FILE
-from fedtune_trainer.wire.settings import AdapterSpec, DeltaSpec, StorageLocation
+from fedtune_trainer.wire.delta_settings import DeltaSpec
+from fedtune_trainer.wire.settings import AdapterSpec, StorageLocation
 from fedtune_trainer.wire.task import AggregateTask
 
 NAME = "aggregation"

@@ -50,7 +50,7 @@ from bench.common import (
 from bench.federation import Recipe, RunResult, federate, quiet
 from bench.tables import per_round
 from fedtune_trainer.aggregation.reducers import WeightedMean
-from fedtune_trainer.wire.settings import DeltaSpec, QuantizationSpec
+from fedtune_trainer.wire.delta_settings import DeltaSpec, QuantizationSpec
 
 NAME = "communication"
 TITLE = "Bytes uploaded per client per round, and the eval loss they buy"

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Assets
-from fedtune_trainer.wire.settings import AdapterSpec, AggregationSpec, DeltaSpec
+from fedtune_trainer.wire.delta_settings import DeltaSpec
+from fedtune_trainer.wire.settings import AdapterSpec, AggregationSpec
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,8 @@ from bench.common import (
 )
 from bench.federation import Recipe, RunResult, Variant, federate
 from bench.tables import per_round
-from fedtune_trainer.wire.settings import AggregationSpec, DeltaSpec
+from fedtune_trainer.wire.delta_settings import DeltaSpec
+from fedtune_trainer.wire.settings import AggregationSpec
 
 NAME = "parity"
 TITLE = "Federated against centralized training (same data, same total optimizer steps)"

@@ -14,8 +14,9 @@ from fedtune_trainer.adapter import lora
 from fedtune_trainer.codec import encoding as codec
 from fedtune_trainer.codec.container import DELTA_FILE
 from fedtune_trainer.storage import store as st
+from fedtune_trainer.wire.delta_settings import DeltaSpec
 from fedtune_trainer.wire.layout import client_prefix, global_prefix
-from fedtune_trainer.wire.settings import AggregationSpec, DeltaSpec, StorageLocation
+from fedtune_trainer.wire.settings import AggregationSpec, StorageLocation
 from fedtune_trainer.wire.task import AggregateTask
 
 PREFIX = "base_model.model.model.layers"

@@ -22,20 +22,14 @@ from fedtune_trainer.storage import s3
 from fedtune_trainer.storage import store as st
 from fedtune_trainer.storage.marker import claim_root
 from fedtune_trainer.wire.contract import STATE_DIR_ENV
+from fedtune_trainer.wire.delta_settings import DeltaSpec, QuantizationSpec
 from fedtune_trainer.wire.layout import (
     client_prefix,
     client_state_prefix,
     control_prefix,
     global_prefix,
 )
-from fedtune_trainer.wire.settings import (
-    AdapterSpec,
-    DeltaSpec,
-    LocalPrivacy,
-    QuantizationSpec,
-    StorageLocation,
-    TrainingSpec,
-)
+from fedtune_trainer.wire.settings import AdapterSpec, LocalPrivacy, StorageLocation, TrainingSpec
 from fedtune_trainer.wire.task import AggregateTask, CleanupTask, ClientTask
 from tests.trainer.support import Demo, Storage
 

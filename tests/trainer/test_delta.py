@@ -36,7 +36,7 @@ from fedtune_trainer.codec.decoding import (
     read_layout,
     unpack_mask,
 )
-from fedtune_trainer.wire.settings import DeltaSpec, QuantizationSpec
+from fedtune_trainer.wire.delta_settings import DeltaSpec, QuantizationSpec
 from tests.trainer.hostile_support import (
     HighBitsEdit,
     RawDelta,

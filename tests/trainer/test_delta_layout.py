@@ -22,7 +22,7 @@ from fedtune_trainer.codec import encoding as codec
 from fedtune_trainer.codec import precheck
 from fedtune_trainer.codec.container import DeltaFormatError, position_bytes
 from fedtune_trainer.codec.decoding import decode, decompress_bounded, read_layout
-from fedtune_trainer.wire.settings import DeltaSpec, QuantizationSpec
+from fedtune_trainer.wire.delta_settings import DeltaSpec, QuantizationSpec
 from tests.trainer.hostile_support import RawDelta, RawPart, zstd_bomb
 
 FAST = settings(max_examples=60, deadline=None)

@@ -24,8 +24,9 @@ from fedtune_trainer.learning.data import load_examples
 from fedtune_trainer.learning.runtime import pick_runtime
 from fedtune_trainer.learning.training import train
 from fedtune_trainer.storage import store as st
+from fedtune_trainer.wire.delta_settings import DeltaSpec
 from fedtune_trainer.wire.layout import client_prefix, control_prefix
-from fedtune_trainer.wire.settings import AdapterSpec, DeltaSpec, StorageLocation, TrainingSpec
+from fedtune_trainer.wire.settings import AdapterSpec, StorageLocation, TrainingSpec
 from fedtune_trainer.wire.task import AggregateTask, ClientTask
 from tests.trainer.support import Demo
 

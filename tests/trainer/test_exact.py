@@ -12,7 +12,8 @@ import torch
 from fedtune_trainer import aggregate, client
 from fedtune_trainer.adapter import exact
 from fedtune_trainer.storage import store as st
-from fedtune_trainer.wire.settings import AdapterSpec, AggregationSpec, DeltaSpec
+from fedtune_trainer.wire.delta_settings import DeltaSpec
+from fedtune_trainer.wire.settings import AdapterSpec, AggregationSpec
 from tests.trainer.aggregation_support import SHAPES, put_delta, random_tensors, task, write_global
 from tests.trainer.support import Demo
 from tests.trainer.test_client import ADAPTER, client_task, global_tensors, init_task, quiet

@@ -29,9 +29,10 @@ from fedtune_trainer import aggregate
 from fedtune_trainer.codec import encoding as codec
 from fedtune_trainer.codec.container import DELTA_FILE
 from fedtune_trainer.storage import store as st
+from fedtune_trainer.wire.delta_settings import DeltaSpec, QuantizationSpec
 from fedtune_trainer.wire.layout import client_prefix
 from fedtune_trainer.wire.results import AggregateSummary, parse_summary
-from fedtune_trainer.wire.settings import AggregationSpec, DeltaSpec, QuantizationSpec
+from fedtune_trainer.wire.settings import AggregationSpec
 from tests.trainer.aggregation_support import random_tensors, task, write_global
 from tests.trainer.hostile_support import (
     HighBitsEdit,

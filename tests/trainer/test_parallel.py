@@ -20,9 +20,10 @@ from fedtune_trainer.launch import first_failure, multi_node_client_command, rec
 from fedtune_trainer.learning.drift import CONTROL_FILE
 from fedtune_trainer.storage import store as st
 from fedtune_trainer.wire.contract import client_command, gpu_count, processes_for
+from fedtune_trainer.wire.delta_settings import DeltaSpec
 from fedtune_trainer.wire.layout import client_prefix
 from fedtune_trainer.wire.results import parse_summary
-from fedtune_trainer.wire.settings import AdapterSpec, DeltaSpec, StorageLocation, TrainingSpec
+from fedtune_trainer.wire.settings import AdapterSpec, StorageLocation, TrainingSpec
 from fedtune_trainer.wire.task import AggregateTask, ClientTask
 from tests.trainer.support import Demo
 

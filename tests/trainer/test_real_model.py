@@ -21,8 +21,9 @@ from fedtune_trainer.learning.batches import collate
 from fedtune_trainer.learning.data import IGNORE, bos_ids, load_dataset
 from fedtune_trainer.learning.loss import token_loss_sum
 from fedtune_trainer.storage import store as st
+from fedtune_trainer.wire.delta_settings import DeltaSpec
 from fedtune_trainer.wire.layout import FINAL_PREFIX
-from fedtune_trainer.wire.settings import AdapterSpec, DeltaSpec, StorageLocation, TrainingSpec
+from fedtune_trainer.wire.settings import AdapterSpec, StorageLocation, TrainingSpec
 from fedtune_trainer.wire.task import AggregateTask, ClientTask
 
 pytestmark = [

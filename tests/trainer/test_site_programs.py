@@ -27,10 +27,11 @@ from fedtune_trainer.wire.contract import (
     TERMINATION_LOG_ENV,
     refused_round,
 )
+from fedtune_trainer.wire.delta_settings import DeltaSpec
 from fedtune_trainer.wire.errors import SiteError
 from fedtune_trainer.wire.layout import FINAL_PREFIX, client_prefix, global_prefix, task_key
 from fedtune_trainer.wire.results import ClientSummary, WatchSummary, dump_summary, parse_summary
-from fedtune_trainer.wire.settings import DeltaSpec, LocalPrivacy, StorageLocation
+from fedtune_trainer.wire.settings import LocalPrivacy, StorageLocation
 from fedtune_trainer.wire.site import (
     Heartbeat,
     Refusal,

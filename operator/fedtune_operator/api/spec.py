@@ -38,8 +38,8 @@ from fedtune_operator.api.schema import (
     k8s_extensions,
     map_list,
 )
+from fedtune_trainer.wire.delta_settings import CODEBOOK_BITS, DeltaSpec
 from fedtune_trainer.wire.settings import (
-    CODEBOOK_BITS,
     KRUM_ALGORITHMS,
     KRUM_CLIENTS_PER_FAULTY,
     KRUM_EXTRA_CLIENTS,
@@ -48,7 +48,6 @@ from fedtune_trainer.wire.settings import (
     CleanupPolicy,
     ClientName,
     DataSpec,
-    DeltaSpec,
     EvaluationSpec,
     Model,
     PrivacySpec,

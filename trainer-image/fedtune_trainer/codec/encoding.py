@@ -3,7 +3,7 @@
 Pure on purpose: tensors in, bytes (or tensors) out, no storage, no clock, no globals. The client
 encodes, the aggregator decodes, and the tests hold both to the stated error bounds.
 
-Pipeline per tensor (each stage optional, configured by `settings.DeltaSpec`):
+Pipeline per tensor (each stage optional, configured by `delta_settings.DeltaSpec`):
 
 1. error feedback: `x = delta + residual`, where the residual is what earlier rounds did not send;
 2. cast to bf16/fp16 (round to nearest even);
@@ -78,7 +78,7 @@ from fedtune_trainer.codec.container import (
     to_bytes,
 )
 from fedtune_trainer.codec.decoding import decode_tensor, read_layout
-from fedtune_trainer.wire.settings import DeltaSpec
+from fedtune_trainer.wire.delta_settings import DeltaSpec
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from fedtune_trainer.codec.container import (
 )
 from fedtune_trainer.codec.decoding import Layout, part_spec
 from fedtune_trainer.codec.encoding import run_encoding
-from fedtune_trainer.wire.settings import DeltaSpec
+from fedtune_trainer.wire.delta_settings import DeltaSpec
 
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_]+(?:[.-][A-Za-z0-9_]+)*")
 """A tensor name as PEFT writes them: words joined by dots (no '/', '\\', '..', leading dot)."""

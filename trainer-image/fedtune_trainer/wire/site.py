@@ -17,11 +17,11 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
+from fedtune_trainer.wire.delta_settings import DeltaSpec
 from fedtune_trainer.wire.settings import (
     AdapterSpec,
     ClientName,
     DataSpec,
-    DeltaSpec,
     LocalPrivacy,
     Model,
     PublicKey,

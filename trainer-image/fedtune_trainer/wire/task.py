@@ -19,13 +19,13 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field, model_validator
 
 from fedtune_trainer.wire.contract import TASK_ENV, TASK_FILE_ENV
+from fedtune_trainer.wire.delta_settings import DeltaSpec
 from fedtune_trainer.wire.settings import (
     AdapterSpec,
     AggregationSpec,
     CleanupPolicy,
     ClientName,
     DataSpec,
-    DeltaSpec,
     EvaluationSpec,
     LocalPrivacy,
     Model,
