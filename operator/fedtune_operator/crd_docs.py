@@ -137,8 +137,8 @@ per round, and reports progress in `status`.
 Every default and bound below is generated from `operator/fedtune_operator/api/` (the training,
 data, delta, aggregation, privacy and evaluation settings come from the Job contract,
 `trainer-image/fedtune_trainer/wire/settings.py` and `wire/delta_settings.py`). The CRD in
-`crds/` is generated from the same models, so the API server applies the same defaults: `kubectl get fft NAME -o yaml` shows every
-setting a run uses.
+`crds/` is generated from the same models, so the API server applies the same defaults:
+`kubectl get fft NAME -o yaml` shows every setting a run uses.
 
 ## Validation
 
