@@ -63,12 +63,14 @@ class RunResult:
 
 
 def state_bytes(store: Any, client_name: str, round_: int) -> int:
-    """The bytes of the residual `client_name` committed for `round_` (0 without one)."""
+    """The bytes of the residual `client_name` committed for `round_` (0 without one), as its
+    commit's manifest lists them: a few hundred bytes read, not the residual itself."""
     from fedtune_trainer.storage import store as st
     from fedtune_trainer.wire.layout import client_state_prefix
 
-    prefix = st.versioned_prefix(client_state_prefix(client_name), round_) + "/"
-    return sum(len(store.get_bytes(key)) for key in store.list(prefix))
+    prefix = st.versioned_prefix(client_state_prefix(client_name), round_)
+    manifest = st.read_manifest(store, prefix)
+    return sum(entry["bytes"] for entry in manifest["files"].values()) if manifest else 0
 
 
 def quiet(_: str) -> None:

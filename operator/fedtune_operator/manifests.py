@@ -39,7 +39,13 @@ from fedtune_operator.objects import (
 )
 from fedtune_operator.pod_settings import merge_pod_settings
 from fedtune_operator.rounds import clients_per_round, quorum
-from fedtune_operator.volumes import all_local, cache_volume, local_uri, pvc_volumes
+from fedtune_operator.volumes import (
+    PodVolume,
+    all_local,
+    cache_volume,
+    local_uri,
+    pvc_volumes,
+)
 from fedtune_trainer.wire.contract import (
     ANNOTATION_DATA_CREDENTIALS,
     ANNOTATION_STORAGE_CREDENTIALS,
@@ -214,7 +220,7 @@ def job_manifest(
     extra_env: list[dict[str, Any]],
     uris: tuple[str | None, ...],
     backoff_limit: int,
-    cache: tuple[list[dict[str, Any]], ...] = ([], [], []),
+    volume: PodVolume | None = None,
     credentials: S3Credentials | None = None,
     data_credentials: str | None = None,
 ) -> dict[str, Any]:
@@ -234,7 +240,7 @@ def job_manifest(
         extra_env=extra_env,
         uris=uris,
         backoff_limit=backoff_limit,
-        cache=cache,
+        volume=volume,
         credentials=credentials or spec.storage.credentials_secret,
         data_credentials=data_credentials,
     )
@@ -256,16 +262,17 @@ def pod_job(
     uris: tuple[str | None, ...],
     backoff_limit: int,
     credentials: S3Credentials | None,
-    cache: tuple[list[dict[str, Any]], ...] = ([], [], []),
+    volume: PodVolume | None = None,
     data_credentials: str | None = None,
     image: str | None = None,
 ) -> dict[str, Any]:
     """One Job of the operator's (a run's, or a site's): the restricted pod, the task, the
-    storage identity from a Secret, the retry policy. `image` overrides the template's."""
+    storage identity from a Secret, the retry policy. `image` overrides the template's;
+    `volume` is one more volume (the model cache, a site's state claim) with its mount and env."""
     all_labels = {**(template.labels or {}), **labels}
     pod_sc, container_sc = security_context()
     pvc_vols, pvc_mounts = pvc_volumes(*uris)
-    cache_vols, cache_mounts, cache_env = cache
+    extra_vols, extra_mounts, volume_env = volume or ([], [], [])
     env: list[dict[str, Any]] = [
         {"name": TASK_ENV, "value": task_json},
         {"name": "HOME", "value": "/tmp/home"},
@@ -280,8 +287,8 @@ def pod_job(
         env.append({"name": AWS_ENDPOINT_ENV, "value": storage.endpoint})
     if storage.region:
         env.append({"name": AWS_REGION_ENV, "value": storage.region})
-    overridden = {e["name"] for e in cache_env}
-    env = [e for e in env if e["name"] not in overridden] + extra_env + cache_env
+    overridden = {e["name"] for e in volume_env}
+    env = [e for e in env if e["name"] not in overridden] + extra_env + volume_env
     env += [e.model_dump(mode="json", by_alias=True, exclude_none=True) for e in settings.env or []]
     resources = (
         settings.resources.model_dump(mode="json", by_alias=True, exclude_none=True)
@@ -299,7 +306,7 @@ def pod_job(
             "securityContext": container_sc,
             "terminationMessagePath": TERMINATION_LOG,
             "terminationMessagePolicy": "FallbackToLogsOnError",
-            "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, *pvc_mounts, *cache_mounts],
+            "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, *pvc_mounts, *extra_mounts],
         }
     )
     pod_spec = drop_empty(
@@ -310,7 +317,7 @@ def pod_job(
             "automountServiceAccountToken": template.automount_service_account_token,
             "securityContext": pod_sc,
             "containers": [container],
-            "volumes": [{"name": "tmp", "emptyDir": {}}, *pvc_vols, *cache_vols],
+            "volumes": [{"name": "tmp", "emptyDir": {}}, *pvc_vols, *extra_vols],
             "nodeSelector": settings.node_selector,
             "tolerations": [
                 t.model_dump(mode="json", by_alias=True, exclude_none=True)
@@ -402,7 +409,7 @@ def client_job(
         ],
         uris=(spec.base_model, spec.tokenizer, entry.data_uri),
         backoff_limit=spec.backoff_limit,
-        cache=cache_volume(run, spec, client),
+        volume=cache_volume(run, spec, client),
         credentials=storage_creds,
         data_credentials=data_with,
     )
@@ -453,7 +460,7 @@ def evaluate_job(
         extra_env=[],
         uris=(spec.base_model, spec.tokenizer, spec.evaluation.data_uri),
         backoff_limit=spec.backoff_limit,
-        cache=cache_volume(run, spec, None),
+        volume=cache_volume(run, spec, None),
         credentials=spec.evaluation.storage_credentials_secret,
     )
 

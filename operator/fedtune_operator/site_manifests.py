@@ -131,7 +131,7 @@ def site_client_job(
         uris=(spec.data_uri,),
         backoff_limit=2,
         credentials=spec.run.storage.credentials_secret,
-        cache=state_volume(spec.state_claim),
+        volume=state_volume(spec.state_claim),
         data_credentials=secret_name(data) if data else None,
         image=action.image,
     )

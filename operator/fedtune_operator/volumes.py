@@ -30,6 +30,13 @@ CLIENT_STATE = f"{CACHE_MOUNT}/state"
 """Where a client with a claim of its own (modelCache perClient) keeps its residual and control
 variate (FEDTUNE_STATE_DIR): on its volume, not over the network to the run's storage."""
 CACHE_VOLUME = "model-cache"
+SITE_STATE_MOUNT = "/var/lib/fedtune/state"
+"""Where a site's client Job mounts the site's stateClaim (FEDTUNE_STATE_DIR points here)."""
+STATE_VOLUME = "client-state"
+
+PodVolume = tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]
+"""A volume a Job's pod gets beside /tmp: the pod's volumes, the container's mounts of them, and
+the environment that points the trainer at them."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,9 +124,7 @@ def cache_claim(
     }
 
 
-def cache_volume(
-    run: str, spec: FederatedFineTuneSpec, client: str | None
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+def cache_volume(run: str, spec: FederatedFineTuneSpec, client: str | None) -> PodVolume:
     """The cache volume, its mount and FEDTUNE_CACHE_DIR of a client's (or, with `client` None,
     an evaluation) Job's pod; nothing for mode none (the trainer then caches under /tmp). A
     client's claim (perClient) outlives its pods, so its round-to-round state goes there too
@@ -151,13 +156,7 @@ def cache_volume(
     )
 
 
-SITE_STATE_MOUNT = "/var/lib/fedtune/state"
-STATE_VOLUME = "client-state"
-
-
-def state_volume(
-    claim: str | None,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+def state_volume(claim: str | None) -> PodVolume:
     """A site's stateClaim as its client Job's volume, mount and FEDTUNE_STATE_DIR; nothing
     without one (the client's state then goes to the run's storage)."""
     if claim is None:
