@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +121,22 @@ def test_the_launcher_reports_the_first_failure_with_its_workers_exit_code(
         path.write_text(text)
         os.utime(path, ns=(when * 10**9, when * 10**9))
     assert first_failure(tmp_path, exit_codes) == expected
+
+
+def test_a_worker_ends_with_its_output_flushed_and_without_the_interpreter_s_teardown() -> None:
+    """The teardown is where gloo can abort a worker that did all its work (launch.end_worker)."""
+    program = (
+        "import atexit, sys\n"
+        "from fedtune_trainer.launch import end_worker\n"
+        "atexit.register(lambda: print('teardown'))\n"
+        "print('report', end='')\n"
+        "print('progress', end='', file=sys.stderr)\n"
+        "end_worker(3)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60
+    )
+    assert (proc.returncode, proc.stdout, proc.stderr) == (3, "report", "progress")
 
 
 ADAPTER = AdapterSpec(r=4, alpha=8, dropout=0.0, target_modules=["all-linear"])

@@ -328,7 +328,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.nproc_per_node > 1 or spread:
             return run_launcher("client", args.nproc_per_node, spread)
     if args.command in JOBS:
-        return run_job(args.command)
+        from fedtune_trainer.launch import end_worker, worker_file
+
+        code = run_job(args.command)
+        if worker_file() is not None:
+            end_worker(code)
+        return code
     if args.command == "report":
         return report(args.uri, args.endpoint, args.region, args.out)
     if args.command == "keygen":
