@@ -247,29 +247,46 @@ class JobWatch:
 HANDOFF_LINE = re.compile(
     r"created Jobs (?P<jobs>\S+(?:, \S+)*) of (?P<namespace>[^/\s]+)/(?P<run>\S+) "
     r"(?P<seconds>\d+(?:\.\d+)?) s after the event that woke the run"
+    r"(?:, (?P<api>\d+(?:\.\d+)?) s of it waiting on the API server)?"
 )
 """The operator's line for a reconcile that created Jobs (fedtune_operator.handlers.reconcile)."""
 
 
+@dataclass(frozen=True)
+class Share:
+    """The operator's share of one hand-off, and the part of it spent waiting on the API server
+    (its requests: the status write, the Job creations, any read the watches could not answer)."""
+
+    seconds: float
+    api_seconds: float
+
+    @property
+    def own_seconds(self) -> float:
+        """The rest: the operator's own work and its queueing (the event loop, the run's
+        previous reconcile, the thread pool)."""
+        return self.seconds - self.api_seconds
+
+
 def operator_shares(
     log: str, jobs: dict[str, JobTimes], runs: set[str]
-) -> tuple[list[float], list[float]]:
+) -> tuple[list[Share], list[Share]]:
     """The operator's own share of (a) and (b) of `runs`, from its log: per hand-off, the first
     reconcile that created its Job (an aggregator of round >= 1 for (a), a client for (b)),
     from the event that woke the run to that reconcile's writes done."""
-    to_aggregate: dict[tuple[str, int], float] = {}
-    to_next: dict[tuple[str, int], float] = {}
+    to_aggregate: dict[tuple[str, int], Share] = {}
+    to_next: dict[tuple[str, int], Share] = {}
     for match in HANDOFF_LINE.finditer(log):
         if match["run"] not in runs:
             continue
+        share = Share(float(match["seconds"]), float(match["api"] or 0.0))
         for name in match["jobs"].split(", "):
             job = jobs.get(name)
             if job is None:
                 continue
             if job.role == "aggregator" and job.round >= 1:
-                to_aggregate.setdefault((job.run, job.round), float(match["seconds"]))
+                to_aggregate.setdefault((job.run, job.round), share)
             elif job.role == "client":
-                to_next.setdefault((job.run, job.round), float(match["seconds"]))
+                to_next.setdefault((job.run, job.round), share)
     return list(to_aggregate.values()), list(to_next.values())
 
 
@@ -430,19 +447,27 @@ def measure(
 
     assert sampler is not None
     share = "the operator's own: first event its reconcile served -> its writes done"
+    own = "of which not waiting on the API server"
+
+    def shares(which: str, of: str, values: list[Share]) -> list[dict[str, Any]]:
+        return [
+            timing(f"{which} {share}, {of}", [v.seconds for v in values]),
+            timing(f"{which} {own}, {of}", [v.own_seconds for v in values]),
+        ]
+
     return [
         timing("(a) last client Job complete -> aggregator Job created, 1 run", single[0]),
-        timing(f"(a) {share}, 1 run", single_share[0]),
+        *shares("(a)", "1 run", single_share[0]),
         timing(
             "(b) aggregator complete -> next round's first client Job created, 1 run", single[1]
         ),
-        timing(f"(b) {share}, 1 run", single_share[1]),
+        *shares("(b)", "1 run", single_share[1]),
         timing(f"(a) last client Job complete -> aggregator Job created, {load}", loaded[0]),
-        timing(f"(a) {share}, {load}", loaded_share[0]),
+        *shares("(a)", load, loaded_share[0]),
         timing(
             f"(b) aggregator complete -> next round's first client Job created, {load}", loaded[1]
         ),
-        timing(f"(b) {share}, {load}", loaded_share[1]),
+        *shares("(b)", load, loaded_share[1]),
         memory("operator RSS, idle (no runs)", idle_kib, 1),
         memory(
             f"operator peak RSS (sampled VmRSS), {load} in flight", sampler.max_kib, sampler.samples

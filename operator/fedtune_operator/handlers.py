@@ -6,50 +6,56 @@ the run changes (its own watch events and its Jobs' wake it) and at least every 
 locks, and it holds no memory: a restarted operator resumes every run from its status and Jobs.
 A reconcile that raises is retried with exponential backoff, not at every resync.
 
-The run's Jobs come from a kopf index over the Job watch the operator keeps anyway (no list call
-per reconcile), read after the run itself so that they are as recent as it; pods are read only
-for the Jobs that just finished, whose termination messages hold the results the status does not
-have yet. Only a Job change the engine can see (compact_job: conditions, suspension, deletion)
-wakes its run: the Job controller's other status updates (active, ready, start time) would each
-cost a reconcile, a read of the run, for nothing.
+What a reconcile reads comes from the operator's watches where they hold it (loops.View): the
+run as its latest event or the operator's own status write had it, and kopf indexes of the runs'
+Jobs, pods and NetworkPolicies. The Jobs are read after the run so that they are as recent as
+it; pods matter only for the Jobs that just finished, whose termination messages hold the
+results the status does not have yet. The API server is asked only for what the watches lack
+(the run after a conflict or error, pods the index has not seen end): under load each request
+waits its turn there, and a hand-off that made five one after another took seconds. Only a Job
+change the engine can see (compact_job: conditions, suspension, deletion) wakes its run: the Job
+controller's other status updates (active, ready, start time) would each cost a reconcile.
 
 The order of a reconcile is fixed: decide; when the decision creates pods, apply the run's
-NetworkPolicy and record what that came to (network_policy.settle: a policy of its name that the
-run does not own holds those Jobs back); write the status (guarded by resourceVersion; on a
-conflict, re-read and decide again), then create or delete Jobs, then post events. A status that
-says round r therefore always exists before round r's Jobs, and an event never announces what was
-not recorded. The Jobs one decision creates are created at once, each in its own request: they
-do not depend on each other, and one after another they made a round's hand-off as slow as its
-number of clients.
+NetworkPolicy unless its watch shows it as wanted, and record what that came to
+(network_policy.settle: a policy of its name that the run does not own holds those Jobs back);
+write the status (guarded by resourceVersion; on a conflict, re-read and decide again, which is
+also what makes acting on a watched run safe), then create or delete Jobs, then post events.
+A status that says round r therefore always exists before round r's Jobs, and an event never
+announces what was not recorded. The Jobs one decision creates are created at once, each in its
+own request: they do not depend on each other, and one after another they made a round's
+hand-off as slow as its number of clients.
 
 The Kubernetes client is synchronous: its calls run in a thread pool of the shell's own, sized
 for many runs handing off rounds at once (kube.API_CONCURRENCY), never on the event loop. A
-reconcile that creates Jobs logs how long after the event that woke the run its writes were done
-(`created Jobs ... s after the event that woke the run`), and fedtune_handoff_seconds counts it:
-the operator's own share of a round's hand-off, which the `operator` benchmark reports.
+reconcile that creates Jobs logs how long after the event that woke the run its writes were done,
+and how much of that it waited on the API server (`created Jobs ... s after the event that woke
+the run, ... s of it waiting on the API server`); fedtune_handoff_seconds counts the first: the
+operator's share of a round's hand-off, which the `operator` benchmark reports with the second
+taken out as well.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import kopf
 from kubernetes.client.rest import ApiException
 
 from fedtune_operator import (
+    actions,
     decision,
     engine,
     manifests,
     metrics,
     network_policy,
     objects,
-    remote,
-    volumes,
 )
 from fedtune_operator.api import (
     GROUP,
@@ -59,10 +65,14 @@ from fedtune_operator.api import (
     FederatedFineTuneStatus,
 )
 from fedtune_operator.kube import Conflict, Kube, NamespaceTerminating, NotOwned, shared
-from fedtune_operator.loops import Loops, Outcome, in_thread
+from fedtune_operator.loops import Loops, Outcome, View, in_thread
 from fedtune_operator.observe import (
+    JOB_NAME,
     compact_job,
+    compact_pod,
+    compact_policy,
     failure_message,
+    indexed_pods,
     jobs_needing_pods,
     observe_jobs,
 )
@@ -116,16 +126,43 @@ def run_jobs(
     return {(namespace, str(labels[LABEL_RUN])): compact_job(body)}
 
 
+@kopf.index("", "v1", "pods", labels={LABEL_RUN: kopf.PRESENT, JOB_NAME: kopf.PRESENT})
+def run_pods(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[tuple[str | None, str], dict[str, Any]]:
+    """The runs' pods by (namespace, Job), as much of each as observe_jobs reads: a finished
+    Job's result is its pod's termination message, and the index spares a reconcile a list call
+    for it (observe.indexed_pods says when it must still list)."""
+    return {(namespace, str(labels[JOB_NAME])): compact_pod(body)}
+
+
+@kopf.index("networking.k8s.io", "v1", "networkpolicies", labels={LABEL_RUN: kopf.PRESENT})
+def run_policies(
+    namespace: str | None, name: str, body: kopf.Body, **_: Any
+) -> dict[tuple[str | None, str], dict[str, Any]]:
+    """The runs' NetworkPolicies by (namespace, name): a policy already as the run wants it is
+    not applied again before every Job (network_policy.in_place)."""
+    return {(namespace, name): compact_policy(body)}
+
+
+def _indexes(run_jobs: kopf.Index, run_pods: kopf.Index, run_policies: kopf.Index) -> None:
+    """kopf hands its live indexes to handlers only: the first event gives them to the loops."""
+    loops.jobs, loops.pods, loops.policies = run_jobs, run_pods, run_policies
+
+
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def run_changed(
     name: str,
     namespace: str | None,
     type: str | None,
     meta: kopf.Meta,
+    body: kopf.Body,
     run_jobs: kopf.Index,
+    run_pods: kopf.Index,
+    run_policies: kopf.Index,
     **_: Any,
 ) -> None:
-    loops.jobs = run_jobs
+    _indexes(run_jobs, run_pods, run_policies)
     if namespace is None:
         return
     if type == "DELETED" or meta.get("deletionTimestamp"):
@@ -133,6 +170,7 @@ async def run_changed(
         if type == "DELETED":
             metrics.forget_run(namespace, name)
     else:
+        loops.runs.seen((namespace, name), copy.deepcopy(dict(body)))
         loops.wake(namespace, name)
 
 
@@ -144,9 +182,11 @@ async def job_changed(
     type: str | None,
     body: kopf.Body,
     run_jobs: kopf.Index,
+    run_pods: kopf.Index,
+    run_policies: kopf.Index,
     **_: Any,
 ) -> None:
-    loops.jobs = run_jobs
+    _indexes(run_jobs, run_pods, run_policies)
     if not loops.job_news(uid, None if type == "DELETED" else compact_job(body)):
         return
     run = labels.get(LABEL_RUN)
@@ -163,22 +203,40 @@ def _status_json(status: FederatedFineTuneStatus) -> dict[str, Any]:
     return status.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
-async def reconcile(
-    namespace: str,
-    name: str,
-    read_jobs: Callable[[], list[dict[str, Any]]],
-    woken: float | None = None,
-) -> Outcome:
-    """One observe-decide-act pass over the run and its Jobs (`read_jobs`: the index, read once
-    the run is): then wait for the next wake-up, go again at once (the run changed under a status
-    write), or stop (the run is gone or going). `woken` is when (monotonic) the event it serves
-    came: a reconcile that creates Jobs logs how long after it its writes were done.
+class Stopwatch:
+    """The time spent inside its `with` blocks: a reconcile's waits on the API server, which the
+    hand-off line reports apart from the rest (the operator's own work and queueing)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._start = 0.0
+
+    def __enter__(self) -> Stopwatch:
+        self._start = time.monotonic()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.seconds += time.monotonic() - self._start
+
+
+async def reconcile(namespace: str, name: str, view: View, woken: float | None = None) -> Outcome:
+    """One observe-decide-act pass over the run and its Jobs, as `view` shows them (reading from
+    the API server what it lacks): then wait for the next wake-up, go again at once (the run
+    changed under a status write, or must be read afresh), or stop (the run is gone or going).
+    `woken` is when (monotonic) the event it serves came: a reconcile that creates Jobs logs how
+    long after it its writes were done.
 
     The Jobs are read after the run, not before: read before, a Job this loop created in its
     previous pass could be missing from them while the run's read waited, and be created again
     (a request answered 409)."""
     k = kube()
-    obj = await in_thread(k.get_run, namespace, name)
+    api = Stopwatch()
+    watched = view.run()
+    if watched is None:
+        with api:
+            obj = await in_thread(k.get_run, namespace, name)
+    else:
+        obj = watched
     if obj is None or obj["metadata"].get("deletionTimestamp"):
         return "gone"
     meta = obj["metadata"]
@@ -193,9 +251,12 @@ async def reconcile(
     if problems or spec is None:
         decided = engine.invalid_spec(status, problems, meta.get("generation", 0), now)
     else:
-        jobs = read_jobs()
+        jobs = view.jobs()
         needed = jobs_needing_pods(meta["uid"], status, jobs)
-        pods = await in_thread(k.job_pods, namespace, needed) if needed else []
+        pods = indexed_pods(jobs, needed, view.pods) if needed else []
+        if pods is None:
+            with api:
+                pods = await in_thread(k.job_pods, namespace, needed)
         run = decision.Run(
             name=name,
             namespace=namespace,
@@ -207,7 +268,8 @@ async def reconcile(
         applied, refused = False, None
         if spec.network_policy.enabled and network_policy.creates_pods(decided):
             try:
-                await _ensure_network_policy(k, obj, spec)
+                with api:
+                    await _ensure_network_policy(k, obj, spec, view.policy)
                 applied = True
             except NotOwned as e:
                 refused = str(e)
@@ -226,73 +288,62 @@ async def reconcile(
 
     if _status_json(decided.status) != _status_json(status):
         try:
-            await in_thread(k.write_status, obj, _status_json(decided.status))
+            with api:
+                written = await in_thread(k.write_status, obj, _status_json(decided.status))
+            view.wrote(written)
         except Conflict:
+            view.forget()
             return "again"
         _count(namespace, name, decided.facts)
+    elif watched is not None and (decided.actions or decided.events):
+        # Nothing written, so nothing checked that the watched run is the newest: acting on an
+        # older one could redo what a newer status already records. Read it and decide again.
+        return "again"
 
     try:
-        for batch in action_batches(decided.actions):
-            await asyncio.gather(*(in_thread(_apply, k, obj, spec, action) for action in batch))
+        with api:
+            for batch in actions.action_batches(decided.actions):
+                await asyncio.gather(*(in_thread(actions.apply, k, obj, spec, a) for a in batch))
     except NamespaceTerminating:
         log.info("namespace %s is being deleted: not acting on run %s", namespace, name)
         return "gone"
-    created = [a for a in decided.actions if isinstance(a, CREATES)]
+    created = [a for a in decided.actions if isinstance(a, actions.CREATES)]
     if created and woken is not None:
         seconds = time.monotonic() - woken
         metrics.HANDOFF_SECONDS.observe(seconds)
         log.info(
-            "created Jobs %s of %s/%s %.3f s after the event that woke the run",
-            ", ".join(created_job_name(name, a) for a in created),
+            "created Jobs %s of %s/%s %.3f s after the event that woke the run, "
+            "%.3f s of it waiting on the API server",
+            ", ".join(actions.created_job_name(name, a) for a in created),
             namespace,
             name,
             seconds,
+            api.seconds,
         )
     for event in decided.events:
         kopf.event(obj, type=event.type, reason=event.reason, message=event.message)
     return "wait"
 
 
-CREATES = (decision.CreateClientJob, decision.CreateAggregateJob, decision.CreateEvaluateJob)
-
-
-def action_batches(actions: Iterable[decision.Action]) -> list[list[decision.Action]]:
-    """The actions in their order, each run of Job creations one batch applied at once (they
-    do not depend on each other), every other action a batch of its own (a deletion or a
-    suspension may be what a later action waits for)."""
-    batches: list[list[decision.Action]] = []
-    for action in actions:
-        if batches and isinstance(action, CREATES) and isinstance(batches[-1][-1], CREATES):
-            batches[-1].append(action)
-        else:
-            batches.append([action])
-    return batches
-
-
-def created_job_name(run: str, action: decision.Action) -> str:
-    """The name of the Job a create action makes (for the log line)."""
-    match action:
-        case decision.CreateClientJob(round=r, client=c):
-            return objects.client_job_name(run, r, c)
-        case decision.CreateAggregateJob(round=r):
-            return objects.aggregate_job_name(run, r)
-        case decision.CreateEvaluateJob(round=r):
-            return objects.evaluate_job_name(run, r)
-    raise AssertionError(f"{action!r} creates no Job")
-
-
 async def _ensure_network_policy(
-    k: Kube, obj: Mapping[str, Any], spec: FederatedFineTuneSpec
+    k: Kube,
+    obj: Mapping[str, Any],
+    spec: FederatedFineTuneSpec,
+    watched: Callable[[str], Mapping[str, Any] | None] = lambda _: None,
 ) -> None:
     """Apply the run's NetworkPolicy before any of its pods can exist: a pod created first would
     run unconfined. Failing closed, a policy that cannot be applied (no RBAC, an invalid peer)
     stops the Jobs from being created and is retried with the reconcile's backoff; the warning
     event says why (the HTTP status and reason only, nothing from the request). A policy of
-    that name that the run does not own is NotOwned, for the caller to record: never patched."""
+    that name that the run does not own is NotOwned, for the caller to record: never patched.
+    A policy the watch (`watched`) shows already as the manifest, owned by the run, is left
+    as it is: no request."""
     meta = obj["metadata"]
     manifest = network_policy.network_policy(
         run=meta["name"], namespace=meta["namespace"], uid=meta["uid"], spec=spec
     )
+    if network_policy.in_place(watched(manifest["metadata"]["name"]), manifest):
+        return
     try:
         await in_thread(k.apply_network_policy, manifest)
     except ApiException as e:
@@ -304,62 +355,6 @@ async def _ensure_network_policy(
             "(spec.networkPolicy.enabled: false runs them without one)",
         )
         raise
-
-
-def _apply(
-    k: Kube, obj: dict[str, Any], spec: FederatedFineTuneSpec | None, action: decision.Action
-) -> None:
-    meta = obj["metadata"]
-    ns, run, uid = meta["namespace"], meta["name"], meta["uid"]
-    match action:
-        case decision.CreateClientJob(round=r, attempt=a, client=c) if spec is not None:
-            if not remote.is_remote(spec, c):
-                _create_cache_claim(k, obj, spec, c)
-            k.create_job(
-                remote.job_for_client(
-                    run=run, namespace=ns, uid=uid, spec=spec, round_=r, attempt=a, client=c
-                )
-            )
-        case decision.CreateAggregateJob(round=r, attempt=a, clients=clients) if spec is not None:
-            k.create_job(
-                manifests.aggregate_job(
-                    run=run,
-                    namespace=ns,
-                    uid=uid,
-                    spec=spec,
-                    round_=r,
-                    attempt=a,
-                    clients=list(clients),
-                )
-            )
-        case decision.CreateEvaluateJob(round=r) if spec is not None:
-            _create_cache_claim(k, obj, spec, None)
-            k.create_job(
-                manifests.evaluate_job(run=run, namespace=ns, uid=uid, spec=spec, round_=r)
-            )
-        case decision.DeleteJob(name=job):
-            k.delete_job(ns, job)
-        case decision.SuspendJob(name=job, suspend=suspend):
-            k.suspend_job(ns, job, suspend)
-        case decision.DeleteRun():
-            k.delete_run(ns, run)
-        case _:
-            raise AssertionError(f"cannot apply {action!r}")
-
-
-def _create_cache_claim(
-    k: Kube, obj: dict[str, Any], spec: FederatedFineTuneSpec, client: str | None
-) -> None:
-    """The model cache claim a client's (or the evaluation) Job mounts, before the Job: a pod
-    whose claim does not exist yet would wait Pending for it. Not an engine action: the claim
-    holds no state the engine reads, outlives rounds and attempts, and creating one that
-    exists is a no-op, so it is part of creating the Job, like the Job's manifest."""
-    meta = obj["metadata"]
-    claim = volumes.cache_claim(
-        run=meta["name"], namespace=meta["namespace"], uid=meta["uid"], spec=spec, client=client
-    )
-    if claim is not None and k.create_claim(claim):
-        log.info("created model cache claim %s/%s", meta["namespace"], claim["metadata"]["name"])
 
 
 def _count(namespace: str, name: str, facts: list[decision.Fact]) -> None:

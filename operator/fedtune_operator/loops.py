@@ -1,7 +1,9 @@
-"""One reconcile loop per run, and the thread pool its Kubernetes calls run in.
+"""One reconcile loop per run, what the operator's watches hold of each run, and the thread pool
+its Kubernetes calls run in.
 
 The shell's machinery, apart from what a reconcile does (handlers.py): when a run's loop runs,
-how failures back off, and why the API calls have a pool of their own.
+how failures back off, why the API calls have a pool of their own, and the `View` that spares a
+reconcile the reads its watches have already answered.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, Literal, ParamSpec, TypeVar
 
 from fedtune_operator import metrics
@@ -26,10 +29,70 @@ RESYNC_SECONDS = float(os.environ.get("FEDTUNE_RESYNC_SECONDS", "15"))
 MAX_BACKOFF_SECONDS = 300.0
 
 Outcome = Literal["wait", "again", "gone"]
-Reconcile = Callable[
-    [str, str, Callable[[], list[dict[str, Any]]], float | None], Awaitable[Outcome]
-]
-"""(namespace, name, read_jobs, woken) -> what the loop does next."""
+Obj = dict[str, Any]
+
+
+def _none(*_: Any) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class View:
+    """What the operator's watches hold of one run, for its reconcile: the run's Jobs (always
+    from the index); and, when the watches have them, the run itself, its finished Jobs' pods
+    and its NetworkPolicy. A reconcile reads from the API server only what the view lacks
+    (None): without these, a round's hand-off was five requests one after another (the run, the
+    pods, the policy, the status, the Jobs), each waiting its turn on a loaded API server.
+
+    Why a watched run is safe to act on: the status write that records a decision is guarded by
+    the resourceVersion of the run it was made from (409 -> `forget`, and read again); a
+    decision with no status to write comes from a run read from the API server (handlers.py).
+    """
+
+    jobs: Callable[[], list[Obj]]
+    run: Callable[[], Obj | None] = _none
+    pods: Callable[[str], list[Obj]] = lambda _job: []
+    policy: Callable[[str], Obj | None] = _none
+    wrote: Callable[[Obj], None] = _none
+    """Takes the run as the status write returned it (the newest the operator knows)."""
+    forget: Callable[[], None] = _none
+    """Drops the watched run: the next pass reads it from the API server."""
+
+
+Reconcile = Callable[[str, str, View, float | None], Awaitable[Outcome]]
+"""(namespace, name, view, woken) -> what the loop does next."""
+
+
+@dataclass
+class Runs:
+    """The newest body of each run the operator knows: from the run's watch events, or from its
+    own status write's answer, whichever is newer.
+
+    Newer without comparing resourceVersions (opaque to clients): after a write, the watch
+    still delivers the events from before it, then the write's own; until that echo arrives,
+    the written body stands and older events are passed over. If the echo never comes (the
+    watch was re-established past it), a stale body costs a 409 and a read, never a wrong act
+    (View)."""
+
+    bodies: dict[tuple[str, str], Obj] = field(default_factory=dict)
+    echo: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def seen(self, key: tuple[str, str], body: Obj) -> None:
+        waiting = self.echo.get(key)
+        if waiting is not None:
+            if body["metadata"].get("resourceVersion") != waiting:
+                return
+            del self.echo[key]
+        self.bodies[key] = body
+
+    def wrote(self, key: tuple[str, str], body: Obj) -> None:
+        self.bodies[key] = body
+        self.echo[key] = body["metadata"].get("resourceVersion", "")
+
+    def forget(self, key: tuple[str, str]) -> None:
+        self.bodies.pop(key, None)
+        self.echo.pop(key, None)
+
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -61,6 +124,11 @@ class Loops:
         """When (monotonic) the first wake-up that no reconcile has started on yet came."""
         self.jobs: Mapping[tuple[str, str], Any] = {}
         """kopf's live index of Jobs by (namespace, run), handed over by the first event."""
+        self.pods: Mapping[tuple[str, str], Any] = {}
+        """kopf's live index of the runs' pods by (namespace, Job), handed over likewise."""
+        self.policies: Mapping[tuple[str, str], Any] = {}
+        """kopf's live index of the runs' NetworkPolicies by (namespace, name), likewise."""
+        self.runs = Runs()
         self.seen: dict[str, dict[str, Any]] = {}
         """compact_job of every Job by uid, as its last event had it: what job_news compares."""
 
@@ -86,6 +154,19 @@ class Loops:
             task.cancel()
         self.pokes.pop((namespace, name), None)
         self.woken.pop((namespace, name), None)
+        self.runs.forget((namespace, name))
+
+    def view(self, key: tuple[str, str], fresh: bool = False) -> View:
+        """The watches' view of a run; `fresh`: without the watched run (read it)."""
+        namespace = key[0]
+        return View(
+            jobs=lambda: list(self.jobs.get(key, ())),
+            run=_none if fresh else lambda: self.runs.bodies.get(key),
+            pods=lambda job: list(self.pods.get((namespace, job), ())),
+            policy=lambda name: _first(self.policies.get((namespace, name), ())),
+            wrote=lambda body: self.runs.wrote(key, body),
+            forget=lambda: self.runs.forget(key),
+        )
 
     async def stop_all(self) -> None:
         tasks = list(self.tasks.values())
@@ -99,19 +180,22 @@ class Loops:
         poke = self.pokes.setdefault(key, asyncio.Event())
         failures = 0
         woken: float | None = None
+        fresh = False
         while True:
             poke.clear()
             pending = self.woken.pop(key, None)
             if woken is None:  # a retry (conflict, error) still serves the first try's event
                 woken = pending
             try:
-                outcome = await self.reconcile(
-                    namespace, name, lambda: list(self.jobs.get(key, ())), woken
-                )
+                # A retry reads the run from the API server: whatever made the pass go again
+                # (a conflict, a decision that needs the newest run, an error) may be the
+                # watched run being older than the run.
+                outcome = await self.reconcile(namespace, name, self.view(key, fresh), woken)
                 failures = 0
             except asyncio.CancelledError:
                 raise
             except Exception:
+                fresh = True
                 failures += 1
                 delay = backoff_seconds(failures)
                 metrics.RECONCILE_ERRORS.inc()
@@ -130,12 +214,18 @@ class Loops:
                 self.pokes.pop(key, None)
                 self.tasks.pop(key, None)
                 self.woken.pop(key, None)
+                self.runs.forget(key)
                 return
-            if outcome == "again":
+            fresh = outcome == "again"
+            if fresh:
                 continue
             woken = None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(poke.wait(), RESYNC_SECONDS)
+
+
+def _first(values: Iterable[Obj]) -> Obj | None:
+    return next(iter(values), None)
 
 
 def backoff_seconds(failures: int) -> float:

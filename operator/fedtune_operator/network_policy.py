@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import ipaddress
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -199,6 +200,31 @@ def network_policy(*, run: str, namespace: str, uid: str, spec: FederatedFineTun
             "egress": egress,
         },
     }
+
+
+def in_place(stored: Mapping[str, Any] | None, manifest: Mapping[str, Any]) -> bool:
+    """Whether the policy as the operator's watch last saw it (`compact_policy`) is already the
+    manifest, owned by the run: then applying it again would change nothing, and the request
+    (one of the few on the path from a finished Job to the next) is skipped. Anything else
+    (none seen, another owner, being deleted, a rule changed by the spec or by someone's edit)
+    means apply. Empty lists count as absent, as the API server stores them."""
+    if stored is None or stored.get("deleting"):
+        return False
+    meta = manifest["metadata"]
+    owners = [ref["uid"] for ref in meta.get("ownerReferences") or []]
+    return (
+        stored.get("owners") == owners
+        and stored.get("labels") == (meta.get("labels") or {})
+        and _without_empty_lists(stored.get("spec")) == _without_empty_lists(manifest["spec"])
+    )
+
+
+def _without_empty_lists(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _without_empty_lists(v) for k, v in value.items() if v != []}
+    if isinstance(value, list):
+        return [_without_empty_lists(v) for v in value]
+    return value
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,12 +1,13 @@
 """Pure translation of the API's Jobs and Pods into what the engine reasons about.
 
-Jobs arrive from the operator's index (`compact_job` keeps what is read here); pods are fetched
-only for `jobs_needing_pods`, the finished Jobs whose results the status does not hold yet.
+Jobs arrive from the operator's index (`compact_job` keeps what is read here); pods are read only
+for `jobs_needing_pods`, the finished Jobs whose results the status does not hold yet, from the
+pod index (`compact_pod`) or, when it lags behind the Job's, from the API server.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -29,6 +30,9 @@ from fedtune_trainer.wire.results import parse_summary
 
 Obj = Mapping[str, Any]
 
+JOB_NAME = "job-name"
+"""The label the Job controller puts on a Job's pods."""
+
 
 def compact_job(job: Obj) -> dict[str, Any]:
     """The parts of a Job that `observe_jobs` reads, as plain data (what the index holds)."""
@@ -44,6 +48,58 @@ def compact_job(job: Obj) -> dict[str, Any]:
         },
         "spec": {"suspend": bool((job.get("spec") or {}).get("suspend"))},
         "status": {"conditions": [dict(c) for c in status.get("conditions") or []]},
+    }
+
+
+def compact_pod(pod: Obj) -> dict[str, Any]:
+    """The parts of a Job's pod that `observe_jobs` reads (its Job, its age, how its trainer
+    container ended), as plain data: what the operator's pod index holds."""
+    meta = pod.get("metadata") or {}
+    statuses = []
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        if cs.get("name") == CONTAINER:
+            terminated = (cs.get("state") or {}).get("terminated")
+            state = {"terminated": dict(terminated)} if terminated else {}
+            statuses.append({"name": CONTAINER, "state": state})
+    return {
+        "metadata": {
+            "name": meta.get("name"),
+            "labels": {JOB_NAME: (meta.get("labels") or {}).get(JOB_NAME)},
+            "creationTimestamp": meta.get("creationTimestamp"),
+        },
+        "status": {"containerStatuses": statuses},
+    }
+
+
+def indexed_pods(
+    jobs: list[Obj], needed: list[str], by_job: Callable[[str], list[Obj]]
+) -> list[Obj] | None:
+    """The pods of the `needed` finished Jobs from the index (`by_job`), or None when the index
+    has not yet seen how one of them ended (a pod that exited 0 for a Job that succeeded, one
+    that failed for a Job that failed): the Job's condition and its pod's final state come
+    through different watches, in either order, and a finished Job must not be read as one
+    without a result. None means: list them from the API server."""
+    states = {
+        (job.get("metadata") or {}).get("name"): job_state(job.get("status"))[0] for job in jobs
+    }
+    pods: list[Obj] = []
+    for name in needed:
+        ended = [p for p in by_job(name) if termination(p)[0] is not None]
+        succeeded = states.get(name) == "succeeded"
+        if not any((termination(p)[0] == 0) is succeeded for p in ended):
+            return None
+        pods += ended
+    return pods
+
+
+def compact_policy(policy: Obj) -> dict[str, Any]:
+    """The parts of a run's NetworkPolicy that `network_policy.in_place` compares."""
+    meta = policy.get("metadata") or {}
+    return {
+        "owners": [ref.get("uid") for ref in meta.get("ownerReferences") or []],
+        "labels": dict(meta.get("labels") or {}),
+        "deleting": bool(meta.get("deletionTimestamp")),
+        "spec": policy.get("spec") or {},
     }
 
 
@@ -107,7 +163,7 @@ def observe_jobs(run_uid: str, jobs: list[Obj], pods: list[Obj]) -> list[Observe
     ours) with state, and for finished ones the summary or the failure reason from their pods."""
     pods_by_job: dict[str, list[Obj]] = {}
     for pod in pods:
-        owner = (pod.get("metadata") or {}).get("labels", {}).get("job-name")
+        owner = (pod.get("metadata") or {}).get("labels", {}).get(JOB_NAME)
         if owner:
             pods_by_job.setdefault(owner, []).append(pod)
     observed = []

@@ -178,6 +178,7 @@ OPERATOR_PERMISSIONS = [
     (("patch", "jobs.batch", "-n", RUNS), True, True),
     (("watch", "jobs.batch", "-n", RUNS), True, True),
     (("list", "pods", "-n", RUNS), True, True),
+    (("watch", "pods", "-n", RUNS), True, True),  # the pod index: how each trainer ended
     (("get", "jobs.batch", "-n", RUNS), True, True),
     (("create", "events", "-n", RUNS), True, True),
     (("create", "persistentvolumeclaims", "-n", RUNS), True, True),
@@ -188,10 +189,11 @@ OPERATOR_PERMISSIONS = [
     (("delete", "federatedfinetunes.fedtune.dev", "-n", RUNS), True, True),
     (("update", "federatedfinetunes.fedtune.dev", "--subresource=status", "-n", RUNS), True, True),
     (("watch", "customresourcedefinitions.apiextensions.k8s.io"), True, True),
-    # The run's NetworkPolicy: created and brought up to date, never read or deleted (the garbage
-    # collector deletes it with its run).
+    # The run's NetworkPolicy: created, brought up to date and watched (no patch when it is
+    # already as wanted), never deleted (the garbage collector deletes it with its run).
     (("create", "networkpolicies.networking.k8s.io", "-n", RUNS), True, True),
     (("patch", "networkpolicies.networking.k8s.io", "-n", RUNS), True, True),
+    (("watch", "networkpolicies.networking.k8s.io", "-n", RUNS), True, True),
     (("get", "networkpolicies.networking.k8s.io", "-n", RUNS), False, False),
     (("delete", "networkpolicies.networking.k8s.io", "-n", RUNS), False, False),
     (("create", "networkpolicies.networking.k8s.io", "-n", ELSEWHERE), True, False),
@@ -202,7 +204,6 @@ OPERATOR_PERMISSIONS = [
     # Nothing it does not do.
     (("create", "pods", "-n", RUNS), False, False),
     (("get", "pods", "--subresource=log", "-n", RUNS), False, False),
-    (("watch", "pods", "-n", RUNS), False, False),
     (("create", "federatedfinetunes.fedtune.dev", "-n", RUNS), False, False),
     (("update", "federatedfinetunes.fedtune.dev", "-n", RUNS), False, False),
     (("patch", "federatedfinetunes.fedtune.dev", "--subresource=status", "-n", RUNS), False, False),

@@ -20,6 +20,8 @@ from devcluster.testing import DevCluster, wait_for
 from fedtune_operator import api, decision, handlers, network_policy
 from fedtune_operator import kube as kube_module
 from fedtune_operator.kube import Kube, NotOwned
+from fedtune_operator.loops import View
+from fedtune_operator.observe import compact_policy
 from fedtune_operator.validation import parse_spec
 from fedtune_trainer.wire.contract import LABEL_RUN
 
@@ -79,7 +81,7 @@ class FakeKube:
 
 def reconcile(monkeypatch: pytest.MonkeyPatch, fake: FakeKube) -> str:
     monkeypatch.setattr(kube_module, "_shared", fake)
-    return asyncio.run(handlers.reconcile("ns", "demo", lambda: []))
+    return asyncio.run(handlers.reconcile("ns", "demo", View(jobs=list)))
 
 
 @pytest.mark.parametrize(
@@ -388,6 +390,52 @@ def test_the_api_server_never_patches_a_policy_the_run_does_not_own(
     assert ours["spec"]["podSelector"] == {"matchLabels": {LABEL_RUN: run["metadata"]["name"]}}
 
 
+@pytest.mark.parametrize(
+    "storage",
+    [{"endpoint": "http://10.0.0.9:9000"}, {"endpoint": "https://s3.example.com"}, {}],
+    ids=["ip-endpoint", "host-name-endpoint", "aws-s3"],
+)
+def test_a_policy_as_the_api_server_stores_it_is_in_place_until_someone_changes_it(
+    devcluster: DevCluster, api_namespace: str, storage: dict[str, Any]
+) -> None:
+    """network_policy.in_place against what the API server really stores (its defaults, the
+    empty lists it drops): the operator's own policy, read back, needs no second apply; edited
+    by someone, owned by another object, or made for another spec, it does."""
+    k = ApiServerKube(devcluster)
+    run = create_run(devcluster, api_namespace, f"watch-{len(storage)}-{uuid.uuid4().hex[:4]}")
+    spec = {**SPEC, "storage": {**SPEC["storage"], **storage}}
+    if not storage:
+        spec["storage"] = {k: v for k, v in spec["storage"].items() if k != "endpoint"}
+
+    def manifest(s: dict[str, Any]) -> dict[str, Any]:
+        return network_policy.network_policy(
+            run=run["metadata"]["name"],
+            namespace=api_namespace,
+            uid=run["metadata"]["uid"],
+            spec=parse_spec(s),
+        )
+
+    wanted = manifest(spec)
+    k.apply_network_policy(wanted)
+    name = wanted["metadata"]["name"]
+    stored = compact_policy(get_json(devcluster, "networkpolicy", name, "-n", api_namespace))
+    assert network_policy.in_place(stored, wanted)
+    other_spec = {**spec, "networkPolicy": {"egress": [ANY_HTTPS]}}
+    assert not network_policy.in_place(stored, manifest(other_spec))
+    another_owner = {**stored, "owners": ["uid-of-another-run"]}
+    assert not network_policy.in_place(another_owner, wanted)
+
+    devcluster.kubectl(
+        "patch", "networkpolicy", name, "-n", api_namespace, "--type=json", "-p",
+        json.dumps([{"op": "add", "path": "/spec/egress/-", "value": ANY_HTTPS}]),
+    )  # fmt: skip
+    edited = compact_policy(get_json(devcluster, "networkpolicy", name, "-n", api_namespace))
+    assert not network_policy.in_place(edited, wanted)
+    k.apply_network_policy(wanted)
+    restored = compact_policy(get_json(devcluster, "networkpolicy", name, "-n", api_namespace))
+    assert network_policy.in_place(restored, wanted)
+
+
 def test_a_run_whose_policy_name_is_taken_waits_with_a_condition(
     devcluster: DevCluster,
     api_namespace: str,
@@ -405,7 +453,7 @@ def test_a_run_whose_policy_name_is_taken_waits_with_a_condition(
     )
     before = get_json(devcluster, "networkpolicy", "db-pods", "-n", api_namespace)
 
-    assert asyncio.run(handlers.reconcile(api_namespace, "db", lambda: [])) == "wait"
+    assert asyncio.run(handlers.reconcile(api_namespace, "db", View(jobs=list))) == "wait"
     assert k.jobs == []
     status = get_json(devcluster, "fft", "db", "-n", api_namespace)["status"]
     ready = conditions(status)["NetworkPolicyReady"]
@@ -417,7 +465,7 @@ def test_a_run_whose_policy_name_is_taken_waits_with_a_condition(
     assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
 
     devcluster.kubectl("delete", "networkpolicy", "db-pods", "-n", api_namespace, "--wait=true")
-    assert asyncio.run(handlers.reconcile(api_namespace, "db", lambda: [])) == "wait"
+    assert asyncio.run(handlers.reconcile(api_namespace, "db", View(jobs=list))) == "wait"
     assert k.jobs == ["db-r0-aggregate"]
     status = get_json(devcluster, "fft", "db", "-n", api_namespace)["status"]
     assert conditions(status)["NetworkPolicyReady"]["status"] == "True"

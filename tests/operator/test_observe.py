@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from fedtune_operator.observe import observe_jobs
+from fedtune_operator.observe import compact_pod, indexed_pods, observe_jobs
 from fedtune_trainer.wire.results import ClientSummary
 
 SUMMARY = ClientSummary(
@@ -135,3 +135,67 @@ def test_a_summary_without_a_train_loss_round_trips() -> None:
     text = json.dumps(summary.wire())
     (observed,) = observe_jobs("uid-1", [job("a", condition="Complete")], [pod("a", 0, text)])
     assert observed.summary == summary
+
+
+# ---------------------------------------------------------------------------------------------
+# The pod index: what it keeps, and when a reconcile must list the pods instead
+# ---------------------------------------------------------------------------------------------
+
+
+def running(job_name: str) -> dict[str, Any]:
+    return {
+        "metadata": {"labels": {"job-name": job_name}, "creationTimestamp": "t0"},
+        "status": {"containerStatuses": [{"name": "trainer", "state": {"running": {}}}]},
+    }
+
+
+def test_an_indexed_pod_reads_as_the_pod_it_was_made_from() -> None:
+    text = json.dumps(SUMMARY.wire())
+    full = pod("a", 0, text)
+    full["metadata"].update(name="a-x7k2p", uid="p-1", annotations={"big": "x" * 4096})
+    full["spec"] = {"containers": [{"name": "trainer", "env": [{"name": "A", "value": "1"}]}]}
+    full["status"]["containerStatuses"].append({"name": "sidecar", "state": {"running": {}}})
+    small = compact_pod(full)
+    assert "spec" not in small
+    assert "annotations" not in small["metadata"]
+    assert len(json.dumps(small)) < len(text) + 300
+    for jobs in ([job("a", condition="Complete")], [job("a", condition="Failed")]):
+        assert observe_jobs("uid-1", jobs, [small]) == observe_jobs("uid-1", jobs, [full])
+
+
+TEXT = json.dumps(SUMMARY.wire())
+
+
+@pytest.mark.parametrize(
+    ("condition", "indexed", "listed"),
+    [
+        ("Complete", [pod("a", 0, TEXT)], False),
+        ("Complete", [], True),
+        ("Complete", [running("a")], True),
+        # An earlier attempt's failure is in the index, the pod that succeeded not yet.
+        ("Complete", [pod("a", 1, "error: first try")], True),
+        ("Complete", [pod("a", 1, "error: first try"), pod("a", 0, TEXT, "t2")], False),
+        ("Failed", [pod("a", 2, "error: bad data")], False),
+        ("Failed", [running("a")], True),
+    ],
+    ids=[
+        "succeeded-and-seen",
+        "no-pod-seen",
+        "pod-still-running",
+        "only-an-earlier-failure-seen",
+        "failure-then-success-seen",
+        "failed-and-seen",
+        "failed-but-its-pod-not-seen-ending",
+    ],
+)
+def test_a_finished_job_is_read_from_the_index_only_when_it_shows_how_it_ended(
+    condition: str, indexed: list[dict[str, Any]], listed: bool
+) -> None:
+    """A Job's condition and its pod's final state arrive through different watches, in either
+    order: a Job read as finished without its result would be a client without a summary."""
+    jobs = [job("a", condition=condition)]
+    pods = indexed_pods(jobs, ["a"], lambda name: indexed if name == "a" else [])
+    assert (pods is None) is listed
+    if pods is not None:
+        (observed,) = observe_jobs("uid-1", jobs, pods)
+        assert (observed.summary is not None) is (condition == "Complete")

@@ -99,14 +99,16 @@ their credentials through secretKeyRef, which the kubelet resolves, never the op
   fedtune's handlers return nothing (kopf's own state lives in annotations);
 - jobs: the client, aggregator and cleanup Jobs, created, watched (kopf), patched (suspend and
   resume) and deleted (superseded attempts, finished runs);
-- pods: list, for the termination message (the summary) of a finished Job's pod;
+- pods: list and watch, for the termination message (the summary) of a finished Job's pod: an
+  index of how each run's trainers ended, listed when it lags behind the Job;
 - persistentvolumeclaims: create, the model cache claims of spec.modelCache.mode perClient
   (owned by the run, so the garbage collector deletes them; the operator never does), and get,
   to tell this run's existing claim from one a deleted run of the same name left behind;
 - events: create, the run's events (`kubectl describe fft`);
 - networkpolicies: create, and patch to bring an existing one up to date, the NetworkPolicy of a
-  run's pods (spec.networkPolicy). Nothing to read or delete: the policy is owned by its run and
-  the garbage collector deletes it with the run.
+  run's pods (spec.networkPolicy); list and watch, so that one already as wanted is not patched
+  before every Job. Nothing to delete: the policy is owned by its run and the garbage collector
+  deletes it with the run.
 */}}
 {{- define "fedtune-operator.rules" -}}
 {{- if eq .Values.mode "site" }}
@@ -123,7 +125,7 @@ their credentials through secretKeyRef, which the kubelet resolves, never the op
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list"]
+  verbs: ["list", "watch"]
 - apiGroups: [""]
   resources: ["persistentvolumeclaims"]
   verbs: ["create", "get"]
@@ -132,7 +134,7 @@ their credentials through secretKeyRef, which the kubelet resolves, never the op
   verbs: ["create"]
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
-  verbs: ["create", "patch"]
+  verbs: ["create", "patch", "list", "watch"]
 {{- end }}
 {{- end }}
 
