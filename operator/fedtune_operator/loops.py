@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, ParamSpec, TypeVar
 
 from fedtune_operator import metrics
@@ -44,6 +44,11 @@ class View:
     (None): without these, a round's hand-off was five requests one after another (the run, the
     pods, the policy, the status, the Jobs), each waiting its turn on a loaded API server.
 
+    The run is its latest watch event's body. Events arrive in order and each one wakes the
+    run's loop, so the last body to arrive is the newest the watch has shown, and a reconcile
+    follows it. What the watch has not shown yet is the operator's own status write: after one,
+    the body is dropped (`forget`) until the next event, and the run read from the API server.
+
     Why a watched run is safe to act on: the status write that records a decision is guarded by
     the resourceVersion of the run it was made from (409 -> `forget`, and read again); a
     decision with no status to write comes from a run read from the API server (handlers.py).
@@ -53,45 +58,12 @@ class View:
     run: Callable[[], Obj | None] = _none
     pods: Callable[[str], list[Obj]] = lambda _job: []
     policy: Callable[[str], Obj | None] = _none
-    wrote: Callable[[Obj], None] = _none
-    """Takes the run as the status write returned it (the newest the operator knows)."""
     forget: Callable[[], None] = _none
-    """Drops the watched run: the next pass reads it from the API server."""
+    """Drops the watched run: until its next event, it is read from the API server."""
 
 
 Reconcile = Callable[[str, str, View, float | None], Awaitable[Outcome]]
 """(namespace, name, view, woken) -> what the loop does next."""
-
-
-@dataclass
-class Runs:
-    """The newest body of each run the operator knows: from the run's watch events, or from its
-    own status write's answer, whichever is newer.
-
-    Newer without comparing resourceVersions (opaque to clients): after a write, the watch
-    still delivers the events from before it, then the write's own; until that echo arrives,
-    the written body stands and older events are passed over. If the echo never comes (the
-    watch was re-established past it), a stale body costs a 409 and a read, never a wrong act
-    (View)."""
-
-    bodies: dict[tuple[str, str], Obj] = field(default_factory=dict)
-    echo: dict[tuple[str, str], str] = field(default_factory=dict)
-
-    def seen(self, key: tuple[str, str], body: Obj) -> None:
-        waiting = self.echo.get(key)
-        if waiting is not None:
-            if body["metadata"].get("resourceVersion") != waiting:
-                return
-            del self.echo[key]
-        self.bodies[key] = body
-
-    def wrote(self, key: tuple[str, str], body: Obj) -> None:
-        self.bodies[key] = body
-        self.echo[key] = body["metadata"].get("resourceVersion", "")
-
-    def forget(self, key: tuple[str, str]) -> None:
-        self.bodies.pop(key, None)
-        self.echo.pop(key, None)
 
 
 _P = ParamSpec("_P")
@@ -128,7 +100,8 @@ class Loops:
         """kopf's live index of the runs' pods by (namespace, Job), handed over likewise."""
         self.policies: Mapping[tuple[str, str], Any] = {}
         """kopf's live index of the runs' NetworkPolicies by (namespace, name), likewise."""
-        self.runs = Runs()
+        self.runs: dict[tuple[str, str], Obj] = {}
+        """Each run's body as its latest watch event had it (View)."""
         self.seen: dict[str, dict[str, Any]] = {}
         """compact_job of every Job by uid, as its last event had it: what job_news compares."""
 
@@ -154,18 +127,24 @@ class Loops:
             task.cancel()
         self.pokes.pop((namespace, name), None)
         self.woken.pop((namespace, name), None)
-        self.runs.forget((namespace, name))
+        self.forget_run((namespace, name))
+
+    def saw_run(self, key: tuple[str, str], body: Obj) -> None:
+        """A watch event's body of the run: the newest the watch has shown (View)."""
+        self.runs[key] = body
+
+    def forget_run(self, key: tuple[str, str]) -> None:
+        self.runs.pop(key, None)
 
     def view(self, key: tuple[str, str], fresh: bool = False) -> View:
         """The watches' view of a run; `fresh`: without the watched run (read it)."""
         namespace = key[0]
         return View(
             jobs=lambda: list(self.jobs.get(key, ())),
-            run=_none if fresh else lambda: self.runs.bodies.get(key),
+            run=_none if fresh else lambda: self.runs.get(key),
             pods=lambda job: list(self.pods.get((namespace, job), ())),
             policy=lambda name: _first(self.policies.get((namespace, name), ())),
-            wrote=lambda body: self.runs.wrote(key, body),
-            forget=lambda: self.runs.forget(key),
+            forget=lambda: self.forget_run(key),
         )
 
     async def stop_all(self) -> None:
@@ -214,7 +193,7 @@ class Loops:
                 self.pokes.pop(key, None)
                 self.tasks.pop(key, None)
                 self.woken.pop(key, None)
-                self.runs.forget(key)
+                self.forget_run(key)
                 return
             fresh = outcome == "again"
             if fresh:

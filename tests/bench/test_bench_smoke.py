@@ -124,13 +124,17 @@ def test_operator(devcluster: DevCluster, tmp_path: Path) -> None:
     result = Result(name="operator", title="smoke", columns=list(rows[0]), rows=rows)
     doc = written(result, tmp_path, "operator")
     timings = [r for r in doc["rows"] if r["p95_s"] is not None]
-    # Hand-offs (a) and (b), alone and loaded, each followed by the operator's own share of it.
-    assert len(timings) == 8
+    # Hand-offs (a) and (b), alone and loaded, each followed by the operator's own share of it
+    # and that share less its waits on the API server.
+    assert len(timings) == 12
     shares = [r for r in timings if "the operator's own" in r["metric"]]
-    assert len(shares) == 4
+    own = [r for r in timings if "not waiting on the API server" in r["metric"]]
+    assert len(shares) == len(own) == 4
     for row in timings:
         assert row["samples"] > 0
         assert 0 <= row["median_s"] <= row["p95_s"] < sizes.timeout_s
+    for share, rest in zip(shares, own, strict=True):
+        assert rest["median_s"] <= share["median_s"] + 1e-9
     memory = [r for r in doc["rows"] if r["mb"] is not None]
     assert len(memory) == 3
     assert all(r["mb"] > 0 for r in memory)

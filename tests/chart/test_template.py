@@ -38,11 +38,11 @@ OPERATOR_GRANTS = {
     ("fedtune.dev", "federatedfinetunes", "delete"),
     ("fedtune.dev", "federatedfinetunes/status", "update"),
     *{("batch", "jobs", v) for v in ("get", "list", "watch", "create", "patch", "delete")},
-    ("", "pods", "list"),
+    *{("", "pods", v) for v in ("list", "watch")},
     ("", "persistentvolumeclaims", "create"),
     ("", "persistentvolumeclaims", "get"),
     ("", "events", "create"),
-    *{("networking.k8s.io", "networkpolicies", v) for v in ("create", "patch")},
+    *{("networking.k8s.io", "networkpolicies", v) for v in ("create", "patch", "list", "watch")},
 }
 """Everything the operator does in a namespace it watches (see the rules in _helpers.tpl)."""
 

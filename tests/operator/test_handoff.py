@@ -203,16 +203,17 @@ class WatchedFake(FakeKube):
     def __init__(self, conflict: bool = False) -> None:
         super().__init__(creations=1)
         self.conflict = conflict
+        self.written: list[dict[str, Any]] = []
 
     def write_status(self, obj: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
         self.record("write_status")
         if self.conflict:
             raise kube_module.Conflict
-        meta = {
-            **obj["metadata"],
-            "resourceVersion": str(int(obj["metadata"]["resourceVersion"]) + 1),
-        }
-        return {**obj, "metadata": meta, "status": status}
+        rv = str(int(obj["metadata"]["resourceVersion"]) + 1)
+        self.written.append(
+            {**obj, "metadata": {**obj["metadata"], "resourceVersion": rv}, "status": status}
+        )
+        return self.written[-1]
 
 
 def run_policy() -> dict[str, Any]:
@@ -239,23 +240,23 @@ def test_a_handoff_asks_the_api_server_only_what_the_watches_do_not_hold(
     calls: list[str],
 ) -> None:
     """Starting a run (its round-0 aggregator) as a loaded hand-off does: with the run and its
-    policy from the watches, the status write and the Job are the only requests."""
+    policy from the watches, the status write and the Job are the only requests. After its own
+    write the watched run is dropped: the watch has not shown that write yet."""
     fake = WatchedFake()
     monkeypatch.setattr(kube_module, "_shared", fake)
     policy = compact_policy(run_policy())
     if policy_watched == "edited":
         policy["spec"] = {**policy["spec"], "egress": []}
-    written: list[dict[str, Any]] = []
+    forgot: list[bool] = []
     view = View(
         jobs=list,
         run=(lambda: copy.deepcopy(RUN)) if run_watched else loops._none,
         policy=lambda name: policy if policy_watched and name == "demo-pods" else None,
-        wrote=written.append,
+        forget=lambda: forgot.append(True),
     )
     assert asyncio.run(handlers.reconcile("ns", "demo", view)) == "wait"
     assert [c.split(" ")[0] for c in fake.calls] == calls
-    (body,) = written  # what the write answered: the newest run the operator knows
-    assert body["metadata"]["resourceVersion"] == str(int(RUN["metadata"]["resourceVersion"]) + 1)
+    assert forgot == [True]
 
 
 def test_a_watched_run_that_is_not_the_newest_costs_a_conflict_and_a_read_not_a_job(
@@ -277,10 +278,9 @@ def test_a_decision_with_nothing_to_write_acts_only_on_a_run_read_from_the_api_s
     yet): nothing was checked against the newest run, so a watched run is read again first."""
     fake = WatchedFake()
     monkeypatch.setattr(kube_module, "_shared", fake)
-    written: list[dict[str, Any]] = []
-    assert asyncio.run(handlers.reconcile("ns", "demo", View(jobs=list, wrote=written.append)))
+    assert asyncio.run(handlers.reconcile("ns", "demo", View(jobs=list)))
     fake.calls.clear()
-    started = written[0]
+    started = fake.written[0]
     view = View(jobs=list, run=lambda: copy.deepcopy(started))
     assert asyncio.run(handlers.reconcile("ns", "demo", view)) == "again"
     assert fake.calls == ["apply_network_policy"]  # no status to write, no Job created
@@ -291,40 +291,44 @@ def test_a_decision_with_nothing_to_write_acts_only_on_a_run_read_from_the_api_s
     assert fake.calls == ["apply_network_policy", "create_job demo-r0-aggregate"]
 
 
+@pytest.mark.parametrize("echo_first", [False, True], ids=["answer-first", "event-first"])
+def test_what_the_run_s_author_changes_after_the_operator_s_write_is_what_it_acts_on(
+    monkeypatch: pytest.MonkeyPatch, events: list[tuple[str, str]], echo_first: bool
+) -> None:
+    """The operator writes the status; the author suspends the run. The watch shows the write's
+    event (before or after the write's answer reaches the operator), then the suspension's. The
+    next reconcile must see the suspension: a body that hid it would hide it for good (nothing
+    left to write, so nothing to conflict)."""
+    run_loops = loops.Loops(handlers.reconcile)
+    key = ("ns", "demo")
+
+    class Fake(WatchedFake):
+        def write_status(self, obj: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
+            answer = super().write_status(obj, status)
+            if echo_first:
+                run_loops.saw_run(key, copy.deepcopy(answer))
+            return answer
+
+    fake = Fake()
+    monkeypatch.setattr(kube_module, "_shared", fake)
+    run_loops.saw_run(key, copy.deepcopy(RUN))
+    assert asyncio.run(handlers.reconcile("ns", "demo", run_loops.view(key))) == "wait"
+    written = fake.written[-1]
+    assert run_loops.view(key).run() is None  # not known to be the newest: read it
+
+    suspended = copy.deepcopy(written)
+    suspended["spec"]["suspend"] = True
+    suspended["metadata"]["resourceVersion"] = str(int(written["metadata"]["resourceVersion"]) + 1)
+    for event in ([] if echo_first else [written]) + [suspended]:  # the watch, in order
+        run_loops.saw_run(key, copy.deepcopy(event))
+    fake.calls.clear()
+    assert asyncio.run(handlers.reconcile("ns", "demo", run_loops.view(key))) == "wait"
+    assert fake.calls == ["write_status"]
+    assert fake.written[-1]["status"]["phase"] == "Suspended"
+
+
 def body(rv: int) -> dict[str, Any]:
     return {"metadata": {"name": "demo", "resourceVersion": str(rv)}}
-
-
-@pytest.mark.parametrize(
-    ("steps", "newest"),
-    [
-        ([("seen", 1), ("seen", 2)], 2),
-        # Events from before the operator's own write arrive after its answer: passed over.
-        ([("seen", 1), ("wrote", 3), ("seen", 2)], 3),
-        # The write's own event, then whatever comes after it.
-        ([("wrote", 3), ("seen", 2), ("seen", 3), ("seen", 4)], 4),
-        # The watch re-established past the write's event: the written body stands (a 409 and
-        # a read will correct it, View).
-        ([("wrote", 3), ("seen", 5)], 3),
-        ([("seen", 1), ("forget", 0)], None),
-        ([("wrote", 3), ("forget", 0), ("seen", 2)], 2),
-    ],
-    ids=["events", "older-events", "echo-then-newer", "echo-missed", "forgotten", "forgot-echo"],
-)
-def test_the_newest_run_is_the_write_until_the_watch_delivers_its_echo(
-    steps: list[tuple[str, int]], newest: int | None
-) -> None:
-    runs = loops.Runs()
-    key = ("ns", "demo")
-    for what, rv in steps:
-        if what == "seen":
-            runs.seen(key, body(rv))
-        elif what == "wrote":
-            runs.wrote(key, body(rv))
-        else:
-            runs.forget(key)
-    got = runs.bodies.get(key)
-    assert (got and int(got["metadata"]["resourceVersion"])) == newest
 
 
 def test_a_pass_that_goes_again_reads_the_run_from_the_api_server() -> None:
@@ -341,7 +345,7 @@ def test_a_pass_that_goes_again_reads_the_run_from_the_api_server() -> None:
 
     async def main() -> None:
         run_loops = loops.Loops(reconcile)
-        run_loops.runs.seen(("ns", "demo"), body(7))
+        run_loops.saw_run(("ns", "demo"), body(7))
         run_loops.wake("ns", "demo")
         await asyncio.wait_for(run_loops.tasks[("ns", "demo")], 10)
 
