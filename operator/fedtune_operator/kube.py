@@ -117,8 +117,9 @@ class Kube:
 
     def write_status(
         self, obj: dict[str, Any], status: dict[str, Any], plural: str = PLURAL
-    ) -> dict[str, Any]:
-        """Replace the status, guarded by the resourceVersion we read (409 -> Conflict)."""
+    ) -> None:
+        """Replace the status, guarded by the resourceVersion we read (409 -> Conflict). The
+        answer is not read: the watch brings the written run (loops.View)."""
         meta = obj["metadata"]
         body = {
             "apiVersion": obj["apiVersion"],
@@ -132,9 +133,12 @@ class Kube:
             "status": status,
         }
         try:
-            return self.custom.replace_namespaced_custom_object_status(
-                GROUP, VERSION, meta["namespace"], plural, meta["name"], body
-            )
+            _drain(
+                self.custom.replace_namespaced_custom_object_status(
+                    GROUP, VERSION, meta["namespace"], plural, meta["name"], body,
+                    _preload_content=False,
+                )
+            )  # fmt: skip
         except ApiException as e:
             if e.status == 409:
                 raise Conflict from e
