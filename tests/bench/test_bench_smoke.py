@@ -22,7 +22,7 @@ REQUIRED = {
     "parity": {"config", "eval_loss", "ratio_vs_centralized"},
     "client": {"method", "tokens_per_s", "vs_plain", "peak_rss_mb", "step_mb"},
     "aggregation": {"clients", "method", "seconds", "peak_rss_mb"},
-    "operator": {"metric", "median_s", "p95_s", "mb"},
+    "operator": {"metric", "median_s", "p95_s", "mb", "cpu_s"},
 }
 MACHINE_KEYS = {"cpu", "cpu_cores", "ram_gib", "torch", "device"}
 
@@ -123,18 +123,39 @@ def test_operator(devcluster: DevCluster, tmp_path: Path) -> None:
     rows = operator_overhead.measure(devcluster, sizes, tmp_path, job_env={"PATH": path})
     result = Result(name="operator", title="smoke", columns=list(rows[0]), rows=rows)
     doc = written(result, tmp_path, "operator")
-    timings = [r for r in doc["rows"] if r["p95_s"] is not None]
-    # Hand-offs (a) and (b), alone and loaded, each followed by the operator's own share of it
-    # and that share less its waits on the API server.
-    assert len(timings) == 12
-    shares = [r for r in timings if "the operator's own" in r["metric"]]
-    own = [r for r in timings if "not waiting on the API server" in r["metric"]]
-    assert len(shares) == len(own) == 4
-    for row in timings:
-        assert row["samples"] > 0
-        assert 0 <= row["median_s"] <= row["p95_s"] < sizes.timeout_s
-    for share, rest in zip(shares, own, strict=True):
-        assert rest["median_s"] <= share["median_s"] + 1e-9
+    metric = {r["metric"]: r for r in doc["rows"]}
+    phases = ["1 run", "2 runs x 2 clients", "2 runs x 2 clients, control plane first"]
+    for phase in phases:
+        # Hand-offs (a) and (b), each followed by the operator's own share of it and that share
+        # less its waits on the API server.
+        handoffs = [r for r in doc["rows"] if r["metric"].startswith(("(a)", "(b)"))]
+        of = [r for r in handoffs if r["metric"].endswith(f", {phase}")]
+        assert len(of) == 6, phase
+        for row in of:
+            assert row["samples"] > 0
+            assert 0 <= row["median_s"] <= row["p95_s"] < sizes.timeout_s
+        shares = [r for r in of if "the operator's own" in r["metric"]]
+        own = [r for r in of if "not waiting on the API server" in r["metric"]]
+        assert len(shares) == len(own) == 2
+        for share, rest in zip(shares, own, strict=True):
+            assert rest["median_s"] <= share["median_s"] + 1e-9
+    for phase in phases[1:]:
+        for request in ("status write", "Job create"):
+            server = metric[f"the API server's own time for the operator's {request}, {phase}"]
+            assert server["samples"] > 0
+            assert 0 < server["median_s"] <= server["p95_s"]
+        during = f"CPU while {phase} x {sizes.concurrent_rounds} rounds ran: "
+        cpu = {
+            name.removeprefix(during): r["cpu_s"]
+            for name, r in metric.items()
+            if name.startswith(during)
+        }
+        machine_busy = next(v for name, v in cpu.items() if name.startswith("the machine, busy"))
+        parts = {name: v for name, v in cpu.items() if not name.startswith("the machine")}
+        assert set(parts) == {*operator_overhead.COMPONENTS, "operator", "the pods and the rest"}
+        assert parts["kube-apiserver"] > 0
+        assert parts["operator"] > 0
+        assert machine_busy == pytest.approx(sum(parts.values()))
     memory = [r for r in doc["rows"] if r["mb"] is not None]
     assert len(memory) == 3
     assert all(r["mb"] > 0 for r in memory)
