@@ -579,7 +579,7 @@ def measure(
     """The phases against a running cluster whose pods find the fake trainer (through the
     cluster's pod PATH, or `job_env` set on the runs' Jobs): one run alone; `concurrent_runs`
     at once with every process on an equal footing; the same again with the control plane and
-    the operator first (put_first)."""
+    the operator first (control_plane_first)."""
     prepare_namespace(dc)
     stamp = f"{int(time.time()) % 100000:05d}"
     op = OperatorProcess(dc, NAMESPACE, work / "operator.log")
@@ -778,7 +778,14 @@ def run(sizes: Sizes, work: Path, out: Path) -> Result:
             "can be an earlier one than the hand-off's (another client's completion that "
             "waited for a reconcile in flight), so the share can exceed the hand-off itself.",
             f"MiB of the operator process; memory is sampled every 0.2 s while {load_label(sizes)}"
-            " are in flight.",
+            " are in flight (the first loaded phase).",
+            "The API server's own time is its apiserver_request_duration_seconds histogram of "
+            "the request kind over the phase (only the operator makes these requests here), "
+            "read as Prometheus's histogram_quantile reads it: linear within a bucket.",
+            "CPU seconds are each process's (all threads) over the phase; the pods and the rest "
+            "is the machine's busy time less theirs. 'Control plane first': the API server, etcd, "
+            f"the controller manager and the operator at nice {FIRST_NICE} (their autogroups and "
+            "threads), the kubelet and the pods at 0.",
         ],
     )
 
