@@ -7,11 +7,12 @@ locks, and it holds no memory: a restarted operator resumes every run from its s
 A reconcile that raises is retried with exponential backoff, not at every resync.
 
 What a reconcile reads comes from the operator's watches where they hold it (loops.View): the
-run as its latest event had it, and kopf indexes of the runs' Jobs, pods and NetworkPolicies.
+run as its latest event had it (or the answer to the operator's own status write, when no event
+came since), and kopf indexes of the runs' Jobs, pods and NetworkPolicies.
 The Jobs are read after the run so that they are as recent as it; pods matter only for the Jobs
 that just finished, whose termination messages hold the results the status does not have yet.
-The API server is asked only for what the watches lack (the run after the operator's own status
-write until the watch shows it, after a conflict or an error; pods the index has not seen end):
+The API server is asked only for what the watches lack (the run after a conflict or an error, or
+when an event came during the operator's own write; pods the index has not seen end):
 under load each request
 waits its turn there, and a hand-off that made five one after another took seconds. Only a Job
 change the engine can see (compact_job: conditions, suspension, deletion) wakes its run: the Job
@@ -290,13 +291,14 @@ async def reconcile(namespace: str, name: str, view: View, woken: float | None =
     if _status_json(decided.status) != _status_json(status):
         try:
             with api:
-                await in_thread(k.write_status, obj, _status_json(decided.status))
+                answer = await in_thread(k.write_status, obj, _status_json(decided.status))
         except Conflict:
+            view.forget()  # someone changed the run since: read it from the API server
             return "again"
-        finally:
-            # Written or refused, the run is now newer than the body this pass read: read it
-            # from the API server until the watch shows what changed.
-            view.forget()
+        except BaseException:
+            view.forget()  # written or not: read the run from the API server
+            raise
+        view.wrote(obj, answer)  # the newest run, unless the watch shows a newer one by now
         _count(namespace, name, decided.facts)
     elif watched is not None and (decided.actions or decided.events):
         # Nothing written, so nothing checked that the watched run is the newest: acting on an

@@ -117,9 +117,10 @@ class Kube:
 
     def write_status(
         self, obj: dict[str, Any], status: dict[str, Any], plural: str = PLURAL
-    ) -> None:
-        """Replace the status, guarded by the resourceVersion we read (409 -> Conflict). The
-        answer is not read: the watch brings the written run (loops.View)."""
+    ) -> dict[str, Any]:
+        """Replace the status, guarded by the resourceVersion we read (409 -> Conflict); the
+        written object, as the API server answered (JSON, not the client's model classes): the
+        run's newest body until the watch shows a newer one (loops.View)."""
         meta = obj["metadata"]
         body = {
             "apiVersion": obj["apiVersion"],
@@ -133,7 +134,7 @@ class Kube:
             "status": status,
         }
         try:
-            _drain(
+            return self._json(
                 self.custom.replace_namespaced_custom_object_status(
                     GROUP, VERSION, meta["namespace"], plural, meta["name"], body,
                     _preload_content=False,

@@ -15,6 +15,7 @@ import functools
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +28,9 @@ log = logging.getLogger("fedtune.operator")
 
 RESYNC_SECONDS = float(os.environ.get("FEDTUNE_RESYNC_SECONDS", "15"))
 MAX_BACKOFF_SECONDS = 300.0
+OLDER_KEPT = 32
+"""resourceVersions a run keeps of the bodies its writes replaced: events of older ones than
+these have long arrived."""
 
 Outcome = Literal["wait", "again", "gone"]
 Obj = dict[str, Any]
@@ -44,10 +48,15 @@ class View:
     (None): without these, a round's hand-off was five requests one after another (the run, the
     pods, the policy, the status, the Jobs), each waiting its turn on a loaded API server.
 
-    The run is its latest watch event's body. Events arrive in order and each one wakes the
-    run's loop, so the last body to arrive is the newest the watch has shown, and a reconcile
-    follows it. What the watch has not shown yet is the operator's own status write: after one,
-    the body is dropped (`forget`) until the next event, and the run read from the API server.
+    The run is the newest body the operator knows: its latest watch event's, or the answer to
+    its own status write. Events arrive in order and each one wakes the run's loop, so the last
+    to arrive is the newest the watch has shown. The operator's own write is newer than anything
+    the watch has shown when its answer comes back, unless an event came in the meantime; so
+    the answer becomes the run (`wrote`) only when none did, and the resourceVersions it
+    replaced are remembered as older: their events, still on their way, are not taken for the
+    run (`Loops.saw_run`). Without the answer, the next pass read the run from the API server
+    whenever a Job event (its own creations') woke it before the watch showed the write: about
+    every other hand-off from a client's completion to the aggregator, under load.
 
     Why a watched run is safe to act on: the status write that records a decision is guarded by
     the resourceVersion of the run it was made from (409 -> `forget`, and read again); a
@@ -59,7 +68,9 @@ class View:
     pods: Callable[[str], list[Obj]] = lambda _job: []
     policy: Callable[[str], Obj | None] = _none
     forget: Callable[[], None] = _none
-    """Drops the watched run: until its next event, it is read from the API server."""
+    """Drops the run: until its next event, it is read from the API server."""
+    wrote: Callable[[Obj, Obj], None] = lambda _acted_on, _answer: None
+    """(the run a status write was made from, the write's answer): the run is now newer."""
 
 
 Reconcile = Callable[[str, str, View, float | None], Awaitable[Outcome]]
@@ -101,7 +112,12 @@ class Loops:
         self.policies: Mapping[tuple[str, str], Any] = {}
         """kopf's live index of the runs' NetworkPolicies by (namespace, name), likewise."""
         self.runs: dict[tuple[str, str], Obj] = {}
-        """Each run's body as its latest watch event had it (View)."""
+        """Each run's newest known body (View)."""
+        self.older: dict[tuple[str, str], deque[str]] = {}
+        """resourceVersions of each run known to be older than its body in `runs` (View)."""
+        self.shown: dict[tuple[str, str], int] = {}
+        """How many of each run's watch events became its body: whether one came during a
+        status write."""
         self.seen: dict[str, dict[str, Any]] = {}
         """compact_job of every Job by uid, as its last event had it: what job_news compares."""
 
@@ -127,24 +143,45 @@ class Loops:
             task.cancel()
         self.pokes.pop((namespace, name), None)
         self.woken.pop((namespace, name), None)
-        self.forget_run((namespace, name))
+        self.drop_run((namespace, name))
 
     def saw_run(self, key: tuple[str, str], body: Obj) -> None:
-        """A watch event's body of the run: the newest the watch has shown (View)."""
+        """A watch event's body of the run: the newest the watch has shown, and the run, unless
+        it is one the operator's own write has already replaced (View)."""
+        if _version(body) in self.older.get(key, ()):
+            return
         self.runs[key] = body
+        self.shown[key] = self.shown.get(key, 0) + 1
+
+    def wrote(self, key: tuple[str, str], acted_on: Obj, answer: Obj, shown: int) -> None:
+        """The run's status was written from `acted_on` and the API server answered `answer`;
+        `shown` is what `self.shown` held when the pass began. The answer is the run unless an
+        event came since (it may be newer than the answer: keep it, View)."""
+        older = self.older.setdefault(key, deque(maxlen=OLDER_KEPT))
+        older.append(_version(acted_on))
+        if self.shown.get(key, 0) == shown:
+            self.runs[key] = answer
 
     def forget_run(self, key: tuple[str, str]) -> None:
         self.runs.pop(key, None)
 
+    def drop_run(self, key: tuple[str, str]) -> None:
+        """All the loops hold of a run that is gone."""
+        self.forget_run(key)
+        self.older.pop(key, None)
+        self.shown.pop(key, None)
+
     def view(self, key: tuple[str, str], fresh: bool = False) -> View:
-        """The watches' view of a run; `fresh`: without the watched run (read it)."""
+        """The watches' view of a run; `fresh`: without the run they hold (read it)."""
         namespace = key[0]
+        shown = self.shown.get(key, 0)
         return View(
             jobs=lambda: list(self.jobs.get(key, ())),
             run=_none if fresh else lambda: self.runs.get(key),
             pods=lambda job: list(self.pods.get((namespace, job), ())),
             policy=lambda name: _first(self.policies.get((namespace, name), ())),
             forget=lambda: self.forget_run(key),
+            wrote=lambda acted_on, answer: self.wrote(key, acted_on, answer, shown),
         )
 
     async def stop_all(self) -> None:
@@ -193,7 +230,7 @@ class Loops:
                 self.pokes.pop(key, None)
                 self.tasks.pop(key, None)
                 self.woken.pop(key, None)
-                self.forget_run(key)
+                self.drop_run(key)
                 return
             fresh = outcome == "again"
             if fresh:
@@ -201,6 +238,10 @@ class Loops:
             woken = None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(poke.wait(), RESYNC_SECONDS)
+
+
+def _version(body: Obj) -> str | None:
+    return (body.get("metadata") or {}).get("resourceVersion")
 
 
 def _first(values: Iterable[Obj]) -> Obj | None:

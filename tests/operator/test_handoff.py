@@ -240,23 +240,29 @@ def test_a_handoff_asks_the_api_server_only_what_the_watches_do_not_hold(
     calls: list[str],
 ) -> None:
     """Starting a run (its round-0 aggregator) as a loaded hand-off does: with the run and its
-    policy from the watches, the status write and the Job are the only requests. After its own
-    write the watched run is dropped: the watch has not shown that write yet."""
+    policy from the watches, the status write and the Job are the only requests. The write's
+    answer goes to the view: the run is newer than the body the pass acted on."""
     fake = WatchedFake()
     monkeypatch.setattr(kube_module, "_shared", fake)
     policy = compact_policy(run_policy())
     if policy_watched == "edited":
         policy["spec"] = {**policy["spec"], "egress": []}
     forgot: list[bool] = []
+    wrote: list[tuple[str, str]] = []
     view = View(
         jobs=list,
         run=(lambda: copy.deepcopy(RUN)) if run_watched else loops._none,
         policy=lambda name: policy if policy_watched and name == "demo-pods" else None,
         forget=lambda: forgot.append(True),
+        wrote=lambda acted_on, answer: wrote.append(
+            (acted_on["metadata"]["resourceVersion"], answer["metadata"]["resourceVersion"])
+        ),
     )
     assert asyncio.run(handlers.reconcile("ns", "demo", view)) == "wait"
     assert [c.split(" ")[0] for c in fake.calls] == calls
-    assert forgot == [True]
+    assert forgot == []
+    rv = int(RUN["metadata"]["resourceVersion"])
+    assert wrote == [(str(rv), str(rv + 1))]
 
 
 def test_a_watched_run_that_is_not_the_newest_costs_a_conflict_and_a_read_not_a_job(
@@ -291,22 +297,34 @@ def test_a_decision_with_nothing_to_write_acts_only_on_a_run_read_from_the_api_s
     assert fake.calls == ["apply_network_policy", "create_job demo-r0-aggregate"]
 
 
-@pytest.mark.parametrize("echo_first", [False, True], ids=["answer-first", "event-first"])
+@pytest.mark.parametrize(
+    "during_write",
+    [0, 1, 2],
+    ids=["answer-first", "write-event-first", "write-and-suspension-events-first"],
+)
 def test_what_the_run_s_author_changes_after_the_operator_s_write_is_what_it_acts_on(
-    monkeypatch: pytest.MonkeyPatch, events: list[tuple[str, str]], echo_first: bool
+    monkeypatch: pytest.MonkeyPatch, events: list[tuple[str, str]], during_write: int
 ) -> None:
     """The operator writes the status; the author suspends the run. The watch shows the write's
-    event (before or after the write's answer reaches the operator), then the suspension's. The
-    next reconcile must see the suspension: a body that hid it would hide it for good (nothing
-    left to write, so nothing to conflict)."""
+    event, then the suspension's: `during_write` of them reach the operator before the write's
+    answer, the rest after it, and the event of the body the write replaced arrives late too.
+    The next reconcile must see the suspension: a body that hid it would hide it for good
+    (nothing left to write, so nothing to conflict)."""
     run_loops = loops.Loops(handlers.reconcile)
     key = ("ns", "demo")
+    watch: list[dict[str, Any]] = []
 
     class Fake(WatchedFake):
         def write_status(self, obj: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
             answer = super().write_status(obj, status)
-            if echo_first:
-                run_loops.saw_run(key, copy.deepcopy(answer))
+            suspended = copy.deepcopy(answer)
+            suspended["spec"]["suspend"] = True
+            suspended["metadata"]["resourceVersion"] = str(
+                int(answer["metadata"]["resourceVersion"]) + 1
+            )
+            watch.extend([answer, suspended])
+            for event in watch[:during_write]:
+                run_loops.saw_run(key, copy.deepcopy(event))
             return answer
 
     fake = Fake()
@@ -314,17 +332,44 @@ def test_what_the_run_s_author_changes_after_the_operator_s_write_is_what_it_act
     run_loops.saw_run(key, copy.deepcopy(RUN))
     assert asyncio.run(handlers.reconcile("ns", "demo", run_loops.view(key))) == "wait"
     written = fake.written[-1]
-    assert run_loops.view(key).run() is None  # not known to be the newest: read it
+    assert fake.calls == ["apply_network_policy", "write_status", "create_job demo-r0-aggregate"]
+    # The run the operator holds: its write, or what the watch showed of it and after it.
+    assert run_loops.view(key).run() == watch[max(during_write - 1, 0)]
 
-    suspended = copy.deepcopy(written)
-    suspended["spec"]["suspend"] = True
-    suspended["metadata"]["resourceVersion"] = str(int(written["metadata"]["resourceVersion"]) + 1)
-    for event in ([] if echo_first else [written]) + [suspended]:  # the watch, in order
+    run_loops.saw_run(key, copy.deepcopy(RUN))  # late: the body the write replaced
+    for event in watch[during_write:]:  # the rest of the watch, in order
         run_loops.saw_run(key, copy.deepcopy(event))
     fake.calls.clear()
     assert asyncio.run(handlers.reconcile("ns", "demo", run_loops.view(key))) == "wait"
-    assert fake.calls == ["write_status"]
+    assert fake.calls == ["write_status"]  # no read of the run: the watches hold the newest
     assert fake.written[-1]["status"]["phase"] == "Suspended"
+    assert fake.written[-1]["metadata"]["resourceVersion"] == str(
+        int(written["metadata"]["resourceVersion"]) + 2
+    )
+
+
+def test_a_write_s_answer_is_the_run_for_the_next_pass_with_no_read() -> None:
+    """The answer to the operator's own write is the run until an event shows a newer one; an
+    event of a body the write replaced, arriving late, is not taken for the run."""
+    run_loops = loops.Loops(handlers.reconcile)
+    key = ("ns", "demo")
+    run_loops.saw_run(key, body(7))
+    view = run_loops.view(key)
+    view.wrote(body(7), body(8))
+    assert run_loops.view(key).run() == body(8)
+    run_loops.saw_run(key, body(7))  # the write replaced it
+    assert run_loops.view(key).run() == body(8)
+    run_loops.saw_run(key, body(8))
+    run_loops.saw_run(key, body(9))
+    assert run_loops.view(key).run() == body(9)
+    # An event that came while a write was in flight may be newer than its answer: kept.
+    view = run_loops.view(key)
+    run_loops.saw_run(key, body(11))
+    view.wrote(body(9), body(10))
+    assert run_loops.view(key).run() == body(11)
+    # A run that is gone leaves nothing behind.
+    run_loops.stop(*key)
+    assert (run_loops.runs, run_loops.older, run_loops.shown) == ({}, {}, {})
 
 
 def body(rv: int) -> dict[str, Any]:
