@@ -358,8 +358,36 @@ def histogram_quantile(q: float, hist: Histogram) -> float | None:
     return lower
 
 
-def server_metrics(dc: DevCluster) -> dict[tuple[str, str, str], Histogram]:
-    return request_histograms(dc.kubectl("get", "--raw", "/metrics").stdout)
+_TOTAL = re.compile(r"^apiserver_request_total\{(?P<labels>[^}]*)\} (?P<n>\S+)$")
+
+
+def refused_status_writes(metrics: str) -> float:
+    """Status writes of runs the API server refused with 409 (apiserver_request_total): each a
+    decision made from a run older than the stored one, read again and made again."""
+    verb, resource, subresource = OPERATOR_REQUESTS["status write"]
+    total = 0.0
+    for line in metrics.splitlines():
+        match = _TOTAL.match(line)
+        if match is None:
+            continue
+        labels = dict(_LABEL.findall(match["labels"]))
+        if (
+            labels.get("verb"),
+            labels.get("resource"),
+            labels.get("subresource"),
+            labels.get("code"),
+        ) == (
+            verb,
+            resource,
+            subresource,
+            "409",
+        ):
+            total += float(match["n"])
+    return total
+
+
+def server_metrics(dc: DevCluster) -> str:
+    return dc.kubectl("get", "--raw", "/metrics").stdout
 
 
 # --------------------------------------------------------------------------------------------
@@ -540,6 +568,7 @@ class Load:
     latencies: tuple[list[float], list[float]]
     shares: tuple[list[Share], list[Share]]
     server: dict[tuple[str, str, str], Histogram]
+    refused: float
     cpu: dict[str, float]
 
 
@@ -568,9 +597,13 @@ def load_phase(
         latencies=watcher.latencies(set(names)),
         shares=operator_shares(op.log.read_text(errors="replace"), watcher.jobs, set(names)),
         server={
-            key: histogram_delta(server_after.get(key, {}), server_before.get(key, {}))
+            key: histogram_delta(
+                request_histograms(server_after).get(key, {}),
+                request_histograms(server_before).get(key, {}),
+            )
             for key in OPERATOR_REQUESTS.values()
         },
+        refused=refused_status_writes(server_after) - refused_status_writes(server_before),
         cpu=cpu,
     )
 
@@ -700,6 +733,12 @@ def load_rows(load: Load, sizes: Sizes) -> list[dict[str, Any]]:
         )
         for what, key in OPERATOR_REQUESTS.items()
     ]
+    server.append(
+        row(
+            f"the operator's status writes refused as stale (409), {of}",
+            samples=round(load.refused),
+        )
+    )
     during = f"CPU while {of} x {sizes.concurrent_rounds} rounds ran"
     cpu = [
         row(f"{during}: {name}", cpu_s=seconds)

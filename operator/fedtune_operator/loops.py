@@ -156,10 +156,15 @@ class Loops:
     def wrote(self, key: tuple[str, str], acted_on: Obj, answer: Obj, shown: int) -> None:
         """The run's status was written from `acted_on` and the API server answered `answer`;
         `shown` is what `self.shown` held when the pass began. The answer is the run unless an
-        event came since (it may be newer than the answer: keep it, View)."""
+        event came since that may be newer than it (View): one that is not `acted_on` itself
+        (whose event can come during the write when the pass read the run from the API
+        server) or an older body the operator has written over."""
+        if key not in self.shown:  # gone (drop_run) while it was written
+            return
         older = self.older.setdefault(key, deque(maxlen=OLDER_KEPT))
         older.append(_version(acted_on))
-        if self.shown.get(key, 0) == shown:
+        held = self.runs.get(key)
+        if self.shown[key] == shown or held is None or _version(held) in older:
             self.runs[key] = answer
 
     def forget_run(self, key: tuple[str, str]) -> None:

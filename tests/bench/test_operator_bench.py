@@ -17,6 +17,7 @@ from bench.operator_overhead import (
     cpu_split,
     histogram_delta,
     histogram_quantile,
+    refused_status_writes,
     request_histograms,
 )
 
@@ -58,6 +59,20 @@ def test_the_histograms_of_a_request_kind_are_summed_over_the_other_labels() -> 
     assert hists[OPERATOR_REQUESTS["Job create"]] == {0.05: 8, 0.1: 11, math.inf: 12}
     assert hists[OPERATOR_REQUESTS["status write"]] == {0.05: 1, math.inf: 1}
     assert set(hists) == {OPERATOR_REQUESTS["Job create"], OPERATOR_REQUESTS["status write"]}
+
+
+def test_the_refused_status_writes_are_the_409s_of_runs_status_writes_alone() -> None:
+    total = "apiserver_request_total"
+    metrics = "\n".join(
+        [
+            line(total, "apiserver", RUNS + ',code="409"', 3),
+            line(total, "", RUNS + ',code="409"', 1),
+            line(total, "apiserver", RUNS + ',code="200"', 250),
+            line(total, "apiserver", JOBS + ',code="409"', 7),  # Jobs that existed: not these
+        ]
+    )
+    assert refused_status_writes(metrics) == 4
+    assert refused_status_writes(METRICS) == 0
 
 
 def test_a_phase_sees_only_the_requests_made_during_it() -> None:

@@ -367,8 +367,16 @@ def test_a_write_s_answer_is_the_run_for_the_next_pass_with_no_read() -> None:
     run_loops.saw_run(key, body(11))
     view.wrote(body(9), body(10))
     assert run_loops.view(key).run() == body(11)
-    # A run that is gone leaves nothing behind.
+    # The event of the very body the write was made from, come during the write (the pass read
+    # the run from the API server, ahead of the watch): older than the answer, which is the run.
+    view = run_loops.view(key, fresh=True)
+    run_loops.saw_run(key, body(12))
+    view.wrote(body(12), body(13))
+    assert run_loops.view(key).run() == body(13)
+    # A run that is gone leaves nothing behind, even when a write of it ends after.
+    view = run_loops.view(key)
     run_loops.stop(*key)
+    view.wrote(body(13), body(14))
     assert (run_loops.runs, run_loops.older, run_loops.shown) == ({}, {}, {})
 
 
