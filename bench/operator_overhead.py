@@ -364,24 +364,14 @@ _TOTAL = re.compile(r"^apiserver_request_total\{(?P<labels>[^}]*)\} (?P<n>\S+)$"
 def refused_status_writes(metrics: str) -> float:
     """Status writes of runs the API server refused with 409 (apiserver_request_total): each a
     decision made from a run older than the stored one, read again and made again."""
-    verb, resource, subresource = OPERATOR_REQUESTS["status write"]
+    wanted = (*OPERATOR_REQUESTS["status write"], "409")
     total = 0.0
     for line in metrics.splitlines():
         match = _TOTAL.match(line)
         if match is None:
             continue
         labels = dict(_LABEL.findall(match["labels"]))
-        if (
-            labels.get("verb"),
-            labels.get("resource"),
-            labels.get("subresource"),
-            labels.get("code"),
-        ) == (
-            verb,
-            resource,
-            subresource,
-            "409",
-        ):
+        if tuple(labels.get(k) for k in ("verb", "resource", "subresource", "code")) == wanted:
             total += float(match["n"])
     return total
 
@@ -591,16 +581,14 @@ def load_phase(
     seconds = time.monotonic() - start
     cpu = cpu_split(cpu_before, cpu_snapshot(pids))
     server_after = server_metrics(dc)
+    after, before = request_histograms(server_after), request_histograms(server_before)
     return Load(
         label=label,
         seconds=seconds,
         latencies=watcher.latencies(set(names)),
         shares=operator_shares(op.log.read_text(errors="replace"), watcher.jobs, set(names)),
         server={
-            key: histogram_delta(
-                request_histograms(server_after).get(key, {}),
-                request_histograms(server_before).get(key, {}),
-            )
+            key: histogram_delta(after.get(key, {}), before.get(key, {}))
             for key in OPERATOR_REQUESTS.values()
         },
         refused=refused_status_writes(server_after) - refused_status_writes(server_before),
