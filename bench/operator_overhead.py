@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from bench.common import REPO_ROOT, VENV_BIN, Result, fmt_float, fmt_int, percentile
 from devcluster.testing import DevCluster
 from devcluster.testing import OperatorProcess as SharedOperatorProcess
@@ -312,26 +314,28 @@ OPERATOR_REQUESTS = {
 watches could not answer: in this benchmark only the operator makes them (the benchmark lists
 its runs), so the API server's histograms of them are the operator's requests alone."""
 
-_BUCKET = re.compile(r"^apiserver_request_duration_seconds_bucket\{(?P<labels>[^}]*)\} (?P<n>\S+)$")
-_LABEL = re.compile(r'(\w+)="([^"]*)"')
-
 Histogram = dict[float, float]
 """Cumulative counts by upper bound (le), as Prometheus keeps them."""
+
+
+def samples(metrics: str, name: str) -> Iterator[tuple[dict[str, str], float]]:
+    """(labels, value) of each sample called `name` in Prometheus's text format, as
+    prometheus_client's parser reads it."""
+    for family in text_string_to_metric_families(metrics):
+        for sample in family.samples:
+            if sample.name == name:
+                yield sample.labels, sample.value
 
 
 def request_histograms(metrics: str) -> dict[tuple[str, str, str], Histogram]:
     """apiserver_request_duration_seconds by (verb, resource, subresource), summed over the
     other labels: how long the API server took to answer, from its own clock."""
     out: dict[tuple[str, str, str], Histogram] = {}
-    for line in metrics.splitlines():
-        match = _BUCKET.match(line)
-        if match is None:
-            continue
-        labels = dict(_LABEL.findall(match["labels"]))
+    for labels, value in samples(metrics, "apiserver_request_duration_seconds_bucket"):
         key = (labels.get("verb", ""), labels.get("resource", ""), labels.get("subresource", ""))
-        le = float(labels["le"])
         hist = out.setdefault(key, {})
-        hist[le] = hist.get(le, 0.0) + float(match["n"])
+        le = float(labels["le"])
+        hist[le] = hist.get(le, 0.0) + value
     return out
 
 
@@ -358,22 +362,15 @@ def histogram_quantile(q: float, hist: Histogram) -> float | None:
     return lower
 
 
-_TOTAL = re.compile(r"^apiserver_request_total\{(?P<labels>[^}]*)\} (?P<n>\S+)$")
-
-
 def refused_status_writes(metrics: str) -> float:
     """Status writes of runs the API server refused with 409 (apiserver_request_total): each a
     decision made from a run older than the stored one, read again and made again."""
     wanted = (*OPERATOR_REQUESTS["status write"], "409")
-    total = 0.0
-    for line in metrics.splitlines():
-        match = _TOTAL.match(line)
-        if match is None:
-            continue
-        labels = dict(_LABEL.findall(match["labels"]))
-        if tuple(labels.get(k) for k in ("verb", "resource", "subresource", "code")) == wanted:
-            total += float(match["n"])
-    return total
+    return sum(
+        value
+        for labels, value in samples(metrics, "apiserver_request_total")
+        if tuple(labels.get(k) for k in ("verb", "resource", "subresource", "code")) == wanted
+    )
 
 
 def server_metrics(dc: DevCluster) -> str:
@@ -384,7 +381,8 @@ def server_metrics(dc: DevCluster) -> str:
 # Where the machine's CPU went
 # --------------------------------------------------------------------------------------------
 
-COMPONENTS = ("kube-apiserver", "etcd", "kube-controller-manager", "kubelet")
+CONTROL_PLANE = ("kube-apiserver", "etcd", "kube-controller-manager")
+COMPONENTS = (*CONTROL_PLANE, "kubelet")
 """The devcluster's processes whose CPU time is told apart (pids/<name>.pid)."""
 
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -398,9 +396,11 @@ def process_cpu_seconds(pid: int) -> float:
 
 def machine_busy_seconds() -> float:
     """CPU seconds the whole machine spent busy, over all its cores (/proc/stat's cpu line:
-    everything but idle and iowait)."""
-    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    return (sum(values[:8]) - values[3] - values[4]) / _TICKS
+    user, nice, system, irq and softirq; not idle, iowait, or the time the hypervisor stole)."""
+    user, nice, system, _idle, _iowait, irq, softirq = (
+        int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:8]
+    )
+    return (user + nice + system + irq + softirq) / _TICKS
 
 
 def cpu_snapshot(pids: dict[str, int]) -> dict[str, float]:
@@ -509,7 +509,6 @@ def prepare_namespace(dc: DevCluster) -> None:
     )
 
 
-CONTROL_PLANE = ("kube-apiserver", "etcd", "kube-controller-manager")
 FIRST_NICE = -10
 """The nice value the second loaded phase gives the control plane and the operator."""
 
@@ -518,8 +517,8 @@ FIRST_NICE = -10
 def control_plane_first(pids: list[int], nice: int = FIRST_NICE) -> Iterator[None]:
     """Give these processes the nice value `nice` while inside: in the second loaded phase the
     control plane and the operator run before the pods' processes, as on a cluster whose
-    control plane has machines of its own. Then back to what they had (the smoke test runs on
-    the test session's cluster).
+    control plane has machines of its own. Then back: the autogroups to what they had, the
+    threads to 0, their default (the smoke test runs on the test session's cluster).
 
     Two places hold it. With the scheduler's autogroups on, CPU is first shared between
     sessions, each weighted by its group's nice value (/proc/<pid>/autogroup), and every pod and

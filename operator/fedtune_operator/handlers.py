@@ -8,15 +8,15 @@ A reconcile that raises is retried with exponential backoff, not at every resync
 
 What a reconcile reads comes from the operator's watches where they hold it (loops.View): the
 run as its latest event had it (or the answer to the operator's own status write, when no event
-came since), and kopf indexes of the runs' Jobs, pods and NetworkPolicies.
-The Jobs are read after the run so that they are as recent as it; pods matter only for the Jobs
-that just finished, whose termination messages hold the results the status does not have yet.
-The API server is asked only for what the watches lack (the run after a conflict or an error, or
-when an event came during the operator's own write; pods the index has not seen end):
-under load each request
-waits its turn there, and a hand-off that made five one after another took seconds. Only a Job
-change the engine can see (compact_job: conditions, suspension, deletion) wakes its run: the Job
-controller's other status updates (active, ready, start time) would each cost a reconcile.
+came since), and kopf indexes of the runs' Jobs, pods and NetworkPolicies. The Jobs are read
+after the run so that they are as recent as it; pods matter only for the Jobs that just
+finished, whose termination messages hold the results the status does not have yet. The API
+server is asked only for what the watches lack (the run after a conflict or an error, or when an
+event came during the operator's own write; pods the index has not seen end): under load each
+request waits its turn there, and a hand-off that made five one after another took seconds.
+Only a Job change the engine can see (compact_job: conditions, suspension, deletion) wakes its
+run: the Job controller's other status updates (active, ready, start time) would each cost a
+reconcile.
 
 The order of a reconcile is fixed: decide; when the decision creates pods, apply the run's
 NetworkPolicy unless its watch shows it as wanted, and record what that came to

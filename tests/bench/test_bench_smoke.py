@@ -125,10 +125,10 @@ def test_operator(devcluster: DevCluster, tmp_path: Path) -> None:
     doc = written(result, tmp_path, "operator")
     metric = {r["metric"]: r for r in doc["rows"]}
     phases = ["1 run", "2 runs x 2 clients", "2 runs x 2 clients, control plane first"]
+    # Hand-offs (a) and (b), each followed by the operator's own share of it and that share less
+    # its waits on the API server.
+    handoffs = [r for r in doc["rows"] if r["metric"].startswith(("(a)", "(b)"))]
     for phase in phases:
-        # Hand-offs (a) and (b), each followed by the operator's own share of it and that share
-        # less its waits on the API server.
-        handoffs = [r for r in doc["rows"] if r["metric"].startswith(("(a)", "(b)"))]
         of = [r for r in handoffs if r["metric"].endswith(f", {phase}")]
         assert len(of) == 6, phase
         for row in of:
